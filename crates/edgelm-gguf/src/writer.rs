@@ -1,0 +1,198 @@
+//! GGUF v3 writer: tests build tiny models with it; the quantizer writes real files with it.
+
+use crate::reader::align_up;
+use crate::{GgmlType, GgufError, Result, Value, DEFAULT_ALIGNMENT, MAGIC};
+use std::io::Write;
+
+struct PendingTensor {
+    name: String,
+    dims: Vec<u64>,
+    ty: GgmlType,
+    data: Vec<u8>,
+}
+
+/// Collects metadata and tensors, then serializes them in one pass.
+#[derive(Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<PendingTensor>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set a metadata key (replacing an earlier value of the same key).
+    pub fn set(&mut self, key: &str, value: Value) -> &mut Self {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.metadata.push((key.to_owned(), value)),
+        }
+        self
+    }
+
+    /// Add a tensor; `dims[0]` is the row length. `data` must hold exactly the tensor's bytes.
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ty: GgmlType,
+        data: Vec<u8>,
+    ) -> Result<&mut Self> {
+        let bad = |reason: String| GgufError::BadTensor {
+            name: name.into(),
+            reason,
+        };
+        let n: u64 = dims.iter().product();
+        let need = ty
+            .bytes_for(n)
+            .ok_or_else(|| bad(format!("{n} elements are not whole {ty} blocks")))?;
+        if need != data.len() as u64 {
+            return Err(bad(format!(
+                "{} bytes given, {need} needed for {dims:?} {ty}",
+                data.len()
+            )));
+        }
+        if self.tensors.iter().any(|t| t.name == name) {
+            return Err(GgufError::Duplicate {
+                what: "tensor",
+                name: name.into(),
+            });
+        }
+        self.tensors.push(PendingTensor {
+            name: name.into(),
+            dims: dims.to_vec(),
+            ty,
+            data,
+        });
+        Ok(self)
+    }
+
+    /// Add an F32 tensor from floats.
+    pub fn add_f32(&mut self, name: &str, dims: &[u64], values: &[f32]) -> Result<&mut Self> {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.add_tensor(name, dims, GgmlType::F32, data)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, v)) => v.as_u64().unwrap_or(DEFAULT_ALIGNMENT),
+            None => DEFAULT_ALIGNMENT,
+        };
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            put_str(&mut out, k);
+            out.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
+            put_value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        for t in &self.tensors {
+            put_str(&mut out, &t.name);
+            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&(t.ty as u32).to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset = align_up(offset + t.data.len() as u64, alignment);
+        }
+        out.resize(align_up(out.len() as u64, alignment) as usize, 0);
+        for t in &self.tensors {
+            out.extend_from_slice(&t.data);
+            out.resize(align_up(out.len() as u64, alignment) as usize, 0);
+        }
+        out
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(&self.to_bytes())
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::String(s) => put_str(out, s),
+        Value::Array(ty, items) => {
+            out.extend_from_slice(&(*ty as u32).to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GgufFile;
+
+    fn sample() -> GgufWriter {
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", Value::String("llama".into()))
+            .set("llama.block_count", Value::U32(2))
+            .set("f", Value::F64(0.5))
+            .set(
+                "tokenizer.ggml.tokens",
+                Value::Array(
+                    crate::ValueType::String,
+                    vec![Value::String("a".into()), Value::String("b".into())],
+                ),
+            );
+        w.add_f32("w", &[4, 2], &[1., 2., 3., 4., 5., 6., 7., 8.])
+            .unwrap();
+        w.add_tensor("q", &[32], GgmlType::Q8_0, vec![7u8; 34])
+            .unwrap();
+        w
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample().to_bytes();
+        let f = GgufFile::from_bytes(bytes).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(f.require_str("general.architecture").unwrap(), "llama");
+        assert_eq!(f.require_u64("llama.block_count").unwrap(), 2);
+        assert_eq!(f.get_f64("f"), Some(0.5));
+        let toks = f.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap();
+        assert_eq!(toks[1].as_str(), Some("b"));
+        let w = f.tensor("w").unwrap();
+        assert_eq!(w.dims(), &[4, 2]);
+        assert_eq!(w.data.len(), 32);
+        assert_eq!(f32::from_le_bytes(w.data[28..32].try_into().unwrap()), 8.0);
+        let q = f.tensor("q").unwrap();
+        assert_eq!(q.ty(), GgmlType::Q8_0);
+        assert_eq!(q.data, &[7u8; 34][..]);
+        assert_eq!((f.data_offset + q.info.offset) % 32, 0);
+    }
+
+    #[test]
+    fn writer_rejects_wrong_sizes_and_duplicates() {
+        let mut w = GgufWriter::new();
+        assert!(w.add_tensor("x", &[32], GgmlType::Q8_0, vec![0; 33]).is_err());
+        assert!(w.add_tensor("x", &[31], GgmlType::Q8_0, vec![0; 34]).is_err());
+        w.add_f32("x", &[1], &[1.0]).unwrap();
+        assert!(w.add_f32("x", &[1], &[1.0]).is_err());
+    }
+}
