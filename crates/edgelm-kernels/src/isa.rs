@@ -1,0 +1,75 @@
+//! Which instruction set the kernels use, chosen once at start.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust: the reference every SIMD path is tested against.
+    Scalar,
+    /// x86-64 AVX2 + FMA.
+    Avx2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IsaError {
+    #[error("EDGELM_ISA={0:?} is not known: use scalar or avx2")]
+    Unknown(String),
+    #[error("EDGELM_ISA={0} was asked for but this CPU lacks it (detected: {1})")]
+    Unsupported(Isa, Isa),
+}
+
+impl Isa {
+    /// The best path this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    }
+
+    /// `EDGELM_ISA` if set (and runnable here), otherwise the detected best.
+    pub fn from_env() -> Result<Isa, IsaError> {
+        let best = Isa::detect();
+        match std::env::var("EDGELM_ISA") {
+            Err(_) => Ok(best),
+            Ok(s) => {
+                let want = match s.to_ascii_lowercase().as_str() {
+                    "scalar" => Isa::Scalar,
+                    "avx2" => Isa::Avx2,
+                    _ => return Err(IsaError::Unknown(s)),
+                };
+                if want.runs_on(best) {
+                    Ok(want)
+                } else {
+                    Err(IsaError::Unsupported(want, best))
+                }
+            }
+        }
+    }
+
+    /// Every path this CPU can run, for tests.
+    pub fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        [Isa::Scalar, Isa::Avx2]
+            .into_iter()
+            .filter(|i| i.runs_on(best))
+            .collect()
+    }
+
+    fn runs_on(self, best: Isa) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => best == Isa::Avx2,
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+        })
+    }
+}

@@ -1,0 +1,86 @@
+//! AVX2 + FMA f32 kernels. Callers guarantee the CPU has both (checked once by `Isa`).
+
+use std::arch::x86_64::*;
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Dot products of `R` weight rows with `T` activation rows, each of length `k`:
+/// `out[r][t] = Σ w[r][i]·x[t][i]`. Register tile of R×T accumulators; the tail past a multiple
+/// of 8 is summed in scalar.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA, and every pointer is valid for `k` floats.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn tile<const R: usize, const T: usize>(
+    w: &[*const f32; R],
+    x: &[*const f32; T],
+    k: usize,
+    out: &mut [[f32; T]; R],
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let k8 = k / 8 * 8;
+    let mut i = 0;
+    while i < k8 {
+        let mut xv = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            xv[t] = _mm256_loadu_ps(x[t].add(i));
+        }
+        for r in 0..R {
+            let wv = _mm256_loadu_ps(w[r].add(i));
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+            }
+        }
+        i += 8;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            let mut s = hsum(acc[r][t]);
+            for j in k8..k {
+                s += *w[r].add(j) * *x[t].add(j);
+            }
+            out[r][t] = s;
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]`.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut out = [[0f32; 1]; 1];
+    tile::<1, 1>(&[a.as_ptr()], &[b.as_ptr()], n, &mut out);
+    out[0][0]
+}
+
+/// `y[i] += a · x[i]`.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let n8 = n / 8 * 8;
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i < n8 {
+        let yv = _mm256_loadu_ps(y.as_ptr().add(i));
+        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+        _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(av, xv, yv));
+        i += 8;
+    }
+    for j in n8..n {
+        y[j] += a * x[j];
+    }
+}

@@ -1,0 +1,137 @@
+//! The KV cache: per sequence and layer, f32 keys and values by position. Layers with a sliding
+//! window keep a ring of `window + max_batch` slots, enough for any chunk the forward pass writes
+//! before it reads.
+
+use crate::hparams::HParams;
+use crate::{ModelError, Result};
+
+#[derive(Debug, Clone)]
+struct LayerKv {
+    kv_dim: usize,
+    /// Ring size for windowed layers; None keeps every position.
+    ring: Option<usize>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl LayerKv {
+    fn slot(&self, pos: usize) -> usize {
+        self.ring.map_or(pos, |r| pos % r)
+    }
+
+    fn ensure(&mut self, pos: usize) {
+        let need = (self.slot(pos) + 1) * self.kv_dim;
+        if self.k.len() < need {
+            // Grow geometrically so long generations do not reallocate per token.
+            let cap = need.max(self.k.len() * 2).max(64 * self.kv_dim);
+            let cap = self.ring.map_or(cap, |r| cap.min(r * self.kv_dim));
+            self.k.resize(cap.max(need), 0.0);
+            self.v.resize(cap.max(need), 0.0);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SeqKv {
+    len: usize,
+    layers: Vec<LayerKv>,
+}
+
+/// Keys and values of every sequence, for one model.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    n_ctx: usize,
+    template: Vec<LayerKv>,
+    seqs: Vec<SeqKv>,
+}
+
+impl KvCache {
+    /// A cache for sequences of up to `n_ctx` positions. `max_batch` is the largest chunk one
+    /// forward step writes per sequence (the model splits larger batches).
+    pub fn new(hp: &HParams, n_ctx: usize, max_batch: usize) -> KvCache {
+        let template = hp
+            .layers
+            .iter()
+            .map(|l| LayerKv {
+                kv_dim: l.n_head_kv * hp.head_dim,
+                ring: l.window.map(|w| w + max_batch).filter(|&r| r < n_ctx),
+                k: Vec::new(),
+                v: Vec::new(),
+            })
+            .collect();
+        KvCache { n_ctx, template, seqs: Vec::new() }
+    }
+
+    /// Bytes the cache needs at most, for planning before anything is allocated.
+    pub fn max_bytes(hp: &HParams, n_ctx: usize, max_batch: usize, n_seqs: usize) -> u64 {
+        let per_seq: u64 = hp
+            .layers
+            .iter()
+            .map(|l| {
+                let slots = l.window.map_or(n_ctx, |w| (w + max_batch).min(n_ctx));
+                2 * slots as u64 * (l.n_head_kv * hp.head_dim) as u64 * 4
+            })
+            .sum();
+        per_seq * n_seqs as u64
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Positions stored for `seq` (0 for a sequence never written).
+    pub fn seq_len(&self, seq: usize) -> usize {
+        self.seqs.get(seq).map_or(0, |s| s.len)
+    }
+
+    /// Forget positions `len..` of `seq` (rejected drafts, re-prompting). Windowed layers cannot
+    /// go back past their ring, so truncation below that clears the sequence.
+    pub fn truncate(&mut self, seq: usize, len: usize) {
+        if let Some(s) = self.seqs.get_mut(seq) {
+            if len < s.len {
+                let ring_ok = s.layers.iter().all(|l| l.ring.is_none_or(|r| s.len - len < r));
+                s.len = if ring_ok { len } else { 0 };
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.seqs.clear();
+    }
+
+    /// Check that `positions` continue `seq` contiguously and fit the context.
+    pub(crate) fn check_append(&mut self, seq: usize, first_pos: usize, count: usize) -> Result<()> {
+        while self.seqs.len() <= seq {
+            self.seqs.push(SeqKv { len: 0, layers: self.template.clone() });
+        }
+        let len = self.seqs[seq].len;
+        if first_pos != len {
+            return Err(ModelError::Batch(format!(
+                "sequence {seq} holds {len} positions, so its next token must be at position {len}, not {first_pos}"
+            )));
+        }
+        if first_pos + count > self.n_ctx {
+            return Err(ModelError::ContextFull { seq, needed: first_pos + count, n_ctx: self.n_ctx });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let l = &mut self.seqs[seq].layers[layer];
+        l.ensure(pos);
+        let s = l.slot(pos) * l.kv_dim;
+        l.k[s..s + l.kv_dim].copy_from_slice(k);
+        l.v[s..s + l.kv_dim].copy_from_slice(v);
+    }
+
+    pub(crate) fn set_len(&mut self, seq: usize, len: usize) {
+        self.seqs[seq].len = len;
+    }
+
+    /// Key and value of `pos` in `layer`, restricted to kv head columns `cols`.
+    pub(crate) fn kv(&self, seq: usize, layer: usize, pos: usize) -> (&[f32], &[f32]) {
+        let l = &self.seqs[seq].layers[layer];
+        let s = l.slot(pos) * l.kv_dim;
+        (&l.k[s..s + l.kv_dim], &l.v[s..s + l.kv_dim])
+    }
+}

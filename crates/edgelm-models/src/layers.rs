@@ -1,0 +1,141 @@
+//! Shared layer math in f32: norms, rotary embeddings, activations, attention.
+
+use edgelm_kernels::Compute;
+
+/// `x ← x / rms(x) · w` over each row of `w.len()` values.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(v, w)| *v = *v * scale * w);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Rotate adjacent pairs (2i, 2i+1): Llama.
+    Normal,
+    /// Rotate pairs (i, i + n_rot/2): GPT-NeoX, Qwen2, Gemma.
+    Neox,
+}
+
+/// Rotary position embedding for one layer: inverse frequencies precomputed in f64.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub n_rot: usize,
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    /// `freq_scale` is 1/linear-scaling-factor; `factors` divide each frequency (Llama 3).
+    pub fn new(style: RopeStyle, n_rot: usize, base: f64, freq_scale: f64, factors: Option<&[f32]>) -> Rope {
+        let inv_freq = (0..n_rot / 2)
+            .map(|i| {
+                let f = base.powf(-2.0 * i as f64 / n_rot as f64) * freq_scale;
+                f / factors.and_then(|ff| ff.get(i)).map_or(1.0, |&d| d as f64)
+            })
+            .collect();
+        Rope { style, n_rot, inv_freq }
+    }
+
+    /// Rotate every head (`head_dim` values each) of one token's vector at position `pos`.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, cos_sin: &mut Vec<(f32, f32)>) {
+        cos_sin.clear();
+        cos_sin.extend(self.inv_freq.iter().map(|f| {
+            let theta = pos as f64 * f;
+            (theta.cos() as f32, theta.sin() as f32)
+        }));
+        let half = self.n_rot / 2;
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(c, s)) in cos_sin.iter().enumerate() {
+                let (a, b) = match self.style {
+                    RopeStyle::Normal => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: silu(gate) · up.
+    Silu,
+    /// GeGLU with the tanh approximation of GELU.
+    GeluTanh,
+}
+
+impl Activation {
+    /// `gate ← act(gate) · up`.
+    pub fn glu(self, gate: &mut [f32], up: &[f32]) {
+        match self {
+            Activation::Silu => gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
+            Activation::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                gate.iter_mut().zip(up).for_each(|(g, u)| {
+                    let x = *g;
+                    *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u
+                })
+            }
+        }
+    }
+}
+
+/// Softmax attention of one query head over `n_keys` cached keys:
+/// `out = Σ_j softmax(scale·q·k_j)·v_j`. `key(j)` / `value(j)` return the j-th key and value.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<'a>(
+    c: &Compute,
+    q: &[f32],
+    n_keys: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    scores.clear();
+    scores.extend((0..n_keys).map(|j| c.dot(q, key(j)) * scale));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, s) in scores.iter().enumerate() {
+        c.axpy(s / sum, value(j), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rms() {
+        let mut x = vec![3.0, 4.0, 0.0, 0.0];
+        rms_norm(&mut x, &[1.0, 1.0, 2.0, 1.0], 0.0);
+        let want = 3.0 / (25.0f32 / 4.0).sqrt();
+        assert!((x[0] - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_styles_rotate_the_right_pairs() {
+        let mut cs = Vec::new();
+        // One frequency (n_rot 2): pos 1 rotates by 1 radian.
+        let r = Rope::new(RopeStyle::Normal, 2, 10000.0, 1.0, None);
+        let mut x = vec![1.0, 0.0];
+        r.apply(&mut x, 2, 1, &mut cs);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+        let r = Rope::new(RopeStyle::Neox, 4, 10000.0, 1.0, None);
+        let mut x = vec![1.0, 0.0, 0.0, 0.0];
+        r.apply(&mut x, 4, 1, &mut cs);
+        // Pair (0, 2) at frequency 1.
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6 && x[1] == 0.0);
+    }
+}

@@ -1,0 +1,71 @@
+//! Models: shared transformer layers, one file per architecture, the KV cache and the batched
+//! forward pass. This is the precise path: f32 activations and KV cache, weights dequantized
+//! block by block.
+
+mod batch;
+mod error;
+pub mod gemma3;
+pub mod hparams;
+mod kv_cache;
+pub mod layers;
+mod linear;
+pub mod llama;
+pub mod qwen2;
+mod transformer;
+
+pub use batch::{Batch, Logits};
+pub use error::{ModelError, Result};
+pub use hparams::HParams;
+pub use kv_cache::KvCache;
+pub use linear::{Linear, WeightRef};
+pub use transformer::{Transformer, MAX_CHUNK};
+
+use edgelm_gguf::GgufFile;
+use std::sync::Arc;
+
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
+
+/// A loaded model; the architecture was chosen from `general.architecture`.
+pub type Model = Transformer;
+
+/// Build the model `general.architecture` names.
+pub fn load(file: Arc<GgufFile>) -> Result<Model> {
+    let arch = file.require_str("general.architecture")?.to_owned();
+    match arch.as_str() {
+        "llama" => llama::load(file),
+        "qwen2" => qwen2::load(file),
+        "gemma3" => gemma3::load(file),
+        _ => Err(ModelError::UnknownArchitecture(arch)),
+    }
+}
+
+/// Memory a model needs, from metadata and options alone, before anything is allocated.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub kv_cache: u64,
+    pub scratch: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.scratch
+    }
+}
+
+pub fn memory_plan(model: &Model, n_ctx: usize) -> MemoryPlan {
+    let hp = &model.hp;
+    let chunk = MAX_CHUNK.min(n_ctx) as u64;
+    let widest = hp
+        .layers
+        .iter()
+        .map(|l| (l.n_head * hp.head_dim).max(l.n_ff).max(hp.n_embd))
+        .max()
+        .unwrap_or(hp.n_embd) as u64;
+    MemoryPlan {
+        weights: model.weight_bytes(),
+        kv_cache: KvCache::max_bytes(hp, n_ctx, MAX_CHUNK, 1),
+        // Activations of one chunk (x, h, q, k, v, attention, gate, up) plus logits for all of it.
+        scratch: 4 * chunk * (8 * widest + hp.n_vocab as u64),
+    }
+}

@@ -1,0 +1,119 @@
+//! `Linear`: every projection in every model. A weight in its stored type plus an optional bias.
+
+use crate::{ModelError, Result};
+use edgelm_gguf::GgufFile;
+use edgelm_kernels::{Compute, Weight};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// A weight matrix left in the mapped file in its quantized type.
+#[derive(Clone)]
+pub struct WeightRef {
+    file: Arc<GgufFile>,
+    range: Range<usize>,
+    pub name: String,
+    pub ty: edgelm_gguf::GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl WeightRef {
+    /// Look up a 2-D tensor; `cols` (the row length) must equal `expect_cols` when given.
+    pub fn load(file: &Arc<GgufFile>, name: &str, expect_cols: Option<usize>, arch: &str) -> Result<WeightRef> {
+        let info = file
+            .tensor_info(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.into(), arch.into()))?;
+        let (cols, rows) = match info.dims[..] {
+            [c, r] => (c as usize, r as usize),
+            [c] => (c as usize, 1),
+            _ => {
+                return Err(ModelError::Shape {
+                    name: name.into(),
+                    got: info.dims.clone(),
+                    expected: "a matrix".into(),
+                })
+            }
+        };
+        if let Some(want) = expect_cols {
+            if cols != want {
+                return Err(ModelError::Shape {
+                    name: name.into(),
+                    got: info.dims.clone(),
+                    expected: format!("rows of {want}"),
+                });
+            }
+        }
+        if !edgelm_quant::can_dequantize(info.ty) {
+            return Err(ModelError::UnsupportedType { name: name.into(), ty: info.ty });
+        }
+        let range = file.tensor_range(name).unwrap_or(0..0);
+        Ok(WeightRef { file: file.clone(), range, name: name.into(), ty: info.ty, rows, cols })
+    }
+
+    pub fn view(&self) -> Weight<'_> {
+        Weight { ty: self.ty, rows: self.rows, cols: self.cols, data: &self.file.bytes()[self.range.clone()] }
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        self.range.len()
+    }
+
+    /// Row `r` dequantized into `out` (embedding lookup).
+    pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let w = self.view();
+        let row_bytes = w.data.len() / w.rows;
+        edgelm_quant::dequantize_row(self.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], out)
+            .map_err(|e| ModelError::Batch(format!("{}: {e}", self.name)))
+    }
+}
+
+/// Read a 1-D F32 tensor (norm weights, biases) of length `len`.
+pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Result<Vec<f32>> {
+    let t = file
+        .tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.into(), arch.into()))?;
+    if t.dims() != [len as u64] {
+        return Err(ModelError::Shape { name: name.into(), got: t.dims().to_vec(), expected: format!("[{len}]") });
+    }
+    let mut out = vec![0f32; len];
+    edgelm_quant::dequantize_row(t.ty(), t.data, &mut out)
+        .map_err(|_| ModelError::UnsupportedType { name: name.into(), ty: t.ty() })?;
+    Ok(out)
+}
+
+pub struct Linear {
+    pub weight: WeightRef,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// `{prefix}.weight` with input width `in_features`, and `{prefix}.bias` if the file has it.
+    pub fn load(file: &Arc<GgufFile>, prefix: &str, in_features: usize, arch: &str) -> Result<Linear> {
+        let weight = WeightRef::load(file, &format!("{prefix}.weight"), Some(in_features), arch)?;
+        let bias_name = format!("{prefix}.bias");
+        let bias = match file.tensor_info(&bias_name) {
+            Some(_) => Some(load_vector(file, &bias_name, weight.rows, arch)?),
+            None => None,
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.rows
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.cols
+    }
+
+    /// `out[t] = W·x[t] + b` for `n` tokens.
+    pub fn forward(&self, c: &Compute, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+        c.matmul(self.weight.view(), x, n, out)?;
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+        Ok(())
+    }
+}

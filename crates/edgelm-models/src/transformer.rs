@@ -1,0 +1,391 @@
+//! The decoder-only transformer every supported architecture is made of. Architecture files
+//! choose the variant (`Variant`); this file holds the shared loading and the batched forward.
+
+use crate::batch::{Batch, Logits};
+use crate::hparams::{HParams, LayerShape, Meta};
+use crate::kv_cache::KvCache;
+use crate::layers::{attend, rms_norm, Activation, Rope, RopeStyle};
+use crate::linear::{load_vector, Linear, WeightRef};
+use crate::{ModelError, Result};
+use edgelm_gguf::GgufFile;
+use edgelm_kernels::Compute;
+use std::sync::Arc;
+
+/// The largest chunk of one sequence processed per layer pass; bounds scratch and KV rings.
+pub const MAX_CHUNK: usize = 512;
+
+/// What distinguishes one architecture's block from another's.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub rope_style: RopeStyle,
+    pub activation: Activation,
+    /// Gemma: RMSNorm over each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// Gemma: RMSNorm on the attention and FFN outputs before the residual add.
+    pub post_norms: bool,
+    pub embed_scale: Option<f32>,
+    /// Overrides 1/√head_dim.
+    pub attn_scale: Option<f32>,
+}
+
+/// Per-layer attention settings an architecture derives from its metadata.
+pub struct LayerAttention {
+    pub window: Option<usize>,
+    pub rope: Rope,
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Transformer {
+    pub hp: HParams,
+    variant: Variant,
+    tok_embd: WeightRef,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    output: Linear,
+    file: Arc<GgufFile>,
+}
+
+impl Transformer {
+    /// Load the shared structure. `layer_attention(i)` gives layer i's window and RoPE.
+    pub fn load(
+        file: Arc<GgufFile>,
+        arch: &str,
+        variant: Variant,
+        layer_attention: impl Fn(usize) -> LayerAttention,
+    ) -> Result<Transformer> {
+        let meta = Meta { file: &file, arch };
+        let n_layer = meta.usize("block_count")?;
+        let n_embd = meta.usize("embedding_length")?;
+        let n_head0 = meta.usize("attention.head_count")?;
+        let head_dim = meta.opt_usize("attention.key_length").unwrap_or(n_embd / n_head0.max(1));
+        if head_dim == 0 {
+            return Err(ModelError::Metadata { key: meta.key("attention.key_length"), reason: "head size 0".into() });
+        }
+        if let Some(v) = meta.opt_usize("attention.value_length") {
+            if v != head_dim {
+                return Err(ModelError::Metadata {
+                    key: meta.key("attention.value_length"),
+                    reason: format!("{v} differs from key length {head_dim}, which edgelm does not support"),
+                });
+            }
+        }
+        let rms_eps = meta.f64_or("attention.layer_norm_rms_epsilon", 1e-6) as f32;
+        let tok_embd = WeightRef::load(&file, "token_embd.weight", Some(n_embd), arch)?;
+        let n_vocab = tok_embd.rows;
+        let output = match file.tensor_info("output.weight") {
+            Some(_) => Linear::load(&file, "output", n_embd, arch)?,
+            None => Linear { weight: tok_embd.clone(), bias: None },
+        };
+        if output.out_features() != n_vocab {
+            return Err(ModelError::Shape {
+                name: "output.weight".into(),
+                got: vec![n_embd as u64, output.out_features() as u64],
+                expected: format!("{n_vocab} rows (the vocabulary)"),
+            });
+        }
+        let output_norm = load_vector(&file, "output_norm.weight", n_embd, arch)?;
+
+        let mut blocks = Vec::with_capacity(n_layer);
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let lin = |s: &str, inp: usize| Linear::load(&file, &p(s), inp, arch);
+            let vec = |s: &str, n: usize| load_vector(&file, &p(s), n, arch);
+            let opt_vec = |s: &str, n: usize| match file.tensor_info(&p(s)) {
+                Some(_) => vec(s, n).map(Some),
+                None => Ok(None),
+            };
+            let wq = lin("attn_q", n_embd)?;
+            let wk = lin("attn_k", n_embd)?;
+            let wv = lin("attn_v", n_embd)?;
+            let heads = |l: &Linear, what: &str| -> Result<usize> {
+                if l.out_features() % head_dim != 0 {
+                    return Err(ModelError::Shape {
+                        name: l.weight.name.clone(),
+                        got: vec![l.in_features() as u64, l.out_features() as u64],
+                        expected: format!("{what} width a multiple of the head size {head_dim}"),
+                    });
+                }
+                Ok(l.out_features() / head_dim)
+            };
+            let n_head = heads(&wq, "query")?;
+            let n_head_kv = heads(&wk, "key")?;
+            if n_head_kv == 0 || n_head % n_head_kv != 0 || wv.out_features() != wk.out_features() {
+                return Err(ModelError::Shape {
+                    name: p("attn_v.weight"),
+                    got: vec![n_embd as u64, wv.out_features() as u64],
+                    expected: format!("{n_head} query heads grouped over the key/value heads"),
+                });
+            }
+            let wo = lin("attn_output", n_head * head_dim)?;
+            let gate = lin("ffn_gate", n_embd)?;
+            let n_ff = gate.out_features();
+            let up = lin("ffn_up", n_embd)?;
+            let down = lin("ffn_down", n_ff)?;
+            for (l, want, name) in [(&wo, n_embd, "attn_output"), (&up, n_ff, "ffn_up"), (&down, n_embd, "ffn_down")] {
+                if l.out_features() != want {
+                    return Err(ModelError::Shape {
+                        name: p(&format!("{name}.weight")),
+                        got: vec![l.in_features() as u64, l.out_features() as u64],
+                        expected: format!("{want} rows"),
+                    });
+                }
+            }
+            let (q_norm, k_norm) = if variant.qk_norm {
+                (Some(vec("attn_q_norm.weight", head_dim)?), Some(vec("attn_k_norm.weight", head_dim)?))
+            } else {
+                (None, None)
+            };
+            let (post_attn_norm, post_ffn_norm) = if variant.post_norms {
+                (Some(vec("post_attention_norm.weight", n_embd)?), Some(vec("post_ffw_norm.weight", n_embd)?))
+            } else {
+                (opt_vec("post_attention_norm.weight", n_embd)?, opt_vec("post_ffw_norm.weight", n_embd)?)
+            };
+            let att = layer_attention(i);
+            layers.push(LayerShape { n_head, n_head_kv, n_ff, window: att.window, rope: att.rope });
+            blocks.push(Block {
+                attn_norm: vec("attn_norm.weight", n_embd)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                ffn_norm: vec("ffn_norm.weight", n_embd)?,
+                gate,
+                up,
+                down,
+                post_ffn_norm,
+            });
+        }
+        let hp = HParams {
+            arch: arch.into(),
+            n_embd,
+            n_vocab,
+            n_ctx_train: meta.opt_usize("context_length").unwrap_or(2048),
+            head_dim,
+            rms_eps,
+            activation: variant.activation,
+            embed_scale: variant.embed_scale,
+            attn_scale: variant.attn_scale.unwrap_or(1.0 / (head_dim as f32).sqrt()),
+            layers,
+        };
+        Ok(Transformer { hp, variant, tok_embd, blocks, output_norm, output, file })
+    }
+
+    pub fn file(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    /// Bytes of weights the forward pass reads.
+    pub fn weight_bytes(&self) -> u64 {
+        let mut total = self.tok_embd.n_bytes() as u64;
+        if !Arc::ptr_eq(&self.file, &self.file) || self.output.weight.name != self.tok_embd.name {
+            total += self.output.weight.n_bytes() as u64;
+        }
+        for b in &self.blocks {
+            for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down] {
+                total += l.weight.n_bytes() as u64;
+            }
+        }
+        total
+    }
+
+    /// Run a batch through the model, appending its keys and values to `cache`, and return the
+    /// logits of the tokens that asked for them.
+    pub fn forward(&self, c: &Compute, batch: &Batch, cache: &mut KvCache) -> Result<Logits> {
+        let n = batch.len();
+        if batch.positions.len() != n || batch.seqs.len() != n || batch.want_logits.len() != n {
+            return Err(ModelError::Batch("tokens, positions, sequences and logit flags differ in length".into()));
+        }
+        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= self.hp.n_vocab) {
+            return Err(ModelError::Batch(format!("token id {t} is outside the vocabulary of {}", self.hp.n_vocab)));
+        }
+        // Validate every sequence's run before touching the cache.
+        let mut next: Vec<(usize, usize, usize)> = Vec::new(); // (seq, first pos, count)
+        for i in 0..n {
+            let (s, p) = (batch.seqs[i], batch.positions[i]);
+            match next.iter_mut().find(|e| e.0 == s) {
+                Some(e) if e.1 + e.2 == p => e.2 += 1,
+                Some(e) => {
+                    return Err(ModelError::Batch(format!(
+                        "sequence {s}: position {p} does not follow {} in the batch",
+                        e.1 + e.2 - 1
+                    )))
+                }
+                None => next.push((s, p, 1)),
+            }
+        }
+        for &(s, p, count) in &next {
+            cache.check_append(s, p, count)?;
+        }
+        let mut logits = Logits { batch_index: Vec::new(), n_vocab: self.hp.n_vocab, data: Vec::new() };
+        let mut start = 0;
+        while start < n {
+            let end = (start + MAX_CHUNK).min(n);
+            self.forward_chunk(c, batch, start..end, cache, &mut logits)?;
+            start = end;
+        }
+        Ok(logits)
+    }
+
+    fn forward_chunk(
+        &self,
+        c: &Compute,
+        batch: &Batch,
+        range: std::ops::Range<usize>,
+        cache: &mut KvCache,
+        logits: &mut Logits,
+    ) -> Result<()> {
+        let hp = &self.hp;
+        let n = range.len();
+        let d = hp.n_embd;
+        let hd = hp.head_dim;
+        let tokens = &batch.tokens[range.clone()];
+        let positions = &batch.positions[range.clone()];
+        let seqs = &batch.seqs[range.clone()];
+
+        let mut x = vec![0f32; n * d];
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.tok_embd.row(tok as usize, &mut x[t * d..(t + 1) * d])?;
+        }
+        if let Some(s) = self.variant.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+
+        let mut h = vec![0f32; n * d];
+        let mut cos_sin = Vec::new();
+        for (li, (b, shape)) in self.blocks.iter().zip(&hp.layers).enumerate() {
+            let q_dim = shape.n_head * hd;
+            let kv_dim = shape.n_head_kv * hd;
+            h.copy_from_slice(&x);
+            rms_norm(&mut h, &b.attn_norm, hp.rms_eps);
+            let mut q = vec![0f32; n * q_dim];
+            let mut k = vec![0f32; n * kv_dim];
+            let mut v = vec![0f32; n * kv_dim];
+            b.wq.forward(c, &h, n, &mut q)?;
+            b.wk.forward(c, &h, n, &mut k)?;
+            b.wv.forward(c, &h, n, &mut v)?;
+            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+                rms_norm(&mut q, qn, hp.rms_eps);
+                rms_norm(&mut k, kn, hp.rms_eps);
+            }
+            for t in 0..n {
+                shape.rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], hd, positions[t], &mut cos_sin);
+                shape.rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, positions[t], &mut cos_sin);
+                cache.write(seqs[t], li, positions[t], &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
+            }
+
+            let mut att = vec![0f32; n * q_dim];
+            self.attention(c, cache, li, shape, &q, positions, seqs, &mut att);
+            let mut o = vec![0f32; n * d];
+            b.wo.forward(c, &att, n, &mut o)?;
+            if let Some(w) = &b.post_attn_norm {
+                rms_norm(&mut o, w, hp.rms_eps);
+            }
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+
+            h.copy_from_slice(&x);
+            rms_norm(&mut h, &b.ffn_norm, hp.rms_eps);
+            let mut g = vec![0f32; n * shape.n_ff];
+            let mut u = vec![0f32; n * shape.n_ff];
+            b.gate.forward(c, &h, n, &mut g)?;
+            b.up.forward(c, &h, n, &mut u)?;
+            hp.activation.glu(&mut g, &u);
+            b.down.forward(c, &g, n, &mut o)?;
+            if let Some(w) = &b.post_ffn_norm {
+                rms_norm(&mut o, w, hp.rms_eps);
+            }
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        }
+        for (t, &s) in seqs.iter().enumerate() {
+            let len = cache.seq_len(s).max(positions[t] + 1);
+            cache.set_len(s, len);
+        }
+
+        // Final norm and output head only for the rows that want logits.
+        let wanted: Vec<usize> = (0..n).filter(|&t| batch.want_logits[range.start + t]).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut xs = Vec::with_capacity(wanted.len() * d);
+        for &t in &wanted {
+            xs.extend_from_slice(&x[t * d..(t + 1) * d]);
+        }
+        rms_norm(&mut xs, &self.output_norm, hp.rms_eps);
+        let at = logits.data.len();
+        logits.data.resize(at + wanted.len() * hp.n_vocab, 0.0);
+        self.output.forward(c, &xs, wanted.len(), &mut logits.data[at..])?;
+        logits.batch_index.extend(wanted.iter().map(|t| range.start + t));
+        Ok(())
+    }
+
+    /// Causal (and, for windowed layers, sliding) attention of every query head of the chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        c: &Compute,
+        cache: &KvCache,
+        layer: usize,
+        shape: &LayerShape,
+        q: &[f32],
+        positions: &[usize],
+        seqs: &[usize],
+        out: &mut [f32],
+    ) {
+        let hd = self.hp.head_dim;
+        let n_head = shape.n_head;
+        let group = n_head / shape.n_head_kv;
+        let scale = self.hp.attn_scale;
+        let n_tasks = positions.len() * n_head;
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        c.pool().run(n_tasks, &|task| {
+            let (t, head) = (task / n_head, task % n_head);
+            let pos = positions[t];
+            let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kv_h = head / group;
+            let cols = kv_h * hd..(kv_h + 1) * hd;
+            let qh = &q[(t * n_head + head) * hd..(t * n_head + head + 1) * hd];
+            // SAFETY: each task owns the disjoint slice (t, head) of `out`; `run` joins before return.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((t * n_head + head) * hd), hd) };
+            let mut scores = Vec::with_capacity(pos + 1 - first);
+            attend(
+                c,
+                qh,
+                pos + 1 - first,
+                |j| &cache.kv(seqs[t], layer, first + j).0[cols.clone()],
+                |j| &cache.kv(seqs[t], layer, first + j).1[cols.clone()],
+                scale,
+                &mut scores,
+                o,
+            );
+        });
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: tasks write disjoint ranges and are joined before the borrow ends.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
