@@ -1,1 +1,456 @@
-fn main() {}
+//! The `edgelm` command line: thin wrappers over the engine.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edgelm_engine::{Engine, GenerateRequest, SamplingParams};
+use edgelm_hub::{Hub, DEFAULT_MODEL};
+use edgelm_kernels::{Compute, Isa};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "edgelm",
+    version,
+    about = "Run, score and inspect GGUF language models on the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(RunArgs),
+    /// Print the token ids of a text as a JSON list.
+    Tokenize(TokenizeArgs),
+    /// Teacher-forced scoring: one JSON line per position with the log-probability of the next token.
+    Score(ScoreArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
+    /// Show a model's metadata, tensors by type, parameter count and memory estimate.
+    Inspect(InspectArgs),
+    /// Download a known model into the cache.
+    Pull {
+        /// Model name (see `edgelm list`).
+        name: String,
+        /// Fetch again even if a verified copy is cached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List known models and which are cached.
+    List,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model name (pulled if missing) or path to a GGUF file.
+    #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Threads (default: physical cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Use the precise path (f32 activations and KV cache); currently the only path.
+    #[arg(long)]
+    precise: bool,
+}
+
+#[derive(Args)]
+struct TextArgs {
+    /// Text given inline.
+    #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Text read from a file.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+}
+
+impl TextArgs {
+    fn read(&self) -> Result<String> {
+        match (&self.prompt, &self.file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+            }
+            (None, None) => bail!("give the text with -p TEXT or -f FILE"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    n_predict: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: usize,
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    min_p: f32,
+    /// Random seed (default: from the clock). The same seed gives the same text.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long = "frequency-penalty", default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long = "presence-penalty", default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long = "ignore-eos")]
+    ignore_eos: bool,
+    /// Context length (default: the model's).
+    #[arg(short = 'c', long = "ctx", default_value_t = 0)]
+    ctx: usize,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Do not add BOS even where the model does.
+    #[arg(long = "no-bos")]
+    no_bos: bool,
+    /// Treat special-token text as plain text.
+    #[arg(long = "no-special")]
+    no_special: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score (tokenized with the model's defaults).
+    #[arg(short = 'f', long = "file", conflicts_with = "ids")]
+    file: Option<PathBuf>,
+    /// Token ids, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// Highest logits reported per position.
+    #[arg(long = "top", default_value_t = 20)]
+    top: usize,
+    #[arg(short = 'c', long = "ctx", default_value_t = 0)]
+    ctx: usize,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Chunk length in tokens.
+    #[arg(short = 'c', long = "ctx", default_value_t = 512)]
+    ctx: usize,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Model name or GGUF path.
+    model: String,
+    /// Context length for the memory estimate (default: the model's).
+    #[arg(short = 'c', long = "ctx", default_value_t = 0)]
+    ctx: usize,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run(a) => run(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Score(a) => score(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Pull { name, force } => {
+            let hub = Hub::from_env()?;
+            let spec = edgelm_hub::find(&name)
+                .with_context(|| format!("unknown model {name:?}; known: {}", known_names()))?;
+            let path = hub.pull(spec, force)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::List => list(),
+    }
+}
+
+fn known_names() -> String {
+    edgelm_hub::known_models()
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn resolve(model: &str) -> Result<PathBuf> {
+    Ok(Hub::from_env()?.resolve(model)?)
+}
+
+fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
+    let path = resolve(&args.model)?;
+    let isa = Isa::from_env()?;
+    let threads = args
+        .threads
+        .unwrap_or_else(edgelm_kernels::physical_cores)
+        .max(1);
+    let t0 = Instant::now();
+    let engine = Engine::load(&path, Compute::new(isa, threads))
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok((engine, t0.elapsed().as_secs_f64() * 1e3))
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let text = a.text.read()?;
+    let (engine, load_ms) = load(&a.model)?;
+    let prompt = engine.tokenizer.encode(&text, true, true)?;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let sampling = SamplingParams {
+        temperature: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        penalty_last_n: a.repeat_last_n,
+        seed,
+    };
+    let mut cache = engine.new_cache(a.ctx);
+    let req = GenerateRequest {
+        prompt: &prompt,
+        max_tokens: a.n_predict,
+        sampling,
+        stop: a.stop,
+        ignore_eos: a.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let stats = edgelm_engine::generate(&engine, &mut cache, &req, &mut |piece| {
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            write_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    writeln!(out)?;
+    eprintln!(
+        "load {:.0} ms | prompt {} tokens, {:.1} tok/s | first token {:.0} ms | generated {} tokens, {:.1} tok/s | {} threads, {}",
+        load_ms,
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_second(),
+        stats.time_to_first_token.as_secs_f64() * 1e3,
+        stats.generated_tokens,
+        stats.decode_tokens_per_second(),
+        engine.compute.n_threads(),
+        engine.compute.isa(),
+    );
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = a.text.read()?;
+    let path = resolve(&a.model.model)?;
+    let file = edgelm_gguf::GgufFile::open(&path)?;
+    let tok = edgelm_tokenizer::Tokenizer::from_gguf(&file)?;
+    let ids = tok.encode(&text, !a.no_bos, !a.no_special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let (engine, _) = load(&a.model)?;
+    let ids = match (&a.ids, &a.file) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(f)) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            engine.tokenizer.encode(&text, true, true)?
+        }
+        (None, None) => bail!("give the tokens with --ids 1,2,3 or a text with -f FILE"),
+    };
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= engine.model.hp.n_vocab) {
+        bail!(
+            "token id {bad} is outside the vocabulary ({} tokens)",
+            engine.model.hp.n_vocab
+        );
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut write_err = None;
+    edgelm_engine::score(&engine, &ids, a.top, a.ctx, &mut |s| {
+        let top: Vec<(u32, f32)> = s.top;
+        let line =
+            serde_json::json!({"pos": s.pos, "next": s.next, "logprob": s.logprob, "top": top});
+        if let Err(e) = writeln!(out, "{line}") {
+            write_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let (engine, _) = load(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let add_bos = engine.tokenizer.adds_bos();
+    let tokens = engine.tokenizer.encode(&text, add_bos, false)?;
+    eprintln!(
+        "perplexity: {} tokens, {} chunks of {}",
+        tokens.len(),
+        tokens.len() / a.ctx.max(1),
+        a.ctx
+    );
+    let t0 = Instant::now();
+    let r = edgelm_engine::perplexity(&engine, &tokens, a.ctx, &mut |c| {
+        eprint!("[{}]{:.4},", c.index + 1, c.ppl);
+    })?;
+    eprintln!(
+        "\n{:.1} s, {:.1} tokens/s",
+        t0.elapsed().as_secs_f64(),
+        (r.n_chunks * a.ctx) as f64 / t0.elapsed().as_secs_f64()
+    );
+    println!("PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_err);
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let path = resolve(&a.model)?;
+    let file = std::sync::Arc::new(edgelm_gguf::GgufFile::open(&path)?);
+    println!(
+        "file: {} ({} bytes, GGUF v{}, alignment {})",
+        path.display(),
+        file.bytes().len(),
+        file.version,
+        file.alignment
+    );
+    println!("\nmetadata:");
+    for (k, v) in file.metadata() {
+        if k == "tokenizer.chat_template" {
+            println!("  {k} = <{} chars>", v.as_str().map_or(0, str::len));
+        } else {
+            println!("  {k} = {}", v.display_short());
+        }
+    }
+    let mut by_type: Vec<(edgelm_gguf::GgmlType, usize, u64, u64)> = Vec::new();
+    for t in file.tensors() {
+        match by_type.iter_mut().find(|e| e.0 == t.ty) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += t.n_elements;
+                e.3 += t.n_bytes;
+            }
+            None => by_type.push((t.ty, 1, t.n_elements, t.n_bytes)),
+        }
+    }
+    by_type.sort_by_key(|e| std::cmp::Reverse(e.3));
+    let params: u64 = file.tensors().iter().map(|t| t.n_elements).sum();
+    println!(
+        "\ntensors: {} ({} parameters, {:.1} M)",
+        file.tensors().len(),
+        params,
+        params as f64 / 1e6
+    );
+    println!(
+        "  {:<6} {:>7} {:>14} {:>12} {:>8}",
+        "type", "tensors", "elements", "MiB", "bits/w"
+    );
+    for (ty, n, elems, bytes) in &by_type {
+        println!(
+            "  {:<6} {:>7} {:>14} {:>12.1} {:>8.2}",
+            ty.name(),
+            n,
+            elems,
+            *bytes as f64 / (1 << 20) as f64,
+            *bytes as f64 * 8.0 / *elems as f64
+        );
+    }
+    match edgelm_models::load(file.clone()) {
+        Ok(model) => {
+            let n_ctx = if a.ctx == 0 {
+                model.hp.n_ctx_train
+            } else {
+                a.ctx
+            };
+            let plan = edgelm_models::memory_plan(&model, n_ctx);
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            let hp = &model.hp;
+            println!(
+                "\nmodel: {} | {} layers | d_model {} | heads {}/{} × {} | ffn {} | vocab {} | trained context {}",
+                hp.arch,
+                hp.layers.len(),
+                hp.n_embd,
+                hp.layers.first().map_or(0, |l| l.n_head),
+                hp.layers.first().map_or(0, |l| l.n_head_kv),
+                hp.head_dim,
+                hp.layers.first().map_or(0, |l| l.n_ff),
+                hp.n_vocab,
+                hp.n_ctx_train
+            );
+            println!(
+                "memory at context {n_ctx} (precise path, f32 KV): weights {:.1} MiB (mapped) + KV cache {:.1} MiB + scratch {:.1} MiB = {:.1} MiB",
+                mib(plan.weights),
+                mib(plan.kv_cache),
+                mib(plan.scratch),
+                mib(plan.total())
+            );
+        }
+        Err(e) => println!("\nmodel: cannot be run by edgelm: {e}"),
+    }
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    let hub = Hub::from_env()?;
+    let cached = hub.list()?;
+    println!("{:<30} {:>10}  {:<8} description", "name", "MiB", "cached");
+    for spec in edgelm_hub::known_models() {
+        let c = cached.iter().find(|c| c.name == spec.name);
+        println!(
+            "{:<30} {:>10.1}  {:<8} {}",
+            spec.name,
+            spec.size as f64 / (1 << 20) as f64,
+            if c.is_some_and(|c| c.verified) {
+                "yes"
+            } else if c.is_some() {
+                "unverified"
+            } else {
+                "no"
+            },
+            spec.description,
+        );
+    }
+    println!("cache: {}", hub.models_dir().display());
+    Ok(())
+}

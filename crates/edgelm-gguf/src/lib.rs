@@ -35,7 +35,9 @@ pub enum GgufError {
         needed: u64,
         len: u64,
     },
-    #[error("implausible {what} = {value} at offset {offset} (limit {limit}); the file is corrupt")]
+    #[error(
+        "implausible {what} = {value} at offset {offset} (limit {limit}); the file is corrupt"
+    )]
     Implausible {
         what: String,
         value: u64,

@@ -181,7 +181,10 @@ impl GgufFile {
                 )));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(GgufError::Duplicate { what: "tensor", name });
+                return Err(GgufError::Duplicate {
+                    what: "tensor",
+                    name,
+                });
             }
             tensors.push(TensorInfo {
                 name,
@@ -303,7 +306,6 @@ impl GgufFile {
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()
     }
-
 }
 
 fn missing(key: &str, what: &str) -> GgufError {

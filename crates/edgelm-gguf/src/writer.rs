@@ -190,8 +190,12 @@ mod tests {
     #[test]
     fn writer_rejects_wrong_sizes_and_duplicates() {
         let mut w = GgufWriter::new();
-        assert!(w.add_tensor("x", &[32], GgmlType::Q8_0, vec![0; 33]).is_err());
-        assert!(w.add_tensor("x", &[31], GgmlType::Q8_0, vec![0; 34]).is_err());
+        assert!(w
+            .add_tensor("x", &[32], GgmlType::Q8_0, vec![0; 33])
+            .is_err());
+        assert!(w
+            .add_tensor("x", &[31], GgmlType::Q8_0, vec![0; 34])
+            .is_err());
         w.add_f32("x", &[1], &[1.0]).unwrap();
         assert!(w.add_f32("x", &[1], &[1.0]).is_err());
     }

@@ -6,7 +6,8 @@ fn valid() -> Vec<u8> {
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String("llama".into()));
     w.add_f32("a", &[8], &[0.0; 8]).unwrap();
-    w.add_tensor("b", &[32], GgmlType::Q8_0, vec![1; 34]).unwrap();
+    w.add_tensor("b", &[32], GgmlType::Q8_0, vec![1; 34])
+        .unwrap();
     w.to_bytes()
 }
 
@@ -68,7 +69,10 @@ fn unknown_value_type() {
     let at = 24 + 8 + "general.architecture".len();
     b[at..at + 4].copy_from_slice(&77u32.to_le_bytes());
     let e = err(b);
-    assert!(matches!(e, GgufError::UnknownValueType { id: 77, .. }), "{e}");
+    assert!(
+        matches!(e, GgufError::UnknownValueType { id: 77, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("general.architecture"));
 }
 
@@ -78,7 +82,10 @@ fn unknown_tensor_type() {
     let at = tensor_info_offset() + 8 + 1 + 4 + 8;
     b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     let e = err(b);
-    assert!(matches!(e, GgufError::UnknownTensorType { id: 99, .. }), "{e}");
+    assert!(
+        matches!(e, GgufError::UnknownTensorType { id: 99, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("\"a\""));
 }
 

@@ -78,12 +78,9 @@ impl Compute {
         n_tokens: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        let row_bytes = w
-            .ty
-            .bytes_for(w.cols as u64)
-            .ok_or_else(|| {
-                KernelError::Shape(format!("{} columns are not whole {} blocks", w.cols, w.ty))
-            })? as usize;
+        let row_bytes = w.ty.bytes_for(w.cols as u64).ok_or_else(|| {
+            KernelError::Shape(format!("{} columns are not whole {} blocks", w.cols, w.ty))
+        })? as usize;
         if w.data.len() != row_bytes * w.rows {
             return Err(KernelError::Shape(format!(
                 "{} bytes of {} for {}×{}",
@@ -122,10 +119,18 @@ impl Compute {
                     let _ = dequantize_row(w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], dst);
                 }
                 let rows = r1 - r0;
-                panel_times_x(isa, &panel[..rows * w.cols], rows, w.cols, x, n_tokens, |r, t, v| {
-                    // SAFETY: (t, r0 + r) is inside `out` and owned by this task alone.
-                    unsafe { *shared.get().add(t * w.rows + r0 + r) = v }
-                });
+                panel_times_x(
+                    isa,
+                    &panel[..rows * w.cols],
+                    rows,
+                    w.cols,
+                    x,
+                    n_tokens,
+                    |r, t, v| {
+                        // SAFETY: (t, r0 + r) is inside `out` and owned by this task alone.
+                        unsafe { *shared.get().add(t * w.rows + r0 + r) = v }
+                    },
+                );
             });
         });
         Ok(())
@@ -268,11 +273,18 @@ mod tests {
         let mut rng = Rng(0x1234_5678_9abc_def1);
         for isa in Isa::available() {
             let c = Compute::new(isa, 2);
-            for &(rows, cols, n_tokens) in &[(1, 1, 1), (5, 13, 2), (37, 40, 7), (16, 64, 3), (33, 96, 5)] {
+            for &(rows, cols, n_tokens) in
+                &[(1, 1, 1), (5, 13, 2), (37, 40, 7), (16, 64, 3), (33, 96, 5)]
+            {
                 let wv: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
                 let data = f32_bytes(&wv);
-                let w = Weight { ty: GgmlType::F32, rows, cols, data: &data };
+                let w = Weight {
+                    ty: GgmlType::F32,
+                    rows,
+                    cols,
+                    data: &data,
+                };
                 let mut out = vec![0f32; rows * n_tokens];
                 c.matmul(w, &x, n_tokens, &mut out).unwrap();
                 for t in 0..n_tokens {
@@ -281,7 +293,10 @@ mod tests {
                             .map(|k| wv[r * cols + k] as f64 * x[t * cols + k] as f64)
                             .sum();
                         let got = out[t * rows + r] as f64;
-                        assert!((got - want).abs() < 1e-4, "{isa} {rows}x{cols}x{n_tokens}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{isa} {rows}x{cols}x{n_tokens}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -296,7 +311,10 @@ mod tests {
             for n in [0, 1, 7, 8, 9, 31, 64, 100] {
                 let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
                 let b: Vec<f32> = (0..n).map(|_| rng.f()).collect();
-                assert!((c.dot(&a, &b) - scalar_dot(&a, &b)).abs() < 1e-5, "{isa} n={n}");
+                assert!(
+                    (c.dot(&a, &b) - scalar_dot(&a, &b)).abs() < 1e-5,
+                    "{isa} n={n}"
+                );
                 let mut y1 = b.clone();
                 let mut y2 = b.clone();
                 c.axpy(0.7, &a, &mut y1);
@@ -312,10 +330,20 @@ mod tests {
     fn shape_errors() {
         let c = Compute::new(Isa::Scalar, 1);
         let data = vec![0u8; 16];
-        let w = Weight { ty: GgmlType::F32, rows: 2, cols: 2, data: &data };
+        let w = Weight {
+            ty: GgmlType::F32,
+            rows: 2,
+            cols: 2,
+            data: &data,
+        };
         let mut out = vec![0f32; 2];
         assert!(c.matmul(w, &[0.0; 3], 1, &mut out).is_err());
-        let w = Weight { ty: GgmlType::F32, rows: 3, cols: 2, data: &data };
+        let w = Weight {
+            ty: GgmlType::F32,
+            rows: 3,
+            cols: 2,
+            data: &data,
+        };
         assert!(c.matmul(w, &[0.0; 2], 1, &mut out).is_err());
     }
 }

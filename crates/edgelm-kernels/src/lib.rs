@@ -10,3 +10,29 @@ mod x86;
 pub use compute::{Compute, KernelError, Weight};
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;
+
+/// Physical cores (hyper-threads share a core's FMA units, so more threads than cores rarely
+/// helps); falls back to the logical count where the topology is unknown.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let mut physical = "";
+    for line in info.lines() {
+        let mut kv = line.splitn(2, ':').map(str::trim);
+        match (kv.next(), kv.next()) {
+            (Some("physical id"), Some(v)) => physical = v,
+            (Some("core id"), Some(v)) => {
+                cores.insert((physical.to_owned(), v.to_owned()));
+            }
+            _ => {}
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}

@@ -92,11 +92,7 @@ impl ThreadPool {
         drain(task, n_tasks, &next);
         let mut st = lock(&self.shared.state);
         while st.busy_workers > 0 {
-            st = self
-                .shared
-                .done
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+            st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.job = None;
     }

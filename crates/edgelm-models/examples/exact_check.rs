@@ -13,21 +13,49 @@ fn main() {
     let c = Compute::new(Isa::from_env().unwrap(), 2);
     for line in std::fs::read_to_string(&a[3]).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v["model"] != a[1].as_str() { continue; }
-        let ids: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        if v["model"] != a[1].as_str() {
+            continue;
+        }
+        let ids: Vec<u32> = v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         let first = v["first"].as_u64().unwrap() as usize;
         let mut cache = KvCache::new(&model.hp, 4096, edgelm_models::MAX_CHUNK);
         let t0 = std::time::Instant::now();
-        let logits = model.forward(&c, &Batch::from_tokens(&ids[..ids.len()-1], 0, 0, true), &mut cache).unwrap();
+        let logits = model
+            .forward(
+                &c,
+                &Batch::from_tokens(&ids[..ids.len() - 1], 0, 0, true),
+                &mut cache,
+            )
+            .unwrap();
         let el = t0.elapsed();
-        let mut maxerr = 0f64; let mut bad_argmax = 0;
+        let mut maxerr = 0f64;
+        let mut bad_argmax = 0;
         for (si, step) in v["steps"].as_array().unwrap().iter().enumerate() {
             let row = logits.row(first + si);
             let top = step["top"].as_array().unwrap();
-            for e in top { let id = e[0].as_u64().unwrap() as usize; let want = e[1].as_f64().unwrap(); maxerr = maxerr.max((row[id] as f64 - want).abs()); }
-            let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
-            if am as u64 != top[0][0].as_u64().unwrap() && step["margin"].as_f64().unwrap() > 0.02 { bad_argmax += 1; }
+            for e in top {
+                let id = e[0].as_u64().unwrap() as usize;
+                let want = e[1].as_f64().unwrap();
+                maxerr = maxerr.max((row[id] as f64 - want).abs());
+            }
+            let am = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0;
+            if am as u64 != top[0][0].as_u64().unwrap() && step["margin"].as_f64().unwrap() > 0.02 {
+                bad_argmax += 1;
+            }
         }
-        println!("{} tokens in {:?}: max err {maxerr:.5}, argmax mismatches {bad_argmax}", ids.len(), el);
+        println!(
+            "{} tokens in {:?}: max err {maxerr:.5}, argmax mismatches {bad_argmax}",
+            ids.len(),
+            el
+        );
     }
 }

@@ -55,7 +55,10 @@ impl Logits {
 
     /// The row of batch position `b`, if its logits were wanted.
     pub fn for_batch_index(&self, b: usize) -> Option<&[f32]> {
-        self.batch_index.iter().position(|&x| x == b).map(|i| self.row(i))
+        self.batch_index
+            .iter()
+            .position(|&x| x == b)
+            .map(|i| self.row(i))
     }
 
     pub fn n_rows(&self) -> usize {

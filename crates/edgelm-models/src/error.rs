@@ -8,7 +8,9 @@ pub enum ModelError {
     Kernel(#[from] edgelm_kernels::KernelError),
     #[error("architecture {0:?} is not supported; edgelm runs: {list}", list = crate::SUPPORTED_ARCHITECTURES.join(", "))]
     UnknownArchitecture(String),
-    #[error("tensor {0:?} is missing from the model file; the file is incomplete or not a {1} model")]
+    #[error(
+        "tensor {0:?} is missing from the model file; the file is incomplete or not a {1} model"
+    )]
     MissingTensor(String, String),
     #[error("tensor {name:?} has shape {got:?}, expected {expected}")]
     Shape {

@@ -15,10 +15,15 @@ const SLIDING_PATTERN: usize = 6;
 const LOCAL_ROPE_BASE: f64 = 10_000.0;
 
 pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
-    let meta = Meta { file: &file, arch: "gemma3" };
+    let meta = Meta {
+        file: &file,
+        arch: "gemma3",
+    };
     let n_embd = meta.usize("embedding_length")?;
     let n_head = meta.usize("attention.head_count")?.max(1);
-    let head_dim = meta.opt_usize("attention.key_length").unwrap_or(n_embd / n_head);
+    let head_dim = meta
+        .opt_usize("attention.key_length")
+        .unwrap_or(n_embd / n_head);
     let window = meta.opt_usize("attention.sliding_window").unwrap_or(512);
     let global_base = meta.f64_or("rope.freq_base", 1_000_000.0);
     let global_scale = 1.0 / meta.f64_or("rope.scaling.factor", 1.0).max(1e-9);
@@ -34,9 +39,15 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
     };
     Transformer::load(file.clone(), "gemma3", variant, |i| {
         if (i + 1) % SLIDING_PATTERN == 0 {
-            LayerAttention { window: None, rope: global.clone() }
+            LayerAttention {
+                window: None,
+                rope: global.clone(),
+            }
         } else {
-            LayerAttention { window: Some(window), rope: local.clone() }
+            LayerAttention {
+                window: Some(window),
+                rope: local.clone(),
+            }
         }
     })
 }

@@ -43,10 +43,13 @@ impl Meta<'_> {
 
     pub fn usize(&self, k: &str) -> Result<usize> {
         let key = self.key(k);
-        self.file.get_u64(&key).map(|v| v as usize).ok_or(ModelError::Metadata {
-            key,
-            reason: "missing or not an integer".into(),
-        })
+        self.file
+            .get_u64(&key)
+            .map(|v| v as usize)
+            .ok_or(ModelError::Metadata {
+                key,
+                reason: "missing or not an integer".into(),
+            })
     }
 
     pub fn opt_usize(&self, k: &str) -> Option<usize> {

@@ -41,6 +41,7 @@ struct SeqKv {
 #[derive(Debug, Clone)]
 pub struct KvCache {
     n_ctx: usize,
+    max_batch: usize,
     template: Vec<LayerKv>,
     seqs: Vec<SeqKv>,
 }
@@ -49,6 +50,7 @@ impl KvCache {
     /// A cache for sequences of up to `n_ctx` positions. `max_batch` is the largest chunk one
     /// forward step writes per sequence (the model splits larger batches).
     pub fn new(hp: &HParams, n_ctx: usize, max_batch: usize) -> KvCache {
+        let max_batch = max_batch.max(1);
         let template = hp
             .layers
             .iter()
@@ -59,7 +61,12 @@ impl KvCache {
                 v: Vec::new(),
             })
             .collect();
-        KvCache { n_ctx, template, seqs: Vec::new() }
+        KvCache {
+            n_ctx,
+            max_batch,
+            template,
+            seqs: Vec::new(),
+        }
     }
 
     /// Bytes the cache needs at most, for planning before anything is allocated.
@@ -79,17 +86,26 @@ impl KvCache {
         self.n_ctx
     }
 
+    /// The most positions of one sequence a forward step may write (the model splits batches).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     /// Positions stored for `seq` (0 for a sequence never written).
     pub fn seq_len(&self, seq: usize) -> usize {
         self.seqs.get(seq).map_or(0, |s| s.len)
     }
 
     /// Forget positions `len..` of `seq` (rejected drafts, re-prompting). Windowed layers cannot
-    /// go back past their ring, so truncation below that clears the sequence.
+    /// go back more than `max_batch + 1` positions (older keys are overwritten in their ring), so
+    /// a deeper cut clears the sequence; callers check `seq_len` afterwards.
     pub fn truncate(&mut self, seq: usize, len: usize) {
         if let Some(s) = self.seqs.get_mut(seq) {
             if len < s.len {
-                let ring_ok = s.layers.iter().all(|l| l.ring.is_none_or(|r| s.len - len < r));
+                // A ring of window + max_batch slots holds positions s.len - ring .. s.len; the
+                // next step needs len - window + 1 .. len, so at most max_batch + 1 may be cut.
+                let cut_ok = s.len - len <= self.max_batch + 1;
+                let ring_ok = s.layers.iter().all(|l| l.ring.is_none() || cut_ok);
                 s.len = if ring_ok { len } else { 0 };
             }
         }
@@ -100,9 +116,17 @@ impl KvCache {
     }
 
     /// Check that `positions` continue `seq` contiguously and fit the context.
-    pub(crate) fn check_append(&mut self, seq: usize, first_pos: usize, count: usize) -> Result<()> {
+    pub(crate) fn check_append(
+        &mut self,
+        seq: usize,
+        first_pos: usize,
+        count: usize,
+    ) -> Result<()> {
         while self.seqs.len() <= seq {
-            self.seqs.push(SeqKv { len: 0, layers: self.template.clone() });
+            self.seqs.push(SeqKv {
+                len: 0,
+                layers: self.template.clone(),
+            });
         }
         let len = self.seqs[seq].len;
         if first_pos != len {
@@ -111,7 +135,11 @@ impl KvCache {
             )));
         }
         if first_pos + count > self.n_ctx {
-            return Err(ModelError::ContextFull { seq, needed: first_pos + count, n_ctx: self.n_ctx });
+            return Err(ModelError::ContextFull {
+                seq,
+                needed: first_pos + count,
+                n_ctx: self.n_ctx,
+            });
         }
         Ok(())
     }

@@ -29,14 +29,24 @@ pub struct Rope {
 
 impl Rope {
     /// `freq_scale` is 1/linear-scaling-factor; `factors` divide each frequency (Llama 3).
-    pub fn new(style: RopeStyle, n_rot: usize, base: f64, freq_scale: f64, factors: Option<&[f32]>) -> Rope {
+    pub fn new(
+        style: RopeStyle,
+        n_rot: usize,
+        base: f64,
+        freq_scale: f64,
+        factors: Option<&[f32]>,
+    ) -> Rope {
         let inv_freq = (0..n_rot / 2)
             .map(|i| {
                 let f = base.powf(-2.0 * i as f64 / n_rot as f64) * freq_scale;
                 f / factors.and_then(|ff| ff.get(i)).map_or(1.0, |&d| d as f64)
             })
             .collect();
-        Rope { style, n_rot, inv_freq }
+        Rope {
+            style,
+            n_rot,
+            inv_freq,
+        }
     }
 
     /// Rotate every head (`head_dim` values each) of one token's vector at position `pos`.
@@ -73,7 +83,10 @@ impl Activation {
     /// `gate ← act(gate) · up`.
     pub fn glu(self, gate: &mut [f32], up: &[f32]) {
         match self {
-            Activation::Silu => gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
+            Activation::Silu => gate
+                .iter_mut()
+                .zip(up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
             Activation::GeluTanh => {
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 gate.iter_mut().zip(up).for_each(|(g, u)| {
@@ -136,6 +149,8 @@ mod tests {
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
         r.apply(&mut x, 4, 1, &mut cs);
         // Pair (0, 2) at frequency 1.
-        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6 && x[1] == 0.0);
+        assert!(
+            (x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6 && x[1] == 0.0
+        );
     }
 }

@@ -19,7 +19,12 @@ pub struct WeightRef {
 
 impl WeightRef {
     /// Look up a 2-D tensor; `cols` (the row length) must equal `expect_cols` when given.
-    pub fn load(file: &Arc<GgufFile>, name: &str, expect_cols: Option<usize>, arch: &str) -> Result<WeightRef> {
+    pub fn load(
+        file: &Arc<GgufFile>,
+        name: &str,
+        expect_cols: Option<usize>,
+        arch: &str,
+    ) -> Result<WeightRef> {
         let info = file
             .tensor_info(name)
             .ok_or_else(|| ModelError::MissingTensor(name.into(), arch.into()))?;
@@ -44,14 +49,29 @@ impl WeightRef {
             }
         }
         if !edgelm_quant::can_dequantize(info.ty) {
-            return Err(ModelError::UnsupportedType { name: name.into(), ty: info.ty });
+            return Err(ModelError::UnsupportedType {
+                name: name.into(),
+                ty: info.ty,
+            });
         }
         let range = file.tensor_range(name).unwrap_or(0..0);
-        Ok(WeightRef { file: file.clone(), range, name: name.into(), ty: info.ty, rows, cols })
+        Ok(WeightRef {
+            file: file.clone(),
+            range,
+            name: name.into(),
+            ty: info.ty,
+            rows,
+            cols,
+        })
     }
 
     pub fn view(&self) -> Weight<'_> {
-        Weight { ty: self.ty, rows: self.rows, cols: self.cols, data: &self.file.bytes()[self.range.clone()] }
+        Weight {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.file.bytes()[self.range.clone()],
+        }
     }
 
     pub fn n_bytes(&self) -> usize {
@@ -73,11 +93,19 @@ pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Resul
         .tensor(name)
         .ok_or_else(|| ModelError::MissingTensor(name.into(), arch.into()))?;
     if t.dims() != [len as u64] {
-        return Err(ModelError::Shape { name: name.into(), got: t.dims().to_vec(), expected: format!("[{len}]") });
+        return Err(ModelError::Shape {
+            name: name.into(),
+            got: t.dims().to_vec(),
+            expected: format!("[{len}]"),
+        });
     }
     let mut out = vec![0f32; len];
-    edgelm_quant::dequantize_row(t.ty(), t.data, &mut out)
-        .map_err(|_| ModelError::UnsupportedType { name: name.into(), ty: t.ty() })?;
+    edgelm_quant::dequantize_row(t.ty(), t.data, &mut out).map_err(|_| {
+        ModelError::UnsupportedType {
+            name: name.into(),
+            ty: t.ty(),
+        }
+    })?;
     Ok(out)
 }
 
@@ -88,7 +116,12 @@ pub struct Linear {
 
 impl Linear {
     /// `{prefix}.weight` with input width `in_features`, and `{prefix}.bias` if the file has it.
-    pub fn load(file: &Arc<GgufFile>, prefix: &str, in_features: usize, arch: &str) -> Result<Linear> {
+    pub fn load(
+        file: &Arc<GgufFile>,
+        prefix: &str,
+        in_features: usize,
+        arch: &str,
+    ) -> Result<Linear> {
         let weight = WeightRef::load(file, &format!("{prefix}.weight"), Some(in_features), arch)?;
         let bias_name = format!("{prefix}.bias");
         let bias = match file.tensor_info(&bias_name) {

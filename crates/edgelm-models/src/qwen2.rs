@@ -9,10 +9,15 @@ use edgelm_gguf::GgufFile;
 use std::sync::Arc;
 
 pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
-    let meta = Meta { file: &file, arch: "qwen2" };
+    let meta = Meta {
+        file: &file,
+        arch: "qwen2",
+    };
     let n_embd = meta.usize("embedding_length")?;
     let n_head = meta.usize("attention.head_count")?.max(1);
-    let n_rot = meta.opt_usize("rope.dimension_count").unwrap_or(n_embd / n_head);
+    let n_rot = meta
+        .opt_usize("rope.dimension_count")
+        .unwrap_or(n_embd / n_head);
     let base = meta.f64_or("rope.freq_base", 1_000_000.0);
     let freq_scale = 1.0 / meta.f64_or("rope.scaling.factor", 1.0).max(1e-9);
     let rope = Rope::new(RopeStyle::Neox, n_rot, base, freq_scale, None);
@@ -24,5 +29,8 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
         embed_scale: None,
         attn_scale: None,
     };
-    Transformer::load(file.clone(), "qwen2", variant, |_| LayerAttention { window: None, rope: rope.clone() })
+    Transformer::load(file.clone(), "qwen2", variant, |_| LayerAttention {
+        window: None,
+        rope: rope.clone(),
+    })
 }

@@ -72,15 +72,22 @@ impl Transformer {
         let n_layer = meta.usize("block_count")?;
         let n_embd = meta.usize("embedding_length")?;
         let n_head0 = meta.usize("attention.head_count")?;
-        let head_dim = meta.opt_usize("attention.key_length").unwrap_or(n_embd / n_head0.max(1));
+        let head_dim = meta
+            .opt_usize("attention.key_length")
+            .unwrap_or(n_embd / n_head0.max(1));
         if head_dim == 0 {
-            return Err(ModelError::Metadata { key: meta.key("attention.key_length"), reason: "head size 0".into() });
+            return Err(ModelError::Metadata {
+                key: meta.key("attention.key_length"),
+                reason: "head size 0".into(),
+            });
         }
         if let Some(v) = meta.opt_usize("attention.value_length") {
             if v != head_dim {
                 return Err(ModelError::Metadata {
                     key: meta.key("attention.value_length"),
-                    reason: format!("{v} differs from key length {head_dim}, which edgelm does not support"),
+                    reason: format!(
+                        "{v} differs from key length {head_dim}, which edgelm does not support"
+                    ),
                 });
             }
         }
@@ -89,7 +96,10 @@ impl Transformer {
         let n_vocab = tok_embd.rows;
         let output = match file.tensor_info("output.weight") {
             Some(_) => Linear::load(&file, "output", n_embd, arch)?,
-            None => Linear { weight: tok_embd.clone(), bias: None },
+            None => Linear {
+                weight: tok_embd.clone(),
+                bias: None,
+            },
         };
         if output.out_features() != n_vocab {
             return Err(ModelError::Shape {
@@ -137,7 +147,11 @@ impl Transformer {
             let n_ff = gate.out_features();
             let up = lin("ffn_up", n_embd)?;
             let down = lin("ffn_down", n_ff)?;
-            for (l, want, name) in [(&wo, n_embd, "attn_output"), (&up, n_ff, "ffn_up"), (&down, n_embd, "ffn_down")] {
+            for (l, want, name) in [
+                (&wo, n_embd, "attn_output"),
+                (&up, n_ff, "ffn_up"),
+                (&down, n_embd, "ffn_down"),
+            ] {
                 if l.out_features() != want {
                     return Err(ModelError::Shape {
                         name: p(&format!("{name}.weight")),
@@ -147,17 +161,32 @@ impl Transformer {
                 }
             }
             let (q_norm, k_norm) = if variant.qk_norm {
-                (Some(vec("attn_q_norm.weight", head_dim)?), Some(vec("attn_k_norm.weight", head_dim)?))
+                (
+                    Some(vec("attn_q_norm.weight", head_dim)?),
+                    Some(vec("attn_k_norm.weight", head_dim)?),
+                )
             } else {
                 (None, None)
             };
             let (post_attn_norm, post_ffn_norm) = if variant.post_norms {
-                (Some(vec("post_attention_norm.weight", n_embd)?), Some(vec("post_ffw_norm.weight", n_embd)?))
+                (
+                    Some(vec("post_attention_norm.weight", n_embd)?),
+                    Some(vec("post_ffw_norm.weight", n_embd)?),
+                )
             } else {
-                (opt_vec("post_attention_norm.weight", n_embd)?, opt_vec("post_ffw_norm.weight", n_embd)?)
+                (
+                    opt_vec("post_attention_norm.weight", n_embd)?,
+                    opt_vec("post_ffw_norm.weight", n_embd)?,
+                )
             };
             let att = layer_attention(i);
-            layers.push(LayerShape { n_head, n_head_kv, n_ff, window: att.window, rope: att.rope });
+            layers.push(LayerShape {
+                n_head,
+                n_head_kv,
+                n_ff,
+                window: att.window,
+                rope: att.rope,
+            });
             blocks.push(Block {
                 attn_norm: vec("attn_norm.weight", n_embd)?,
                 wq,
@@ -186,7 +215,15 @@ impl Transformer {
             attn_scale: variant.attn_scale.unwrap_or(1.0 / (head_dim as f32).sqrt()),
             layers,
         };
-        Ok(Transformer { hp, variant, tok_embd, blocks, output_norm, output, file })
+        Ok(Transformer {
+            hp,
+            variant,
+            tok_embd,
+            blocks,
+            output_norm,
+            output,
+            file,
+        })
     }
 
     pub fn file(&self) -> &Arc<GgufFile> {
@@ -212,10 +249,19 @@ impl Transformer {
     pub fn forward(&self, c: &Compute, batch: &Batch, cache: &mut KvCache) -> Result<Logits> {
         let n = batch.len();
         if batch.positions.len() != n || batch.seqs.len() != n || batch.want_logits.len() != n {
-            return Err(ModelError::Batch("tokens, positions, sequences and logit flags differ in length".into()));
+            return Err(ModelError::Batch(
+                "tokens, positions, sequences and logit flags differ in length".into(),
+            ));
         }
-        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= self.hp.n_vocab) {
-            return Err(ModelError::Batch(format!("token id {t} is outside the vocabulary of {}", self.hp.n_vocab)));
+        if let Some(&t) = batch
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.hp.n_vocab)
+        {
+            return Err(ModelError::Batch(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.hp.n_vocab
+            )));
         }
         // Validate every sequence's run before touching the cache.
         let mut next: Vec<(usize, usize, usize)> = Vec::new(); // (seq, first pos, count)
@@ -235,10 +281,17 @@ impl Transformer {
         for &(s, p, count) in &next {
             cache.check_append(s, p, count)?;
         }
-        let mut logits = Logits { batch_index: Vec::new(), n_vocab: self.hp.n_vocab, data: Vec::new() };
+        let mut logits = Logits {
+            batch_index: Vec::new(),
+            n_vocab: self.hp.n_vocab,
+            data: Vec::new(),
+        };
+        // Chunks no longer than the cache's max_batch, or windowed rings would overwrite keys
+        // the chunk still needs.
+        let chunk = MAX_CHUNK.min(cache.max_batch());
         let mut start = 0;
         while start < n {
-            let end = (start + MAX_CHUNK).min(n);
+            let end = (start + chunk).min(n);
             self.forward_chunk(c, batch, start..end, cache, &mut logits)?;
             start = end;
         }
@@ -263,7 +316,8 @@ impl Transformer {
 
         let mut x = vec![0f32; n * d];
         for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd.row(tok as usize, &mut x[t * d..(t + 1) * d])?;
+            self.tok_embd
+                .row(tok as usize, &mut x[t * d..(t + 1) * d])?;
         }
         if let Some(s) = self.variant.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
@@ -287,9 +341,25 @@ impl Transformer {
                 rms_norm(&mut k, kn, hp.rms_eps);
             }
             for t in 0..n {
-                shape.rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], hd, positions[t], &mut cos_sin);
-                shape.rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, positions[t], &mut cos_sin);
-                cache.write(seqs[t], li, positions[t], &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
+                shape.rope.apply(
+                    &mut q[t * q_dim..(t + 1) * q_dim],
+                    hd,
+                    positions[t],
+                    &mut cos_sin,
+                );
+                shape.rope.apply(
+                    &mut k[t * kv_dim..(t + 1) * kv_dim],
+                    hd,
+                    positions[t],
+                    &mut cos_sin,
+                );
+                cache.write(
+                    seqs[t],
+                    li,
+                    positions[t],
+                    &k[t * kv_dim..(t + 1) * kv_dim],
+                    &v[t * kv_dim..(t + 1) * kv_dim],
+                );
             }
 
             let mut att = vec![0f32; n * q_dim];
@@ -320,7 +390,9 @@ impl Transformer {
         }
 
         // Final norm and output head only for the rows that want logits.
-        let wanted: Vec<usize> = (0..n).filter(|&t| batch.want_logits[range.start + t]).collect();
+        let wanted: Vec<usize> = (0..n)
+            .filter(|&t| batch.want_logits[range.start + t])
+            .collect();
         if wanted.is_empty() {
             return Ok(());
         }
@@ -331,8 +403,11 @@ impl Transformer {
         rms_norm(&mut xs, &self.output_norm, hp.rms_eps);
         let at = logits.data.len();
         logits.data.resize(at + wanted.len() * hp.n_vocab, 0.0);
-        self.output.forward(c, &xs, wanted.len(), &mut logits.data[at..])?;
-        logits.batch_index.extend(wanted.iter().map(|t| range.start + t));
+        self.output
+            .forward(c, &xs, wanted.len(), &mut logits.data[at..])?;
+        logits
+            .batch_index
+            .extend(wanted.iter().map(|t| range.start + t));
         Ok(())
     }
 
@@ -363,7 +438,9 @@ impl Transformer {
             let cols = kv_h * hd..(kv_h + 1) * hd;
             let qh = &q[(t * n_head + head) * hd..(t * n_head + head + 1) * hd];
             // SAFETY: each task owns the disjoint slice (t, head) of `out`; `run` joins before return.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((t * n_head + head) * hd), hd) };
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add((t * n_head + head) * hd), hd)
+            };
             let mut scores = Vec::with_capacity(pos + 1 - first);
             attend(
                 c,

@@ -5,7 +5,8 @@
 //! arrays so SIMD kernels can be tested against them. [`int_dot`] holds the integer reference
 //! dot products of weight blocks with quantized activations, as llama.cpp computes them.
 
-#![allow(clippy::needless_range_loop)] // index loops mirror the packed layouts
+// Index loops mirror the packed layouts; `!(a > b)` is deliberate so NaN takes the safe branch.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
 pub mod float;
 pub mod int_dot;
@@ -18,8 +19,8 @@ pub mod q8_0;
 pub mod q8_1;
 
 pub use edgelm_gguf::GgmlType;
-pub use k_quants::{q2_k, q3_k, q4_k, q5_k, q6_k, q8_k};
 use float::{bf16, fp16, fp32};
+pub use k_quants::{q2_k, q3_k, q4_k, q5_k, q6_k, q8_k};
 
 #[cfg(test)]
 mod tests;
@@ -29,7 +30,11 @@ pub enum QuantError {
     #[error("{op} is not supported for type {ty}")]
     Unsupported { ty: GgmlType, op: &'static str },
     #[error("{ty}: {n} elements is not a whole number of blocks of {block}")]
-    PartialBlock { ty: GgmlType, n: usize, block: usize },
+    PartialBlock {
+        ty: GgmlType,
+        n: usize,
+        block: usize,
+    },
     #[error("{ty}: {what} is {got} bytes, expected {expected}")]
     ByteLength {
         ty: GgmlType,
@@ -52,12 +57,7 @@ pub fn row_bytes(ty: GgmlType, n: usize) -> Result<usize, QuantError> {
         .ok_or(QuantError::TooLarge { ty, n })
 }
 
-fn check_bytes(
-    ty: GgmlType,
-    what: &'static str,
-    n: usize,
-    got: usize,
-) -> Result<(), QuantError> {
+fn check_bytes(ty: GgmlType, what: &'static str, n: usize, got: usize) -> Result<(), QuantError> {
     let expected = row_bytes(ty, n)?;
     if expected != got {
         return Err(QuantError::ByteLength {

@@ -50,7 +50,7 @@ mod tests {
     fn hand_block_high_bits() {
         let mut b = [0u8; BLOCK_BYTES];
         b[0..2].copy_from_slice(&0x3C00u16.to_le_bytes()); // d = 1
-        // qh bits: 0 (elem 0), 15 (elem 15), 16 (elem 16), 31 (elem 31)
+                                                           // qh bits: 0 (elem 0), 15 (elem 15), 16 (elem 16), 31 (elem 31)
         b[2..6].copy_from_slice(&0x8001_8001u32.to_le_bytes());
         b[6] = 0x2F; // elem 0 low nibble 15, elem 16 low nibble 2
         b[6 + 15] = 0x0F; // elem 15 low nibble 15, elem 31 low nibble 0

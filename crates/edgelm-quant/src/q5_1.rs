@@ -50,7 +50,7 @@ mod tests {
         let mut b = [0u8; BLOCK_BYTES];
         b[0..2].copy_from_slice(&0x3800u16.to_le_bytes()); // d = 0.5
         b[2..4].copy_from_slice(&0x4200u16.to_le_bytes()); // m = 3
-        // qh bit 3 (elem 3) and bit 19 (elem 19) set; byte order little-endian
+                                                           // qh bit 3 (elem 3) and bit 19 (elem 19) set; byte order little-endian
         b[4..8].copy_from_slice(&[0x08, 0x00, 0x08, 0x00]);
         b[8 + 3] = 0xA5; // elem 3 low 5 -> 21, elem 19 low 10 -> 26
         b[8 + 4] = 0xFF; // elems 4, 20: 15 (no high bit)

@@ -179,17 +179,56 @@ pub(crate) fn quantize_asym<const NSUB: usize>(
     for j in 0..NSUB {
         out.sc[j] = code(scales[j], max_s);
         out.mn[j] = code(mins[j], max_m);
-        // Levels against the scales as they will be decoded.
-        let de = out.d * out.sc[j] as f32;
-        let dm = out.dmin * out.mn[j] as f32;
-        for i in j * sub..(j + 1) * sub {
-            out.q[i] = if de > 0.0 {
-                nearest_int((x[i] + dm) / de).clamp(0, nmax) as u8
+    }
+    let levels = |d: f32, dmin: f32, q: &mut [u8; QK_K]| {
+        // Levels against the scales as they will be decoded; returns the squared error.
+        let mut err = 0f32;
+        for (i, (qi, &xi)) in q.iter_mut().zip(x).enumerate() {
+            let j = i / sub;
+            let de = d * out.sc[j] as f32;
+            let dm = dmin * out.mn[j] as f32;
+            *qi = if de > 0.0 {
+                nearest_int((xi + dm) / de).clamp(0, nmax) as u8
             } else {
                 0
             };
+            let e = de * *qi as f32 - dm - xi;
+            err += e * e;
         }
+        err
+    };
+    let mut q = [0u8; QK_K];
+    let mut err = levels(out.d, out.dmin, &mut q);
+    // Refit d and dmin by least squares for the chosen codes and levels, keeping the result
+    // only while it lowers the error: the codes were rounded from per-sub-block fits.
+    for _ in 0..2 {
+        let (mut aa, mut ab, mut bb, mut xa, mut xb) = (0f32, 0f32, 0f32, 0f32, 0f32);
+        for (i, (&qi, &xi)) in q.iter().zip(x).enumerate() {
+            let a = out.sc[i / sub] as f32 * qi as f32;
+            let b = -(out.mn[i / sub] as f32);
+            aa += a * a;
+            ab += a * b;
+            bb += b * b;
+            xa += xi * a;
+            xb += xi * b;
+        }
+        let det = aa * bb - ab * ab;
+        if !(det > 0.0) {
+            break;
+        }
+        let d = f16r((xa * bb - xb * ab) / det);
+        let dmin = f16r((aa * xb - ab * xa) / det);
+        if !(d > 0.0 && dmin >= 0.0) {
+            break;
+        }
+        let mut q2 = [0u8; QK_K];
+        let e2 = levels(d, dmin, &mut q2);
+        if !(e2 < err) {
+            break;
+        }
+        (out.d, out.dmin, q, err) = (d, dmin, q2, e2);
     }
+    out.q = q;
     out
 }
 
@@ -225,15 +264,44 @@ pub(crate) fn quantize_sym(x: &[f32; QK_K], nmax: i32, smax: i32) -> SymBlock {
     out.d = f16r(1.0 / iscale);
     for j in 0..16 {
         out.sc[j] = nearest_int(iscale * scales[j]).clamp(-smax - 1, smax) as i8;
-        let de = out.d * out.sc[j] as f32;
-        for i in j * 16..(j + 1) * 16 {
-            out.q[i] = if de != 0.0 {
-                nearest_int(x[i] / de).clamp(-nmax, nmax - 1) as i8
+    }
+    let sc = out.sc;
+    let levels = |d: f32, q: &mut [i8; QK_K]| {
+        let mut err = 0f32;
+        for (i, (qi, &xi)) in q.iter_mut().zip(x).enumerate() {
+            let de = d * sc[i / 16] as f32;
+            *qi = if de != 0.0 {
+                nearest_int(xi / de).clamp(-nmax, nmax - 1) as i8
             } else {
                 0
             };
+            let e = de * *qi as f32 - xi;
+            err += e * e;
         }
+        err
+    };
+    let mut q = [0i8; QK_K];
+    let mut err = levels(out.d, &mut q);
+    // Least-squares refit of d for the chosen codes and levels, kept while it helps.
+    for _ in 0..2 {
+        let (mut aa, mut xa) = (0f32, 0f32);
+        for (i, (&qi, &xi)) in q.iter().zip(x).enumerate() {
+            let a = sc[i / 16] as f32 * qi as f32;
+            aa += a * a;
+            xa += xi * a;
+        }
+        if !(aa > 0.0) {
+            break;
+        }
+        let d = f16r(xa / aa);
+        let mut q2 = [0i8; QK_K];
+        let e2 = levels(d, &mut q2);
+        if !(e2 < err) {
+            break;
+        }
+        (out.d, q, err) = (d, q2, e2);
     }
+    out.q = q;
     out
 }
 

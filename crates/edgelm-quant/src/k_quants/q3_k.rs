@@ -92,7 +92,7 @@ mod tests {
     fn hand_block() {
         let mut b = [0u8; BLOCK_BYTES];
         b[108..110].copy_from_slice(&0x3800u16.to_le_bytes()); // d = 0.5
-        // scale 2 = code 1 (low nibble in byte 2, top bits in byte 10 bits 0-1 = 0)
+                                                               // scale 2 = code 1 (low nibble in byte 2, top bits in byte 10 bits 0-1 = 0)
         b[SCALES + 2] = 0x01;
         // scale 13 = code 0b11_0111: low nibble in high half of byte 5, top bits at 6-7 of byte 9
         b[SCALES + 5] = 0x70;

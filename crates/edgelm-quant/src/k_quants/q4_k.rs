@@ -1,7 +1,7 @@
 //! Q4_K: 8 sub-blocks of 32; `x = d * sc * q - dmin * m` with 4-bit `q` and 6-bit `sc`, `m`.
 //!
 //! Layout: f16 `d` at 0, f16 `dmin` at 2, `scales[12]` at 4 (see
-//! [`get_scale_min_k4`](super::get_scale_min_k4)), `qs[128]` at 16. Each 64-element chunk `c`
+//! [`super::get_scale_min_k4`]), `qs[128]` at 16. Each 64-element chunk `c`
 //! uses bytes `32c..32c+32`: the first 32 elements are the low nibbles (sub-block `2c`), the
 //! next 32 the high nibbles (sub-block `2c + 1`).
 

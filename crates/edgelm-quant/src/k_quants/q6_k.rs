@@ -69,7 +69,7 @@ mod tests {
         // elem 160 = h 1, k 1, l 0: ql[64 + 32] low, qh[32] bits 2-3, sub 10 (scale 2)
         b[96] = 0x05;
         b[QH + 32] = 0b0000_1000; // top bits 2 -> q = 32 + 5 = 37 -> 5
-        // elem 255 = h 1, k 3, l 31: ql[64 + 32 + 31] high, qh[63] bits 6-7, sub 15 (scale 7)
+                                  // elem 255 = h 1, k 3, l 31: ql[64 + 32 + 31] high, qh[63] bits 6-7, sub 15 (scale 7)
         b[127] = 0x00;
         b[QH + 63] = 0; // q = 0 -> -32
         let mut y = [0f32; 256];

@@ -1,0 +1,534 @@
+//! Tiny random Llama, Qwen2 and Gemma 3 models, written with edgelm's GGUF writer and loaded
+//! with `edgelm_models::load`, against the independent f64 reference in `common`: one batch,
+//! prefill then single tokens, two interleaved sequences, sliding-window rings, truncation,
+//! quantized weights, and the errors of bad files and bad batches.
+
+mod common;
+
+use common::{reference_logits, Arch, Flaw, Rng, Spec, TinyModel};
+use edgelm_gguf::{GgmlType, Value};
+use edgelm_kernels::{Compute, Isa};
+use edgelm_models::{Batch, KvCache, Model, ModelError, MAX_CHUNK};
+
+/// Absolute tolerance on logits of magnitude ~1 (f32 forward against the f64 reference).
+const TOL: f64 = 1e-4;
+/// Longer than Gemma's window of 5, so local layers drop keys.
+const SEQ_LEN: usize = 12;
+
+/// One compute context per instruction set this CPU runs, with 2 threads to exercise the pool.
+fn computes() -> Vec<Compute> {
+    Isa::available()
+        .into_iter()
+        .map(|isa| Compute::new(isa, 2))
+        .collect()
+}
+
+fn load(m: &TinyModel) -> Model {
+    match m.load() {
+        Ok(model) => model,
+        Err(e) => panic!("loading tiny {}: {e}", m.spec.arch.name()),
+    }
+}
+
+fn load_err(m: &TinyModel) -> ModelError {
+    match m.load() {
+        Ok(_) => panic!("tiny {} loaded but should not have", m.spec.arch.name()),
+        Err(e) => e,
+    }
+}
+
+/// Largest |got - want| / max(1, |want|) over all rows; panics on a row count mismatch.
+fn max_err(got: &[Vec<f32>], want: &[Vec<f64>]) -> f64 {
+    assert_eq!(got.len(), want.len(), "number of logit rows");
+    let mut worst = 0f64;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len(), "vocabulary size");
+        for (&g, &w) in g.iter().zip(w) {
+            worst = worst.max((g as f64 - w).abs() / w.abs().max(1.0));
+        }
+    }
+    worst
+}
+
+#[track_caller]
+fn assert_close(got: &[Vec<f32>], want: &[Vec<f64>], what: &str) {
+    let err = max_err(got, want);
+    assert!(
+        err <= TOL,
+        "{what}: logits differ from the reference by {err:.3e} (tolerance {TOL:.0e})"
+    );
+}
+
+/// Logits of all positions of one sequence, fed as a single batch.
+fn one_batch(model: &Model, c: &Compute, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let logits = model
+        .forward(c, &Batch::from_tokens(tokens, 0, 0, true), cache)
+        .unwrap();
+    assert_eq!(logits.batch_index, (0..tokens.len()).collect::<Vec<_>>());
+    (0..tokens.len()).map(|i| logits.row(i).to_vec()).collect()
+}
+
+/// Logits of all positions: `tokens[from..]` fed to `seq` in steps of `step` tokens.
+fn in_steps(
+    model: &Model,
+    c: &Compute,
+    cache: &mut KvCache,
+    seq: usize,
+    tokens: &[u32],
+    from: usize,
+    step: usize,
+) -> Vec<Vec<f32>> {
+    let mut rows = Vec::new();
+    for start in (from..tokens.len()).step_by(step) {
+        let end = (start + step).min(tokens.len());
+        let logits = model
+            .forward(
+                c,
+                &Batch::from_tokens(&tokens[start..end], start, seq, true),
+                cache,
+            )
+            .unwrap();
+        rows.extend((0..end - start).map(|i| logits.row(i).to_vec()));
+        assert_eq!(cache.seq_len(seq), end);
+    }
+    rows
+}
+
+/// The three ways of running a model the brief names, each against the reference.
+fn check_against_reference(arch: Arch) {
+    let spec = Spec::tiny(arch);
+    let m = TinyModel::random(&spec, 1 + arch as u64);
+    let model = load(&m);
+    let mut rng = Rng::new(99);
+    let a = rng.tokens(SEQ_LEN, spec.n_vocab);
+    let b = rng.tokens(SEQ_LEN - 3, spec.n_vocab);
+    let (ref_a, ref_b) = (
+        reference_logits(&m, &a, Flaw::None),
+        reference_logits(&m, &b, Flaw::None),
+    );
+    let name = arch.name();
+
+    for c in computes() {
+        let isa = c.isa();
+        let new_cache = || KvCache::new(&model.hp, 32, MAX_CHUNK);
+
+        // (a) The whole sequence as one batch.
+        let got = one_batch(&model, &c, &mut new_cache(), &a);
+        assert_close(&got, &ref_a, &format!("{name} {isa}: one batch"));
+
+        // (b) Prefill of 5, then one token at a time.
+        let mut cache = new_cache();
+        let mut got = in_steps(&model, &c, &mut cache, 0, &a[..5], 0, 5);
+        got.extend(in_steps(&model, &c, &mut cache, 0, &a, 5, 1));
+        assert_close(
+            &got,
+            &ref_a,
+            &format!("{name} {isa}: prefill then single tokens"),
+        );
+
+        // (c) Two sequences interleaved in one batch (b is shorter, so a ends alone); only
+        // every other position of b asks for logits, to check the row bookkeeping.
+        let mut batch = Batch::new();
+        for i in 0..SEQ_LEN {
+            batch.push(a[i], i, 0, true);
+            if i < b.len() {
+                batch.push(b[i], i, 1, i % 2 == 0);
+            }
+        }
+        let mut cache = new_cache();
+        let logits = model.forward(&c, &batch, &mut cache).unwrap();
+        let rows_of = |seq: usize| -> Vec<Vec<f32>> {
+            (0..batch.len())
+                .filter(|&i| batch.seqs[i] == seq)
+                .filter_map(|i| logits.for_batch_index(i).map(<[f32]>::to_vec))
+                .collect()
+        };
+        assert_close(
+            &rows_of(0),
+            &ref_a,
+            &format!("{name} {isa}: sequence 0 of two"),
+        );
+        let ref_b_even: Vec<Vec<f64>> = ref_b.iter().step_by(2).cloned().collect();
+        assert_close(
+            &rows_of(1),
+            &ref_b_even,
+            &format!("{name} {isa}: sequence 1 of two"),
+        );
+        assert_eq!((cache.seq_len(0), cache.seq_len(1)), (a.len(), b.len()));
+    }
+}
+
+#[test]
+fn llama_matches_reference() {
+    check_against_reference(Arch::Llama);
+}
+
+#[test]
+fn qwen2_matches_reference() {
+    check_against_reference(Arch::Qwen2);
+}
+
+#[test]
+fn gemma3_matches_reference() {
+    check_against_reference(Arch::Gemma3);
+}
+
+/// The comparison must be sharp enough to catch a plausible mistake: the reference with each
+/// flaw must differ from the crate by far more than the tolerance.
+#[test]
+fn comparison_catches_plausible_mistakes() {
+    for arch in Arch::ALL {
+        let m = TinyModel::random(&Spec::tiny(arch), 1 + arch as u64);
+        let model = load(&m);
+        let c = Compute::new(Isa::Scalar, 1);
+        let tokens = Rng::new(5).tokens(SEQ_LEN, m.spec.n_vocab);
+        let got = one_batch(
+            &model,
+            &c,
+            &mut KvCache::new(&model.hp, 32, MAX_CHUNK),
+            &tokens,
+        );
+        let mut flaws = vec![Flaw::SwappedRopePairs, Flaw::InterleavedGqa];
+        if arch == Arch::Gemma3 {
+            flaws.extend([Flaw::NoSlidingWindow, Flaw::FileRopeBaseEverywhere]);
+        }
+        for flaw in flaws {
+            let err = max_err(&got, &reference_logits(&m, &tokens, flaw));
+            assert!(
+                err > 100.0 * TOL,
+                "{}: a reference with {flaw:?} differs by only {err:.3e}",
+                arch.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn gemma3_every_sixth_layer_is_global() {
+    let model = load(&TinyModel::random(&Spec::tiny(Arch::Gemma3), 3));
+    let windows: Vec<Option<usize>> = model.hp.layers.iter().map(|l| l.window).collect();
+    assert_eq!(windows, [Some(5), Some(5), Some(5), Some(5), Some(5), None]);
+    assert_eq!(model.hp.head_dim, 16);
+}
+
+/// With n_ctx larger than window + max_batch, Gemma's local layers keep a ring of slots; feeding
+/// a sequence several times longer than the ring, in steps up to max_batch, must not change
+/// the logits.
+#[test]
+fn gemma3_sliding_window_ring_matches_reference() {
+    let m = TinyModel::random(&Spec::tiny(Arch::Gemma3), 4);
+    let model = load(&m);
+    let tokens = Rng::new(6).tokens(3 * SEQ_LEN, m.spec.n_vocab);
+    let want = reference_logits(&m, &tokens, Flaw::None);
+    let c = Compute::new(Isa::detect(), 2);
+    for max_batch in [1, 3, 4] {
+        let mut cache = KvCache::new(&model.hp, 64, max_batch);
+        let got = in_steps(&model, &c, &mut cache, 0, &tokens, 0, max_batch);
+        assert_close(
+            &got,
+            &want,
+            &format!("ring of window + {max_batch}, steps of {max_batch}"),
+        );
+    }
+}
+
+/// A batch longer than the cache's `max_batch` must still be right (the model has to split it).
+#[test]
+fn batch_longer_than_cache_max_batch_matches_reference() {
+    for arch in Arch::ALL {
+        let m = TinyModel::random(&Spec::tiny(arch), 8);
+        let model = load(&m);
+        let tokens = Rng::new(9).tokens(2 * SEQ_LEN, m.spec.n_vocab);
+        let c = Compute::new(Isa::detect(), 2);
+        let got = one_batch(&model, &c, &mut KvCache::new(&model.hp, 64, 4), &tokens);
+        assert_close(
+            &got,
+            &reference_logits(&m, &tokens, Flaw::None),
+            &format!("{} batch of 24, max_batch 4", arch.name()),
+        );
+    }
+}
+
+/// Truncating a sequence (rejected draft tokens) and feeding other tokens must give the logits
+/// of the new sequence, whether the cache kept the prefix or had to clear the sequence.
+#[test]
+fn truncate_then_continue_matches_reference() {
+    for arch in [Arch::Llama, Arch::Gemma3] {
+        let m = TinyModel::random(&Spec::tiny(arch), 10);
+        let model = load(&m);
+        let c = Compute::new(Isa::detect(), 2);
+        let mut rng = Rng::new(11);
+        let first = rng.tokens(16, m.spec.n_vocab);
+        for max_batch in [1, 2] {
+            for cut in 1..=9 {
+                let keep = first.len() - cut;
+                let mut cache = KvCache::new(&model.hp, 64, max_batch);
+                in_steps(&model, &c, &mut cache, 0, &first, 0, max_batch);
+                cache.truncate(0, keep);
+                let held = cache.seq_len(0);
+                assert!(
+                    held == keep || held == 0,
+                    "truncate to {keep} left {held} positions"
+                );
+                // Continue with different tokens after the kept prefix.
+                let mut tokens = first[..keep].to_vec();
+                tokens.extend(rng.tokens(4, m.spec.n_vocab));
+                let got = in_steps(&model, &c, &mut cache, 0, &tokens, held, max_batch);
+                let want = reference_logits(&m, &tokens, Flaw::None);
+                let what = format!(
+                    "{} max_batch {max_batch}: cut {cut} of 16, kept {held}",
+                    arch.name()
+                );
+                assert_close(&got, &want[held..], &what);
+            }
+        }
+    }
+}
+
+/// Quantized weights: the reference uses the dequantized values the file holds, so the only
+/// differences left are f32 rounding.
+#[test]
+fn quantized_weights_match_reference() {
+    let ty_of = |name: &str| match name {
+        "token_embd.weight" => GgmlType::Q8_0,
+        "output.weight" => GgmlType::Q6_K,
+        _ if name.ends_with("attn_q.weight") || name.ends_with("ffn_gate.weight") => GgmlType::Q4_K,
+        _ if name.ends_with("attn_k.weight") || name.ends_with("ffn_down.weight") => GgmlType::Q6_K,
+        _ if name.ends_with("attn_v.weight") => GgmlType::F16,
+        _ => GgmlType::Q8_0,
+    };
+    for arch in Arch::ALL {
+        let m = TinyModel::random_typed(&Spec::k_quantizable(arch), 12, ty_of);
+        assert_eq!(m.get("blk.1.ffn_down.weight").ty, GgmlType::Q6_K);
+        let model = load(&m);
+        let tokens = Rng::new(13).tokens(SEQ_LEN, m.spec.n_vocab);
+        let want = reference_logits(&m, &tokens, Flaw::None);
+        for c in computes() {
+            let what = format!("quantized {} {}", arch.name(), c.isa());
+            let got = one_batch(
+                &model,
+                &c,
+                &mut KvCache::new(&model.hp, 32, MAX_CHUNK),
+                &tokens,
+            );
+            assert_close(&got, &want, &format!("{what}: one batch"));
+            let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK);
+            let mut got = in_steps(&model, &c, &mut cache, 0, &tokens[..5], 0, 5);
+            got.extend(in_steps(&model, &c, &mut cache, 0, &tokens, 5, 1));
+            assert_close(&got, &want, &format!("{what}: prefill then single tokens"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors: each names what is wrong.
+
+#[test]
+fn unknown_architecture_lists_supported_ones() {
+    let mut m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
+    m.set_meta("general.architecture", Value::String("mamba".into()));
+    let e = load_err(&m);
+    assert!(
+        matches!(&e, ModelError::UnknownArchitecture(a) if a == "mamba"),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    for name in ["mamba", "llama", "qwen2", "gemma3"] {
+        assert!(msg.contains(name), "{msg:?} should name {name}");
+    }
+}
+
+#[test]
+fn missing_metadata_key_is_named() {
+    let mut m = TinyModel::random(&Spec::tiny(Arch::Qwen2), 1);
+    m.remove_meta("qwen2.embedding_length");
+    let e = load_err(&m);
+    assert!(
+        matches!(&e, ModelError::Metadata { key, .. } if key == "qwen2.embedding_length"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("qwen2.embedding_length"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    for (arch, name) in [
+        (Arch::Llama, "blk.1.ffn_up.weight"),
+        (Arch::Llama, "output_norm.weight"),
+        (Arch::Qwen2, "token_embd.weight"),
+        (Arch::Gemma3, "blk.5.attn_k_norm.weight"),
+        (Arch::Gemma3, "blk.0.post_ffw_norm.weight"),
+    ] {
+        let mut m = TinyModel::random(&Spec::tiny(arch), 1);
+        m.remove_tensor(name);
+        let e = load_err(&m);
+        assert!(
+            matches!(&e, ModelError::MissingTensor(t, a) if t == name && a == arch.name()),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(name), "{e}");
+    }
+}
+
+#[test]
+fn wrong_tensor_shape_is_named() {
+    // Llama tiny: d 32, 4 heads × 8, 2 kv heads, ffn 64, vocab 64.
+    for (name, dims) in [
+        ("blk.0.attn_k.weight", vec![24, 16]), // rows of 24, not n_embd
+        ("blk.1.attn_k.weight", vec![32, 12]), // 12 outputs: not whole heads of 8
+        ("blk.0.attn_v.weight", vec![32, 8]),  // fewer values than keys
+        ("blk.1.ffn_down.weight", vec![64, 40]), // 40 outputs, not n_embd
+        ("blk.0.ffn_up.weight", vec![32, 48]), // not the gate's width
+        ("blk.0.attn_norm.weight", vec![31]),  // norm of the wrong length
+        ("token_embd.weight", vec![16, 64]),   // rows of 16, not n_embd
+        ("blk.0.attn_output.weight", vec![32, 16, 2]), // not a matrix
+    ] {
+        let mut m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
+        m.reshape_tensor(name, &dims);
+        let e = load_err(&m);
+        assert!(
+            matches!(&e, ModelError::Shape { name: n, .. } if n == name),
+            "{name} {dims:?}: {e:?}"
+        );
+        assert!(e.to_string().contains(name), "{e}");
+    }
+    // An output head whose rows are not the vocabulary.
+    let mut m = TinyModel::random(&Spec::tiny(Arch::Qwen2), 1);
+    m.reshape_tensor("output.weight", &[64, 95]);
+    let e = load_err(&m);
+    assert!(
+        matches!(&e, ModelError::Shape { name, .. } if name == "output.weight"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn token_outside_vocabulary_is_rejected() {
+    let m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
+    let model = load(&m);
+    let c = Compute::new(Isa::detect(), 1);
+    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK);
+    let bad = m.spec.n_vocab as u32;
+    let e = model
+        .forward(
+            &c,
+            &Batch::from_tokens(&[1, bad, 2], 0, 0, true),
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Batch(msg) if msg.contains(&bad.to_string()) && msg.contains("vocabulary")),
+        "{e:?}"
+    );
+    assert_eq!(
+        cache.seq_len(0),
+        0,
+        "a rejected batch must leave the cache alone"
+    );
+}
+
+#[test]
+fn positions_must_continue_the_cache() {
+    let m = TinyModel::random(&Spec::tiny(Arch::Qwen2), 1);
+    let model = load(&m);
+    let c = Compute::new(Isa::detect(), 1);
+    let tokens = Rng::new(2).tokens(8, m.spec.n_vocab);
+    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK);
+    model
+        .forward(
+            &c,
+            &Batch::from_tokens(&tokens[..5], 0, 0, true),
+            &mut cache,
+        )
+        .unwrap();
+
+    // A gap after the cached prefix, and a repeat of a cached position.
+    for start in [7, 4] {
+        let e = model
+            .forward(
+                &c,
+                &Batch::from_tokens(&tokens[5..6], start, 0, true),
+                &mut cache,
+            )
+            .unwrap_err();
+        let ok = matches!(&e, ModelError::Batch(msg) if msg.contains("position 5") && msg.contains(&format!("not {start}")));
+        assert!(ok, "{e:?}");
+    }
+    // A gap inside the batch.
+    let mut batch = Batch::new();
+    batch.push(tokens[5], 5, 0, true);
+    batch.push(tokens[6], 7, 0, true);
+    let e = model.forward(&c, &batch, &mut cache).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Batch(msg) if msg.contains("position 7")),
+        "{e:?}"
+    );
+    // A new sequence must start at 0.
+    let e = model
+        .forward(
+            &c,
+            &Batch::from_tokens(&tokens[..1], 3, 1, true),
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Batch(msg) if msg.contains("sequence 1")),
+        "{e:?}"
+    );
+
+    // The errors left the cache as it was: continuing gives the reference logits.
+    assert_eq!(cache.seq_len(0), 5);
+    let got = in_steps(&model, &c, &mut cache, 0, &tokens, 5, 1);
+    assert_close(
+        &got,
+        &reference_logits(&m, &tokens, Flaw::None)[5..],
+        "after rejected batches",
+    );
+}
+
+#[test]
+fn full_context_is_reported() {
+    let m = TinyModel::random(&Spec::tiny(Arch::Gemma3), 1);
+    let model = load(&m);
+    let c = Compute::new(Isa::detect(), 1);
+    let tokens = Rng::new(3).tokens(9, m.spec.n_vocab);
+
+    let mut cache = KvCache::new(&model.hp, 8, MAX_CHUNK);
+    let e = model
+        .forward(&c, &Batch::from_tokens(&tokens, 0, 0, true), &mut cache)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::ContextFull {
+                seq: 0,
+                needed: 9,
+                n_ctx: 8
+            }
+        ),
+        "{e:?}"
+    );
+
+    // Filling the context exactly works; one more token does not.
+    in_steps(&model, &c, &mut cache, 0, &tokens[..8], 0, 3);
+    let e = model
+        .forward(
+            &c,
+            &Batch::from_tokens(&tokens[8..], 8, 0, true),
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::ContextFull {
+                seq: 0,
+                needed: 9,
+                n_ctx: 8
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("context full"), "{e}");
+    assert_eq!(cache.seq_len(0), 8);
+}
