@@ -32,6 +32,8 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Show a model's metadata, tensors by type, parameter count and memory estimate.
     Inspect(InspectArgs),
+    /// Benchmark prompt processing (pp) and generation (tg) speed, llama-bench style.
+    Bench(BenchArgs),
     /// Download a known model into the cache.
     Pull {
         /// Model name (see `edgelm list`).
@@ -162,6 +164,34 @@ struct PerplexityArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt sizes to time (tokens, processed as one batch).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to time (tokens, one at a time).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    n_gen: Vec<usize>,
+    /// Repetitions per test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_parser = ["md", "json"], default_value = "md")]
+    output: String,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     /// Model name or GGUF path.
     model: String,
@@ -184,6 +214,7 @@ fn real_main() -> Result<()> {
         Command::Score(a) => score(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect(a) => inspect(a),
+        Command::Bench(a) => bench(a),
         Command::Pull { name, force } => {
             let hub = Hub::from_env()?;
             let spec = edgelm_hub::find(&name)
@@ -428,6 +459,88 @@ fn inspect(a: InspectArgs) -> Result<()> {
         }
         Err(e) => println!("\nmodel: cannot be run by edgelm: {e}"),
     }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use edgelm_engine::bench::{mean_sd, peak_rss_bytes, time_generation, time_prompt};
+    let (engine, load_ms) = load(&a.model)?;
+    let reps = a.repetitions.max(1);
+    let name = std::path::Path::new(&a.model.model)
+        .file_stem()
+        .map_or(a.model.model.clone(), |s| s.to_string_lossy().into_owned());
+    let size_mib = engine.model.file().bytes().len() as f64 / (1 << 20) as f64;
+    let params: u64 = engine
+        .model
+        .file()
+        .tensors()
+        .iter()
+        .map(|t| t.n_elements)
+        .sum();
+    let threads = engine.compute.n_threads();
+    let isa = engine.compute.isa();
+    let mut rows = Vec::new();
+    let tests = a
+        .n_prompt
+        .iter()
+        .map(|&n| ("pp", n))
+        .chain(a.n_gen.iter().map(|&n| ("tg", n)));
+    for (kind, n) in tests.filter(|t| t.1 > 0) {
+        let run = |seed| match kind {
+            "pp" => time_prompt(&engine, n, seed),
+            _ => time_generation(&engine, n, seed),
+        };
+        run(0)?; // warm-up: page in the weights, size the buffers
+        let mut secs = Vec::with_capacity(reps);
+        for r in 0..reps {
+            secs.push(run(r as u64 + 1)?.as_secs_f64());
+        }
+        let tps: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
+        let (mean, sd) = mean_sd(&tps);
+        let (mean_ms, _) = mean_sd(&secs);
+        rows.push(serde_json::json!({
+            "model": name, "size_bytes": engine.model.file().bytes().len(), "params": params,
+            "isa": isa.to_string(), "threads": threads, "test": format!("{kind}{n}"),
+            "n_prompt": if kind == "pp" { n } else { 0 }, "n_gen": if kind == "tg" { n } else { 0 },
+            "avg_ts": mean, "stddev_ts": sd, "samples_ts": tps, "avg_ms": mean_ms * 1e3,
+        }));
+    }
+    let peak = peak_rss_bytes().unwrap_or(0);
+    if a.output == "json" {
+        let doc = serde_json::json!({"load_ms": load_ms, "peak_rss_bytes": peak, "results": rows});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("| model | size | params | backend | threads | test | t/s |");
+    println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} MiB | {:.2} M | CPU {} | {} | {} | {:.2} ± {:.2} |",
+            name,
+            size_mib,
+            params as f64 / 1e6,
+            isa,
+            threads,
+            r["test"].as_str().unwrap_or(""),
+            r["avg_ts"].as_f64().unwrap_or(0.0),
+            r["stddev_ts"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!();
+    for r in rows
+        .iter()
+        .filter(|r| r["n_prompt"].as_u64().unwrap_or(0) > 0)
+    {
+        println!(
+            "time to first token, {} prompt tokens: {:.1} ms",
+            r["n_prompt"],
+            r["avg_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "load: {load_ms:.0} ms | peak RSS: {:.1} MiB",
+        peak as f64 / (1 << 20) as f64
+    );
     Ok(())
 }
 

@@ -36,12 +36,27 @@ fn tokenization_matches_llama_cpp() {
                 common::ids(&line["prompt_ids"]),
                 "{model}: {prompt:?}"
             );
-            let text = tok.decode(&common::ids(&line["greedy_ids"])).unwrap();
+            let greedy_ids = common::ids(&line["greedy_ids"]);
+            let want_text = line["greedy_text"].as_str().unwrap();
             assert_eq!(
-                text,
-                line["greedy_text"].as_str().unwrap(),
+                tok.decode(&greedy_ids).unwrap(),
+                want_text,
                 "{model}: decode"
             );
+            let mut stream = edgelm_tokenizer::StreamDecoder::new(&tok);
+            let mut streamed: String = greedy_ids.iter().map(|&id| stream.push(id)).collect();
+            streamed += &stream.flush();
+            assert_eq!(streamed, want_text, "{model}: incremental decode");
+            let pieces = line["greedy_pieces"].as_array().unwrap();
+            for (&id, piece) in greedy_ids.iter().zip(pieces) {
+                let bytes = tok.token_piece_bytes(id).unwrap();
+                let want = piece.as_str().unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(bytes),
+                    want,
+                    "{model}: piece of {id}"
+                );
+            }
             checked += 1;
         }
     }

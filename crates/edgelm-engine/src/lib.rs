@@ -2,6 +2,7 @@
 //! and stop rules; teacher-forced scoring and perplexity. Clients (CLI, later the server) call
 //! this crate, never the kernels.
 
+pub mod bench;
 mod eval;
 mod generate;
 mod sampler;

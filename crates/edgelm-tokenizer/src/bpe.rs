@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 
 const NONE: u32 = u32::MAX;
 
+/// Queued pair: (rank, left index, right index, left id, right id); popped smallest first.
+type QueuedPair = Reverse<(u32, usize, usize, u32, u32)>;
+
 /// GPT-2's table: printable Latin-1 bytes map to themselves, the other 68 bytes to U+0100 onwards.
 pub(crate) fn byte_to_char_table() -> [char; 256] {
     let mut table = ['\0'; 256];
@@ -142,8 +145,8 @@ impl BpeModel {
             })
             .collect();
 
-        // Entries: (rank, left, right, left id, right id); min-heap on (rank, left).
-        let mut queue: BinaryHeap<Reverse<(u32, usize, usize, u32, u32)>> = BinaryHeap::new();
+        // Lowest rank first, then the leftmost pair.
+        let mut queue: BinaryHeap<QueuedPair> = BinaryHeap::new();
         let add = |syms: &[Symbol], queue: &mut BinaryHeap<_>, left: isize, right: isize| {
             if left < 0 || right < 0 {
                 return;

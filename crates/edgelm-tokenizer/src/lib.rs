@@ -504,8 +504,9 @@ impl Tokenizer {
                 attrs[end as usize] = ATTR_USER_DEFINED;
             }
         }
-        // Gemma 4 / PaddleOCR: "</s>" is ordinary text there.
-        if let (Some(_), Some(s)) = (has(&eog, "<|tool_response>"), has(&eog, "</s>")) {
+        // Gemma 4 and PLaMo have an ordinary "</s>" (only PaddleOCR's ends generation).
+        let normal_s_marker = has(&eog, "<|tool_response>").or(has(&eog, "<|plamo:eos|>"));
+        if let (Some(_), Some(s)) = (normal_s_marker, has(&eog, "</s>")) {
             eog.retain(|&i| i != s);
             attrs[s as usize] = ATTR_NORMAL;
         }

@@ -61,18 +61,26 @@ const TABLE: &[(&[&str], PreConfig)] = &[
             "pixtral",
             "midm-2.0",
             "lfm2",
+            "jina-v5-nano",
         ],
         cfg(R_LLAMA3, true, true, true),
     ),
     (&["dbrx", "smaug-bpe"], cfg(R_LLAMA3, false, false, true)),
     (
-        &["qwen2", "deepseek-r1-qwen", "kormo"],
+        &["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2"],
         cfg(R_QWEN2, false, false, false),
     ),
     (&["stablelm2", "megrez"], cfg(R_QWEN2, false, false, true)),
     (&["smollm", "command-r"], cfg(R_SMOLLM, false, false, false)),
     (
-        &["starcoder", "refact", "codeshell", "exaone", "minerva-7b"],
+        &[
+            "starcoder",
+            "refact",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
+            "mellum2",
+        ],
         cfg(R_SMOLLM, false, false, true),
     ),
     (
@@ -203,5 +211,25 @@ mod tests {
     fn whitespace_before_word_keeps_last_space_for_the_word() {
         assert_eq!(words("gpt-2", "a   b"), ["a", "  ", " b"]);
         assert_eq!(words("qwen2", "a\n\n  b"), ["a", "\n\n", " ", " b"]);
+    }
+
+    #[test]
+    fn long_runs_do_not_fail() {
+        // Backtracking regexes must not hit fancy-regex's backtrack limit on long runs.
+        let texts = [
+            " ".repeat(300_000) + "a",
+            "\n ".repeat(100_000),
+            "x".repeat(300_000),
+            "9".repeat(100_000),
+            "!?".repeat(100_000) + "\n\n",
+            " \t".repeat(100_000) + "b",
+        ];
+        for pre in ["qwen2", "llama-bpe", "smollm", "gpt-2", "default", "falcon"] {
+            let p = PreTokenizer::new(config_for(pre).unwrap()).unwrap();
+            for t in &texts {
+                let words = p.split(t).unwrap_or_else(|e| panic!("{pre}: {e}"));
+                assert_eq!(words.last().map(|w| w.1), Some(t.len()));
+            }
+        }
     }
 }

@@ -39,7 +39,7 @@ impl<'a> StreamDecoder<'a> {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    // Safe by construction: from_utf8 validated this prefix.
+                    // The prefix was validated, so this converts without replacements.
                     out.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
                     match e.error_len() {
                         // Incomplete sequence at the end: wait for more bytes.

@@ -388,3 +388,9 @@ fn decode_rejects_ids_outside_the_vocabulary() {
     );
     assert_eq!(tok.token_piece_bytes(9999), None);
 }
+
+#[test]
+fn tokenizer_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+}

@@ -1,0 +1,63 @@
+//! Timed runs in the manner of llama-bench: prompt processing of `n` random tokens in one batch
+//! (pp), and generation of `n` tokens one at a time from an empty context (tg).
+
+use crate::{Engine, Result, Rng};
+use edgelm_models::Batch;
+use std::time::{Duration, Instant};
+
+/// Random token ids (llama-bench feeds random tokens too), never a control token at 0.
+fn random_tokens(engine: &Engine, n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    let vocab = engine.model.hp.n_vocab as u64;
+    (0..n)
+        .map(|_| (1 + rng.next_u64() % (vocab - 1)) as u32)
+        .collect()
+}
+
+/// Time one batched forward of `n` tokens from an empty cache (logits for the last only).
+pub fn time_prompt(engine: &Engine, n: usize, seed: u64) -> Result<Duration> {
+    let tokens = random_tokens(engine, n, seed);
+    let mut cache = engine.new_cache(n + 1);
+    let t0 = Instant::now();
+    engine.model.forward(
+        &engine.compute,
+        &Batch::from_tokens(&tokens, 0, 0, false),
+        &mut cache,
+    )?;
+    Ok(t0.elapsed())
+}
+
+/// Time `n` single-token forwards from an empty cache.
+pub fn time_generation(engine: &Engine, n: usize, seed: u64) -> Result<Duration> {
+    let tokens = random_tokens(engine, n, seed);
+    let mut cache = engine.new_cache(n + 1);
+    let t0 = Instant::now();
+    for (pos, &t) in tokens.iter().enumerate() {
+        engine.model.forward(
+            &engine.compute,
+            &Batch::from_tokens(&[t], pos, 0, true),
+            &mut cache,
+        )?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
