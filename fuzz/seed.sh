@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo run --quiet --release --example seed -- corpus
-ls corpus | while read -r t; do echo "$t: $(ls "corpus/$t" | wc -l) seeds"; done
+ls corpus | while read -r t; do echo "$t: $(ls "corpus/$t" | wc -l) files"; done

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgelm_engine::{Engine, GenerateRequest, SamplingParams};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
-use edgelm_kernels::{Compute, Isa};
+use edgelm_kernels::{Compute, Isa, Precision};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -54,7 +54,7 @@ struct ModelArgs {
     /// Threads (default: physical cores).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
-    /// Use the precise path (f32 activations and KV cache); currently the only path.
+    /// Use the precise path: f32 activations against dequantized weights (slower; the reference).
     #[arg(long)]
     precise: bool,
 }
@@ -247,7 +247,12 @@ fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
         .unwrap_or_else(edgelm_kernels::physical_cores)
         .max(1);
     let t0 = Instant::now();
-    let engine = Engine::load(&path, Compute::new(isa, threads))
+    let precision = if args.precise {
+        Precision::Precise
+    } else {
+        Precision::Fast
+    };
+    let engine = Engine::load(&path, Compute::with_precision(isa, threads, precision))
         .with_context(|| format!("loading {}", path.display()))?;
     Ok((engine, t0.elapsed().as_secs_f64() * 1e3))
 }
@@ -293,7 +298,7 @@ fn run(a: RunArgs) -> Result<()> {
     }
     writeln!(out)?;
     eprintln!(
-        "load {:.0} ms | prompt {} tokens, {:.1} tok/s | first token {:.0} ms | generated {} tokens, {:.1} tok/s | {} threads, {}",
+        "load {:.0} ms | prompt {} tokens, {:.1} tok/s | first token {:.0} ms | generated {} tokens, {:.1} tok/s | {} threads, {} {:?}",
         load_ms,
         stats.prompt_tokens,
         stats.prompt_tokens_per_second(),
@@ -302,6 +307,7 @@ fn run(a: RunArgs) -> Result<()> {
         stats.decode_tokens_per_second(),
         engine.compute.n_threads(),
         engine.compute.isa(),
+        engine.compute.precision(),
     );
     Ok(())
 }
@@ -466,9 +472,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     use edgelm_engine::bench::{mean_sd, peak_rss_bytes, time_generation, time_prompt};
     let (engine, load_ms) = load(&a.model)?;
     let reps = a.repetitions.max(1);
-    let name = std::path::Path::new(&a.model.model)
-        .file_stem()
+    let base = std::path::Path::new(&a.model.model)
+        .file_name()
         .map_or(a.model.model.clone(), |s| s.to_string_lossy().into_owned());
+    let name = base.strip_suffix(".gguf").unwrap_or(&base).to_owned();
     let size_mib = engine.model.file().bytes().len() as f64 / (1 << 20) as f64;
     let params: u64 = engine
         .model
@@ -500,7 +507,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let (mean_ms, _) = mean_sd(&secs);
         rows.push(serde_json::json!({
             "model": name, "size_bytes": engine.model.file().bytes().len(), "params": params,
-            "isa": isa.to_string(), "threads": threads, "test": format!("{kind}{n}"),
+            "isa": isa.to_string(), "precision": format!("{:?}", engine.compute.precision()).to_lowercase(), "threads": threads, "test": format!("{kind}{n}"),
             "n_prompt": if kind == "pp" { n } else { 0 }, "n_gen": if kind == "tg" { n } else { 0 },
             "avg_ts": mean, "stddev_ts": sd, "samples_ts": tps, "avg_ms": mean_ms * 1e3,
         }));
@@ -515,11 +522,12 @@ fn bench(a: BenchArgs) -> Result<()> {
     println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
     for r in &rows {
         println!(
-            "| {} | {:.2} MiB | {:.2} M | CPU {} | {} | {} | {:.2} ± {:.2} |",
+            "| {} | {:.2} MiB | {:.2} M | CPU {} {} | {} | {} | {:.2} ± {:.2} |",
             name,
             size_mib,
             params as f64 / 1e6,
             isa,
+            r["precision"].as_str().unwrap_or(""),
             threads,
             r["test"].as_str().unwrap_or(""),
             r["avg_ts"].as_f64().unwrap_or(0.0),

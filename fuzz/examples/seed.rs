@@ -30,7 +30,35 @@ fn main() {
     put(&root.join("tokenizer_from_gguf"), "tensors.gguf", &tensors);
 
     for (i, text) in FIXED_TEXTS.iter().enumerate() {
-        put(&root.join("tokenizer_encode"), &format!("text-{i}"), text.as_bytes());
+        put(
+            &root.join("tokenizer_encode"),
+            &format!("text-{i}"),
+            text.as_bytes(),
+        );
+    }
+
+    // tokenizer_vocab: [flags] tokens \0-separated \x01 types \x01 merges \0-separated \x01 text.
+    let v = root.join("tokenizer_vocab");
+    let seeds: &[(&str, u8, &str)] = &[
+        // SentencePiece, byte tokens, scores, space prefix, BOS.
+        (
+            "spm",
+            0xC0 | 0x10 | 0x08,
+            "<unk>\0<s>\0</s>\0a\0b\0ab\0\u{2581}\0\u{2581}a\0<|im_end|>\0\n\n\x012331111134\x01\x01ab ab<|im_end|>\n\nx",
+        ),
+        // Byte-level BPE (qwen2) with all byte tokens and merges.
+        (
+            "bpe",
+            0x81 | 0x40,
+            "ab\0Ġa\0Ġ\0<|im_end|>\0<tool>\x0111134\x01a b\0Ġ a\0b c\0ab c\x01ab a<tool> <|im_end|>",
+        ),
+        // BPE without byte tokens (llama-bpe, ignore_merges): unknown bytes are dropped.
+        ("bpe-sparse", 0x03, "a\0b\0ab\x01\x01a b\x01abc \u{e9}"),
+    ];
+    for (name, flags, body) in seeds {
+        let mut bytes = vec![*flags];
+        bytes.extend_from_slice(body.as_bytes());
+        put(&v, name, &bytes);
     }
 
     // quant_dequant: [type selector, element count (u16 LE)] then the row bytes.

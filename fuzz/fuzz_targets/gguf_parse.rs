@@ -7,7 +7,13 @@ use libfuzzer_sys::fuzz_target;
 
 fn walk(v: &Value, depth: usize) {
     assert!(depth < 4, "arrays nested deeper than the parser allows");
-    let _ = (v.value_type(), v.as_u64(), v.as_i64(), v.as_f64(), v.as_bool());
+    let _ = (
+        v.value_type(),
+        v.as_u64(),
+        v.as_i64(),
+        v.as_f64(),
+        v.as_bool(),
+    );
     let _ = v.as_str().map(str::len);
     let _ = v.display_short();
     if let Value::Array(ty, items) = v {
@@ -67,11 +73,17 @@ fuzz_target!(|data: &[u8]| {
             .expect("a parsed tensor is accepted by the writer");
     }
     let again = GgufFile::from_bytes(w.to_bytes()).expect("rewritten file parses");
-    assert_eq!(format!("{:?}", again.metadata()), format!("{:?}", file.metadata()));
+    assert_eq!(
+        format!("{:?}", again.metadata()),
+        format!("{:?}", file.metadata())
+    );
     assert_eq!(again.alignment, file.alignment);
     assert_eq!(again.tensors().len(), file.tensors().len());
     for (a, b) in again.tensors().iter().zip(file.tensors()) {
-        assert_eq!((&a.name, &a.dims, a.ty, a.n_bytes), (&b.name, &b.dims, b.ty, b.n_bytes));
+        assert_eq!(
+            (&a.name, &a.dims, a.ty, a.n_bytes),
+            (&b.name, &b.dims, b.ty, b.n_bytes)
+        );
         assert!(again.tensor(&a.name).unwrap().data == file.tensor(&b.name).unwrap().data);
     }
 });

@@ -90,7 +90,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         // BOS/EOS as the metadata says must not break anything either.
-        let ids = tok.encode(text, true, true).expect("encode with add_special");
+        let ids = tok
+            .encode(text, true, true)
+            .expect("encode with add_special");
         tok.decode(&ids).expect("decode with add_special");
     }
 });

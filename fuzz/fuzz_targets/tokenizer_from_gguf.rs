@@ -41,13 +41,20 @@ fuzz_target!(|data: &[u8]| {
     let n = tok.vocab_size() as u32;
     let _ = format!("{tok:?}");
     let _ = (tok.vocab_type(), tok.pre_tokenizer(), tok.chat_template());
-    let _ = (tok.bos(), tok.eos(), tok.adds_bos(), tok.adds_eos(), tok.eog_ids());
+    let _ = (
+        tok.bos(),
+        tok.eos(),
+        tok.adds_bos(),
+        tok.adds_eos(),
+        tok.eog_ids(),
+    );
     for id in 0..n.min(4096) {
         let _ = (tok.is_eog(id), tok.is_control(id));
         let text = tok.token_text(id).expect("in-range id has text");
         assert_eq!(tok.token_id(text).map(|i| i <= id), Some(true));
         tok.token_piece_bytes(id).expect("in-range id has a piece");
-        tok.token_piece_bytes_special(id).expect("in-range id has a piece");
+        tok.token_piece_bytes_special(id)
+            .expect("in-range id has a piece");
     }
     for id in [n, n.saturating_add(1), u32::MAX] {
         assert!(tok.token_piece_bytes(id).is_none());

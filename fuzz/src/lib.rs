@@ -115,7 +115,10 @@ pub fn spm_vocab(add_space_prefix: bool) -> GgufWriter {
     w.set("tokenizer.ggml.token_type", i32s(types));
     w.set("tokenizer.ggml.bos_token_id", Value::U32(1));
     w.set("tokenizer.ggml.eos_token_id", Value::U32(2));
-    w.set("tokenizer.ggml.add_space_prefix", Value::Bool(add_space_prefix));
+    w.set(
+        "tokenizer.ggml.add_space_prefix",
+        Value::Bool(add_space_prefix),
+    );
     w
 }
 
@@ -140,10 +143,8 @@ pub fn gpt2_byte_chars() -> [char; 256] {
 /// vocabulary entry, so every text is representable; plus the special tokens.
 pub fn bpe_vocab(pre: &str) -> GgufWriter {
     let byte_chars = gpt2_byte_chars();
-    let mut tokens: Vec<(String, i32)> = byte_chars
-        .iter()
-        .map(|c| (c.to_string(), NORMAL))
-        .collect();
+    let mut tokens: Vec<(String, i32)> =
+        byte_chars.iter().map(|c| (c.to_string(), NORMAL)).collect();
     // Merges in rank order; each result is added to the vocabulary.
     let merges: &[(&str, &str)] = &[
         ("Ġ", "t"),
@@ -180,17 +181,25 @@ pub fn bpe_vocab(pre: &str) -> GgufWriter {
     w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
     w.set("tokenizer.ggml.pre", Value::String(pre.into()));
     w.set("tokenizer.ggml.tokens", strs(tokens.iter().map(|t| &t.0)));
-    w.set("tokenizer.ggml.token_type", i32s(tokens.iter().map(|t| t.1)));
+    w.set(
+        "tokenizer.ggml.token_type",
+        i32s(tokens.iter().map(|t| t.1)),
+    );
     w.set(
         "tokenizer.ggml.merges",
         strs(merges.iter().map(|(l, r)| format!("{l} {r}"))),
     );
     let id = |s: &str| tokens.iter().position(|t| t.0 == s).unwrap() as u32;
     w.set("tokenizer.ggml.eos_token_id", Value::U32(id("<|im_end|>")));
-    w.set("tokenizer.ggml.bos_token_id", Value::U32(id("<|endoftext|>")));
+    w.set(
+        "tokenizer.ggml.bos_token_id",
+        Value::U32(id("<|endoftext|>")),
+    );
     w.set(
         "tokenizer.chat_template",
-        Value::String("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}".into()),
+        Value::String(
+            "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}".into(),
+        ),
     );
     w
 }
@@ -210,7 +219,10 @@ pub fn tensors_file() -> GgufWriter {
         "nested",
         Value::Array(
             ValueType::Array,
-            vec![Value::Array(ValueType::U8, vec![Value::U8(1), Value::U8(2)])],
+            vec![Value::Array(
+                ValueType::U8,
+                vec![Value::U8(1), Value::U8(2)],
+            )],
         ),
     );
     w.set("empty", Value::Array(ValueType::U64, vec![]));

@@ -8,6 +8,11 @@ use std::path::Path;
 const MAX_DIMS: u32 = 4;
 /// Deepest array nesting accepted (GGUF files in the wild use 1).
 const MAX_ARRAY_DEPTH: u32 = 2;
+/// Most metadata array elements decoded from one file, all arrays together. Each becomes a
+/// 32-byte [`Value`], so without this a 1-byte-per-element array would need 32× the file size in
+/// memory (a hostile 100 MB file, 3.2 GB). Real files have at most a few million (a 262k
+/// vocabulary's tokens, scores and types, plus merges).
+const MAX_ARRAY_ITEMS: u64 = 1 << 24;
 
 enum Storage {
     Mmap(memmap2::Mmap),
@@ -86,7 +91,12 @@ impl GgufFile {
 
     fn parse(storage: Storage) -> Result<GgufFile> {
         let bytes = storage.bytes();
-        let mut r = Cursor { bytes, pos: 0 };
+        let mut r = Cursor {
+            bytes,
+            pos: 0,
+            array_items: 0,
+            array_budget: MAX_ARRAY_ITEMS,
+        };
         let magic: [u8; 4] = r.array("magic")?;
         if &magic != MAGIC {
             return Err(GgufError::BadMagic { found: magic });
@@ -322,6 +332,9 @@ pub(crate) fn align_up(x: u64, a: u64) -> u64 {
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Array elements decoded so far, and how many may be ([`MAX_ARRAY_ITEMS`]).
+    array_items: u64,
+    array_budget: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -437,7 +450,17 @@ impl<'a> Cursor<'a> {
                     ValueType::Array => 12,
                     t => t.scalar_size().unwrap_or(1) as u64,
                 };
+                let count_at = self.pos as u64;
                 let n = self.count(key, min)?;
+                self.array_items += n as u64;
+                if self.array_items > self.array_budget {
+                    return Err(GgufError::Implausible {
+                        what: format!("{key}: total metadata array elements"),
+                        value: self.array_items,
+                        offset: count_at,
+                        limit: self.array_budget,
+                    });
+                }
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(key, elem, depth + 1)?);
@@ -445,5 +468,64 @@ impl<'a> Cursor<'a> {
                 Value::Array(elem, items)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes of a U8 array value (element type, count, elements).
+    fn u8_array(len: u64) -> Vec<u8> {
+        let mut b = (ValueType::U8 as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(&len.to_le_bytes());
+        b.resize(b.len() + len as usize, 0);
+        b
+    }
+
+    #[test]
+    fn metadata_arrays_cannot_amplify_memory_without_bound() {
+        // Found while fuzzing: every element became a 32-byte Value, so a file of N bytes of U8
+        // array made the parser allocate 32 N bytes (70 MB file: a 2.2 GB allocation).
+        let mut file = b"GGUF".to_vec();
+        file.extend_from_slice(&3u32.to_le_bytes());
+        file.extend_from_slice(&0u64.to_le_bytes());
+        file.extend_from_slice(&1u64.to_le_bytes());
+        file.extend_from_slice(&1u64.to_le_bytes());
+        file.push(b'k');
+        file.extend_from_slice(&(ValueType::Array as u32).to_le_bytes());
+        file.extend_from_slice(&u8_array(MAX_ARRAY_ITEMS + 1));
+        let err = GgufFile::from_bytes(file)
+            .err()
+            .expect("over the element budget");
+        assert!(
+            matches!(
+                err,
+                GgufError::Implausible {
+                    limit: MAX_ARRAY_ITEMS,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // The budget covers all arrays together (a small budget, to stay cheap).
+        let bytes = [u8_array(6), u8_array(4), u8_array(1)].concat();
+        let mut r = Cursor {
+            bytes: &bytes,
+            pos: 0,
+            array_items: 0,
+            array_budget: 10,
+        };
+        assert!(r.value("a", ValueType::Array, 0).is_ok());
+        assert!(r.value("b", ValueType::Array, 0).is_ok());
+        assert!(matches!(
+            r.value("c", ValueType::Array, 0),
+            Err(GgufError::Implausible {
+                value: 11,
+                limit: 10,
+                ..
+            })
+        ));
     }
 }

@@ -1,10 +1,25 @@
-//! The precise matrix product: weight rows dequantized block by block to f32, every product and
-//! sum in f32. Rows are split across the pool; each task dequantizes a small panel of rows once
-//! and reuses it for every token of the batch.
+//! Matrix products over quantized weights, on one of two paths:
+//! - **precise**: weight rows dequantized block by block to f32, every product and sum in f32;
+//!   each task dequantizes a small panel of rows once and reuses it for every token of the batch.
+//! - **fast**: activations quantized on the fly to the 8-bit block format the weight type pairs
+//!   with, integer block dots (`qdot`), each weight row unpacked once for up to eight tokens.
+//!
+//! Rows are split across the pool in both.
 
+use crate::qdot::{kernel_for, QuantKernel, MAX_COLS};
 use crate::{Isa, ThreadPool};
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// Which arithmetic the products use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations against dequantized weights: the reference for correctness.
+    Precise,
+    /// 8-bit activations and integer dot products, as llama.cpp computes.
+    Fast,
+}
 
 /// Weight rows per task: enough to amortize dispatch, small enough to keep the panel in cache.
 const ROWS_PER_TASK: usize = 16;
@@ -26,10 +41,27 @@ pub enum KernelError {
     Type(GgmlType),
 }
 
-/// The ISA and threads every kernel call runs with; created once and handed down.
+/// The ISA, precision and threads every kernel call runs with; created once and handed down.
 pub struct Compute {
     isa: Isa,
+    precision: Precision,
     pool: ThreadPool,
+    /// Fast-path kernels by weight type id, resolved once here so hot loops never re-dispatch.
+    kernels: Vec<Option<QuantKernel>>,
+    /// Quantized activations of the current fast matmul, reused across calls.
+    activations: Mutex<Vec<u8>>,
+}
+
+/// How finely the fast path quantizes a matmul's input activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationPrecision {
+    /// One 8-bit block quantization, as llama.cpp does.
+    #[default]
+    Int8,
+    /// The residual of the first quantization is quantized again and both are multiplied:
+    /// about 15 bits of activation precision for one extra activation row in each integer dot
+    /// (the weight block is unpacked once for both). For inputs with heavy outliers.
+    Refined,
 }
 
 thread_local! {
@@ -51,15 +83,32 @@ impl SharedOut {
 }
 
 impl Compute {
+    /// A precise-path context (the reference arithmetic).
     pub fn new(isa: Isa, threads: usize) -> Compute {
+        Compute::with_precision(isa, threads, Precision::Precise)
+    }
+
+    pub fn with_precision(isa: Isa, threads: usize, precision: Precision) -> Compute {
+        let max_id = GgmlType::ALL.iter().map(|t| *t as usize).max().unwrap_or(0);
+        let mut kernels = vec![None; max_id + 1];
+        for ty in GgmlType::ALL {
+            kernels[ty as usize] = kernel_for(isa, ty);
+        }
         Compute {
             isa,
+            precision,
             pool: ThreadPool::new(threads),
+            kernels,
+            activations: Mutex::new(Vec::new()),
         }
     }
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn pool(&self) -> &ThreadPool {
@@ -77,6 +126,18 @@ impl Compute {
         x: &[f32],
         n_tokens: usize,
         out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        self.matmul_with(w, x, n_tokens, out, ActivationPrecision::Int8)
+    }
+
+    /// [`Compute::matmul`] with the fast path's activation precision chosen by the caller.
+    pub fn matmul_with(
+        &self,
+        w: Weight<'_>,
+        x: &[f32],
+        n_tokens: usize,
+        out: &mut [f32],
+        act: ActivationPrecision,
     ) -> Result<(), KernelError> {
         let row_bytes = w.ty.bytes_for(w.cols as u64).ok_or_else(|| {
             KernelError::Shape(format!("{} columns are not whole {} blocks", w.cols, w.ty))
@@ -103,6 +164,19 @@ impl Compute {
         }
         if !edgelm_quant::can_dequantize(w.ty) {
             return Err(KernelError::Type(w.ty));
+        }
+        if self.precision == Precision::Fast {
+            if let Some(k) = self.kernels[w.ty as usize] {
+                if k.act.bytes_for(w.cols as u64).is_some() {
+                    let passes = if act == ActivationPrecision::Refined {
+                        2
+                    } else {
+                        1
+                    };
+                    self.matmul_quantized(k, w, row_bytes, x, n_tokens, out, passes);
+                    return Ok(());
+                }
+            }
         }
         let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
         let shared = SharedOut(out.as_mut_ptr());
@@ -134,6 +208,64 @@ impl Compute {
             });
         });
         Ok(())
+    }
+
+    /// The fast path; shapes were checked by `matmul_with`. `passes` is 1 or 2 (refined).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_quantized(
+        &self,
+        k: QuantKernel,
+        w: Weight<'_>,
+        row_bytes: usize,
+        x: &[f32],
+        n_tokens: usize,
+        out: &mut [f32],
+        passes: usize,
+    ) {
+        let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
+        let mut acts = self.activations.lock().unwrap_or_else(|e| e.into_inner());
+        acts.resize(n_tokens * passes * act_bytes, 0);
+        let mut residual = vec![0f32; if passes > 1 { w.cols } else { 0 }];
+        for (t, dst) in acts.chunks_exact_mut(passes * act_bytes).enumerate() {
+            let xt = &x[t * w.cols..(t + 1) * w.cols];
+            // SAFETY: the kernel was chosen for this CPU; `dst` holds exactly `cols` elements.
+            unsafe { (k.quantize)(xt, &mut dst[..act_bytes]) };
+            if passes > 1 {
+                let _ = dequantize_row(k.act, &dst[..act_bytes], &mut residual);
+                residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
+                // SAFETY: as above.
+                unsafe { (k.quantize)(&residual, &mut dst[act_bytes..2 * act_bytes]) };
+            }
+        }
+        let acts = &acts[..];
+        let shared = SharedOut(out.as_mut_ptr());
+        let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
+        let tile = MAX_COLS / passes;
+        self.pool.run(n_tasks, &|task| {
+            let r0 = task * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
+            let mut cols: [&[u8]; MAX_COLS] = [&[]; MAX_COLS];
+            let mut dots = [0f32; MAX_COLS];
+            // Token tiles outer, rows inner: the tile's activations and the task's rows both stay
+            // in L1 while every pair is computed.
+            for t0 in (0..n_tokens).step_by(tile) {
+                let nt = (n_tokens - t0).min(tile);
+                let nc = nt * passes;
+                for (j, c) in cols[..nc].iter_mut().enumerate() {
+                    *c = &acts[(t0 * passes + j) * act_bytes..(t0 * passes + j + 1) * act_bytes];
+                }
+                for r in r0..r1 {
+                    let wrow = &w.data[r * row_bytes..(r + 1) * row_bytes];
+                    // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
+                    unsafe { (k.row_dot)(wrow, &cols[..nc], &mut dots[..nc]) };
+                    for j in 0..nt {
+                        let d: f32 = dots[j * passes..(j + 1) * passes].iter().sum();
+                        // SAFETY: (t0 + j, r) is inside `out` and owned by this task alone.
+                        unsafe { *shared.get().add((t0 + j) * w.rows + r) = d };
+                    }
+                }
+            }
+        });
     }
 
     /// `Σ a[i]·b[i]` over the shorter length.
@@ -321,6 +453,66 @@ mod tests {
                 y2.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.7 * x);
                 for (p, q) in y1.iter().zip(&y2) {
                     assert!((p - q).abs() < 1e-6, "{isa}");
+                }
+            }
+        }
+    }
+
+    /// The fast path on every ISA equals the integer reference (and stays near the f32 product).
+    #[test]
+    fn fast_matmul_matches_integer_reference() {
+        let mut rng = Rng(0xfeed_beef);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::F16,
+        ];
+        for isa in Isa::available() {
+            let c = Compute::with_precision(isa, 2, Precision::Fast);
+            for ty in types {
+                let (rows, cols, n_tokens) = (21, 512, 11);
+                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
+                let mut data = vec![0u8; rows * row_bytes];
+                for r in 0..rows {
+                    edgelm_quant::quantize_row(
+                        ty,
+                        &wf[r * cols..(r + 1) * cols],
+                        &mut data[r * row_bytes..(r + 1) * row_bytes],
+                    )
+                    .unwrap();
+                }
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let w = Weight {
+                    ty,
+                    rows,
+                    cols,
+                    data: &data,
+                };
+                let mut out = vec![0f32; rows * n_tokens];
+                c.matmul(w, &x, n_tokens, &mut out).unwrap();
+                let act = edgelm_quant::int_dot::activation_type(ty);
+                let act_bytes = act.bytes_for(cols as u64).unwrap() as usize;
+                for t in 0..n_tokens {
+                    let mut a = vec![0u8; act_bytes];
+                    edgelm_quant::quantize_row(act, &x[t * cols..(t + 1) * cols], &mut a).unwrap();
+                    for r in 0..rows {
+                        let want = edgelm_quant::int_dot::vec_dot(
+                            ty,
+                            &data[r * row_bytes..(r + 1) * row_bytes],
+                            &a,
+                        )
+                        .unwrap();
+                        let got = out[t * rows + r];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{isa} {ty}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }

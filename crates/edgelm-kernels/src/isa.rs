@@ -6,7 +6,7 @@ use std::fmt;
 pub enum Isa {
     /// Plain Rust: the reference every SIMD path is tested against.
     Scalar,
-    /// x86-64 AVX2 + FMA.
+    /// x86-64 AVX2 + FMA + F16C (every AVX2 CPU has F16C; the kernels convert scales with it).
     Avx2,
 }
 
@@ -22,7 +22,10 @@ impl Isa {
     /// The best path this CPU runs.
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             return Isa::Avx2;
         }
         Isa::Scalar

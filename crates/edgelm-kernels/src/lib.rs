@@ -4,10 +4,11 @@
 mod compute;
 mod isa;
 mod pool;
+pub mod qdot;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use compute::{Compute, KernelError, Weight};
+pub use compute::{ActivationPrecision, Compute, KernelError, Precision, Weight};
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;
 

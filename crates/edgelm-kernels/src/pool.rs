@@ -1,52 +1,65 @@
 //! A persistent fork/join pool: `run(n, f)` calls `f(0..n)` across the workers and the caller,
-//! returning when all calls are done. Workers park on a condvar between jobs.
+//! returning when all calls are done. Decoding a small model dispatches a few hundred jobs per
+//! token, so wake-up latency matters as much as the kernels: idle workers spin on an atomic
+//! generation counter for a while (a new job starts within nanoseconds) and only then park on a
+//! condvar; the caller spins for the last worker to finish instead of sleeping.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type Task<'a> = dyn Fn(usize) + Sync + 'a;
 
+/// Spin iterations before an idle worker parks (a few milliseconds: longer than the gap between
+/// two jobs of one token, shorter than a user's think time).
+const SPIN_BEFORE_PARK: u32 = 1 << 16;
+/// Spin iterations of the waiting caller before it starts yielding its time slice.
+const SPIN_BEFORE_YIELD: u32 = 1 << 12;
+
 struct Job {
     /// Lifetime erased: `run` does not return until every worker has finished with it.
     task: *const Task<'static>,
     n_tasks: usize,
-    next: Arc<AtomicUsize>,
-}
-
-// SAFETY: the pointee is `Sync` and outlives the job (see `run`).
-unsafe impl Send for Job {}
-
-struct State {
-    job: Option<Job>,
-    generation: u64,
-    busy_workers: usize,
-    shutdown: bool,
 }
 
 struct Shared {
-    state: Mutex<State>,
+    /// Written only by `run` while no worker is busy; read by workers after they observe the
+    /// new generation (release/acquire on `generation` orders the two).
+    job: UnsafeCell<Option<Job>>,
+    next_task: AtomicUsize,
+    generation: AtomicU64,
+    busy_workers: AtomicUsize,
+    sleepers: AtomicUsize,
+    shutdown: AtomicBool,
+    park: Mutex<()>,
     wake: Condvar,
-    done: Condvar,
 }
+
+// SAFETY: `job` is only written while all workers are idle (see `run`), and the task it points to
+// is `Sync`.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// Serializes callers from different threads: one job at a time owns the workers.
+    dispatch: Mutex<()>,
 }
 
 impl ThreadPool {
     /// A pool running work on `n_threads` threads in all (the caller counts as one).
     pub fn new(n_threads: usize) -> ThreadPool {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                job: None,
-                generation: 0,
-                busy_workers: 0,
-                shutdown: false,
-            }),
+            job: UnsafeCell::new(None),
+            next_task: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            busy_workers: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            park: Mutex::new(()),
             wake: Condvar::new(),
-            done: Condvar::new(),
         });
         let workers = (1..n_threads.max(1))
             .map(|i| {
@@ -57,7 +70,11 @@ impl ThreadPool {
                     .expect("spawning a worker thread")
             })
             .collect();
-        ThreadPool { shared, workers }
+        ThreadPool {
+            shared,
+            workers,
+            dispatch: Mutex::new(()),
+        }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -73,28 +90,34 @@ impl ThreadPool {
             (0..n_tasks).for_each(task);
             return;
         }
-        let next = Arc::new(AtomicUsize::new(0));
-        {
-            let mut st = lock(&self.shared.state);
-            // SAFETY: erasing the lifetime is sound because this function waits below until
-            // `busy_workers` is zero and the job is cleared, so no worker holds the pointer after
-            // `task` goes out of scope.
-            let task: *const Task<'static> = unsafe { std::mem::transmute(task) };
-            st.job = Some(Job {
-                task,
+        let _one_job = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        // SAFETY: no worker is busy (the previous `run` waited for all of them), so nobody reads
+        // `job` now. Erasing the task's lifetime is sound because this function waits below until
+        // every worker is done with it.
+        unsafe {
+            *s.job.get() = Some(Job {
+                task: std::mem::transmute::<&Task<'_>, *const Task<'static>>(task),
                 n_tasks,
-                next: next.clone(),
             });
-            st.generation += 1;
-            st.busy_workers = self.workers.len();
         }
-        self.shared.wake.notify_all();
-        drain(task, n_tasks, &next);
-        let mut st = lock(&self.shared.state);
-        while st.busy_workers > 0 {
-            st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        s.next_task.store(0, Ordering::Relaxed);
+        s.busy_workers.store(self.workers.len(), Ordering::Relaxed);
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
         }
-        st.job = None;
+        drain(task, n_tasks, &s.next_task);
+        let mut spins = 0u32;
+        while s.busy_workers.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < SPIN_BEFORE_YIELD {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -108,41 +131,51 @@ fn drain(task: &Task<'_>, n_tasks: usize, next: &AtomicUsize) {
     }
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn worker(shared: &Shared) {
+fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {
-        let (task, n_tasks, next) = {
-            let mut st = lock(&shared.state);
-            while st.generation == seen && !st.shutdown {
-                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            if st.shutdown {
+        let mut spins = 0u32;
+        loop {
+            if s.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            seen = st.generation;
-            match &st.job {
-                Some(job) => (job.task, job.n_tasks, job.next.clone()),
-                None => continue,
+            if s.generation.load(Ordering::Acquire) != seen {
+                break;
             }
-        };
-        // SAFETY: `run` keeps the task alive until this worker decrements `busy_workers`.
-        drain(unsafe { &*task }, n_tasks, &next);
-        let mut st = lock(&shared.state);
-        st.busy_workers -= 1;
-        if st.busy_workers == 0 {
-            shared.done.notify_all();
+            spins += 1;
+            if spins < SPIN_BEFORE_PARK {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
+            s.sleepers.fetch_add(1, Ordering::SeqCst);
+            // Checked after announcing ourselves as a sleeper, so `run` either sees the sleeper
+            // and notifies, or we see its new generation here.
+            while s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst)
+            {
+                guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleepers.fetch_sub(1, Ordering::SeqCst);
+            spins = 0;
         }
+        seen = s.generation.load(Ordering::Acquire);
+        // SAFETY: `run` wrote the job before publishing this generation and keeps it (and the
+        // task it points to) alive until `busy_workers` drops to zero.
+        if let Some(job) = unsafe { &*s.job.get() } {
+            // SAFETY: as above.
+            drain(unsafe { &*job.task }, job.n_tasks, &s.next_task);
+        }
+        s.busy_workers.fetch_sub(1, Ordering::Release);
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        lock(&self.shared.state).shutdown = true;
-        self.shared.wake.notify_all();
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _guard = self.shared.park.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -169,11 +202,25 @@ mod tests {
     fn many_jobs_in_a_row() {
         let pool = ThreadPool::new(2);
         let total = AtomicUsize::new(0);
-        for _ in 0..2000 {
+        for _ in 0..20_000 {
             pool.run(4, &|i| {
                 total.fetch_add(i, Ordering::Relaxed);
             });
         }
-        assert_eq!(total.load(Ordering::Relaxed), 2000 * 6);
+        assert_eq!(total.load(Ordering::Relaxed), 20_000 * 6);
+    }
+
+    #[test]
+    fn parked_workers_wake_for_new_jobs() {
+        let pool = ThreadPool::new(2);
+        let total = AtomicUsize::new(0);
+        for _ in 0..3 {
+            // Long enough for the worker to exhaust its spin budget and park.
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            pool.run(64, &|_| {
+                total.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 3 * 64);
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
-use edgelm_kernels::{Compute, Weight};
+use edgelm_kernels::{ActivationPrecision, Compute, Weight};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -112,6 +112,8 @@ pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Resul
 pub struct Linear {
     pub weight: WeightRef,
     pub bias: Option<Vec<f32>>,
+    /// How finely the fast path quantizes this projection's input.
+    pub input_precision: ActivationPrecision,
 }
 
 impl Linear {
@@ -128,7 +130,11 @@ impl Linear {
             Some(_) => Some(load_vector(file, &bias_name, weight.rows, arch)?),
             None => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            input_precision: ActivationPrecision::Int8,
+        })
     }
 
     pub fn out_features(&self) -> usize {
@@ -141,7 +147,7 @@ impl Linear {
 
     /// `out[t] = W·x[t] + b` for `n` tokens.
     pub fn forward(&self, c: &Compute, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
-        c.matmul(self.weight.view(), x, n, out)?;
+        c.matmul_with(self.weight.view(), x, n, out, self.input_precision)?;
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(o, b)| *o += b);

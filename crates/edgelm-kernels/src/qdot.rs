@@ -1,0 +1,108 @@
+//! The fast path's kernel table: for each weight type, the activation format it pairs with
+//! (8-bit blocks, as llama.cpp's `vec_dot_type`), a row quantizer for activations, and a row dot
+//! product of one weight row with up to [`MAX_COLS`] activation rows at once — so prefill unpacks
+//! each weight block once for several tokens. Chosen once per (weight type × ISA) at load; the
+//! scalar entries wrap `edgelm_quant`'s integer reference, which every SIMD entry is tested against.
+
+use crate::Isa;
+use edgelm_quant::{int_dot, GgmlType};
+
+/// Activation rows one row-dot call handles.
+pub const MAX_COLS: usize = 8;
+
+/// `out[j] = w · acts[j]` for `j < acts.len() ≤ MAX_COLS`; `w` is one weight row, each
+/// `acts[j]` the same number of elements in the activation format.
+///
+/// # Safety
+/// The CPU supports the ISA the function was built for; lengths match (checked by the caller).
+pub type RowDotFn = unsafe fn(w: &[u8], acts: &[&[u8]], out: &mut [f32]);
+
+/// Quantize one row of f32 activations into the activation format.
+///
+/// # Safety
+/// As for [`RowDotFn`]; `out` has exactly the bytes for `x.len()` elements.
+pub type QuantizeFn = unsafe fn(x: &[f32], out: &mut [u8]);
+
+#[derive(Clone, Copy)]
+pub struct QuantKernel {
+    pub weight: GgmlType,
+    pub act: GgmlType,
+    pub isa: Isa,
+    pub row_dot: RowDotFn,
+    pub quantize: QuantizeFn,
+}
+
+/// The kernel for weight type `ty` on `isa`, falling back to the scalar reference for types the
+/// ISA has no specialised kernel for. None if the type cannot be a weight.
+pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
+    if !int_dot::can_vec_dot(ty) {
+        return None;
+    }
+    let act = int_dot::activation_type(ty);
+    let scalar = QuantKernel {
+        weight: ty,
+        act,
+        isa: Isa::Scalar,
+        row_dot: scalar_row_dot_for(ty),
+        quantize: scalar_quantize_for(act),
+    };
+    let _ = isa;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return Some(crate::x86::avx2_quant::kernel(ty).unwrap_or(scalar));
+    }
+    Some(scalar)
+}
+
+fn scalar_row_dot_for(ty: GgmlType) -> RowDotFn {
+    use GgmlType::*;
+    // One monomorphic function per type, so the table holds plain fn pointers.
+    macro_rules! row_dot {
+        ($t:ident) => {{
+            unsafe fn f(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+                for (a, o) in acts.iter().zip(out.iter_mut()) {
+                    *o = int_dot::vec_dot($t, w, a).unwrap_or(f32::NAN);
+                }
+            }
+            f as RowDotFn
+        }};
+    }
+    match ty {
+        F32 => row_dot!(F32),
+        F16 => row_dot!(F16),
+        BF16 => row_dot!(BF16),
+        Q4_0 => row_dot!(Q4_0),
+        Q4_1 => row_dot!(Q4_1),
+        Q5_0 => row_dot!(Q5_0),
+        Q5_1 => row_dot!(Q5_1),
+        Q8_0 => row_dot!(Q8_0),
+        Q2_K => row_dot!(Q2_K),
+        Q3_K => row_dot!(Q3_K),
+        Q4_K => row_dot!(Q4_K),
+        Q5_K => row_dot!(Q5_K),
+        Q6_K => row_dot!(Q6_K),
+        Q8_1 => row_dot!(Q8_1),
+        Q8_K => row_dot!(Q8_K),
+    }
+}
+
+fn scalar_quantize_for(act: GgmlType) -> QuantizeFn {
+    use GgmlType::*;
+    macro_rules! quantize {
+        ($t:ident) => {{
+            unsafe fn f(x: &[f32], out: &mut [u8]) {
+                // Lengths are checked by the caller; an error here would be a caller bug.
+                let _ = edgelm_quant::quantize_row($t, x, out);
+            }
+            f as QuantizeFn
+        }};
+    }
+    match act {
+        Q8_0 => quantize!(Q8_0),
+        Q8_1 => quantize!(Q8_1),
+        Q8_K => quantize!(Q8_K),
+        F16 => quantize!(F16),
+        BF16 => quantize!(BF16),
+        _ => quantize!(F32),
+    }
+}
