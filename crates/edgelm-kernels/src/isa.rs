@@ -8,11 +8,13 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C (every AVX2 CPU has F16C; the kernels convert scales with it).
     Avx2,
+    /// AVX2 plus AVX-512 F/BW/VL with VNNI; types without a 512-bit kernel use the AVX2 one.
+    Avx512,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum IsaError {
-    #[error("EDGELM_ISA={0:?} is not known: use scalar or avx2")]
+    #[error("EDGELM_ISA={0:?} is not known: use scalar, avx2 or avx512")]
     Unknown(String),
     #[error("EDGELM_ISA={0} was asked for but this CPU lacks it (detected: {1})")]
     Unsupported(Isa, Isa),
@@ -26,6 +28,13 @@ impl Isa {
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
         {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Avx512;
+            }
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -40,6 +49,7 @@ impl Isa {
                 let want = match s.to_ascii_lowercase().as_str() {
                     "scalar" => Isa::Scalar,
                     "avx2" => Isa::Avx2,
+                    "avx512" => Isa::Avx512,
                     _ => return Err(IsaError::Unknown(s)),
                 };
                 if want.runs_on(best) {
@@ -54,7 +64,7 @@ impl Isa {
     /// Every path this CPU can run, for tests.
     pub fn available() -> Vec<Isa> {
         let best = Isa::detect();
-        [Isa::Scalar, Isa::Avx2]
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
             .into_iter()
             .filter(|i| i.runs_on(best))
             .collect()
@@ -63,7 +73,8 @@ impl Isa {
     fn runs_on(self, best: Isa) -> bool {
         match self {
             Isa::Scalar => true,
-            Isa::Avx2 => best == Isa::Avx2,
+            Isa::Avx2 => matches!(best, Isa::Avx2 | Isa::Avx512),
+            Isa::Avx512 => best == Isa::Avx512,
         }
     }
 }
@@ -73,6 +84,7 @@ impl fmt::Display for Isa {
         f.write_str(match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         })
     }
 }

@@ -48,8 +48,13 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
     };
     let _ = isa;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        return Some(crate::x86::avx2_quant::kernel(ty).unwrap_or(scalar));
+    match isa {
+        Isa::Avx512 => {
+            let k = crate::x86::avx512_quant::kernel(ty).or_else(|| crate::x86::avx2_quant::kernel(ty));
+            return Some(k.unwrap_or(scalar));
+        }
+        Isa::Avx2 => return Some(crate::x86::avx2_quant::kernel(ty).unwrap_or(scalar)),
+        Isa::Scalar => {}
     }
     Some(scalar)
 }
