@@ -242,7 +242,10 @@ impl Compute {
         // A few long contiguous row ranges per thread: each thread streams its weights in order,
         // so the hardware prefetcher runs ahead (short interleaved ranges halve decode speed),
         // while four ranges per thread still even out the load.
-        let per_task = w.rows.div_ceil(4 * self.pool.n_threads()).next_multiple_of(ROWS_PER_TASK);
+        let per_task = w
+            .rows
+            .div_ceil(4 * self.pool.n_threads())
+            .next_multiple_of(ROWS_PER_TASK);
         let n_tasks = w.rows.div_ceil(per_task);
         let tile = MAX_COLS / passes;
         self.pool.run(n_tasks, &|task| {
@@ -257,7 +260,8 @@ impl Compute {
                     let nt = (n_tokens - t0).min(tile);
                     let nc = nt * passes;
                     for (j, c) in cols[..nc].iter_mut().enumerate() {
-                        *c = &acts[(t0 * passes + j) * act_bytes..(t0 * passes + j + 1) * act_bytes];
+                        *c =
+                            &acts[(t0 * passes + j) * act_bytes..(t0 * passes + j + 1) * act_bytes];
                     }
                     for r in r0..r1 {
                         let wrow = &w.data[r * row_bytes..(r + 1) * row_bytes];
@@ -271,6 +275,28 @@ impl Compute {
                     }
                 }
             }
+        });
+    }
+
+    /// Run `f(i, chunk)` over consecutive `chunk_len`-element chunks of `data` (the last may be
+    /// shorter), spread over the pool: for element-wise work too large for one thread.
+    pub fn par_chunks_mut(
+        &self,
+        data: &mut [f32],
+        chunk_len: usize,
+        f: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        let chunk_len = chunk_len.max(1);
+        let len = data.len();
+        let shared = SharedOut(data.as_mut_ptr());
+        self.pool.run(len.div_ceil(chunk_len), &|i| {
+            let start = i * chunk_len;
+            let n = chunk_len.min(len - start);
+            // SAFETY: chunk i is [start, start + n) inside `data`, disjoint from every other
+            // task's, and `run` joins all tasks before the borrow of `data` ends.
+            f(i, unsafe {
+                std::slice::from_raw_parts_mut(shared.get().add(start), n)
+            });
         });
     }
 

@@ -50,7 +50,8 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 => {
-            let k = crate::x86::avx512_quant::kernel(ty).or_else(|| crate::x86::avx2_quant::kernel(ty));
+            let k =
+                crate::x86::avx512_quant::kernel(ty).or_else(|| crate::x86::avx2_quant::kernel(ty));
             return Some(k.unwrap_or(scalar));
         }
         Isa::Avx2 => return Some(crate::x86::avx2_quant::kernel(ty).unwrap_or(scalar)),

@@ -50,19 +50,16 @@ impl Rope {
     }
 
     /// Rotate every head (`head_dim` values each) of one token's vector at position `pos`.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, cos_sin: &mut Vec<(f32, f32)>) {
-        cos_sin.clear();
-        cos_sin.extend(self.inv_freq.iter().map(|f| {
-            let theta = pos as f64 * f;
-            (theta.cos() as f32, theta.sin() as f32)
-        }));
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
         let half = self.n_rot / 2;
-        for head in x.chunks_exact_mut(head_dim) {
-            for (i, &(c, s)) in cos_sin.iter().enumerate() {
-                let (a, b) = match self.style {
-                    RopeStyle::Normal => (2 * i, 2 * i + 1),
-                    RopeStyle::Neox => (i, i + half),
-                };
+        for (i, f) in self.inv_freq.iter().enumerate() {
+            let theta = pos as f64 * f;
+            let (s, c) = (theta.sin() as f32, theta.cos() as f32);
+            let (a, b) = match self.style {
+                RopeStyle::Normal => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + half),
+            };
+            for head in x.chunks_exact_mut(head_dim) {
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * c - x1 * s;
                 head[b] = x0 * s + x1 * c;
@@ -88,10 +85,13 @@ impl Activation {
                 .zip(up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
             Activation::GeluTanh => {
-                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                // 0.5·(1 + tanh(z)) = 1 / (1 + e^(−2z)): the same function with one exp instead
+                // of a tanh, and no cancellation for negative inputs.
+                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
                 gate.iter_mut().zip(up).for_each(|(g, u)| {
                     let x = *g;
-                    *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u
+                    let z2 = TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+                    *g = x / (1.0 + (-z2).exp()) * u
                 })
             }
         }
@@ -139,15 +139,14 @@ mod tests {
 
     #[test]
     fn rope_styles_rotate_the_right_pairs() {
-        let mut cs = Vec::new();
         // One frequency (n_rot 2): pos 1 rotates by 1 radian.
         let r = Rope::new(RopeStyle::Normal, 2, 10000.0, 1.0, None);
         let mut x = vec![1.0, 0.0];
-        r.apply(&mut x, 2, 1, &mut cs);
+        r.apply(&mut x, 2, 1);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
         let r = Rope::new(RopeStyle::Neox, 4, 10000.0, 1.0, None);
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
-        r.apply(&mut x, 4, 1, &mut cs);
+        r.apply(&mut x, 4, 1);
         // Pair (0, 2) at frequency 1.
         assert!(
             (x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6 && x[1] == 0.0

@@ -333,12 +333,11 @@ impl Transformer {
         }
 
         let mut h = vec![0f32; n * d];
-        let mut cos_sin = Vec::new();
         for (li, (b, shape)) in self.blocks.iter().zip(&hp.layers).enumerate() {
             let q_dim = shape.n_head * hd;
             let kv_dim = shape.n_head_kv * hd;
             h.copy_from_slice(&x);
-            rms_norm(&mut h, &b.attn_norm, hp.rms_eps);
+            norm_rows(c, &mut h, &b.attn_norm, hp.rms_eps);
             let mut q = vec![0f32; n * q_dim];
             let mut k = vec![0f32; n * kv_dim];
             let mut v = vec![0f32; n * kv_dim];
@@ -346,22 +345,13 @@ impl Transformer {
             b.wk.forward(c, &h, n, &mut k)?;
             b.wv.forward(c, &h, n, &mut v)?;
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
-                rms_norm(&mut q, qn, hp.rms_eps);
-                rms_norm(&mut k, kn, hp.rms_eps);
+                norm_rows(c, &mut q, qn, hp.rms_eps);
+                norm_rows(c, &mut k, kn, hp.rms_eps);
             }
+            let rope = &shape.rope;
+            c.par_chunks_mut(&mut q, q_dim, &|t, row| rope.apply(row, hd, positions[t]));
+            c.par_chunks_mut(&mut k, kv_dim, &|t, row| rope.apply(row, hd, positions[t]));
             for t in 0..n {
-                shape.rope.apply(
-                    &mut q[t * q_dim..(t + 1) * q_dim],
-                    hd,
-                    positions[t],
-                    &mut cos_sin,
-                );
-                shape.rope.apply(
-                    &mut k[t * kv_dim..(t + 1) * kv_dim],
-                    hd,
-                    positions[t],
-                    &mut cos_sin,
-                );
                 cache.write(
                     seqs[t],
                     li,
@@ -376,20 +366,23 @@ impl Transformer {
             let mut o = vec![0f32; n * d];
             b.wo.forward(c, &att, n, &mut o)?;
             if let Some(w) = &b.post_attn_norm {
-                rms_norm(&mut o, w, hp.rms_eps);
+                norm_rows(c, &mut o, w, hp.rms_eps);
             }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
             h.copy_from_slice(&x);
-            rms_norm(&mut h, &b.ffn_norm, hp.rms_eps);
+            norm_rows(c, &mut h, &b.ffn_norm, hp.rms_eps);
             let mut g = vec![0f32; n * shape.n_ff];
             let mut u = vec![0f32; n * shape.n_ff];
             b.gate.forward(c, &h, n, &mut g)?;
             b.up.forward(c, &h, n, &mut u)?;
-            hp.activation.glu(&mut g, &u);
+            let (act, n_ff) = (hp.activation, shape.n_ff);
+            c.par_chunks_mut(&mut g, n_ff, &|t, gate| {
+                act.glu(gate, &u[t * n_ff..(t + 1) * n_ff])
+            });
             b.down.forward(c, &g, n, &mut o)?;
             if let Some(w) = &b.post_ffn_norm {
-                rms_norm(&mut o, w, hp.rms_eps);
+                norm_rows(c, &mut o, w, hp.rms_eps);
             }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
@@ -463,6 +456,12 @@ impl Transformer {
             );
         });
     }
+}
+
+/// RMSNorm of every `w.len()`-wide row, rows spread over the pool in token-sized groups.
+fn norm_rows(c: &Compute, x: &mut [f32], w: &[f32], eps: f32) {
+    let group = w.len() * (x.len() / w.len()).div_ceil(4 * c.n_threads()).max(1);
+    c.par_chunks_mut(x, group, &|_, rows| rms_norm(rows, w, eps));
 }
 
 #[derive(Clone, Copy)]

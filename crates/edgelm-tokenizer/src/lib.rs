@@ -461,7 +461,8 @@ impl Tokenizer {
                 return Ok(Some(id));
             }
             for (i, t) in tokens.iter().enumerate() {
-                if token_to_id.get(t) == Some(&(i as u32)) && role.texts.contains(&t.as_str()) {
+                // The cheap text test first: the hash lookup then runs for a handful of tokens.
+                if role.texts.contains(&t.as_str()) && token_to_id.get(t) == Some(&(i as u32)) {
                     attrs[i] |= ATTR_CONTROL;
                     return Ok(Some(i as u32));
                 }
