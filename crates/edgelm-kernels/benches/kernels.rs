@@ -1,0 +1,119 @@
+//! Kernel micro-benchmarks: weight bytes per second of each fast-path row dot (1 and 8 activation
+//! rows) on every ISA this CPU runs, the precise f32 matmul, and the pool's per-dispatch cost.
+//! `cargo bench -p edgelm-kernels` (criterion prints GiB/s; elements are MACs for the f32 path).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgelm_kernels::qdot::kernel_for;
+use edgelm_kernels::{Compute, Isa, Precision, ThreadPool, Weight};
+use edgelm_quant::GgmlType;
+use std::hint::black_box;
+
+const COLS: usize = 4096;
+const ROWS: usize = 64;
+
+fn random_floats(n: usize, mut seed: u64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn quantized(ty: GgmlType, values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.bytes_for(values.len() as u64).expect("whole blocks") as usize];
+    edgelm_quant::quantize_row(ty, values, &mut out).expect("quantizable type");
+    out
+}
+
+fn row_dots(c: &mut Criterion) {
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+    let mut group = c.benchmark_group("row_dot");
+    for ty in types {
+        let row_bytes = ty.bytes_for(COLS as u64).unwrap() as usize;
+        let weights = quantized(ty, &random_floats(ROWS * COLS, 1));
+        for isa in Isa::available() {
+            let k = kernel_for(isa, ty).expect("weight type");
+            let acts: Vec<Vec<u8>> = (0..8)
+                .map(|i| quantized(k.act, &random_floats(COLS, 7 + i)))
+                .collect();
+            for n_acts in [1usize, 8] {
+                let a: Vec<&[u8]> = acts[..n_acts].iter().map(|v| v.as_slice()).collect();
+                let mut out = [0f32; 8];
+                group.throughput(Throughput::Bytes((ROWS * row_bytes) as u64));
+                group.bench_function(
+                    BenchmarkId::new(format!("{ty}/{isa}"), format!("{n_acts}cols")),
+                    |b| {
+                        b.iter(|| {
+                            for r in 0..ROWS {
+                                // SAFETY: the kernel was chosen for this CPU; lengths match.
+                                unsafe {
+                                    (k.row_dot)(
+                                        &weights[r * row_bytes..(r + 1) * row_bytes],
+                                        &a,
+                                        &mut out[..n_acts],
+                                    )
+                                };
+                            }
+                            black_box(out)
+                        })
+                    },
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+fn matmuls(c: &mut Criterion) {
+    let (rows, cols, tokens) = (1024, 1024, 32);
+    let weights = quantized(GgmlType::Q4_K, &random_floats(rows * cols, 3));
+    let x = random_floats(tokens * cols, 5);
+    let mut out = vec![0f32; rows * tokens];
+    let mut group = c.benchmark_group("matmul_q4k_1024x1024x32");
+    group.throughput(Throughput::Elements((rows * cols * tokens) as u64));
+    for precision in [Precision::Precise, Precision::Fast] {
+        let compute = Compute::with_precision(Isa::detect(), 2, precision);
+        let w = Weight {
+            ty: GgmlType::Q4_K,
+            rows,
+            cols,
+            data: &weights,
+        };
+        group.bench_function(format!("{precision:?}"), |b| {
+            b.iter(|| {
+                compute
+                    .matmul(w, &x, tokens, &mut out)
+                    .expect("shapes match")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn pool_dispatch(c: &mut Criterion) {
+    let pool = ThreadPool::new(2);
+    c.bench_function("pool_dispatch_2_threads", |b| {
+        b.iter(|| {
+            pool.run(2, &|i| {
+                black_box(i);
+            })
+        })
+    });
+}
+
+criterion_group!(benches, row_dots, matmuls, pool_dispatch);
+criterion_main!(benches);
