@@ -50,6 +50,8 @@ pub struct Compute {
     kernels: Vec<Option<QuantKernel>>,
     /// Quantized activations of the current fast matmul, reused across calls.
     activations: Mutex<Vec<u8>>,
+    /// The refined path's residual row, reused across calls.
+    residual: Mutex<Vec<f32>>,
 }
 
 /// How finely the fast path quantizes a matmul's input activations.
@@ -100,6 +102,7 @@ impl Compute {
             pool: ThreadPool::new(threads),
             kernels,
             activations: Mutex::new(Vec::new()),
+            residual: Mutex::new(Vec::new()),
         }
     }
 
@@ -225,13 +228,14 @@ impl Compute {
         let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
         let mut acts = self.activations.lock().unwrap_or_else(|e| e.into_inner());
         acts.resize(n_tokens * passes * act_bytes, 0);
-        let mut residual = vec![0f32; if passes > 1 { w.cols } else { 0 }];
+        let mut residual = self.residual.lock().unwrap_or_else(|e| e.into_inner());
+        residual.resize(if passes > 1 { w.cols } else { 0 }, 0.0);
         for (t, dst) in acts.chunks_exact_mut(passes * act_bytes).enumerate() {
             let xt = &x[t * w.cols..(t + 1) * w.cols];
             // SAFETY: the kernel was chosen for this CPU; `dst` holds exactly `cols` elements.
             unsafe { (k.quantize)(xt, &mut dst[..act_bytes]) };
             if passes > 1 {
-                let _ = dequantize_row(k.act, &dst[..act_bytes], &mut residual);
+                let _ = dequantize_row(k.act, &dst[..act_bytes], &mut residual[..]);
                 residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
                 // SAFETY: as above.
                 unsafe { (k.quantize)(&residual, &mut dst[act_bytes..2 * act_bytes]) };

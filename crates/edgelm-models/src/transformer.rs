@@ -58,6 +58,7 @@ pub struct Transformer {
     output_norm: Vec<f32>,
     output: Linear,
     file: Arc<GgufFile>,
+    scratch: std::sync::Mutex<Scratch>,
 }
 
 impl Transformer {
@@ -232,6 +233,7 @@ impl Transformer {
             output_norm,
             output,
             file,
+            scratch: Default::default(),
         })
     }
 
@@ -323,7 +325,20 @@ impl Transformer {
         let positions = &batch.positions[range.clone()];
         let seqs = &batch.seqs[range.clone()];
 
-        let mut x = vec![0f32; n * d];
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let Scratch {
+            x,
+            h,
+            q,
+            k,
+            v,
+            att,
+            o,
+            g,
+            u,
+            xs,
+        } = &mut *scratch;
+        let x = fit(x, n * d);
         for (t, &tok) in tokens.iter().enumerate() {
             self.tok_embd
                 .row(tok as usize, &mut x[t * d..(t + 1) * d])?;
@@ -332,25 +347,23 @@ impl Transformer {
             x.iter_mut().for_each(|v| *v *= s);
         }
 
-        let mut h = vec![0f32; n * d];
+        let h = fit(h, n * d);
         for (li, (b, shape)) in self.blocks.iter().zip(&hp.layers).enumerate() {
             let q_dim = shape.n_head * hd;
             let kv_dim = shape.n_head_kv * hd;
-            h.copy_from_slice(&x);
-            norm_rows(c, &mut h, &b.attn_norm, hp.rms_eps);
-            let mut q = vec![0f32; n * q_dim];
-            let mut k = vec![0f32; n * kv_dim];
-            let mut v = vec![0f32; n * kv_dim];
-            b.wq.forward(c, &h, n, &mut q)?;
-            b.wk.forward(c, &h, n, &mut k)?;
-            b.wv.forward(c, &h, n, &mut v)?;
+            h.copy_from_slice(x);
+            norm_rows(c, h, &b.attn_norm, hp.rms_eps);
+            let (q, k, v) = (fit(q, n * q_dim), fit(k, n * kv_dim), fit(v, n * kv_dim));
+            b.wq.forward(c, h, n, q)?;
+            b.wk.forward(c, h, n, k)?;
+            b.wv.forward(c, h, n, v)?;
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
-                norm_rows(c, &mut q, qn, hp.rms_eps);
-                norm_rows(c, &mut k, kn, hp.rms_eps);
+                norm_rows(c, q, qn, hp.rms_eps);
+                norm_rows(c, k, kn, hp.rms_eps);
             }
             let rope = &shape.rope;
-            c.par_chunks_mut(&mut q, q_dim, &|t, row| rope.apply(row, hd, positions[t]));
-            c.par_chunks_mut(&mut k, kv_dim, &|t, row| rope.apply(row, hd, positions[t]));
+            c.par_chunks_mut(q, q_dim, &|t, row| rope.apply(row, hd, positions[t]));
+            c.par_chunks_mut(k, kv_dim, &|t, row| rope.apply(row, hd, positions[t]));
             for t in 0..n {
                 cache.write(
                     seqs[t],
@@ -361,30 +374,29 @@ impl Transformer {
                 );
             }
 
-            let mut att = vec![0f32; n * q_dim];
-            self.attention(c, cache, li, shape, &q, positions, seqs, &mut att);
-            let mut o = vec![0f32; n * d];
-            b.wo.forward(c, &att, n, &mut o)?;
+            let att = fit(att, n * q_dim);
+            self.attention(c, cache, li, shape, q, positions, seqs, att);
+            let o = fit(o, n * d);
+            b.wo.forward(c, att, n, o)?;
             if let Some(w) = &b.post_attn_norm {
-                norm_rows(c, &mut o, w, hp.rms_eps);
+                norm_rows(c, o, w, hp.rms_eps);
             }
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            x.iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
 
-            h.copy_from_slice(&x);
-            norm_rows(c, &mut h, &b.ffn_norm, hp.rms_eps);
-            let mut g = vec![0f32; n * shape.n_ff];
-            let mut u = vec![0f32; n * shape.n_ff];
-            b.gate.forward(c, &h, n, &mut g)?;
-            b.up.forward(c, &h, n, &mut u)?;
+            h.copy_from_slice(x);
+            norm_rows(c, h, &b.ffn_norm, hp.rms_eps);
+            let (g, u) = (fit(g, n * shape.n_ff), fit(u, n * shape.n_ff));
+            b.gate.forward(c, h, n, g)?;
+            b.up.forward(c, h, n, u)?;
             let (act, n_ff) = (hp.activation, shape.n_ff);
-            c.par_chunks_mut(&mut g, n_ff, &|t, gate| {
+            c.par_chunks_mut(g, n_ff, &|t, gate| {
                 act.glu(gate, &u[t * n_ff..(t + 1) * n_ff])
             });
-            b.down.forward(c, &g, n, &mut o)?;
+            b.down.forward(c, g, n, o)?;
             if let Some(w) = &b.post_ffn_norm {
-                norm_rows(c, &mut o, w, hp.rms_eps);
+                norm_rows(c, o, w, hp.rms_eps);
             }
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            x.iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
         }
         for (t, &s) in seqs.iter().enumerate() {
             let len = cache.seq_len(s).max(positions[t] + 1);
@@ -398,15 +410,15 @@ impl Transformer {
         if wanted.is_empty() {
             return Ok(());
         }
-        let mut xs = Vec::with_capacity(wanted.len() * d);
-        for &t in &wanted {
-            xs.extend_from_slice(&x[t * d..(t + 1) * d]);
+        let xs = fit(xs, wanted.len() * d);
+        for (row, &t) in xs.chunks_exact_mut(d).zip(&wanted) {
+            row.copy_from_slice(&x[t * d..(t + 1) * d]);
         }
-        rms_norm(&mut xs, &self.output_norm, hp.rms_eps);
+        rms_norm(xs, &self.output_norm, hp.rms_eps);
         let at = logits.data.len();
         logits.data.resize(at + wanted.len() * hp.n_vocab, 0.0);
         self.output
-            .forward(c, &xs, wanted.len(), &mut logits.data[at..])?;
+            .forward(c, xs, wanted.len(), &mut logits.data[at..])?;
         logits
             .batch_index
             .extend(wanted.iter().map(|t| range.start + t));
@@ -443,19 +455,49 @@ impl Transformer {
             let o = unsafe {
                 std::slice::from_raw_parts_mut(out_ptr.get().add((t * n_head + head) * hd), hd)
             };
-            let mut scores = Vec::with_capacity(pos + 1 - first);
-            attend(
-                c,
-                qh,
-                pos + 1 - first,
-                |j| &cache.kv(seqs[t], layer, first + j).0[cols.clone()],
-                |j| &cache.kv(seqs[t], layer, first + j).1[cols.clone()],
-                scale,
-                &mut scores,
-                o,
-            );
+            SCORES.with_borrow_mut(|scores| {
+                attend(
+                    c,
+                    qh,
+                    pos + 1 - first,
+                    |j| &cache.kv(seqs[t], layer, first + j).0[cols.clone()],
+                    |j| &cache.kv(seqs[t], layer, first + j).1[cols.clone()],
+                    scale,
+                    scores,
+                    o,
+                )
+            });
         });
     }
+}
+
+thread_local! {
+    /// Attention scores of the query head a pool thread is working on.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Activation buffers of one forward chunk, kept between calls so decoding allocates nothing;
+/// they grow to the largest chunk seen (at most `MAX_CHUNK` tokens).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    xs: Vec<f32>,
+}
+
+/// The first `n` elements of `buf`, growing it if needed. Callers overwrite what they use.
+fn fit(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
 }
 
 /// RMSNorm of every `w.len()`-wide row, rows spread over the pool in token-sized groups.
