@@ -1,6 +1,7 @@
 //! Compute kernels for edgelm: the ISA chosen once at start, a persistent thread pool, and the
 //! matrix products every `Linear` calls. Model code never sees SIMD, threads or `unsafe`.
 
+mod attention;
 mod compute;
 mod isa;
 mod pool;

@@ -1,7 +1,5 @@
 //! Shared layer math in f32: norms, rotary embeddings, activations, attention.
 
-use edgelm_kernels::Compute;
-
 /// `x ← x / rms(x) · w` over each row of `w.len()` values.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(w.len()) {
@@ -95,33 +93,6 @@ impl Activation {
                 })
             }
         }
-    }
-}
-
-/// Softmax attention of one query head over `n_keys` cached keys:
-/// `out = Σ_j softmax(scale·q·k_j)·v_j`. `key(j)` / `value(j)` return the j-th key and value.
-#[allow(clippy::too_many_arguments)]
-pub fn attend<'a>(
-    c: &Compute,
-    q: &[f32],
-    n_keys: usize,
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    scores.clear();
-    scores.extend((0..n_keys).map(|j| c.dot(q, key(j)) * scale));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for (j, s) in scores.iter().enumerate() {
-        c.axpy(s / sum, value(j), out);
     }
 }
 
