@@ -6,7 +6,7 @@
 mod common;
 
 use edgelm_engine::{GenerateRequest, SamplingParams};
-use edgelm_kernels::Isa;
+use edgelm_kernels::{Compute, Isa, Precision};
 
 #[test]
 fn tokenization_matches_llama_cpp() {
@@ -129,14 +129,29 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let llama_cpp: f64 = cells[3].parse().expect("llama.cpp AVX-512 figure");
         let exact: f64 = cells[4].parse().expect("exact figure");
-        let engine = common::engine(model, Isa::detect());
+        let path = common::model_path(model);
+        let fast = Compute::with_precision(Isa::detect(), 2, Precision::Fast);
+        let engine = edgelm_engine::Engine::load(&path, fast).unwrap();
         let tokens = engine
             .tokenizer
             .encode(&text, engine.tokenizer.adds_bos(), false)
             .unwrap();
+        // The fast path lands between the exact figure and llama.cpp's (its 8-bit noise costs
+        // less than llama.cpp's).
         let r = edgelm_engine::perplexity(&engine, &tokens, 512, &mut |_| {}).unwrap();
         report.push(format!(
-            "{model}: PPL {:.4} +/- {:.4} over {} chunks (llama.cpp {llama_cpp}, exact {exact})",
+            "{model} fast: PPL {:.4} +/- {:.4}",
+            r.ppl, r.ppl_err
+        ));
+        assert!(
+            r.ppl >= exact * 0.9995 && r.ppl <= llama_cpp * 1.0005,
+            "{}",
+            report.last().unwrap()
+        );
+        let engine = common::engine(model, Isa::detect());
+        let r = edgelm_engine::perplexity(&engine, &tokens, 512, &mut |_| {}).unwrap();
+        report.push(format!(
+            "{model} precise: PPL {:.4} +/- {:.4} over {} chunks (llama.cpp {llama_cpp}, exact {exact})",
             r.ppl, r.ppl_err, r.n_chunks
         ));
         assert_eq!(

@@ -50,8 +50,6 @@ pub struct Compute {
     kernels: Vec<Option<QuantKernel>>,
     /// Quantized activations of the current fast matmul, reused across calls.
     activations: Mutex<Vec<u8>>,
-    /// The refined path's residual row, reused across calls.
-    residual: Mutex<Vec<f32>>,
 }
 
 /// How finely the fast path quantizes a matmul's input activations.
@@ -68,6 +66,21 @@ pub enum ActivationPrecision {
 
 thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The refined quantization's residual row.
+    static RESIDUAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Raw activation bytes shared by tasks that write disjoint token rows.
+#[derive(Clone, Copy)]
+struct SharedBytes(*mut u8);
+// SAFETY: tasks write disjoint ranges, and `run` joins them before the borrow ends.
+unsafe impl Send for SharedBytes {}
+unsafe impl Sync for SharedBytes {}
+
+impl SharedBytes {
+    fn get(self) -> *mut u8 {
+        self.0
+    }
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements.
@@ -102,7 +115,6 @@ impl Compute {
             pool: ThreadPool::new(threads),
             kernels,
             activations: Mutex::new(Vec::new()),
-            residual: Mutex::new(Vec::new()),
         }
     }
 
@@ -228,18 +240,42 @@ impl Compute {
         let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
         let mut acts = self.activations.lock().unwrap_or_else(|e| e.into_inner());
         acts.resize(n_tokens * passes * act_bytes, 0);
-        let mut residual = self.residual.lock().unwrap_or_else(|e| e.into_inner());
-        residual.resize(if passes > 1 { w.cols } else { 0 }, 0.0);
-        for (t, dst) in acts.chunks_exact_mut(passes * act_bytes).enumerate() {
-            let xt = &x[t * w.cols..(t + 1) * w.cols];
+        let cols = w.cols;
+        let quantize_token = |t: usize, dst: &mut [u8]| {
+            let xt = &x[t * cols..(t + 1) * cols];
             // SAFETY: the kernel was chosen for this CPU; `dst` holds exactly `cols` elements.
             unsafe { (k.quantize)(xt, &mut dst[..act_bytes]) };
             if passes > 1 {
-                let _ = dequantize_row(k.act, &dst[..act_bytes], &mut residual[..]);
-                residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
-                // SAFETY: as above.
-                unsafe { (k.quantize)(&residual, &mut dst[act_bytes..2 * act_bytes]) };
+                RESIDUAL.with_borrow_mut(|residual| {
+                    residual.resize(cols, 0.0);
+                    let _ = dequantize_row(k.act, &dst[..act_bytes], residual);
+                    residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
+                    // SAFETY: as above.
+                    unsafe { (k.quantize)(residual, &mut dst[act_bytes..2 * act_bytes]) };
+                });
             }
+        };
+        let token_bytes = passes * act_bytes;
+        if n_tokens < 4 * self.pool.n_threads() {
+            for (t, dst) in acts.chunks_exact_mut(token_bytes).enumerate() {
+                quantize_token(t, dst);
+            }
+        } else {
+            let per_task = n_tokens.div_ceil(2 * self.pool.n_threads());
+            let shared_acts = SharedBytes(acts.as_mut_ptr());
+            self.pool.run(n_tokens.div_ceil(per_task), &|task| {
+                for t in task * per_task..((task + 1) * per_task).min(n_tokens) {
+                    // SAFETY: token t's bytes are inside `acts` and written by this task only;
+                    // `run` joins before the borrow ends.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            shared_acts.get().add(t * token_bytes),
+                            token_bytes,
+                        )
+                    };
+                    quantize_token(t, dst);
+                }
+            });
         }
         let acts = &acts[..];
         let shared = SharedOut(out.as_mut_ptr());
