@@ -37,6 +37,7 @@ impl Compute {
     /// `out[r] = Σ_j softmax_j(scale · q[r]·k_j) · v_j` for each query head `r` (rows of `hd`
     /// values in `q` and `out`), over keys `j < n_keys`; `kv(j)` returns key and value `j`.
     /// `scores` is caller-owned scratch so the hot path allocates nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend_heads<'a>(
         &self,
         q: &[f32],

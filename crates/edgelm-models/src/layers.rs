@@ -85,7 +85,7 @@ impl Activation {
             Activation::GeluTanh => {
                 // 0.5·(1 + tanh(z)) = 1 / (1 + e^(−2z)): the same function with one exp instead
                 // of a tanh, and no cancellation for negative inputs.
-                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
                 gate.iter_mut().zip(up).for_each(|(g, u)| {
                     let x = *g;
                     let z2 = TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);

@@ -126,7 +126,7 @@ impl Transformer {
             let mut wk = lin("attn_k", n_embd)?;
             let mut wv = lin("attn_v", n_embd)?;
             let heads = |l: &Linear, what: &str| -> Result<usize> {
-                if l.out_features() % head_dim != 0 {
+                if !l.out_features().is_multiple_of(head_dim) {
                     return Err(ModelError::Shape {
                         name: l.weight.name.clone(),
                         got: vec![l.in_features() as u64, l.out_features() as u64],

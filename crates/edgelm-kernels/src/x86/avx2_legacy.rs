@@ -282,7 +282,7 @@ unsafe fn quantize_q8<const SUM: bool>(x: &[f32], out: &mut [u8]) {
     let (bb, qoff) = if SUM { (36, 4) } else { (34, 2) };
     let nb = x.len() / 32;
     assert!(
-        x.len() % 32 == 0 && out.len() == nb * bb,
+        x.len().is_multiple_of(32) && out.len() == nb * bb,
         "quantize_q8: bad lengths"
     );
     let sign = _mm256_set1_ps(-0.0);
