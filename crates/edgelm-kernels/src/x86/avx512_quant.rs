@@ -11,10 +11,12 @@
 //! xor, in the u8 one; the `128 · Σw` this adds is computed once per weight block pair and is
 //! the initial value of the accumulate, so every block's integer sum is exact for any i8
 //! input. Unsigned weights (Q4_1, Q5_1) go in the u8 operand as they are, with the min term
-//! from Q8_1's `s`. Block scales are gathered eight blocks at a time — the f16 words of eight
-//! consecutive blocks picked out of four 64-byte loads with two word permutes — converted once,
-//! and multiplied with the activation row's eight; a lane permute then hands each block pair
-//! its two products, so each pair costs one convert and one FMA per activation row.
+//! from Q8_1's `s`. Each block pair, weights and activations alike, is one 64-byte load (plus
+//! the last 4 or 8 bytes of a 68/72-byte Q8_0/Q8_1 pair); a word permute puts the quants in
+//! element order, and two more pick the f16 scales of eight blocks out of four such loads, to
+//! be converted at once and multiplied with the activation row's eight. A lane permute then
+//! hands each block pair its two scale products: one convert and one FMA per pair and row.
+//! (Q8_0 with a single activation row goes to the AVX2 kernel, which is faster there.)
 //!
 //! K-quants (256-element super-blocks): four registers of unsigned weight codes per
 //! super-block. Per activation row, `vpdpbusd` gives sums of four products (|sum| ≤ 4·63·128,
@@ -41,6 +43,22 @@ const T_Q3_K: u8 = 6;
 const T_Q4_K: u8 = 7;
 const T_Q5_K: u8 = 8;
 const T_Q6_K: u8 = 9;
+
+/// The GGUF type a kernel constant stands for.
+const fn weight_type(t: u8) -> GgmlType {
+    match t {
+        T_Q4_0 => GgmlType::Q4_0,
+        T_Q4_1 => GgmlType::Q4_1,
+        T_Q5_0 => GgmlType::Q5_0,
+        T_Q5_1 => GgmlType::Q5_1,
+        T_Q8_0 => GgmlType::Q8_0,
+        T_Q2_K => GgmlType::Q2_K,
+        T_Q3_K => GgmlType::Q3_K,
+        T_Q4_K => GgmlType::Q4_K,
+        T_Q5_K => GgmlType::Q5_K,
+        _ => GgmlType::Q6_K,
+    }
+}
 
 /// Bytes of one weight block.
 const fn w_bytes(t: u8) -> usize {
@@ -129,6 +147,14 @@ unsafe fn row_dot<const T: u8>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
             "row_dot: activation row shorter than the weight row"
         );
     }
+    if acts.len() == 1 {
+        // Decoding (one activation row) streams weights from memory: there the AVX2 kernels
+        // are faster end to end (measured: qwen2.5 tg 80 vs 61 tok/s), although the 512-bit
+        // ones win with the weights in cache. From two rows on (prefill) these are faster.
+        if let Some(k) = super::avx2_quant::kernel(weight_type(T)) {
+            return (k.row_dot)(w, acts, out);
+        }
+    }
     let w = w.as_ptr();
     for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
         match a.len() {
@@ -210,6 +236,12 @@ const fn halves(lo: u64, hi: u64) -> [u64; 8] {
 
 // ---------------------------------------------------------------------------------------------
 // Legacy formats
+//
+// Eight blocks per step, as four pairs. Each pair of weight blocks and each pair of activation
+// blocks is read with one 64-byte load (plus the last 4 or 8 bytes of a Q8_0/Q8_1 pair, which
+// is 68 / 72 bytes): the quants are put in element order by one word permute, and the f16
+// scales of the step's eight blocks are picked out of the same four loads by two more. (With
+// separate loads for the scales the activation side was bound by load bandwidth.)
 
 /// Lane `i` of the eight-block scale products that block pair `k` uses: `2k` for the low
 /// eight lanes (its first block), `2k + 1` for the high eight.
@@ -231,7 +263,138 @@ static PAIR_IDX: [[i32; 16]; 4] = {
 /// ones are shifted down by 4.
 static NIB_SHIFT: [u64; 8] = [0, 0, 4, 4, 0, 0, 4, 4];
 
-/// The block loop for `N` activation rows: eight blocks per step, the last step shorter.
+/// Scale words of four blocks from the 64-word table (pair A, pair B) of blocks `stride`
+/// bytes long: lane `i < 4` is block `i`'s first word (its `d`), lane `8 + i` the next (`s`
+/// or `m`).
+const fn scale_words(stride: usize) -> [i16; 32] {
+    let mut r = [0i16; 32];
+    let mut i = 0;
+    while i < 4 {
+        let word = 32 * (i / 2) + (i % 2) * (stride / 2);
+        r[i] = word as i16;
+        r[8 + i] = word as i16 + 1;
+        i += 1;
+    }
+    r
+}
+
+/// Q8_0/Q8_1 pairs: the 32 quant words of blocks `stride` bytes long with a `hdr`-byte
+/// header, from the table (the pair's first 64 bytes, the rest of the pair).
+const fn q8_words(stride: usize, hdr: usize) -> [i16; 32] {
+    let mut r = [0i16; 32];
+    let mut o = 0;
+    while o < 32 {
+        r[o] = (((o / 16) * stride + hdr) / 2 + o % 16) as i16;
+        o += 1;
+    }
+    r
+}
+
+/// Q4_x/Q5_x pairs: each block's 16 nibble bytes (at `qs` in blocks of `stride` bytes) into
+/// two 128-bit lanes, `[q_b, q_b, q_b1, q_b1]`.
+const fn nib_words(stride: usize, qs: usize) -> [i16; 32] {
+    let mut r = [0i16; 32];
+    let mut o = 0;
+    while o < 32 {
+        r[o] = (((o / 16) * stride + qs) / 2 + o % 8) as i16;
+        o += 1;
+    }
+    r
+}
+
+/// Byte offset of the quants in a weight block.
+const fn qs_offset(t: u8) -> usize {
+    match t {
+        T_Q4_0 => 2,
+        T_Q4_1 => 4,
+        T_Q5_0 => 6,
+        T_Q5_1 => 8,
+        _ => 2,
+    }
+}
+
+/// Permute indices of the legacy kernels, read through volatile loads so the compiler sees
+/// variable permutes: with constant ones it folds the permutes into each other and into the
+/// loads, re-lowered as long shuffle sequences (measured 1.7× slower).
+struct Idx {
+    /// [`scale_words`] of the weight and the activation blocks.
+    wd: __m512i,
+    ad: __m512i,
+    /// The weights' quant words ([`q8_words`] or [`nib_words`]) and the activations'.
+    wq: __m512i,
+    aq: __m512i,
+    /// [`PAIR_IDX`].
+    pair: [__m512i; 4],
+}
+
+impl Idx {
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    unsafe fn new(t: u8) -> Idx {
+        let (wb, ab) = (w_bytes(t), a_bytes(t));
+        let wq = if t == T_Q8_0 {
+            q8_words(wb, 2)
+        } else {
+            nib_words(wb, qs_offset(t))
+        };
+        Idx {
+            wd: opaque(&scale_words(wb)),
+            ad: opaque(&scale_words(ab)),
+            wq: opaque(&wq),
+            aq: opaque(&q8_words(ab, ab - 32)),
+            pair: [
+                opaque(&PAIR_IDX[0]),
+                opaque(&PAIR_IDX[1]),
+                opaque(&PAIR_IDX[2]),
+                opaque(&PAIR_IDX[3]),
+            ],
+        }
+    }
+}
+
+/// The 64 bytes of `v` as a register the optimizer knows nothing about.
+///
+/// # Safety
+/// `T` is 64 bytes; the CPU has AVX-512F.
+#[inline(always)]
+unsafe fn opaque<T: Copy>(v: &T) -> __m512i {
+    let copy = core::ptr::read_volatile(v);
+    _mm512_loadu_si512((&copy as *const T).cast())
+}
+
+/// The first `min(avail, 64)` bytes at `p`, zeros after; nothing past them is read.
+///
+/// # Safety
+/// `p` is valid for `min(avail, 64)` bytes; the CPU has AVX-512 F/BW.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn load_upto(p: *const u8, avail: usize) -> __m512i {
+    let k = if avail >= 64 {
+        !0u64
+    } else {
+        (1u64 << avail) - 1
+    };
+    _mm512_maskz_loadu_epi8(_cvtu64_mask64(k), p.cast())
+}
+
+/// The scales of a step's eight blocks from its four pair loads, as f32: `d` in lanes 0..8,
+/// the second f16 (`s` / `m`) in lanes 8..16.
+///
+/// # Safety
+/// The CPU has the kernels' features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn step_scales(z: &[__m512i; 4], idx: __m512i) -> __m512 {
+    let x = _mm512_permutex2var_epi16(z[0], idx, z[1]);
+    // Blocks 4..8 land in lanes 0..4 / 8..12 too; an 8-byte shift within each 128-bit lane
+    // moves them to 4..8 / 12..16.
+    let y = _mm512_bslli_epi128::<8>(_mm512_permutex2var_epi16(z[2], idx, z[3]));
+    let r = _mm512_mask_blend_epi16(0xF0F0, x, y);
+    _mm512_cvtph_ps(_mm512_castsi512_si256(r))
+}
+
+/// The block loop for `N` activation rows.
 ///
 /// # Safety
 /// AVX-512 as [`row_dot`]; `w` holds `nb` weight blocks and every `a[j]` at least `nb`
@@ -247,13 +410,22 @@ unsafe fn legacy_rows<const T: u8, const N: usize>(
     // wait on each other's FMA.
     let mut acc = [[_mm512_setzero_ps(); N]; 2];
     let mut macc = [_mm512_setzero_ps(); N];
+    let idx = Idx::new(T);
+    // Weight pairs shorter than 64 bytes are read 64 bytes at a time: full steps whose last
+    // pair starts at least 64 bytes before the end of the row need no masks.
+    let wb = w_bytes(T);
+    let unmasked = 8usize.max(6 + 64usize.div_ceil(wb));
     let mut b = 0;
+    while b + unmasked <= nb {
+        step::<T, N, true, false>(w, a, b, nb, &idx, &mut acc, &mut macc);
+        b += 8;
+    }
     while b + 8 <= nb {
-        chunk::<T, N, true>(w, a, b, nb, &mut acc, &mut macc);
+        step::<T, N, true, true>(w, a, b, nb, &idx, &mut acc, &mut macc);
         b += 8;
     }
     if b < nb {
-        chunk::<T, N, false>(w, a, b, nb, &mut acc, &mut macc);
+        step::<T, N, false, true>(w, a, b, nb, &idx, &mut acc, &mut macc);
     }
     for j in 0..N {
         let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][j], acc[1][j]));
@@ -265,34 +437,52 @@ unsafe fn legacy_rows<const T: u8, const N: usize>(
     }
 }
 
-/// Blocks `b0 .. b0 + 8` (all eight when `FULL`, else the `nb - b0 < 8` left).
+/// Blocks `b0 .. b0 + 8` (all eight when `FULL`, else the `nb - b0 < 8` left); the weight
+/// loads are masked to the row when `WMASK`.
 ///
 /// # Safety
-/// As [`legacy_rows`], `b0 < nb`, and `b0 + 8 <= nb` when `FULL`.
+/// As [`legacy_rows`], `b0 < nb`, `b0 + 8 <= nb` when `FULL`, and the row holds 64 bytes
+/// from block `b0 + 6` unless `WMASK`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn chunk<const T: u8, const N: usize, const FULL: bool>(
+unsafe fn step<const T: u8, const N: usize, const FULL: bool, const WMASK: bool>(
     w: *const u8,
     a: &[*const u8; N],
     b0: usize,
     nb: usize,
+    idx: &Idx,
     acc: &mut [[__m512; N]; 2],
     macc: &mut [__m512; N],
 ) {
     let (wb, ab) = (w_bytes(T), a_bytes(T));
     let m = if FULL { 8 } else { nb - b0 };
-    // SAFETY (pointer offsets): b0 < nb blocks, in bounds of `w` and every `a[j]`.
-    let wp = w.add(b0 * wb);
-    // The weight scales' loads can pass the end of the row (blocks may be shorter than 32
-    // bytes), so they are masked to it.
-    let fw = scales8(wp, wb, (nb - b0) * wb, true);
     let zero = _mm512_setzero_si512();
+    // SAFETY (pointer offsets and loads): blocks b0 + 2k (+ 1 when `two`) are below nb, so
+    // inside `w` and every `a[j]`; 64-byte reads past a pair are masked unless in bounds.
+    let wp = w.add(b0 * wb);
+    let mut zw = [zero; 4];
+    let mut xw = [zero; 4];
+    for k in 0..4 {
+        if 2 * k < m {
+            let two = FULL || 2 * k + 1 < m;
+            let p = wp.add(2 * k * wb);
+            zw[k] = if WMASK {
+                load_upto(p, (nb - b0 - 2 * k) * wb)
+            } else {
+                load512(p)
+            };
+            if T == T_Q8_0 && two {
+                xw[k] = _mm512_zextsi128_si512(_mm_cvtsi32_si128(u32_at(p.add(64)) as i32));
+            }
+        }
+    }
+    let fw = step_scales(&zw, idx.wd);
     let mut wv = [zero; 4];
     let mut init = [zero; 4];
     for k in 0..4 {
         if 2 * k < m {
             let two = FULL || 2 * k + 1 < m;
-            wv[k] = unpack_pair::<T>(wp.add(2 * k * wb), two);
+            wv[k] = unpack_pair::<T>(zw[k], xw[k], wp.add(2 * k * wb), two, idx.wq);
             if !has_min(T) {
                 // -128 · Σw per lane: cancels what the activations' +128 adds.
                 let c = _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(0x80u8 as i8), wv[k]);
@@ -302,29 +492,39 @@ unsafe fn chunk<const T: u8, const N: usize, const FULL: bool>(
     }
     for j in 0..N {
         let ap = a[j].add(b0 * ab);
-        // Full steps read at most 4·ab + 128 <= 8·ab bytes (ab >= 32): inside the row.
-        let p = _mm512_mul_ps(scales8(ap, ab, (nb - b0) * ab, !FULL), fw);
+        let mut za = [zero; 4];
+        let mut xa = [zero; 4];
+        for k in 0..4 {
+            if 2 * k < m {
+                let two = FULL || 2 * k + 1 < m;
+                let p = ap.add(2 * k * ab);
+                if two {
+                    // A pair is 68 (Q8_0) or 72 (Q8_1) bytes.
+                    za[k] = load512(p);
+                    xa[k] = if has_min(T) {
+                        _mm512_zextsi128_si512(_mm_loadl_epi64(p.add(64).cast()))
+                    } else {
+                        _mm512_zextsi128_si512(_mm_cvtsi32_si128(u32_at(p.add(64)) as i32))
+                    };
+                } else {
+                    za[k] = load_upto(p, ab);
+                }
+            }
+        }
+        let p = _mm512_mul_ps(step_scales(&za, idx.ad), fw);
         if has_min(T) {
             macc[j] = _mm512_add_ps(macc[j], p);
         }
         for k in 0..4 {
             if 2 * k < m {
-                let two = FULL || 2 * k + 1 < m;
-                // SAFETY: the pair's quants (one block's when !two) are inside the row.
-                let q = ap.add(2 * k * ab + ab - 32);
-                let lo = _mm512_zextsi256_si512(load256(q));
-                let y = if two {
-                    _mm512_inserti64x4::<1>(lo, load256(q.add(ab)))
-                } else {
-                    lo
-                };
+                let y = _mm512_permutex2var_epi16(za[k], idx.aq, xa[k]);
                 let t = if has_min(T) {
                     _mm512_dpbusd_epi32(zero, wv[k], y)
                 } else {
                     let yu = _mm512_xor_si512(y, _mm512_set1_epi8(0x80u8 as i8));
                     _mm512_dpbusd_epi32(init[k], yu, wv[k])
                 };
-                let s = _mm512_permutexvar_ps(vconst(&PAIR_IDX[k]), p);
+                let s = _mm512_permutexvar_ps(idx.pair[k], p);
                 let set = if N <= 2 { k % 2 } else { 0 };
                 acc[set][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[set][j]);
             }
@@ -332,87 +532,29 @@ unsafe fn chunk<const T: u8, const N: usize, const FULL: bool>(
     }
 }
 
-/// The f16 words at byte offsets `i · stride` and `i · stride + 2` of eight consecutive
-/// blocks (`d` and `s`/`m`), as f32 lanes `i` and `8 + i`: four 64-byte loads, two word
-/// permutes and a blend. With `masked`, nothing at or past `avail` bytes is read (those words
-/// are 0).
+/// A weight block pair — its first 64 bytes `z` (zeros past the row), the rest `x`, in memory
+/// at `p` — as 64 byte lanes in element order: signed quants (`q - 8`, `q - 16`, `q`) for
+/// Q4_0/Q5_0/Q8_0, unsigned ones for Q4_1/Q5_1. Without `two` only the first block is used.
 ///
 /// # Safety
-/// `p` is valid for `avail` bytes, and for `4 · stride + 128` when not `masked`; the CPU has
-/// AVX-512 F/BW and F16C. `stride` is even and at most 42.
+/// The block(s) at `p` are readable; the CPU has the kernels' features.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn scales8(p: *const u8, stride: usize, avail: usize, masked: bool) -> __m512 {
-    let offs = [0, 64, 4 * stride, 4 * stride + 64];
-    let mut l = [_mm512_setzero_si512(); 4];
-    for i in 0..4 {
-        let o = offs[i];
-        l[i] = if masked {
-            let n = avail.saturating_sub(o);
-            let k = if n >= 64 { !0u64 } else { (1u64 << n) - 1 };
-            // Masked-off bytes are not accessed, so the address may lie past the row.
-            _mm512_maskz_loadu_epi8(_cvtu64_mask64(k), p.wrapping_add(o).cast())
-        } else {
-            load512(p.add(o))
-        };
-    }
-    // Word i·s (+1) of the 64-word table (l[0], l[1]) goes to lane i (8 + i); of (l[2], l[3])
-    // to lane 4 + i (12 + i).
-    let s = (stride / 2) as i16;
-    let mut ix = [0i16; 32];
-    let mut iy = [0i16; 32];
-    for i in 0..4 {
-        let wi = i as i16 * s;
-        ix[i] = wi;
-        ix[8 + i] = wi + 1;
-        iy[4 + i] = wi;
-        iy[12 + i] = wi + 1;
-    }
-    let x = _mm512_permutex2var_epi16(l[0], _mm512_loadu_si512(ix.as_ptr().cast()), l[1]);
-    let y = _mm512_permutex2var_epi16(l[2], _mm512_loadu_si512(iy.as_ptr().cast()), l[3]);
-    let r = _mm512_mask_blend_epi16(0xF0F0, x, y);
-    _mm512_cvtph_ps(_mm512_castsi512_si256(r))
-}
-
-/// Weight blocks at `p` (and `p + w_bytes`, when `two`) as 64 byte lanes in element order:
-/// signed quants (`q - 8`, `q - 16`, `q`) for Q4_0/Q5_0/Q8_0, unsigned ones for Q4_1/Q5_1.
-/// Without `two` the high 32 lanes are 0.
-///
-/// # Safety
-/// The block(s) are readable; the CPU has AVX-512 F/BW.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn unpack_pair<const T: u8>(p: *const u8, two: bool) -> __m512i {
-    let wb = w_bytes(T);
+unsafe fn unpack_pair<const T: u8>(
+    z: __m512i,
+    x: __m512i,
+    p: *const u8,
+    two: bool,
+    idx: __m512i,
+) -> __m512i {
     if T == T_Q8_0 {
-        let lo = _mm512_zextsi256_si512(load256(p.add(2)));
-        return if two {
-            _mm512_inserti64x4::<1>(lo, load256(p.add(wb + 2)))
-        } else {
-            lo
-        };
+        return _mm512_permutex2var_epi16(z, idx, x);
     }
-    let qs = match T {
-        T_Q4_0 => 2,
-        T_Q4_1 => 4,
-        T_Q5_0 => 6,
-        _ => 8,
-    };
-    let q0 = _mm_loadu_si128(p.add(qs).cast());
-    let q = if two {
-        _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(q0),
-            _mm_loadu_si128(p.add(wb + qs).cast()),
-        )
-    } else {
-        _mm256_zextsi128_si256(q0)
-    };
-    // 128-bit lanes [q_b, q_b, q_b1, q_b1], then low nibbles in lanes 0, 2 and high in 1, 3:
-    // byte j's low nibble is element j, its high nibble element j + 16.
-    let z = _mm512_castsi256_si512(q);
-    let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(z, z);
+    // [q_b, q_b, q_b1, q_b1] per 128-bit lane, then low nibbles in lanes 0, 2 and high ones in
+    // 1, 3: byte j's low nibble is element j, its high nibble element j + 16.
+    let q = _mm512_permutexvar_epi16(idx, z);
     let n = _mm512_and_si512(
-        _mm512_srlv_epi64(z, _mm512_loadu_si512(NIB_SHIFT.as_ptr().cast())),
+        _mm512_srlv_epi64(q, _mm512_loadu_si512(NIB_SHIFT.as_ptr().cast())),
         _mm512_set1_epi8(0x0F),
     );
     match T {
@@ -420,15 +562,19 @@ unsafe fn unpack_pair<const T: u8>(p: *const u8, two: bool) -> __m512i {
         T_Q4_1 => n,
         _ => {
             // The fifth bits: bit i of the block's u32 qh is element i's.
+            let wb = w_bytes(T);
             let qh = if T == T_Q5_0 { 2 } else { 4 };
             let h0 = u32_at(p.add(qh)) as u64;
-            let h1 = if two { u32_at(p.add(wb + qh)) as u64 } else { 0 };
+            let h1 = if two {
+                u32_at(p.add(wb + qh)) as u64
+            } else {
+                0
+            };
             let h = h0 | h1 << 32;
             let sixteen = _mm512_set1_epi8(16);
             if T == T_Q5_0 {
                 // q - 16: the nibble where the bit is set, nibble - 16 where it is not.
-                let used = if two { !0u64 } else { 0xFFFF_FFFF };
-                _mm512_mask_sub_epi8(n, _cvtu64_mask64(!h & used), n, sixteen)
+                _mm512_mask_sub_epi8(n, _cvtu64_mask64(!h), n, sixteen)
             } else {
                 _mm512_mask_add_epi8(n, _cvtu64_mask64(h), n, sixteen)
             }
@@ -500,19 +646,9 @@ static K_NIB_SHIFT: [u64; 8] = halves(0, 4);
 /// Q2_K/Q3_K: bit pairs 0/1 (groups 0, 2) and 2/3 (groups 1, 3) of the half's 32 qs bytes.
 static K_PAIR_SHIFT: [[u64; 8]; 2] = [halves(0, 2), halves(4, 6)];
 /// Q5_K: rotations taking bit `2g` (low half) / `2g + 1` (high half) of each qh byte to bit 4.
-static Q5K_ROT: [[u64; 8]; 4] = [
-    halves(4, 3),
-    halves(2, 1),
-    halves(0, 63),
-    halves(62, 61),
-];
+static Q5K_ROT: [[u64; 8]; 4] = [halves(4, 3), halves(2, 1), halves(0, 63), halves(62, 61)];
 /// Q3_K: rotations taking hmask bit `2g` / `2g + 1` to bit 2.
-static Q3K_ROT: [[u64; 8]; 4] = [
-    halves(2, 1),
-    halves(0, 63),
-    halves(62, 61),
-    halves(60, 59),
-];
+static Q3K_ROT: [[u64; 8]; 4] = [halves(2, 1), halves(0, 63), halves(62, 61), halves(60, 59)];
 /// Q6_K: rotations taking qh bit pairs 0/1 (even groups) and 2/3 (odd ones) to bits 4-5.
 static Q6K_ROT: [[u64; 8]; 2] = [halves(4, 2), halves(0, 62)];
 
@@ -540,6 +676,9 @@ unsafe fn f16_pair(p: *const u8) -> (__m512, __m512) {
 }
 
 /// `a | (b & c)`, bitwise (ternary-logic table 0xF8).
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn or_masked(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
@@ -567,8 +706,8 @@ unsafe fn k_unpack<const T: u8>(x: *const u8) -> KBlock {
             mins = _mm512_permutexvar_epi16(vconst(&MIN_IDX), s16);
             let qs = if T == T_Q4_K { 16 } else { 48 };
             let sh = vconst(&K_NIB_SHIFT);
-            for g in 0..4 {
-                w[g] = _mm512_and_si512(_mm512_srlv_epi64(bcast256(x.add(qs + 32 * g)), sh), m4);
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = _mm512_and_si512(_mm512_srlv_epi64(bcast256(x.add(qs + 32 * g)), sh), m4);
             }
             if T == T_Q5_K {
                 let h = bcast256(x.add(16));
@@ -583,9 +722,8 @@ unsafe fn k_unpack<const T: u8>(x: *const u8) -> KBlock {
         T_Q6_K => {
             // ql[128], qh[64], i8 scales[16], f16 d.
             let (_, d) = f16_pair(x.add(206));
-            let s16 = _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                x.add(192).cast(),
-            )));
+            let s16 =
+                _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192).cast())));
             corr = _mm512_sub_epi16(zero, _mm512_slli_epi16::<5>(s16));
             let bits45 = _mm512_set1_epi8(0x30);
             for h in 0..2 {
@@ -609,9 +747,9 @@ unsafe fn k_unpack<const T: u8>(x: *const u8) -> KBlock {
             let bit2 = _mm512_set1_epi8(0x04);
             for h in 0..2 {
                 let qs = bcast256(x.add(32 + 32 * h));
-                for k in 0..2 {
+                for (k, shift) in K_PAIR_SHIFT.iter().enumerate() {
                     let g = 2 * h + k;
-                    let lo = _mm512_and_si512(_mm512_srlv_epi64(qs, vconst(&K_PAIR_SHIFT[k])), m2);
+                    let lo = _mm512_and_si512(_mm512_srlv_epi64(qs, vconst(shift)), m2);
                     let hb = _mm512_rolv_epi64(hm, vconst(&Q3K_ROT[g]));
                     w[g] = or_masked(lo, hb, bit2);
                 }
@@ -654,45 +792,62 @@ unsafe fn k_unpack<const T: u8>(x: *const u8) -> KBlock {
     }
 }
 
-/// Q4_K/Q5_K's 12 bytes of 6-bit (scale, min) pairs as bytes `[sc0..sc7, mn0..mn7]`: pairs
-/// 0..4 are the low 6 bits of bytes 0..8; pairs 4..8 take their low nibbles from bytes 8..12
-/// and their top 2 bits from the top bits of bytes 0..8.
+/// Q4_K/Q5_K's 12 bytes of 6-bit (scale, min) pairs as bytes `[sc0..sc7, mn0..mn7]`, on
+/// the u32 words `a0, a1, a2` of the field: pairs 0..4 are the low 6 bits of `a0` (scales) and
+/// `a1` (mins); pairs 4..8 take their low nibbles from `a2` (scales low, mins high nibbles)
+/// and their top 2 bits from the top bits of `a0` / `a1`.
 ///
 /// # Safety
-/// `p` is valid for 12 bytes; the CPU has SSE2.
-#[inline(always)]
+/// `p` is valid for 16 bytes (the field and 4 more); the CPU has the kernels' features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
-    let (a0, a1, a2) = (u32_at(p), u32_at(p.add(4)), u32_at(p.add(8)));
-    let sc_hi = (a2 & 0x0F0F_0F0F) | ((a0 >> 6) & 0x0303_0303) << 4;
-    let mn_hi = ((a2 >> 4) & 0x0F0F_0F0F) | ((a1 >> 6) & 0x0303_0303) << 4;
-    _mm_setr_epi32(
-        (a0 & 0x3F3F_3F3F) as i32,
-        sc_hi as i32,
-        (a1 & 0x3F3F_3F3F) as i32,
-        mn_hi as i32,
-    )
+    let v = _mm_loadu_si128(p.cast());
+    // [a0, a2, a1, a2] >> [0, 0, 0, 4], masked to the low bits each result keeps.
+    let lo = _mm_and_si128(
+        _mm_srlv_epi32(
+            _mm_shuffle_epi32::<0b10_01_10_00>(v),
+            _mm_setr_epi32(0, 0, 0, 4),
+        ),
+        _mm_setr_epi32(0x3F3F_3F3F, 0x0F0F_0F0F, 0x3F3F_3F3F, 0x0F0F_0F0F),
+    );
+    // Bits 6-7 of [a0, a0, a1, a1] to bits 4-5, for the high words only.
+    let hi = _mm_srli_epi32::<2>(_mm_shuffle_epi32::<0b01_01_00_00>(v));
+    let hi_mask = _mm_setr_epi32(0, 0x3030_3030, 0, 0x3030_3030);
+    _mm_ternarylogic_epi32::<0xF8>(lo, hi, hi_mask)
 }
 
 /// Q3_K's 16 scales (6-bit codes minus 32) as i8: scale `k`'s low nibble is byte `k % 8`'s
-/// low (k < 8) or high nibble, its top 2 bits bit pair `k / 4` of byte `8 + k % 4`.
+/// low (k < 8) or high nibble, its top 2 bits bit pair `k / 4` of byte `8 + k % 4`. Words
+/// `a0, a1, a2` of the field: `[a0, a1, a0 >> 4, a1 >> 4]` low nibbles, or'ed with bit pair
+/// `k / 4` of `a2` moved to bits 4-5.
 ///
 /// # Safety
-/// `p` is valid for 12 bytes; the CPU has SSE2.
-#[inline(always)]
+/// `p - 2` is valid for 16 bytes (the field is the last 12 before the block's f16 `d`); the
+/// CPU has the kernels' features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q3_scales(p: *const u8) -> __m128i {
-    const LOW4: u32 = 0x0F0F_0F0F;
-    const LOW2: u32 = 0x0303_0303;
-    let (a0, a1, a2) = (u32_at(p), u32_at(p.add(4)), u32_at(p.add(8)));
-    let s = [
-        (a0 & LOW4) | (a2 & LOW2) << 4,
-        (a1 & LOW4) | ((a2 >> 2) & LOW2) << 4,
-        ((a0 >> 4) & LOW4) | ((a2 >> 4) & LOW2) << 4,
-        ((a1 >> 4) & LOW4) | ((a2 >> 6) & LOW2) << 4,
-    ];
-    _mm_sub_epi8(
-        _mm_setr_epi32(s[0] as i32, s[1] as i32, s[2] as i32, s[3] as i32),
-        _mm_set1_epi8(32),
-    )
+    // Bytes 2..14 of the load are the field.
+    let v = _mm_loadu_si128(p.sub(2).cast());
+    let words = _mm_shuffle_epi8(
+        v,
+        _mm_setr_epi8(2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8, 9),
+    );
+    let lo = _mm_and_si128(
+        _mm_srlv_epi32(words, _mm_setr_epi32(0, 0, 4, 4)),
+        _mm_set1_epi8(0x0F),
+    );
+    let a2 = _mm_shuffle_epi8(
+        v,
+        _mm_setr_epi8(
+            10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13,
+        ),
+    );
+    // Rotating each word left by 4, 2, 0 and 30 takes bit pair k / 4 of every byte to 4-5.
+    let hi = _mm_rolv_epi32(a2, _mm_setr_epi32(4, 2, 0, 30));
+    let codes = _mm_ternarylogic_epi32::<0xF8>(lo, hi, _mm_set1_epi8(0x30));
+    _mm_sub_epi8(codes, _mm_set1_epi8(32))
 }
 
 /// The super-block loop for `N` activation rows.
@@ -752,7 +907,9 @@ mod tests {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni");
         if !ok {
-            eprintln!("skipping: this CPU lacks AVX-512 F/BW/VL/VNNI; the AVX-512 path is untested");
+            eprintln!(
+                "skipping: this CPU lacks AVX-512 F/BW/VL/VNNI; the AVX-512 path is untested"
+            );
         }
         ok
     }
@@ -927,8 +1084,9 @@ mod tests {
             assert_eq!(kernel(ty).unwrap().act, act);
             for nb in lens {
                 let n = nb * ty.block_elems();
-                for rows in (1..=MAX_COLS).chain([11]) {
-                    let acts: Vec<Vec<u8>> = (0..rows).map(|_| activations(&mut rng, act, n)).collect();
+                for rows in (1..=MAX_COLS).chain([9, 11]) {
+                    let acts: Vec<Vec<u8>> =
+                        (0..rows).map(|_| activations(&mut rng, act, n)).collect();
                     check(ty, &quantized_weights(&mut rng, ty, n), &acts, "quantized");
                     check(ty, &random_weights(&mut rng, ty, n), &acts, "random bytes");
                 }
@@ -995,8 +1153,7 @@ mod tests {
     fn half_bits(v: f32) -> u16 {
         // SAFETY: F16C is checked by `have_cpu` before any caller runs.
         unsafe {
-            _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set1_ps(v)))
-                as u16
+            _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set1_ps(v))) as u16
         }
     }
 
@@ -1018,7 +1175,10 @@ mod tests {
     fn table_covers_the_quantized_types() {
         for ty in LEGACY.into_iter().chain(KQUANTS) {
             let k = kernel(ty).unwrap();
-            assert_eq!((k.weight, k.act, k.isa), (ty, int_dot::activation_type(ty), Isa::Avx512));
+            assert_eq!(
+                (k.weight, k.act, k.isa),
+                (ty, int_dot::activation_type(ty), Isa::Avx512)
+            );
         }
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_1, GgmlType::Q8_K] {
             assert!(kernel(ty).is_none(), "{ty:?}");
