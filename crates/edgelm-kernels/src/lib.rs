@@ -12,6 +12,8 @@ mod x86;
 pub use compute::{ActivationPrecision, Compute, KernelError, Precision, Weight};
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;
+#[cfg(test)]
+mod test_rng;
 
 /// Physical cores (hyper-threads share a core's FMA units, so more threads than cores rarely
 /// helps); falls back to the logical count where the topology is unknown.

@@ -18,6 +18,7 @@
 //! registers. The integer sums are exactly those of `edgelm_quant::int_dot`; only the f32
 //! accumulation order differs (per lane across super-blocks, horizontal sum at the end).
 
+use super::{f32_at, u32_at};
 use crate::qdot::{QuantKernel, RowDotFn, MAX_COLS};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -52,8 +53,8 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
 
-/// IEEE half to f32, exact for every value (NaN payloads aside). Scalar: two per super-block,
-/// and the `Isa::Avx2` check does not promise F16C.
+/// IEEE half to f32, exact for every value (NaN payloads aside). Scalar: only two per
+/// super-block, so a vector conversion would not pay for its lane moves.
 #[inline(always)]
 fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h as u32) & 0x8000) << 16;
@@ -77,24 +78,6 @@ fn f16_to_f32(h: u16) -> f32 {
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
     f16_to_f32(u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned()))
-}
-
-/// The little-endian f32 at `p`.
-///
-/// # Safety
-/// `p` is valid for 4 bytes.
-#[inline(always)]
-unsafe fn f32_at(p: *const u8) -> f32 {
-    f32::from_le_bytes(p.cast::<[u8; 4]>().read_unaligned())
-}
-
-/// The little-endian u32 at `p`.
-///
-/// # Safety
-/// `p` is valid for 4 bytes.
-#[inline(always)]
-unsafe fn u32_at(p: *const u8) -> u32 {
-    u32::from_le_bytes(p.cast::<[u8; 4]>().read_unaligned())
 }
 
 /// # Safety
@@ -706,6 +689,7 @@ unsafe fn q8_k_block(x: &[f32; QK], out: &mut [u8; Q8K_BYTES]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use edgelm_quant::{dequantize_row, int_dot, quantize_row};
 
     fn have_avx2() -> bool {
@@ -714,40 +698,6 @@ mod tests {
             println!("skipped: this CPU lacks AVX2/FMA");
         }
         ok
-    }
-
-    /// xorshift64*.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        /// A finite f16 of magnitude in [2^-10, 2^2), random sign.
-        fn small_f16(&mut self) -> [u8; 2] {
-            let sign = (self.below(2) as u16) << 15;
-            let exp = 5 + self.below(12) as u16; // biased 5..=16
-            let man = self.below(1024) as u16;
-            (sign | (exp << 10) | man).to_le_bytes()
-        }
-        /// Roughly bell-shaped values with an occasional outlier.
-        fn weight(&mut self) -> f32 {
-            let v = (self.unit() + self.unit() + self.unit()) * 0.5;
-            if self.below(64) == 0 {
-                v * 8.0
-            } else {
-                v
-            }
-        }
     }
 
     /// Bytes of `ty` for `n` elements (whole blocks).

@@ -363,6 +363,7 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 
     fn have_cpu() -> bool {
@@ -373,34 +374,6 @@ mod tests {
             eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
         }
         ok
-    }
-
-    /// xorshift64*.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        /// 10^[-e, e).
-        fn magnitude(&mut self, e: f32) -> f32 {
-            10f32.powf(e * self.unit())
-        }
-        /// A finite f16 in ±[2^-7, 2^2), as bits.
-        fn small_f16(&mut self) -> [u8; 2] {
-            let exp = 8 + self.below(9) as u16; // biased exponents 8..=16
-            let bits = ((self.below(2) as u16) << 15) | (exp << 10) | self.below(1024) as u16;
-            bits.to_le_bytes()
-        }
     }
 
     fn f16(b: &[u8], off: usize) -> f32 {
@@ -473,9 +446,9 @@ mod tests {
             // Any quant bytes at all, with sane f16 scale (and min) fields.
             w.iter_mut().for_each(|b| *b = rng.next() as u8);
             for blk in w.chunks_exact_mut(ty.block_bytes()) {
-                blk[0..2].copy_from_slice(&rng.small_f16());
+                blk[0..2].copy_from_slice(&rng.f16_bytes(8..=16));
                 if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-                    blk[2..4].copy_from_slice(&rng.small_f16());
+                    blk[2..4].copy_from_slice(&rng.f16_bytes(8..=16));
                 }
             }
         } else {

@@ -27,6 +27,7 @@
 //! Q5_K) one `vpmaddwd` of the bsums with the mins, scaled by `dmin`. Integer sums are exact
 //! for every input byte; only the f32 accumulation order differs from `edgelm_quant::int_dot`.
 
+use super::{f32_at, u32_at};
 use crate::qdot::{QuantKernel, RowDotFn, MAX_COLS};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -190,20 +191,6 @@ unsafe fn rows<const T: u8, const N: usize>(
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
-
-/// # Safety
-/// `p` is valid for 4 bytes.
-#[inline(always)]
-unsafe fn u32_at(p: *const u8) -> u32 {
-    u32::from_le_bytes(p.cast::<[u8; 4]>().read_unaligned())
-}
-
-/// # Safety
-/// `p` is valid for 4 bytes.
-#[inline(always)]
-unsafe fn f32_at(p: *const u8) -> f32 {
-    f32::from_le_bytes(p.cast::<[u8; 4]>().read_unaligned())
-}
 
 /// # Safety
 /// `p` is valid for 32 bytes; the CPU has AVX.
@@ -896,6 +883,7 @@ unsafe fn kq_rows<const T: u8, const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use edgelm_quant::{dequantize_row, int_dot, quantize_row};
 
     fn have_cpu() -> bool {
@@ -912,39 +900,6 @@ mod tests {
             );
         }
         ok
-    }
-
-    /// xorshift64*.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        /// A finite f16 of magnitude in [2^-10, 2^2), random sign, as bytes.
-        fn small_f16(&mut self) -> [u8; 2] {
-            let sign = (self.below(2) as u16) << 15;
-            let exp = 5 + self.below(12) as u16; // biased 5..=16
-            (sign | (exp << 10) | self.below(1024) as u16).to_le_bytes()
-        }
-        /// Roughly bell-shaped values with an occasional outlier.
-        fn weight(&mut self) -> f32 {
-            let v = (self.unit() + self.unit() + self.unit()) * 0.5;
-            if self.below(64) == 0 {
-                v * 8.0
-            } else {
-                v
-            }
-        }
     }
 
     const LEGACY: [GgmlType; 5] = [
