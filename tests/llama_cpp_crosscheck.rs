@@ -136,16 +136,16 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
             .tokenizer
             .encode(&text, engine.tokenizer.adds_bos(), false)
             .unwrap();
-        // The fast path lands between the exact figure and llama.cpp's (its 8-bit noise costs
-        // less than llama.cpp's).
+        // The fast path's 8-bit noise moves perplexity away from the exact figure no further
+        // than llama.cpp's does (either way: noise can also lower it a little).
         let r = edgelm_engine::perplexity(&engine, &tokens, 512, &mut |_| {}).unwrap();
         report.push(format!(
             "{model} fast: PPL {:.4} +/- {:.4}",
             r.ppl, r.ppl_err
         ));
         assert!(
-            r.ppl >= exact * 0.9995 && r.ppl <= llama_cpp * 1.0005,
-            "{}",
+            (r.ppl - exact).abs() <= (llama_cpp - exact).abs() * 1.05,
+            "{} (exact {exact}, llama.cpp {llama_cpp})",
             report.last().unwrap()
         );
         let engine = common::engine(model, Isa::detect());

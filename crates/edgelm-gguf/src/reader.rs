@@ -316,6 +316,28 @@ impl GgufFile {
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()
     }
+
+    /// Drop `range`'s pages from this process's mapping once their bytes live elsewhere (a
+    /// repacked copy): they stop counting as resident memory, and read back identical from
+    /// the page cache if touched again.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Storage::Mmap(m) = &self.storage {
+            if range.end <= m.len() && !range.is_empty() {
+                // SAFETY: the mapping is private and read-only, so dropped pages come back with
+                // the same bytes: no reference into it can observe a change.
+                let _ = unsafe {
+                    m.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        range.start,
+                        range.len(),
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 fn missing(key: &str, what: &str) -> GgufError {

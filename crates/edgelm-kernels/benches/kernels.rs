@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgelm_kernels::qdot::kernel_for;
-use edgelm_kernels::{Compute, Isa, Precision, ThreadPool, Weight};
+use edgelm_kernels::{Compute, Isa, Layout, Precision, ThreadPool, Weight};
 use edgelm_quant::GgmlType;
 use std::hint::black_box;
 
@@ -92,6 +92,7 @@ fn matmuls(c: &mut Criterion) {
             rows,
             cols,
             data: &weights,
+            layout: Layout::Gguf,
         };
         group.bench_function(format!("{precision:?}"), |b| {
             b.iter(|| {
@@ -102,6 +103,41 @@ fn matmuls(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// One token against a weight far larger than the caches, as decoding reads it: GGUF order
+/// and, where the ISA repacks, interleaved.
+fn decode_stream(c: &mut Criterion) {
+    let cols = 896;
+    for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_1] {
+        let rows = (96 << 20) / ty.bytes_for(cols as u64).unwrap() as usize;
+        let weights = quantized(ty, &random_floats(rows * cols, 3));
+        let x = random_floats(cols, 5);
+        let mut out = vec![0f32; rows];
+        let mut group = c.benchmark_group(format!("decode_stream_{ty}_{rows}x{cols}"));
+        group.throughput(Throughput::Bytes(weights.len() as u64));
+        group.sample_size(20);
+        for isa in Isa::available() {
+            let compute = Compute::with_precision(isa, 2, Precision::Fast);
+            let gguf = Weight::gguf(ty, rows, cols, &weights);
+            let interleaved = compute.interleave(gguf);
+            let mut layouts = vec![(Layout::Gguf, &weights)];
+            if let Some(data) = &interleaved {
+                layouts.push((Layout::Interleaved, data));
+            }
+            for (layout, data) in layouts {
+                let w = Weight {
+                    layout,
+                    data,
+                    ..gguf
+                };
+                group.bench_function(format!("{isa}/{layout:?}"), |b| {
+                    b.iter(|| compute.matmul(w, &x, 1, &mut out).expect("shapes match"))
+                });
+            }
+        }
+        group.finish();
+    }
 }
 
 fn pool_dispatch(c: &mut Criterion) {
@@ -115,5 +151,5 @@ fn pool_dispatch(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, row_dots, matmuls, pool_dispatch);
+criterion_group!(benches, row_dots, matmuls, decode_stream, pool_dispatch);
 criterion_main!(benches);

@@ -6,7 +6,8 @@
 //!
 //! Rows are split across the pool in both.
 
-use crate::qdot::{kernel_for, QuantKernel, MAX_COLS};
+use crate::interleave::{deinterleave_row, interleave_row, pack_activations, packed_act_bytes};
+use crate::qdot::{kernel_for, InterleavedDotFn, QuantKernel, MAX_COLS};
 use crate::{Isa, ThreadPool};
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
@@ -31,6 +32,29 @@ pub struct Weight<'a> {
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    pub layout: Layout,
+}
+
+impl<'a> Weight<'a> {
+    /// A weight as GGUF stores it.
+    pub fn gguf(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Weight<'a> {
+        Weight {
+            ty,
+            rows,
+            cols,
+            data,
+            layout: Layout::Gguf,
+        }
+    }
+}
+
+/// How a weight's rows are laid out; each row keeps its byte size in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    #[default]
+    Gguf,
+    /// Repacked by [`Compute::interleave`] (see [`crate::interleave`]).
+    Interleaved,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +92,8 @@ thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The refined quantization's residual row.
     static RESIDUAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One token's activations in the GGUF block format, before packing.
+    static BLOCKS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Raw activation bytes shared by tasks that write disjoint token rows.
@@ -183,6 +209,20 @@ impl Compute {
         if !edgelm_quant::can_dequantize(w.ty) {
             return Err(KernelError::Type(w.ty));
         }
+        if w.layout == Layout::Interleaved && self.interleaved_kernel(w.ty).is_none() {
+            // A weight repacked for another context: back to GGUF order (slow, never the
+            // case for a model run with the context it was prepared for).
+            let mut rows = vec![0u8; w.data.len()];
+            for (src, dst) in w
+                .data
+                .chunks_exact(row_bytes)
+                .zip(rows.chunks_exact_mut(row_bytes))
+            {
+                deinterleave_row(w.ty, src, dst).map_err(|e| KernelError::Shape(e.to_string()))?;
+            }
+            let gguf = Weight::gguf(w.ty, w.rows, w.cols, &rows);
+            return self.matmul_with(gguf, x, n_tokens, out, act);
+        }
         if self.precision == Precision::Fast {
             if let Some(k) = self.kernels[w.ty as usize] {
                 if k.act.bytes_for(w.cols as u64).is_some() {
@@ -228,6 +268,47 @@ impl Compute {
         Ok(())
     }
 
+    /// The fast kernel for interleaved weights of type `ty`, if this context has one.
+    fn interleaved_kernel(&self, ty: GgmlType) -> Option<InterleavedDotFn> {
+        if self.precision != Precision::Fast {
+            return None;
+        }
+        self.kernels
+            .get(ty as usize)
+            .copied()
+            .flatten()?
+            .interleaved
+    }
+
+    /// `w` repacked into the layout this context's fast kernels read fastest (rows in
+    /// parallel), or None where they read its GGUF layout directly. Pass the result to
+    /// `matmul` as a [`Layout::Interleaved`] weight.
+    pub fn interleave(&self, w: Weight<'_>) -> Option<Vec<u8>> {
+        if w.layout != Layout::Gguf || w.rows == 0 || !w.data.len().is_multiple_of(w.rows) {
+            return None;
+        }
+        self.interleaved_kernel(w.ty)?;
+        let row_bytes = w.data.len() / w.rows;
+        let mut out = vec![0u8; w.data.len()];
+        let shared = SharedBytes(out.as_mut_ptr());
+        let per_task = w.rows.div_ceil(4 * self.pool.n_threads());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        self.pool.run(w.rows.div_ceil(per_task), &|task| {
+            for r in task * per_task..((task + 1) * per_task).min(w.rows) {
+                // SAFETY: row r's bytes are inside `out` and written by this task only; `run`
+                // joins before `out` is used again.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(shared.get().add(r * row_bytes), row_bytes)
+                };
+                let src = &w.data[r * row_bytes..(r + 1) * row_bytes];
+                if interleave_row(w.ty, src, dst).is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        (!failed.into_inner()).then_some(out)
+    }
+
     /// The fast path; shapes were checked by `matmul_with`. `passes` is 1 or 2 (refined).
     #[allow(clippy::too_many_arguments)]
     fn matmul_quantized(
@@ -241,24 +322,47 @@ impl Compute {
         passes: usize,
     ) {
         let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
+        let packed = w.layout == Layout::Interleaved;
+        let interleaved = k.interleaved.filter(|_| packed);
+        let slot = if interleaved.is_some() {
+            packed_act_bytes(w.cols)
+        } else {
+            act_bytes
+        };
         let mut acts = self.activations.lock().unwrap_or_else(|e| e.into_inner());
-        acts.resize(n_tokens * passes * act_bytes, 0);
+        acts.resize(n_tokens * passes * slot, 0);
         let cols = w.cols;
+        // Each pass quantizes into GGUF blocks (the refined one the first one's residual),
+        // then lands in its slot as is, or packed for interleaved weights.
         let quantize_token = |t: usize, dst: &mut [u8]| {
             let xt = &x[t * cols..(t + 1) * cols];
-            // SAFETY: the kernel was chosen for this CPU; `dst` holds exactly `cols` elements.
-            unsafe { (k.quantize)(xt, &mut dst[..act_bytes]) };
-            if passes > 1 {
-                RESIDUAL.with_borrow_mut(|residual| {
-                    residual.resize(cols, 0.0);
-                    let _ = dequantize_row(k.act, &dst[..act_bytes], residual);
-                    residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
-                    // SAFETY: as above.
-                    unsafe { (k.quantize)(residual, &mut dst[act_bytes..2 * act_bytes]) };
-                });
-            }
+            BLOCKS.with_borrow_mut(|blocks| {
+                blocks.resize(passes * act_bytes, 0);
+                // SAFETY: the kernel was chosen for this CPU; each pass holds `cols` elements.
+                unsafe { (k.quantize)(xt, &mut blocks[..act_bytes]) };
+                if passes > 1 {
+                    let (first, second) = blocks.split_at_mut(act_bytes);
+                    RESIDUAL.with_borrow_mut(|residual| {
+                        residual.resize(cols, 0.0);
+                        let _ = dequantize_row(k.act, first, residual);
+                        residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
+                        // SAFETY: as above.
+                        unsafe { (k.quantize)(residual, &mut second[..act_bytes]) };
+                    });
+                }
+                for pass in 0..passes {
+                    let src = &blocks[pass * act_bytes..(pass + 1) * act_bytes];
+                    let out = &mut dst[pass * slot..(pass + 1) * slot];
+                    if packed {
+                        // Lengths match by construction.
+                        let _ = pack_activations(w.ty, src, out);
+                    } else {
+                        out.copy_from_slice(src);
+                    }
+                }
+            });
         };
-        let token_bytes = passes * act_bytes;
+        let token_bytes = passes * slot;
         if n_tokens < 4 * self.pool.n_threads() {
             for (t, dst) in acts.chunks_exact_mut(token_bytes).enumerate() {
                 quantize_token(t, dst);
@@ -303,13 +407,22 @@ impl Compute {
                     let nt = (n_tokens - t0).min(tile);
                     let nc = nt * passes;
                     for (j, c) in cols[..nc].iter_mut().enumerate() {
-                        *c =
-                            &acts[(t0 * passes + j) * act_bytes..(t0 * passes + j + 1) * act_bytes];
+                        *c = &acts[(t0 * passes + j) * slot..(t0 * passes + j + 1) * slot];
                     }
                     for r in r0..r1 {
-                        let wrow = &w.data[r * row_bytes..(r + 1) * row_bytes];
+                        let at = r * row_bytes;
                         // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
-                        unsafe { (k.row_dot)(wrow, &cols[..nc], &mut dots[..nc]) };
+                        unsafe {
+                            match interleaved {
+                                // The rest of the matrix after the row: it may read ahead.
+                                Some(dot) => dot(&w.data[at..], row_bytes, &cols[..nc], &mut dots),
+                                None => (k.row_dot)(
+                                    &w.data[at..at + row_bytes],
+                                    &cols[..nc],
+                                    &mut dots[..nc],
+                                ),
+                            }
+                        };
                         for j in 0..nt {
                             let d: f32 = dots[j * passes..(j + 1) * passes].iter().sum();
                             // SAFETY: (t0 + j, r) is inside `out` and owned by this task alone.
@@ -491,6 +604,7 @@ mod tests {
                     rows,
                     cols,
                     data: &data,
+                    layout: Layout::Gguf,
                 };
                 let mut out = vec![0f32; rows * n_tokens];
                 c.matmul(w, &x, n_tokens, &mut out).unwrap();
@@ -566,6 +680,7 @@ mod tests {
                     rows,
                     cols,
                     data: &data,
+                    layout: Layout::Gguf,
                 };
                 let mut out = vec![0f32; rows * n_tokens];
                 c.matmul(w, &x, n_tokens, &mut out).unwrap();
@@ -606,6 +721,7 @@ mod tests {
             rows,
             cols,
             data: &data,
+            layout: Layout::Gguf,
         };
         let run = |p| {
             let mut out = vec![0f32; rows * n_tokens];
@@ -626,6 +742,7 @@ mod tests {
             rows: 2,
             cols: 2,
             data: &data,
+            layout: Layout::Gguf,
         };
         let mut out = vec![0f32; 2];
         assert!(c.matmul(w, &[0.0; 3], 1, &mut out).is_err());
@@ -634,6 +751,7 @@ mod tests {
             rows: 3,
             cols: 2,
             data: &data,
+            layout: Layout::Gguf,
         };
         assert!(c.matmul(w, &[0.0; 2], 1, &mut out).is_err());
     }

@@ -3,13 +3,14 @@
 
 mod attention;
 mod compute;
+pub mod interleave;
 mod isa;
 mod pool;
 pub mod qdot;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use compute::{ActivationPrecision, Compute, KernelError, Precision, Weight};
+pub use compute::{ActivationPrecision, Compute, KernelError, Layout, Precision, Weight};
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;
 #[cfg(test)]

@@ -17,6 +17,13 @@ pub const MAX_COLS: usize = 8;
 /// The CPU supports the ISA the function was built for; lengths match (checked by the caller).
 pub type RowDotFn = unsafe fn(w: &[u8], acts: &[&[u8]], out: &mut [f32]);
 
+/// `out[j] = row · acts[j]` over an interleaved weight row (the first `row_bytes` of `w`; any
+/// bytes after it may be read but do not count) and packed activation rows.
+///
+/// # Safety
+/// As for [`RowDotFn`].
+pub type InterleavedDotFn = unsafe fn(w: &[u8], row_bytes: usize, acts: &[&[u8]], out: &mut [f32]);
+
 /// Quantize one row of f32 activations into the activation format.
 ///
 /// # Safety
@@ -30,6 +37,9 @@ pub struct QuantKernel {
     pub isa: Isa,
     pub row_dot: RowDotFn,
     pub quantize: QuantizeFn,
+    /// The row dot over weights repacked by `Compute::interleave` and activations packed by
+    /// `interleave::pack_activations`, where this ISA has one.
+    pub interleaved: Option<InterleavedDotFn>,
 }
 
 /// The kernel for weight type `ty` on `isa`, falling back to the scalar reference for types the
@@ -45,6 +55,7 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
         isa: Isa::Scalar,
         row_dot: scalar_row_dot_for(ty),
         quantize: scalar_quantize_for(act),
+        interleaved: None,
     };
     let _ = isa;
     #[cfg(target_arch = "x86_64")]

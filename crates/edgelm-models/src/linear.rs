@@ -2,15 +2,18 @@
 
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
-use edgelm_kernels::{ActivationPrecision, Compute, Weight};
+use edgelm_kernels::{ActivationPrecision, Compute, Layout, Weight};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-/// A weight matrix left in the mapped file in its quantized type.
+/// A weight matrix in its quantized type: left in the mapped file, or repacked on first use
+/// for the compute context's kernels ([`WeightRef::view_for`]).
 #[derive(Clone)]
 pub struct WeightRef {
     file: Arc<GgufFile>,
     range: Range<usize>,
+    /// Set on the first product: the repacked rows, or None where the GGUF layout is best.
+    interleaved: OnceLock<Option<Arc<Vec<u8>>>>,
     pub name: String,
     pub ty: edgelm_gguf::GgmlType,
     pub rows: usize,
@@ -58,6 +61,7 @@ impl WeightRef {
         Ok(WeightRef {
             file: file.clone(),
             range,
+            interleaved: OnceLock::new(),
             name: name.into(),
             ty: info.ty,
             rows,
@@ -65,12 +69,34 @@ impl WeightRef {
         })
     }
 
+    /// The weight as `c`'s kernels read it fastest. The first call may repack it (in parallel,
+    /// once; the mapped original is then released from resident memory): repacking at load
+    /// would fault in every page before the first request, whether it is used or not.
+    pub fn view_for(&self, c: &Compute) -> Weight<'_> {
+        self.interleaved.get_or_init(|| {
+            let data = c.interleave(self.view())?;
+            self.file.release(self.range.clone());
+            Some(Arc::new(data))
+        });
+        self.view()
+    }
+
+    /// The weight as it is now: repacked if [`WeightRef::view_for`] did so, else as GGUF has it.
     pub fn view(&self) -> Weight<'_> {
-        Weight {
-            ty: self.ty,
-            rows: self.rows,
-            cols: self.cols,
-            data: &self.file.bytes()[self.range.clone()],
+        match self.interleaved.get().and_then(|d| d.as_ref()) {
+            Some(data) => Weight {
+                ty: self.ty,
+                rows: self.rows,
+                cols: self.cols,
+                data,
+                layout: Layout::Interleaved,
+            },
+            None => Weight::gguf(
+                self.ty,
+                self.rows,
+                self.cols,
+                &self.file.bytes()[self.range.clone()],
+            ),
         }
     }
 
@@ -82,7 +108,16 @@ impl WeightRef {
     pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         let w = self.view();
         let row_bytes = w.data.len() / w.rows;
-        edgelm_quant::dequantize_row(self.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], out)
+        let mut row = &w.data[r * row_bytes..(r + 1) * row_bytes];
+        let gguf_order;
+        if w.layout == Layout::Interleaved {
+            let mut bytes = vec![0u8; row_bytes];
+            edgelm_kernels::interleave::deinterleave_row(self.ty, row, &mut bytes)
+                .map_err(|e| ModelError::Batch(format!("{}: {e}", self.name)))?;
+            gguf_order = bytes;
+            row = &gguf_order;
+        }
+        edgelm_quant::dequantize_row(self.ty, row, out)
             .map_err(|e| ModelError::Batch(format!("{}: {e}", self.name)))
     }
 }
@@ -112,6 +147,9 @@ pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Resul
 pub struct Linear {
     pub weight: WeightRef,
     pub bias: Option<Vec<f32>>,
+    /// Whether the weight may be repacked for the kernels; not when it is shared with the
+    /// embedding table (a tied output head), which would then exist twice.
+    pub repack: bool,
     /// How finely the fast path quantizes this projection's input.
     pub input_precision: ActivationPrecision,
 }
@@ -133,6 +171,7 @@ impl Linear {
         Ok(Linear {
             weight,
             bias,
+            repack: true,
             input_precision: ActivationPrecision::Int8,
         })
     }
@@ -147,7 +186,12 @@ impl Linear {
 
     /// `out[t] = W·x[t] + b` for `n` tokens.
     pub fn forward(&self, c: &Compute, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
-        c.matmul_with(self.weight.view(), x, n, out, self.input_precision)?;
+        let w = if self.repack {
+            self.weight.view_for(c)
+        } else {
+            self.weight.view()
+        };
+        c.matmul_with(w, x, n, out, self.input_precision)?;
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(o, b)| *o += b);

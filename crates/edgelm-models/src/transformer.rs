@@ -100,6 +100,7 @@ impl Transformer {
             None => Linear {
                 weight: tok_embd.clone(),
                 bias: None,
+                repack: false,
                 input_precision: ActivationPrecision::Int8,
             },
         };

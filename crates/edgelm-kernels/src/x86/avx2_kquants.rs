@@ -47,6 +47,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         isa: Isa::Avx2,
         row_dot,
         quantize: quantize_row_q8_k,
+        interleaved: None,
     })
 }
 

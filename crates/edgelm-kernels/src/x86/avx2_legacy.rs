@@ -67,6 +67,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         isa: Isa::Avx2,
         row_dot,
         quantize,
+        interleaved: None,
     })
 }
 

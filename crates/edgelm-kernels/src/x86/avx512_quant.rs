@@ -126,6 +126,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         isa: Isa::Avx512,
         row_dot,
         quantize: base.quantize,
+        interleaved: super::avx512_interleaved::row_dot_for(ty),
     })
 }
 
