@@ -120,7 +120,13 @@ fn decode_stream(c: &mut Criterion) {
         for isa in Isa::available() {
             let compute = Compute::with_precision(isa, 2, Precision::Fast);
             let gguf = Weight::gguf(ty, rows, cols, &weights);
-            let interleaved = compute.interleave(gguf);
+            let interleaved = compute.wants_interleaved(ty).then(|| {
+                let mut data = vec![0u8; weights.len()];
+                compute
+                    .interleave_into(gguf, &mut data)
+                    .expect("interleavable");
+                data
+            });
             let mut layouts = vec![(Layout::Gguf, &weights)];
             if let Some(data) = &interleaved {
                 layouts.push((Layout::Interleaved, data));

@@ -53,7 +53,7 @@ impl<'a> Weight<'a> {
 pub enum Layout {
     #[default]
     Gguf,
-    /// Repacked by [`Compute::interleave`] (see [`crate::interleave`]).
+    /// Repacked by [`Compute::interleave_into`] (see [`crate::interleave`]).
     Interleaved,
 }
 
@@ -280,33 +280,46 @@ impl Compute {
             .interleaved
     }
 
-    /// `w` repacked into the layout this context's fast kernels read fastest (rows in
-    /// parallel), or None where they read its GGUF layout directly. Pass the result to
-    /// `matmul` as a [`Layout::Interleaved`] weight.
-    pub fn interleave(&self, w: Weight<'_>) -> Option<Vec<u8>> {
-        if w.layout != Layout::Gguf || w.rows == 0 || !w.data.len().is_multiple_of(w.rows) {
-            return None;
+    /// Whether this context's fast kernels read weights of type `ty` faster interleaved (see
+    /// [`Compute::interleave_into`]).
+    pub fn wants_interleaved(&self, ty: GgmlType) -> bool {
+        self.interleaved_kernel(ty).is_some()
+    }
+
+    /// Repack `w` (GGUF layout) into `dst`, the same length, rows in parallel; pass the result
+    /// to `matmul` as a [`Layout::Interleaved`] weight. Any row subset can be repacked on its
+    /// own, so callers can release the source as they go.
+    pub fn interleave_into(&self, w: Weight<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
+        let bad = || KernelError::Shape(format!("cannot interleave {} {}×{}", w.ty, w.rows, w.cols));
+        if w.layout != Layout::Gguf
+            || w.rows == 0
+            || dst.len() != w.data.len()
+            || !w.data.len().is_multiple_of(w.rows)
+        {
+            return Err(bad());
         }
-        self.interleaved_kernel(w.ty)?;
         let row_bytes = w.data.len() / w.rows;
-        let mut out = vec![0u8; w.data.len()];
-        let shared = SharedBytes(out.as_mut_ptr());
+        let shared = SharedBytes(dst.as_mut_ptr());
         let per_task = w.rows.div_ceil(4 * self.pool.n_threads());
         let failed = std::sync::atomic::AtomicBool::new(false);
         self.pool.run(w.rows.div_ceil(per_task), &|task| {
             for r in task * per_task..((task + 1) * per_task).min(w.rows) {
-                // SAFETY: row r's bytes are inside `out` and written by this task only; `run`
-                // joins before `out` is used again.
-                let dst = unsafe {
+                // SAFETY: row r's bytes are inside `dst` and written by this task only; `run`
+                // joins before `dst` is used again.
+                let out = unsafe {
                     std::slice::from_raw_parts_mut(shared.get().add(r * row_bytes), row_bytes)
                 };
                 let src = &w.data[r * row_bytes..(r + 1) * row_bytes];
-                if interleave_row(w.ty, src, dst).is_err() {
+                if interleave_row(w.ty, src, out).is_err() {
                     failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         });
-        (!failed.into_inner()).then_some(out)
+        if failed.into_inner() {
+            Err(bad())
+        } else {
+            Ok(())
+        }
     }
 
     /// The fast path; shapes were checked by `matmul_with`. `passes` is 1 or 2 (refined).

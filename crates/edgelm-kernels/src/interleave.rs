@@ -66,11 +66,6 @@ pub(crate) const fn format(ty: GgmlType) -> Option<Format> {
     })
 }
 
-/// Whether `ty` has an interleaved layout.
-pub fn can_interleave(ty: GgmlType) -> bool {
-    format(ty).is_some()
-}
-
 /// Byte offsets inside a group of `nt` blocks.
 #[derive(Clone, Copy)]
 pub(crate) struct GroupLayout {

@@ -37,7 +37,7 @@ pub struct QuantKernel {
     pub isa: Isa,
     pub row_dot: RowDotFn,
     pub quantize: QuantizeFn,
-    /// The row dot over weights repacked by `Compute::interleave` and activations packed by
+    /// The row dot over weights repacked by `Compute::interleave_into` and activations packed by
     /// `interleave::pack_activations`, where this ISA has one.
     pub interleaved: Option<InterleavedDotFn>,
 }

@@ -74,8 +74,23 @@ impl WeightRef {
     /// would fault in every page before the first request, whether it is used or not.
     pub fn view_for(&self, c: &Compute) -> Weight<'_> {
         self.interleaved.get_or_init(|| {
-            let data = c.interleave(self.view())?;
-            self.file.release(self.range.clone());
+            let w = self.view();
+            if !c.wants_interleaved(w.ty) || w.rows == 0 {
+                return None;
+            }
+            // A few MiB of rows at a time, each released once copied: the mapped original and
+            // the copy never coexist whole (the output head alone is 136 MB on qwen2.5).
+            let row_bytes = w.data.len() / w.rows;
+            let chunk_rows = ((4 << 20) / row_bytes.max(1)).max(1);
+            let mut data = vec![0u8; w.data.len()];
+            for r0 in (0..w.rows).step_by(chunk_rows) {
+                let r1 = (r0 + chunk_rows).min(w.rows);
+                let bytes = r0 * row_bytes..r1 * row_bytes;
+                let part = Weight::gguf(w.ty, r1 - r0, w.cols, &w.data[bytes.clone()]);
+                c.interleave_into(part, &mut data[bytes.clone()]).ok()?;
+                let start = self.range.start;
+                self.file.release(start + bytes.start..start + bytes.end);
+            }
             Some(Arc::new(data))
         });
         self.view()
