@@ -290,7 +290,8 @@ impl Compute {
     /// to `matmul` as a [`Layout::Interleaved`] weight. Any row subset can be repacked on its
     /// own, so callers can release the source as they go.
     pub fn interleave_into(&self, w: Weight<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
-        let bad = || KernelError::Shape(format!("cannot interleave {} {}×{}", w.ty, w.rows, w.cols));
+        let bad =
+            || KernelError::Shape(format!("cannot interleave {} {}×{}", w.ty, w.rows, w.cols));
         if w.layout != Layout::Gguf
             || w.rows == 0
             || dst.len() != w.data.len()

@@ -84,3 +84,40 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         y[j] += a * x[j];
     }
 }
+
+/// `out[r][d] += Σ_j p[r][j] · v[j][d]` for `R` rows, `j < v.len()`, `d < hd` (a multiple of 16):
+/// sixteen columns of every row stay in registers while all `v` rows stream past once.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; every `p[r]` holds `v.len()` values, every `v[j]` and
+/// `out[r]` `hd` floats.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn weighted_rows<const R: usize>(
+    p: &[*const f32; R],
+    v: &[*const f32],
+    hd: usize,
+    out: &[*mut f32; R],
+) {
+    let mut d = 0;
+    while d + 16 <= hd {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (j, vj) in v.iter().enumerate() {
+            let v0 = _mm256_loadu_ps(vj.add(d));
+            let v1 = _mm256_loadu_ps(vj.add(d + 8));
+            for r in 0..R {
+                let w = _mm256_broadcast_ss(&*p[r].add(j));
+                acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+            }
+        }
+        for r in 0..R {
+            let o = out[r].add(d);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][0]));
+            _mm256_storeu_ps(
+                o.add(8),
+                _mm256_add_ps(_mm256_loadu_ps(o.add(8)), acc[r][1]),
+            );
+        }
+        d += 16;
+    }
+}

@@ -98,9 +98,15 @@ unsafe fn groups<const T: u8, const N: usize>(
     let sixteen = _mm512_set1_epi8(16);
     let mut at = 0;
     let mut g0 = 0;
+    let mut half_acc = [_mm256_setzero_ps(); N];
     while g0 < nb {
         let nt = (nb - g0).min(GROUP);
         let lay = group_layout(f, nt);
+        if nt <= GROUP / 2 {
+            // A tail of at most eight blocks fits 256-bit registers, at half the cost.
+            half_group::<T, N>(w.add(at), lay, nt, avail - at, a, g0, &mut half_acc);
+            break;
+        }
         let bytes = 4 * nt;
         let kq: u64 = if nt == GROUP { !0 } else { (1u64 << bytes) - 1 };
         let kd: __mmask16 = ((1u32 << nt) - 1) as u16;
@@ -189,7 +195,104 @@ unsafe fn groups<const T: u8, const N: usize>(
         at += lay.len;
         g0 += GROUP;
     }
-    core::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]))
+    core::array::from_fn(|j| {
+        let half = _mm512_castps256_ps512(half_acc[j]);
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            acc[j],
+            _mm512_mask_mov_ps(_mm512_setzero_ps(), 0xFF, half),
+        ))
+    })
+}
+
+/// [`groups`] for a last group of `nt ≤ 8` blocks at `wp` (readable for `avail` bytes), on
+/// 256-bit registers: lanes 0..8 of every image and activation vector.
+///
+/// # Safety
+/// As [`groups`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn half_group<const T: u8, const N: usize>(
+    wp: *const u8,
+    lay: crate::interleave::GroupLayout,
+    nt: usize,
+    avail: usize,
+    a: &[*const u8; N],
+    g0: usize,
+    acc: &mut [__m256; N],
+) {
+    let Some(f) = format(weight_type(T)) else {
+        return;
+    };
+    let low = _mm256_set1_epi8(0x0F);
+    let sixteen = _mm256_set1_epi8(16);
+    let bytes = 4 * nt;
+    let kq: u32 = if bytes == 32 { !0 } else { (1u32 << bytes) - 1 };
+    let kd: __mmask8 = ((1u32 << nt) - 1) as u8;
+    // As in `groups`: full-width loads where the buffer has the bytes, masked ones otherwise.
+    let wide = lay.len + 32 <= avail;
+    // SAFETY (weight reads): as in `groups`, with 32-byte loads.
+    let load = |p: *const u8| {
+        if wide {
+            _mm256_loadu_si256(p.cast())
+        } else {
+            _mm256_maskz_loadu_epi8(kq, p.cast())
+        }
+    };
+    let halves = |p: *const u8| {
+        let x = if wide {
+            _mm_loadu_si128(p.cast())
+        } else {
+            _mm_maskz_loadu_epi16(kd, p.cast())
+        };
+        _mm256_cvtph_ps(_mm_maskz_mov_epi16(kd, x))
+    };
+    let mut wv = [_mm256_setzero_si256(); 8];
+    if f.nibbles {
+        for h in 0..4 {
+            let x = load(wp.add(lay.quants + h * bytes));
+            wv[h] = _mm256_and_si256(x, low);
+            wv[h + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low);
+        }
+    } else {
+        for (g, v) in wv.iter_mut().enumerate() {
+            *v = load(wp.add(lay.quants + g * bytes));
+        }
+    }
+    if f.high {
+        for (g, v) in wv.iter_mut().enumerate() {
+            let pos = g * bytes;
+            let word = wp
+                .add(lay.high + pos / 8)
+                .cast::<[u8; 8]>()
+                .read_unaligned();
+            let m = ((u64::from_le_bytes(word) >> (pos % 8)) as u32) & kq;
+            *v = _mm256_mask_add_epi8(*v, m, *v, sixteen);
+        }
+    }
+    let dw = halves(wp.add(lay.d));
+    let mw = if f.min {
+        halves(wp.add(lay.m))
+    } else {
+        _mm256_setzero_ps()
+    };
+    let ag = g0 / GROUP * ACT_GROUP_BYTES;
+    for j in 0..N {
+        // SAFETY: token j's packed group is ACT_GROUP_BYTES at `ap`.
+        let ap = a[j].add(ag);
+        let mut t = if f.min {
+            _mm256_setzero_si256()
+        } else {
+            _mm256_loadu_si256(ap.add(576).cast())
+        };
+        for (g, v) in wv.iter().enumerate() {
+            t = _mm256_dpbusd_epi32(t, *v, _mm256_loadu_si256(ap.add(64 * g).cast()));
+        }
+        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(ap.add(512).cast()));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), scale, acc[j]);
+        if f.min {
+            acc[j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(ap.add(576).cast()), acc[j]);
+        }
+    }
 }
 
 #[cfg(test)]
