@@ -16,10 +16,11 @@ fn walk(v: &Value, depth: usize) {
     );
     let _ = v.as_str().map(str::len);
     let _ = v.display_short();
-    if let Value::Array(ty, items) = v {
-        for item in items {
-            assert_eq!(item.value_type(), *ty, "array element of the wrong type");
-            walk(item, depth + 1);
+    if let Value::Array(a) = v {
+        for i in 0..a.len() {
+            let item = a.get(i).expect("every index below len() is an element");
+            assert_eq!(item.value_type(), a.elem_type(), "array element of the wrong type");
+            walk(&item, depth + 1);
         }
     }
 }

@@ -23,7 +23,7 @@ const PRES: &[&str] = &[
 ];
 
 fn strs(v: impl IntoIterator<Item = String>) -> Value {
-    Value::Array(
+    array(
         ValueType::String,
         v.into_iter().map(Value::String).collect(),
     )
@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     w.set("tokenizer.ggml.tokens", strs(tokens.iter().cloned()));
     w.set(
         "tokenizer.ggml.token_type",
-        Value::Array(
+        array(
             ValueType::I32,
             token_types.into_iter().map(Value::I32).collect(),
         ),
@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     if flags & 0x40 != 0 {
         w.set(
             "tokenizer.ggml.scores",
-            Value::Array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
+            array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
         );
     }
     if !spm || flags & 0x20 != 0 {
@@ -152,3 +152,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// A metadata array of one element type.
+fn array(ty: ValueType, values: Vec<Value>) -> Value {
+    Value::array(ty, values).expect("one element type")
+}

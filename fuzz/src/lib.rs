@@ -42,7 +42,7 @@ pub const FIXED_TEXTS: &[&str] = &[
 ];
 
 fn strs<S: AsRef<str>>(v: impl IntoIterator<Item = S>) -> Value {
-    Value::Array(
+    array(
         ValueType::String,
         v.into_iter()
             .map(|s| Value::String(s.as_ref().to_owned()))
@@ -51,11 +51,11 @@ fn strs<S: AsRef<str>>(v: impl IntoIterator<Item = S>) -> Value {
 }
 
 fn i32s(v: impl IntoIterator<Item = i32>) -> Value {
-    Value::Array(ValueType::I32, v.into_iter().map(Value::I32).collect())
+    array(ValueType::I32, v.into_iter().map(Value::I32).collect())
 }
 
 fn f32s(v: impl IntoIterator<Item = f32>) -> Value {
-    Value::Array(ValueType::F32, v.into_iter().map(Value::F32).collect())
+    array(ValueType::F32, v.into_iter().map(Value::F32).collect())
 }
 
 /// A SentencePiece vocabulary: `<unk> <s> </s>`, the 256 `<0xNN>` byte tokens, scored pieces, and
@@ -217,15 +217,15 @@ pub fn tensors_file() -> GgufWriter {
     w.set("bool", Value::Bool(true));
     w.set(
         "nested",
-        Value::Array(
+        array(
             ValueType::Array,
-            vec![Value::Array(
+            vec![array(
                 ValueType::U8,
                 vec![Value::U8(1), Value::U8(2)],
             )],
         ),
     );
-    w.set("empty", Value::Array(ValueType::U64, vec![]));
+    w.set("empty", array(ValueType::U64, vec![]));
     for (i, &ty) in GgmlType::ALL.iter().enumerate() {
         let n = ty.block_elems() as u64;
         let bytes = ty.bytes_for(n).unwrap() as usize;
@@ -235,4 +235,9 @@ pub fn tensors_file() -> GgufWriter {
     w.add_f32("w", &[2, 2], &[1.0, -2.0, f32::NAN, f32::INFINITY])
         .unwrap();
     w
+}
+
+/// A metadata array of one element type.
+fn array(ty: ValueType, values: Vec<Value>) -> Value {
+    Value::array(ty, values).expect("one element type")
 }

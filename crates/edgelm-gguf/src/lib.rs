@@ -10,7 +10,7 @@ mod writer;
 
 pub use reader::{GgufFile, TensorInfo, TensorView};
 pub use types::GgmlType;
-pub use value::{Value, ValueType};
+pub use value::{Array, Value, ValueType};
 pub use writer::GgufWriter;
 
 /// Default data alignment when `general.alignment` is absent.

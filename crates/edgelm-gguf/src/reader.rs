@@ -1,6 +1,6 @@
 //! Bounds-checked GGUF parser over a byte slice (mmap or owned).
 
-use crate::{GgmlType, GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
+use crate::{Array, GgmlType, GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -483,11 +483,38 @@ impl<'a> Cursor<'a> {
                         limit: self.array_budget,
                     });
                 }
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    items.push(self.value(key, elem, depth + 1)?);
+                let mut items = Array::new(elem);
+                match elem {
+                    ValueType::String => {
+                        for _ in 0..n {
+                            let at = self.pos as u64;
+                            let len = self.u64(key)?;
+                            let b = self.take(len, key)?;
+                            let s = std::str::from_utf8(b)
+                                .map_err(|_| GgufError::BadUtf8 { offset: at })?;
+                            items.push_str(s);
+                        }
+                    }
+                    ValueType::Array => {
+                        for _ in 0..n {
+                            if let Value::Array(a) = self.value(key, elem, depth + 1)? {
+                                items.push_array(a);
+                            }
+                        }
+                    }
+                    ValueType::Bool => {
+                        for _ in 0..n {
+                            // Checks the byte is 0 or 1.
+                            let v = self.value(key, elem, depth + 1)?;
+                            let _ = items.push(v);
+                        }
+                    }
+                    _ => {
+                        let size = elem.scalar_size().unwrap_or(1) as u64;
+                        items.extend_scalars(self.take(n as u64 * size, key)?);
+                    }
                 }
-                Value::Array(elem, items)
+                Value::Array(items)
             }
         })
     }

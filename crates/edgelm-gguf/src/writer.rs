@@ -130,11 +130,17 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
         Value::Bool(x) => out.push(*x as u8),
         Value::String(s) => put_str(out, s),
-        Value::Array(ty, items) => {
-            out.extend_from_slice(&(*ty as u32).to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                put_value(out, item);
+        Value::Array(a) => {
+            out.extend_from_slice(&(a.elem_type() as u32).to_le_bytes());
+            out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            for i in 0..a.len() {
+                if let Some(s) = a.str_at(i) {
+                    put_str(out, s);
+                } else if let Some(nested) = a.array_at(i) {
+                    put_value(out, &Value::Array(nested.clone()));
+                } else if let Some(v) = a.get(i) {
+                    put_value(out, &v);
+                }
             }
         }
         Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
@@ -155,10 +161,11 @@ mod tests {
             .set("f", Value::F64(0.5))
             .set(
                 "tokenizer.ggml.tokens",
-                Value::Array(
+                Value::array(
                     crate::ValueType::String,
                     vec![Value::String("a".into()), Value::String("b".into())],
-                ),
+                )
+                .unwrap(),
             );
         w.add_f32("w", &[4, 2], &[1., 2., 3., 4., 5., 6., 7., 8.])
             .unwrap();
@@ -176,7 +183,7 @@ mod tests {
         assert_eq!(f.require_u64("llama.block_count").unwrap(), 2);
         assert_eq!(f.get_f64("f"), Some(0.5));
         let toks = f.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap();
-        assert_eq!(toks[1].as_str(), Some("b"));
+        assert_eq!(toks.str_at(1), Some("b"));
         let w = f.tensor("w").unwrap();
         assert_eq!(w.dims(), &[4, 2]);
         assert_eq!(w.data.len(), 32);
@@ -185,6 +192,44 @@ mod tests {
         assert_eq!(q.ty(), GgmlType::Q8_0);
         assert_eq!(q.data, &[7u8; 34][..]);
         assert_eq!((f.data_offset + q.info.offset) % 32, 0);
+    }
+
+    #[test]
+    fn arrays_of_every_kind_round_trip() {
+        use crate::ValueType as T;
+        let arrays = [
+            Value::array(T::I32, vec![Value::I32(-3), Value::I32(7)]),
+            Value::array(T::F32, vec![Value::F32(0.25)]),
+            Value::array(T::Bool, vec![Value::Bool(true), Value::Bool(false)]),
+            Value::array(T::U64, vec![]),
+            Value::array(
+                T::String,
+                vec![Value::String("".into()), Value::String("é".into())],
+            ),
+            Value::array(
+                T::Array,
+                vec![Value::array(T::U8, vec![Value::U8(9)]).unwrap()],
+            ),
+        ];
+        let mut w = GgufWriter::new();
+        for (i, a) in arrays.iter().enumerate() {
+            w.set(&format!("a{i}"), a.clone().unwrap());
+        }
+        let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
+        for (i, a) in arrays.iter().enumerate() {
+            assert_eq!(f.get(&format!("a{i}")), a.as_ref(), "array {i}");
+        }
+        let strings = f.get("a4").unwrap().as_array().unwrap();
+        assert_eq!(
+            (strings.str_at(0), strings.str_at(1)),
+            (Some(""), Some("é"))
+        );
+        assert_eq!(
+            f.get("a0").unwrap().as_array().unwrap().get(0),
+            Some(Value::I32(-3))
+        );
+        // Mixed element types are refused.
+        assert!(Value::array(T::I32, vec![Value::U8(1)]).is_none());
     }
 
     #[test]

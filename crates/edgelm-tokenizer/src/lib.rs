@@ -21,7 +21,7 @@ mod stream;
 pub use error::TokenizerError;
 pub use stream::StreamDecoder;
 
-use edgelm_gguf::{GgufFile, Value};
+use edgelm_gguf::{Array, GgufFile};
 use special::{Fragment, SpecialTokens};
 use std::collections::HashMap;
 
@@ -261,7 +261,7 @@ fn opt_u64(file: &GgufFile, key: &str) -> Result<Option<u64>, TokenizerError> {
     }
 }
 
-fn opt_array<'f>(file: &'f GgufFile, key: &str) -> Result<Option<&'f [Value]>, TokenizerError> {
+fn opt_array<'f>(file: &'f GgufFile, key: &str) -> Result<Option<&'f Array>, TokenizerError> {
     match file.get(key) {
         None => Ok(None),
         Some(v) => v.as_array().map(Some).ok_or_else(|| {
@@ -315,9 +315,9 @@ impl Tokenizer {
             return Err(bad(KEY_TOKENS, format!("implausible vocabulary size {n}")));
         }
         let mut tokens = Vec::with_capacity(n);
-        for (i, v) in raw_tokens.iter().enumerate() {
-            let s = v
-                .as_str()
+        for i in 0..n {
+            let s = raw_tokens
+                .str_at(i)
                 .ok_or_else(|| bad(KEY_TOKENS, format!("entry {i} is not a string")))?;
             // llama.cpp renames empty entries so that they cannot match text.
             tokens.push(if s.is_empty() {
@@ -334,11 +334,10 @@ impl Tokenizer {
                     format!("{} scores for {n} tokens", a.len()),
                 ))
             }
-            Some(a) => a[..n]
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_f64()
+            Some(a) => (0..n)
+                .map(|i| {
+                    a.get(i)
+                        .and_then(|v| v.as_f64())
                         .map(|x| x as f32)
                         .ok_or_else(|| bad(KEY_SCORES, format!("entry {i} is not a number")))
                 })
@@ -352,12 +351,11 @@ impl Tokenizer {
                     format!("{} token types for {n} tokens", a.len()),
                 ))
             }
-            Some(a) => a[..n]
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let t = v
-                        .as_i64()
+            Some(a) => (0..n)
+                .map(|i| {
+                    let t = a
+                        .get(i)
+                        .and_then(|v| v.as_i64())
                         .ok_or_else(|| bad(KEY_TYPES, format!("entry {i} is not an integer")))?;
                     Ok(match t {
                         1 => ATTR_NORMAL,
@@ -413,11 +411,10 @@ impl Tokenizer {
                     key: KEY_MERGES,
                     hint: "a \"gpt2\" (BPE) tokenizer needs its merge list; re-convert the model",
                 })?;
-                let merges = merges
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        v.as_str()
+                let merges = (0..merges.len())
+                    .map(|i| {
+                        merges
+                            .str_at(i)
                             .ok_or_else(|| bad(KEY_MERGES, format!("entry {i} is not a string")))
                     })
                     .collect::<Result<Vec<&str>, _>>()?;

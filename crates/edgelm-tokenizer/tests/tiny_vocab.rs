@@ -4,7 +4,7 @@ use edgelm_gguf::{GgufFile, GgufWriter, Value, ValueType};
 use edgelm_tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
 
 fn strs(v: &[&str]) -> Value {
-    Value::Array(
+    array(
         ValueType::String,
         v.iter().map(|s| Value::String(s.to_string())).collect(),
     )
@@ -41,18 +41,18 @@ fn spm_writer(pieces: &[(&str, f32, i32)]) -> GgufWriter {
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
     w.set(
         "tokenizer.ggml.tokens",
-        Value::Array(
+        array(
             ValueType::String,
             texts.into_iter().map(Value::String).collect(),
         ),
     );
     w.set(
         "tokenizer.ggml.scores",
-        Value::Array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
+        array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
     );
     w.set(
         "tokenizer.ggml.token_type",
-        Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect()),
+        array(ValueType::I32, types.into_iter().map(Value::I32).collect()),
     );
     w
 }
@@ -174,7 +174,7 @@ fn bpe_writer(tokens: &[(&str, i32)], merges: &[&str], pre: &str) -> GgufWriter 
     );
     w.set(
         "tokenizer.ggml.token_type",
-        Value::Array(
+        array(
             ValueType::I32,
             tokens.iter().map(|t| Value::I32(t.1)).collect(),
         ),
@@ -349,7 +349,7 @@ fn malformed_metadata_is_an_error_not_a_panic() {
     let mut w = bpe_writer(BPE_TOKENS, &[], "qwen2");
     w.set(
         "tokenizer.ggml.token_type",
-        Value::Array(ValueType::I32, vec![Value::I32(1)]),
+        array(ValueType::I32, vec![Value::I32(1)]),
     );
     let err = load(&w).unwrap_err();
     assert!(
@@ -393,4 +393,9 @@ fn decode_rejects_ids_outside_the_vocabulary() {
 fn tokenizer_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Tokenizer>();
+}
+
+/// A metadata array of one element type.
+fn array(ty: ValueType, values: Vec<Value>) -> Value {
+    Value::array(ty, values).expect("one element type")
 }
