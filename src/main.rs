@@ -440,7 +440,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
             } else {
                 a.ctx
             };
-            let plan = edgelm_models::memory_plan(&model, n_ctx);
+            let plan = edgelm_models::memory_plan(&model, n_ctx, edgelm_models::KvType::F16);
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
             let hp = &model.hp;
             println!(
@@ -456,7 +456,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 hp.n_ctx_train
             );
             println!(
-                "memory at context {n_ctx} (precise path, f32 KV): weights {:.1} MiB (mapped) + KV cache {:.1} MiB + scratch {:.1} MiB = {:.1} MiB",
+                "memory at context {n_ctx} (fast path, f16 KV; --precise doubles the KV cache): weights {:.1} MiB (mapped) + KV cache {:.1} MiB + scratch {:.1} MiB = {:.1} MiB",
                 mib(plan.weights),
                 mib(plan.kv_cache),
                 mib(plan.scratch),
@@ -493,11 +493,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         .map(|&n| ("pp", n))
         .chain(a.n_gen.iter().map(|&n| ("tg", n)));
     for (kind, n) in tests.filter(|t| t.1 > 0) {
-        let run = |seed| match kind {
-            "pp" => time_prompt(&engine, n, seed),
-            _ => time_generation(&engine, n, seed),
+        let mut cache = engine.new_cache(n + 1);
+        let mut run = |seed| match kind {
+            "pp" => time_prompt(&engine, &mut cache, n, seed),
+            _ => time_generation(&engine, &mut cache, n, seed),
         };
-        run(0)?; // warm-up: page in the weights, size the buffers
+        run(0)?; // warm-up: page in the weights, size the buffers and the KV cache
         let mut secs = Vec::with_capacity(reps);
         for r in 0..reps {
             secs.push(run(r as u64 + 1)?.as_secs_f64());

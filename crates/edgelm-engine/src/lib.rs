@@ -14,8 +14,8 @@ pub use sampler::{apply_penalties, Candidate, Rng, Sampler, SamplingParams};
 pub use stop::StopMatcher;
 
 use edgelm_gguf::GgufFile;
-use edgelm_kernels::Compute;
-use edgelm_models::{KvCache, Model, MAX_CHUNK};
+use edgelm_kernels::{Compute, Precision};
+use edgelm_models::{KvCache, KvType, Model, MAX_CHUNK};
 use edgelm_tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
@@ -63,7 +63,21 @@ impl Engine {
 
     /// A KV cache for one conversation of up to `n_ctx` tokens (0 = the model's trained length).
     pub fn new_cache(&self, n_ctx: usize) -> KvCache {
-        KvCache::new(&self.model.hp, self.context_length(n_ctx), MAX_CHUNK)
+        KvCache::new(
+            &self.model.hp,
+            self.context_length(n_ctx),
+            MAX_CHUNK,
+            self.kv_type(),
+        )
+    }
+
+    /// The KV cache type of this engine's path: f16 on the fast path (as llama.cpp), f32 on the
+    /// precise one.
+    pub fn kv_type(&self) -> KvType {
+        match self.compute.precision() {
+            Precision::Fast => KvType::F16,
+            Precision::Precise => KvType::F32,
+        }
     }
 
     pub fn context_length(&self, requested: usize) -> usize {

@@ -3,11 +3,58 @@
 
 use crate::{Compute, Isa};
 
-/// Register-tiled primitives of one ISA, resolved statically inside the attention loops.
-trait VecOps {
+/// One cached key and value row (one kv head's columns), as the cache stores them.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRow<'a> {
+    F32(&'a [f32], &'a [f32]),
+    /// f16 bit patterns.
+    F16(&'a [u16], &'a [u16]),
+}
+
+/// An element type of cached keys and values.
+trait KvElem: Copy + 'static {
+    fn to_f32(self) -> f32;
+    /// The row's key and value pointers if it holds this type.
+    fn of<'a>(row: KvRow<'a>) -> Option<(&'a [Self], &'a [Self])>;
+    /// Scalar dot product (the reference order).
+    fn dot(k: &[Self], q: &[f32]) -> f32 {
+        k.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum()
+    }
+}
+
+impl KvElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn of<'a>(row: KvRow<'a>) -> Option<(&'a [f32], &'a [f32])> {
+        match row {
+            KvRow::F32(k, v) => Some((k, v)),
+            KvRow::F16(..) => None,
+        }
+    }
+    fn dot(k: &[f32], q: &[f32]) -> f32 {
+        crate::compute::scalar_dot(k, q)
+    }
+}
+
+impl KvElem for u16 {
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+    fn of<'a>(row: KvRow<'a>) -> Option<(&'a [u16], &'a [u16])> {
+        match row {
+            KvRow::F16(k, v) => Some((k, v)),
+            KvRow::F32(..) => None,
+        }
+    }
+}
+
+/// Register-tiled primitives of one ISA for key/value rows of type `E`, resolved statically
+/// inside the attention loops.
+trait VecOps<E: KvElem> {
     /// `out[r][t] = k[r] · q[t]` over `hd` values, `R ≤ 4` keys by `T ≤ 3` query rows.
     fn dots<const R: usize, const T: usize>(
-        k: &[*const f32; R],
+        k: &[*const E; R],
         q: &[*const f32; T],
         hd: usize,
         out: &mut [[f32; T]; R],
@@ -15,41 +62,41 @@ trait VecOps {
     /// `out[r] += Σ_j p[r][j] · v[j]` over rows of `hd` values.
     fn weighted_rows<const R: usize>(
         p: &[*const f32; R],
-        v: &[*const f32],
+        v: &[*const E],
         hd: usize,
         out: &[*mut f32; R],
     );
 }
 
 struct Scalar;
-impl VecOps for Scalar {
+impl<E: KvElem> VecOps<E> for Scalar {
     fn dots<const R: usize, const T: usize>(
-        k: &[*const f32; R],
+        k: &[*const E; R],
         q: &[*const f32; T],
         hd: usize,
         out: &mut [[f32; T]; R],
     ) {
         for r in 0..R {
             for t in 0..T {
-                // SAFETY: the caller passes rows of `hd` floats.
+                // SAFETY: the caller passes rows of `hd` elements.
                 let (a, b) = unsafe {
                     (
                         std::slice::from_raw_parts(k[r], hd),
                         std::slice::from_raw_parts(q[t], hd),
                     )
                 };
-                out[r][t] = crate::compute::scalar_dot(a, b);
+                out[r][t] = E::dot(a, b);
             }
         }
     }
     fn weighted_rows<const R: usize>(
         p: &[*const f32; R],
-        v: &[*const f32],
+        v: &[*const E],
         hd: usize,
         out: &[*mut f32; R],
     ) {
         for r in 0..R {
-            // SAFETY: the caller passes `v.len()` weights per row and rows of `hd` floats.
+            // SAFETY: the caller passes `v.len()` weights per row and rows of `hd` elements.
             let (w, o) = unsafe {
                 (
                     std::slice::from_raw_parts(p[r], v.len()),
@@ -59,7 +106,9 @@ impl VecOps for Scalar {
             for (wj, vj) in w.iter().zip(v) {
                 // SAFETY: as above.
                 let vj = unsafe { std::slice::from_raw_parts(*vj, hd) };
-                o.iter_mut().zip(vj).for_each(|(o, v)| *o += wj * v);
+                o.iter_mut()
+                    .zip(vj)
+                    .for_each(|(o, v)| *o += wj * v.to_f32());
             }
         }
     }
@@ -68,15 +117,15 @@ impl VecOps for Scalar {
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
 #[cfg(target_arch = "x86_64")]
-impl VecOps for Avx2 {
+impl VecOps<f32> for Avx2 {
     fn dots<const R: usize, const T: usize>(
         k: &[*const f32; R],
         q: &[*const f32; T],
         hd: usize,
         out: &mut [[f32; T]; R],
     ) {
-        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2 and FMA;
-        // rows hold `hd` floats.
+        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2, FMA and
+        // F16C; rows hold `hd` elements.
         unsafe { crate::x86::avx2::tile::<R, T>(k, q, hd, out) }
     }
     fn weighted_rows<const R: usize>(
@@ -86,15 +135,40 @@ impl VecOps for Avx2 {
         out: &[*mut f32; R],
     ) {
         if !hd.is_multiple_of(16) {
-            return Scalar::weighted_rows(p, v, hd, out);
+            return <Scalar as VecOps<f32>>::weighted_rows(p, v, hd, out);
         }
         // SAFETY: as above; `hd` is a multiple of 16.
         unsafe { crate::x86::avx2::weighted_rows::<R>(p, v, hd, out) }
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl VecOps<u16> for Avx2 {
+    fn dots<const R: usize, const T: usize>(
+        k: &[*const u16; R],
+        q: &[*const f32; T],
+        hd: usize,
+        out: &mut [[f32; T]; R],
+    ) {
+        // SAFETY: as for f32 rows.
+        unsafe { crate::x86::avx2::tile_f16::<R, T>(k, q, hd, out) }
+    }
+    fn weighted_rows<const R: usize>(
+        p: &[*const f32; R],
+        v: &[*const u16],
+        hd: usize,
+        out: &[*mut f32; R],
+    ) {
+        if !hd.is_multiple_of(16) {
+            return <Scalar as VecOps<u16>>::weighted_rows(p, v, hd, out);
+        }
+        // SAFETY: as for f32 rows.
+        unsafe { crate::x86::avx2::weighted_rows_f16::<R>(p, v, hd, out) }
+    }
+}
+
 thread_local! {
-    /// Value-row pointers of the current attention call.
+    /// Value-row addresses of the current attention call.
     static VALUES: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -108,24 +182,57 @@ impl Compute {
         q: &[f32],
         hd: usize,
         n_keys: usize,
-        kv: &dyn Fn(usize) -> (&'a [f32], &'a [f32]),
+        kv: &dyn Fn(usize) -> KvRow<'a>,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        match self.isa() {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        if n_keys == 0 || hd == 0 {
+            return;
+        }
+        let f16 = matches!(kv(0), KvRow::F16(..));
+        match (self.isa(), f16) {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => attend::<Avx2>(q, hd, n_keys, kv, scale, scores, out),
-            _ => attend::<Scalar>(q, hd, n_keys, kv, scale, scores, out),
+            (Isa::Avx2 | Isa::Avx512, false) => {
+                typed::<Avx2, f32>(q, hd, n_keys, kv, scale, scores, out)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2 | Isa::Avx512, true) => {
+                typed::<Avx2, u16>(q, hd, n_keys, kv, scale, scores, out)
+            }
+            (_, false) => typed::<Scalar, f32>(q, hd, n_keys, kv, scale, scores, out),
+            (_, true) => typed::<Scalar, u16>(q, hd, n_keys, kv, scale, scores, out),
         }
     }
 }
 
-fn attend<'a, V: VecOps>(
+/// [`attend`] over rows of type `E`, checked once each as they are fetched.
+fn typed<'a, V: VecOps<E>, E: KvElem>(
     q: &[f32],
     hd: usize,
     n_keys: usize,
-    kv: &dyn Fn(usize) -> (&'a [f32], &'a [f32]),
+    kv: &dyn Fn(usize) -> KvRow<'a>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let rows = |j: usize| {
+        let (k, v) = E::of(kv(j)).expect("attention: one call reads one cache type");
+        assert!(
+            k.len() >= hd && v.len() >= hd,
+            "attention: rows shorter than a head"
+        );
+        (k.as_ptr(), v.as_ptr())
+    };
+    attend::<V, E>(q, hd, n_keys, &rows, scale, scores, out)
+}
+
+fn attend<V: VecOps<E>, E: KvElem>(
+    q: &[f32],
+    hd: usize,
+    n_keys: usize,
+    kv: &dyn Fn(usize) -> (*const E, *const E),
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -133,10 +240,6 @@ fn attend<'a, V: VecOps>(
     let heads = q.len() / hd;
     scores.clear();
     scores.resize(heads * n_keys, 0.0);
-    out.iter_mut().for_each(|o| *o = 0.0);
-    if n_keys == 0 {
-        return;
-    }
     VALUES.with_borrow_mut(|values| {
         values.clear();
         // Scores four keys by up to three heads at a time: each key row is loaded once per
@@ -144,11 +247,11 @@ fn attend<'a, V: VecOps>(
         let mut j0 = 0;
         while j0 < n_keys {
             let nk = (n_keys - j0).min(4);
-            let mut keys = [std::ptr::null::<f32>(); 4];
+            let mut keys = [std::ptr::null::<E>(); 4];
             for (i, k) in keys[..nk].iter_mut().enumerate() {
                 let (kj, vj) = kv(j0 + i);
-                *k = kj.as_ptr();
-                values.push(vj.as_ptr() as usize);
+                *k = kj;
+                values.push(vj as usize);
             }
             let mut r0 = 0;
             while r0 < heads {
@@ -158,7 +261,7 @@ fn attend<'a, V: VecOps>(
                 let mut put = |r: usize, t: usize, v: f32| {
                     scores[(r0 + t) * n_keys + j0 + r] = v * scale;
                 };
-                key_tile::<V>(&keys, nk, &rows, nr, hd, &mut put);
+                key_tile::<V, E>(&keys, nk, &rows, nr, hd, &mut put);
                 r0 += nr;
             }
             j0 += nk;
@@ -172,8 +275,8 @@ fn attend<'a, V: VecOps>(
             }
             row.iter_mut().for_each(|s| *s /= sum);
         }
-        let vptrs: &[*const f32] =
-            // SAFETY: `usize` and `*const f32` have the same size and alignment; the addresses
+        let vptrs: &[*const E] =
+            // SAFETY: `usize` and `*const E` have the same size and alignment; the addresses
             // came from live value rows.
             unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) };
         let mut r0 = 0;
@@ -200,21 +303,21 @@ fn attend<'a, V: VecOps>(
 }
 
 /// One tile of scores: `nk ≤ 4` keys by `nr ≤ 3` query rows, reported through `put(key, row, v)`.
-fn key_tile<V: VecOps>(
-    keys: &[*const f32; 4],
+fn key_tile<V: VecOps<E>, E: KvElem>(
+    keys: &[*const E; 4],
     nk: usize,
     rows: &[*const f32; 3],
     nr: usize,
     hd: usize,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
-    fn go<V: VecOps, const R: usize, const T: usize>(
-        keys: &[*const f32; 4],
+    fn go<V: VecOps<E>, E: KvElem, const R: usize, const T: usize>(
+        keys: &[*const E; 4],
         rows: &[*const f32; 3],
         hd: usize,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
-        let k: [*const f32; R] = std::array::from_fn(|i| keys[i]);
+        let k: [*const E; R] = std::array::from_fn(|i| keys[i]);
         let q: [*const f32; T] = std::array::from_fn(|i| rows[i]);
         let mut out = [[0f32; T]; R];
         V::dots::<R, T>(&k, &q, hd, &mut out);
@@ -225,18 +328,18 @@ fn key_tile<V: VecOps>(
         }
     }
     match (nk, nr) {
-        (4, 3) => go::<V, 4, 3>(keys, rows, hd, put),
-        (4, 2) => go::<V, 4, 2>(keys, rows, hd, put),
-        (4, 1) => go::<V, 4, 1>(keys, rows, hd, put),
-        (3, 3) => go::<V, 3, 3>(keys, rows, hd, put),
-        (3, 2) => go::<V, 3, 2>(keys, rows, hd, put),
-        (3, 1) => go::<V, 3, 1>(keys, rows, hd, put),
-        (2, 3) => go::<V, 2, 3>(keys, rows, hd, put),
-        (2, 2) => go::<V, 2, 2>(keys, rows, hd, put),
-        (2, 1) => go::<V, 2, 1>(keys, rows, hd, put),
-        (1, 3) => go::<V, 1, 3>(keys, rows, hd, put),
-        (1, 2) => go::<V, 1, 2>(keys, rows, hd, put),
-        _ => go::<V, 1, 1>(keys, rows, hd, put),
+        (4, 3) => go::<V, E, 4, 3>(keys, rows, hd, put),
+        (4, 2) => go::<V, E, 4, 2>(keys, rows, hd, put),
+        (4, 1) => go::<V, E, 4, 1>(keys, rows, hd, put),
+        (3, 3) => go::<V, E, 3, 3>(keys, rows, hd, put),
+        (3, 2) => go::<V, E, 3, 2>(keys, rows, hd, put),
+        (3, 1) => go::<V, E, 3, 1>(keys, rows, hd, put),
+        (2, 3) => go::<V, E, 2, 3>(keys, rows, hd, put),
+        (2, 2) => go::<V, E, 2, 2>(keys, rows, hd, put),
+        (2, 1) => go::<V, E, 2, 1>(keys, rows, hd, put),
+        (1, 3) => go::<V, E, 1, 3>(keys, rows, hd, put),
+        (1, 2) => go::<V, E, 1, 2>(keys, rows, hd, put),
+        _ => go::<V, E, 1, 1>(keys, rows, hd, put),
     }
 }
 
@@ -260,41 +363,76 @@ mod tests {
         }
     }
 
+    /// Against a float64 softmax, with f32 rows and with f16 rows (the reference then uses the
+    /// f16-rounded keys and values, so only the kernels' own rounding remains).
     fn check_attention(hd: usize, heads: usize, n_keys: usize, rnd: &mut impl FnMut() -> f32) {
         let q: Vec<f32> = (0..heads * hd).map(|_| rnd()).collect();
-        let keys: Vec<Vec<f32>> = (0..n_keys)
-            .map(|_| (0..hd).map(|_| rnd()).collect())
-            .collect();
-        let values: Vec<Vec<f32>> = (0..n_keys)
-            .map(|_| (0..hd).map(|_| rnd()).collect())
-            .collect();
+        let mut rows = || -> Vec<Vec<f32>> {
+            (0..n_keys)
+                .map(|_| (0..hd).map(|_| rnd()).collect())
+                .collect()
+        };
+        let (keys, values) = (rows(), rows());
+        let half = |rows: &[Vec<f32>]| -> Vec<Vec<u16>> {
+            rows.iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|x| half::f16::from_f32(*x).to_bits())
+                        .collect()
+                })
+                .collect()
+        };
+        let widen = |rows: &[Vec<u16>]| -> Vec<Vec<f32>> {
+            rows.iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|x| half::f16::from_bits(*x).to_f32())
+                        .collect()
+                })
+                .collect()
+        };
+        let (keys16, values16) = (half(&keys), half(&values));
         let scale = 0.3f32;
         for isa in Isa::available() {
             let c = Compute::new(isa, 1);
-            let mut out = vec![0f32; heads * hd];
-            let kv = |j: usize| (keys[j].as_slice(), values[j].as_slice());
-            c.attend_heads(&q, hd, n_keys, &kv, scale, &mut Vec::new(), &mut out);
-            for r in 0..heads {
-                let s: Vec<f64> = keys
-                    .iter()
-                    .map(|k| {
-                        (0..hd)
-                            .map(|i| q[r * hd + i] as f64 * k[i] as f64)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
-                    .collect();
-                let max = s.iter().copied().fold(f64::MIN, f64::max);
-                let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
-                for i in 0..hd {
-                    let want: f64 = (0..n_keys)
-                        .map(|j| (s[j] - max).exp() / z * values[j][i] as f64)
-                        .sum();
-                    let got = out[r * hd + i] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-5,
-                        "{isa} hd {hd} heads {heads} keys {n_keys}: head {r} dim {i}: {got} vs {want}"
-                    );
+            for f16 in [false, true] {
+                let mut out = vec![0f32; heads * hd];
+                let kv = |j: usize| {
+                    if f16 {
+                        KvRow::F16(&keys16[j], &values16[j])
+                    } else {
+                        KvRow::F32(&keys[j], &values[j])
+                    }
+                };
+                c.attend_heads(&q, hd, n_keys, &kv, scale, &mut Vec::new(), &mut out);
+                let (k_ref, v_ref) = if f16 {
+                    (widen(&keys16), widen(&values16))
+                } else {
+                    (keys.clone(), values.clone())
+                };
+                for r in 0..heads {
+                    let s: Vec<f64> = k_ref
+                        .iter()
+                        .map(|k| {
+                            (0..hd)
+                                .map(|i| q[r * hd + i] as f64 * k[i] as f64)
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                    for i in 0..hd {
+                        let want: f64 = (0..n_keys)
+                            .map(|j| (s[j] - max).exp() / z * v_ref[j][i] as f64)
+                            .sum();
+                        let got = out[r * hd + i] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{isa} f16 {f16} hd {hd} heads {heads} keys {n_keys}: head {r} \
+                             dim {i}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }

@@ -10,6 +10,7 @@ pub mod qdot;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use attention::KvRow;
 pub use compute::{ActivationPrecision, Compute, KernelError, Layout, Precision, Weight};
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;

@@ -1,7 +1,7 @@
 //! Dev check: teacher-forced logits against ../shared/refs/exact.jsonl for one model.
 //! usage: exact_check MODEL_NAME GGUF_PATH REFS_JSONL
 use edgelm_kernels::{Compute, Isa};
-use edgelm_models::{Batch, KvCache};
+use edgelm_models::{Batch, KvCache, KvType};
 use std::sync::Arc;
 
 fn main() {
@@ -23,7 +23,7 @@ fn main() {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
         let first = v["first"].as_u64().unwrap() as usize;
-        let mut cache = KvCache::new(&model.hp, 4096, edgelm_models::MAX_CHUNK);
+        let mut cache = KvCache::new(&model.hp, 4096, edgelm_models::MAX_CHUNK, KvType::F32);
         let t0 = std::time::Instant::now();
         let logits = model
             .forward(

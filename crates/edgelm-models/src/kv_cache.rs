@@ -1,17 +1,111 @@
-//! The KV cache: per sequence and layer, f32 keys and values by position. Layers with a sliding
-//! window keep a ring of `window + max_batch` slots, enough for any chunk the forward pass writes
-//! before it reads.
+//! The KV cache: per sequence and layer, keys and values by position, in f32 (the precise path)
+//! or f16 (the fast path, as llama.cpp keeps it: half the memory and bandwidth). Layers with a
+//! sliding window keep a ring of `window + max_batch` slots, enough for any chunk the forward
+//! pass writes before it reads.
 
 use crate::hparams::HParams;
 use crate::{ModelError, Result};
+use edgelm_kernels::KvRow;
+use half::f16;
+
+/// How the cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+impl KvType {
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+}
+
+/// Keys and values of one layer, slot after slot, in the cache's type.
+#[derive(Debug, Clone)]
+enum Rows {
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    /// f16 bit patterns.
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
+}
+
+impl Rows {
+    fn new(ty: KvType) -> Rows {
+        match ty {
+            KvType::F32 => Rows::F32 {
+                k: Vec::new(),
+                v: Vec::new(),
+            },
+            KvType::F16 => Rows::F16 {
+                k: Vec::new(),
+                v: Vec::new(),
+            },
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32 { k, .. } => k.len(),
+            Rows::F16 { k, .. } => k.len(),
+        }
+    }
+
+    fn resize(&mut self, n: usize) {
+        match self {
+            Rows::F32 { k, v } => {
+                k.resize(n, 0.0);
+                v.resize(n, 0.0);
+            }
+            Rows::F16 { k, v } => {
+                k.resize(n, 0);
+                v.resize(n, 0);
+            }
+        }
+    }
+
+    fn write(&mut self, at: usize, key: &[f32], value: &[f32]) {
+        fn half(dst: &mut [u16], src: &[f32]) {
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = f16::from_f32(*s).to_bits());
+        }
+        match self {
+            Rows::F32 { k, v } => {
+                k[at..at + key.len()].copy_from_slice(key);
+                v[at..at + value.len()].copy_from_slice(value);
+            }
+            Rows::F16 { k, v } => {
+                half(&mut k[at..at + key.len()], key);
+                half(&mut v[at..at + value.len()], value);
+            }
+        }
+    }
+
+    fn row(&self, at: std::ops::Range<usize>) -> KvRow<'_> {
+        match self {
+            Rows::F32 { k, v } => KvRow::F32(&k[at.clone()], &v[at]),
+            Rows::F16 { k, v } => KvRow::F16(&k[at.clone()], &v[at]),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct LayerKv {
     kv_dim: usize,
     /// Ring size for windowed layers; None keeps every position.
     ring: Option<usize>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// Slots this layer may ever need (the context, or the ring).
+    max_slots: usize,
+    rows: Rows,
 }
 
 impl LayerKv {
@@ -21,12 +115,12 @@ impl LayerKv {
 
     fn ensure(&mut self, pos: usize) {
         let need = (self.slot(pos) + 1) * self.kv_dim;
-        if self.k.len() < need {
-            // Grow geometrically so long generations do not reallocate per token.
-            let cap = need.max(self.k.len() * 2).max(64 * self.kv_dim);
-            let cap = self.ring.map_or(cap, |r| cap.min(r * self.kv_dim));
-            self.k.resize(cap.max(need), 0.0);
-            self.v.resize(cap.max(need), 0.0);
+        if self.rows.len() < need {
+            // Grow geometrically so long generations do not reallocate per token, never past
+            // what the context can use.
+            let cap = need.max(self.rows.len() * 2).max(64 * self.kv_dim);
+            self.rows
+                .resize(cap.min(self.max_slots * self.kv_dim).max(need));
         }
     }
 }
@@ -49,16 +143,19 @@ pub struct KvCache {
 impl KvCache {
     /// A cache for sequences of up to `n_ctx` positions. `max_batch` is the largest chunk one
     /// forward step writes per sequence (the model splits larger batches).
-    pub fn new(hp: &HParams, n_ctx: usize, max_batch: usize) -> KvCache {
+    pub fn new(hp: &HParams, n_ctx: usize, max_batch: usize, ty: KvType) -> KvCache {
         let max_batch = max_batch.max(1);
         let template = hp
             .layers
             .iter()
-            .map(|l| LayerKv {
-                kv_dim: l.n_head_kv * hp.head_dim,
-                ring: l.window.map(|w| w + max_batch).filter(|&r| r < n_ctx),
-                k: Vec::new(),
-                v: Vec::new(),
+            .map(|l| {
+                let ring = l.window.map(|w| w + max_batch).filter(|&r| r < n_ctx);
+                LayerKv {
+                    kv_dim: l.n_head_kv * hp.head_dim,
+                    ring,
+                    max_slots: ring.unwrap_or(n_ctx),
+                    rows: Rows::new(ty),
+                }
             })
             .collect();
         KvCache {
@@ -70,13 +167,19 @@ impl KvCache {
     }
 
     /// Bytes the cache needs at most, for planning before anything is allocated.
-    pub fn max_bytes(hp: &HParams, n_ctx: usize, max_batch: usize, n_seqs: usize) -> u64 {
+    pub fn max_bytes(
+        hp: &HParams,
+        n_ctx: usize,
+        max_batch: usize,
+        n_seqs: usize,
+        ty: KvType,
+    ) -> u64 {
         let per_seq: u64 = hp
             .layers
             .iter()
             .map(|l| {
                 let slots = l.window.map_or(n_ctx, |w| (w + max_batch).min(n_ctx));
-                2 * slots as u64 * (l.n_head_kv * hp.head_dim) as u64 * 4
+                2 * slots as u64 * (l.n_head_kv * hp.head_dim) as u64 * ty.bytes()
             })
             .sum();
         per_seq * n_seqs as u64
@@ -111,8 +214,9 @@ impl KvCache {
         }
     }
 
+    /// Forget every sequence; the memory stays allocated for the next ones.
     pub fn clear(&mut self) {
-        self.seqs.clear();
+        self.seqs.iter_mut().for_each(|s| s.len = 0);
     }
 
     /// Check that `positions` continue `seq` contiguously and fit the context.
@@ -148,18 +252,23 @@ impl KvCache {
         let l = &mut self.seqs[seq].layers[layer];
         l.ensure(pos);
         let s = l.slot(pos) * l.kv_dim;
-        l.k[s..s + l.kv_dim].copy_from_slice(k);
-        l.v[s..s + l.kv_dim].copy_from_slice(v);
+        l.rows.write(s, &k[..l.kv_dim], &v[..l.kv_dim]);
     }
 
     pub(crate) fn set_len(&mut self, seq: usize, len: usize) {
         self.seqs[seq].len = len;
     }
 
-    /// Key and value of `pos` in `layer`, restricted to kv head columns `cols`.
-    pub(crate) fn kv(&self, seq: usize, layer: usize, pos: usize) -> (&[f32], &[f32]) {
+    /// Key and value of `pos` in `layer`, columns `cols` (one kv head).
+    pub(crate) fn kv(
+        &self,
+        seq: usize,
+        layer: usize,
+        pos: usize,
+        cols: std::ops::Range<usize>,
+    ) -> KvRow<'_> {
         let l = &self.seqs[seq].layers[layer];
         let s = l.slot(pos) * l.kv_dim;
-        (&l.k[s..s + l.kv_dim], &l.v[s..s + l.kv_dim])
+        l.rows.row(s + cols.start..s + cols.end)
     }
 }

@@ -16,7 +16,7 @@ mod transformer;
 pub use batch::{Batch, Logits};
 pub use error::{ModelError, Result};
 pub use hparams::HParams;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvType};
 pub use linear::{Linear, WeightRef};
 pub use transformer::{Transformer, MAX_CHUNK};
 
@@ -53,7 +53,7 @@ impl MemoryPlan {
     }
 }
 
-pub fn memory_plan(model: &Model, n_ctx: usize) -> MemoryPlan {
+pub fn memory_plan(model: &Model, n_ctx: usize, kv: KvType) -> MemoryPlan {
     let hp = &model.hp;
     let chunk = MAX_CHUNK.min(n_ctx) as u64;
     let widest = hp
@@ -64,7 +64,7 @@ pub fn memory_plan(model: &Model, n_ctx: usize) -> MemoryPlan {
         .unwrap_or(hp.n_embd) as u64;
     MemoryPlan {
         weights: model.weight_bytes(),
-        kv_cache: KvCache::max_bytes(hp, n_ctx, MAX_CHUNK, 1),
+        kv_cache: KvCache::max_bytes(hp, n_ctx, MAX_CHUNK, 1, kv),
         // Activations of one chunk (x, h, q, k, v, attention, gate, up) plus logits for all of it.
         scratch: 4 * chunk * (8 * widest + hp.n_vocab as u64),
     }

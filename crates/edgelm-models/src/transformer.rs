@@ -463,10 +463,7 @@ impl Transformer {
             let o = unsafe {
                 std::slice::from_raw_parts_mut(out_ptr.get().add(heads.start), heads.len())
             };
-            let kv = |j: usize| {
-                let (k, v) = cache.kv(seqs[t], layer, first + j);
-                (&k[cols.clone()], &v[cols.clone()])
-            };
+            let kv = |j: usize| cache.kv(seqs[t], layer, first + j, cols.clone());
             SCORES.with_borrow_mut(|scores| {
                 c.attend_heads(
                     &q[heads.clone()],

@@ -8,7 +8,7 @@ mod common;
 use common::{reference_logits, Arch, Flaw, Rng, Spec, TinyModel};
 use edgelm_gguf::{GgmlType, Value};
 use edgelm_kernels::{Compute, Isa};
-use edgelm_models::{Batch, KvCache, Model, ModelError, MAX_CHUNK};
+use edgelm_models::{Batch, KvCache, KvType, Model, ModelError, MAX_CHUNK};
 
 /// Absolute tolerance on logits of magnitude ~1 (f32 forward against the f64 reference).
 const TOL: f64 = 1e-4;
@@ -110,7 +110,7 @@ fn check_against_reference(arch: Arch) {
 
     for c in computes() {
         let isa = c.isa();
-        let new_cache = || KvCache::new(&model.hp, 32, MAX_CHUNK);
+        let new_cache = || KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
 
         // (a) The whole sequence as one batch.
         let got = one_batch(&model, &c, &mut new_cache(), &a);
@@ -185,7 +185,7 @@ fn comparison_catches_plausible_mistakes() {
         let got = one_batch(
             &model,
             &c,
-            &mut KvCache::new(&model.hp, 32, MAX_CHUNK),
+            &mut KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32),
             &tokens,
         );
         let mut flaws = vec![Flaw::SwappedRopePairs, Flaw::InterleavedGqa];
@@ -222,7 +222,7 @@ fn gemma3_sliding_window_ring_matches_reference() {
     let want = reference_logits(&m, &tokens, Flaw::None);
     let c = Compute::new(Isa::detect(), 2);
     for max_batch in [1, 3, 4] {
-        let mut cache = KvCache::new(&model.hp, 64, max_batch);
+        let mut cache = KvCache::new(&model.hp, 64, max_batch, KvType::F32);
         let got = in_steps(&model, &c, &mut cache, 0, &tokens, 0, max_batch);
         assert_close(
             &got,
@@ -240,7 +240,12 @@ fn batch_longer_than_cache_max_batch_matches_reference() {
         let model = load(&m);
         let tokens = Rng::new(9).tokens(2 * SEQ_LEN, m.spec.n_vocab);
         let c = Compute::new(Isa::detect(), 2);
-        let got = one_batch(&model, &c, &mut KvCache::new(&model.hp, 64, 4), &tokens);
+        let got = one_batch(
+            &model,
+            &c,
+            &mut KvCache::new(&model.hp, 64, 4, KvType::F32),
+            &tokens,
+        );
         assert_close(
             &got,
             &reference_logits(&m, &tokens, Flaw::None),
@@ -262,7 +267,7 @@ fn truncate_then_continue_matches_reference() {
         for max_batch in [1, 2] {
             for cut in 1..=9 {
                 let keep = first.len() - cut;
-                let mut cache = KvCache::new(&model.hp, 64, max_batch);
+                let mut cache = KvCache::new(&model.hp, 64, max_batch, KvType::F32);
                 in_steps(&model, &c, &mut cache, 0, &first, 0, max_batch);
                 cache.truncate(0, keep);
                 let held = cache.seq_len(0);
@@ -308,11 +313,11 @@ fn quantized_weights_match_reference() {
             let got = one_batch(
                 &model,
                 &c,
-                &mut KvCache::new(&model.hp, 32, MAX_CHUNK),
+                &mut KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32),
                 &tokens,
             );
             assert_close(&got, &want, &format!("{what}: one batch"));
-            let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK);
+            let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
             let mut got = in_steps(&model, &c, &mut cache, 0, &tokens[..5], 0, 5);
             got.extend(in_steps(&model, &c, &mut cache, 0, &tokens, 5, 1));
             assert_close(&got, &want, &format!("{what}: prefill then single tokens"));
@@ -407,7 +412,7 @@ fn token_outside_vocabulary_is_rejected() {
     let m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
     let model = load(&m);
     let c = Compute::new(Isa::detect(), 1);
-    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK);
+    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
     let bad = m.spec.n_vocab as u32;
     let e = model
         .forward(
@@ -433,7 +438,7 @@ fn positions_must_continue_the_cache() {
     let model = load(&m);
     let c = Compute::new(Isa::detect(), 1);
     let tokens = Rng::new(2).tokens(8, m.spec.n_vocab);
-    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK);
+    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
     model
         .forward(
             &c,
@@ -493,7 +498,7 @@ fn full_context_is_reported() {
     let c = Compute::new(Isa::detect(), 1);
     let tokens = Rng::new(3).tokens(9, m.spec.n_vocab);
 
-    let mut cache = KvCache::new(&model.hp, 8, MAX_CHUNK);
+    let mut cache = KvCache::new(&model.hp, 8, MAX_CHUNK, KvType::F32);
     let e = model
         .forward(&c, &Batch::from_tokens(&tokens, 0, 0, true), &mut cache)
         .unwrap_err();

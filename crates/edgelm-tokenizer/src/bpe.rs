@@ -6,6 +6,7 @@
 //! id, and the few merge halves that are not vocabulary entries get ids past the vocabulary.
 
 use crate::pretok::PreTokenizer;
+use crate::vocab::Vocab;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::OnceLock;
@@ -72,13 +73,13 @@ impl BpeModel {
     pub fn new<'a>(
         pre: PreTokenizer,
         ignore_merges: bool,
-        token_to_id: &HashMap<String, u32>,
+        vocab: &Vocab,
         n_vocab: u32,
         merges: impl Iterator<Item = &'a str>,
     ) -> BpeModel {
         let mut extra: HashMap<String, u32> = HashMap::new();
         let mut intern = |s: &str| -> u32 {
-            if let Some(&id) = token_to_id.get(s) {
+            if let Some(id) = vocab.id(s) {
                 return id;
             }
             let next = n_vocab + extra.len() as u32;
@@ -101,10 +102,9 @@ impl BpeModel {
         let mut byte_sym = [NONE; 256];
         for (b, slot) in byte_sym.iter_mut().enumerate() {
             let s = byte_char[b].to_string();
-            *slot = token_to_id
-                .get(&s)
-                .or_else(|| extra.get(&s))
-                .copied()
+            *slot = vocab
+                .id(&s)
+                .or_else(|| extra.get(&s).copied())
                 .unwrap_or(NONE);
         }
         BpeModel {
@@ -118,13 +118,13 @@ impl BpeModel {
     }
 
     /// Encode one pre-token (raw UTF-8 bytes), appending ids to `out`.
-    pub fn encode_word(&self, word: &[u8], token_to_id: &HashMap<String, u32>, out: &mut Vec<u32>) {
+    pub fn encode_word(&self, word: &[u8], vocab: &Vocab, out: &mut Vec<u32>) {
         if word.is_empty() {
             return;
         }
         if self.ignore_merges {
             let spelled: String = word.iter().map(|&b| self.byte_char[b as usize]).collect();
-            if let Some(&id) = token_to_id.get(&spelled) {
+            if let Some(id) = vocab.id(&spelled) {
                 out.push(id);
                 return;
             }
@@ -199,7 +199,7 @@ impl BpeModel {
             for &b in &word[sym.start..sym.start + sym.len] {
                 let c = self.byte_char[b as usize];
                 if c.is_ascii() {
-                    if let Some(&id) = token_to_id.get(c.encode_utf8(&mut [0; 4]) as &str) {
+                    if let Some(id) = vocab.id(c.encode_utf8(&mut [0; 4])) {
                         out.push(id);
                     }
                 }

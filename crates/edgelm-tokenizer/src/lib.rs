@@ -17,13 +17,14 @@ mod pretok;
 mod special;
 mod spm;
 mod stream;
+mod vocab;
 
 pub use error::TokenizerError;
 pub use stream::StreamDecoder;
 
 use edgelm_gguf::{Array, GgufFile};
 use special::{Fragment, SpecialTokens};
-use std::collections::HashMap;
+use vocab::Vocab;
 
 // Token attributes (llama.cpp's `llama_token_attr` bits that matter here).
 pub(crate) const ATTR_UNKNOWN: u8 = 1 << 0;
@@ -180,10 +181,9 @@ pub enum VocabType {
 pub struct Tokenizer {
     vocab_type: VocabType,
     pre_name: Option<String>,
-    tokens: Vec<String>,
+    vocab: Vocab,
     scores: Vec<f32>,
     attrs: Vec<u8>,
-    token_to_id: HashMap<String, u32>,
     /// Piece of every token with control texts rendered (`token_to_piece(.., special = true)`),
     /// all concatenated; `piece_offsets[i]..piece_offsets[i + 1]` is token i's.
     piece_data: Vec<u8>,
@@ -206,7 +206,7 @@ impl std::fmt::Debug for Tokenizer {
         f.debug_struct("Tokenizer")
             .field("vocab_type", &self.vocab_type)
             .field("pre", &self.pre_name)
-            .field("vocab_size", &self.tokens.len())
+            .field("vocab_size", &self.vocab.len())
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("add_bos", &self.add_bos)
@@ -314,18 +314,15 @@ impl Tokenizer {
         if n == 0 || n > u32::MAX as usize / 2 {
             return Err(bad(KEY_TOKENS, format!("implausible vocabulary size {n}")));
         }
-        let mut tokens = Vec::with_capacity(n);
-        for i in 0..n {
-            let s = raw_tokens
-                .str_at(i)
-                .ok_or_else(|| bad(KEY_TOKENS, format!("entry {i} is not a string")))?;
-            // llama.cpp renames empty entries so that they cannot match text.
-            tokens.push(if s.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                s.to_owned()
-            });
+        if let Some(i) = (0..n).find(|&i| raw_tokens.str_at(i).is_none()) {
+            return Err(bad(KEY_TOKENS, format!("entry {i} is not a string")));
         }
+        // llama.cpp renames empty entries so that they cannot match text. Duplicate texts: the
+        // first id wins (llama.cpp's map keeps the first insertion).
+        let vocab = Vocab::new((0..n).map(|i| match raw_tokens.str_at(i) {
+            Some(s) if !s.is_empty() => std::borrow::Cow::Borrowed(s),
+            _ => std::borrow::Cow::Owned(format!("[EMPTY_{i}]")),
+        }));
         let scores = match opt_array(file, KEY_SCORES)? {
             None => vec![0.0; n],
             Some(a) if a.len() < n => {
@@ -370,11 +367,6 @@ impl Tokenizer {
                 })
                 .collect::<Result<_, TokenizerError>>()?,
         };
-        let mut token_to_id = HashMap::with_capacity(n);
-        for (i, t) in tokens.iter().enumerate() {
-            // Duplicate texts: the first id wins (llama.cpp's map keeps the first insertion).
-            token_to_id.entry(t.clone()).or_insert(i as u32);
-        }
 
         // Type-dependent defaults, then metadata overrides (llama.cpp's loader).
         let pre_name = opt_str(file, KEY_PRE)?.map(str::to_owned);
@@ -422,7 +414,7 @@ impl Tokenizer {
                 bpe = Some(bpe::BpeModel::new(
                     pre,
                     config.ignore_merges,
-                    &token_to_id,
+                    &vocab,
                     n as u32,
                     merges.into_iter(),
                 ));
@@ -457,9 +449,9 @@ impl Tokenizer {
             if let Some(id) = special_id(file, role.keys, None, n)? {
                 return Ok(Some(id));
             }
-            for (i, t) in tokens.iter().enumerate() {
+            for (i, t) in vocab.iter().enumerate() {
                 // The cheap text test first: the hash lookup then runs for a handful of tokens.
-                if role.texts.contains(&t.as_str()) && token_to_id.get(t) == Some(&(i as u32)) {
+                if role.texts.contains(&t) && vocab.id(t) == Some(i as u32) {
                     attrs[i] |= ATTR_CONTROL;
                     return Ok(Some(i as u32));
                 }
@@ -476,14 +468,14 @@ impl Tokenizer {
         let fim_sep = find_role(&ROLE_FIM_SEP, &mut attrs)?;
 
         let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        for (i, t) in tokens.iter().enumerate() {
-            if EOG_TEXTS.contains(&t.as_str()) {
+        for (i, t) in vocab.iter().enumerate() {
+            if EOG_TEXTS.contains(&t) {
                 eog.push(i as u32);
                 attrs[i] |= ATTR_CONTROL;
             }
             // gpt-oss: these must always be rendered.
             if matches!(
-                t.as_str(),
+                t,
                 "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>"
             ) {
                 attrs[i] = ATTR_USER_DEFINED;
@@ -492,8 +484,7 @@ impl Tokenizer {
         eog.extend([eos, eot, eom].into_iter().flatten());
         eog.sort_unstable();
         eog.dedup();
-        let has =
-            |eog: &[u32], text: &str| eog.iter().find(|&&i| tokens[i as usize] == text).copied();
+        let has = |eog: &[u32], text: &str| eog.iter().find(|&&i| vocab.text(i) == text).copied();
         // o200k_harmony / solar-open: "<|end|>" ends a message, not the generation.
         if let Some(end) = has(&eog, "<|end|>") {
             let call = has(&eog, "<|call|>").or(has(&eog, "<|calls|>")).is_some();
@@ -509,9 +500,9 @@ impl Tokenizer {
             attrs[s as usize] = ATTR_NORMAL;
         }
 
-        let special = SpecialTokens::new(&tokens, &attrs);
+        let special = SpecialTokens::new(&vocab, &attrs);
         let spm_byte_tokens = match vocab_type {
-            VocabType::SentencePiece => spm::byte_tokens(&token_to_id),
+            VocabType::SentencePiece => spm::byte_tokens(&vocab),
             VocabType::BytePairEncoding => [None; 256],
         };
         let chat_template = opt_str(file, KEY_CHAT_TEMPLATE)?.map(str::to_owned);
@@ -519,10 +510,9 @@ impl Tokenizer {
         let mut tok = Tokenizer {
             vocab_type,
             pre_name,
-            tokens,
+            vocab,
             scores,
             attrs,
-            token_to_id,
             piece_data: Vec::new(),
             piece_offsets: Vec::new(),
             bos,
@@ -542,10 +532,10 @@ impl Tokenizer {
     }
 
     fn build_pieces(&mut self) {
-        let mut data = Vec::with_capacity(self.tokens.len() * 6);
-        let mut offsets = Vec::with_capacity(self.tokens.len() + 1);
+        let mut data = Vec::with_capacity(self.vocab.len() * 6);
+        let mut offsets = Vec::with_capacity(self.vocab.len() + 1);
         offsets.push(0);
-        for (text, &attr) in self.tokens.iter().zip(&self.attrs) {
+        for (text, &attr) in self.vocab.iter().zip(&self.attrs) {
             if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
                 data.extend_from_slice(text.as_bytes());
             } else if attr & ATTR_NORMAL != 0 {
@@ -598,7 +588,7 @@ impl Tokenizer {
         }
         let frags = self
             .special
-            .partition(text, &self.tokens, &self.attrs, parse_special);
+            .partition(text, &self.vocab, &self.attrs, parse_special);
         match (&self.bpe, self.vocab_type) {
             (Some(bpe), VocabType::BytePairEncoding) => {
                 for frag in frags {
@@ -607,11 +597,7 @@ impl Tokenizer {
                         Fragment::Text(s, e) => {
                             let piece = &text[s..e];
                             for (ws, we) in bpe.pre.split(piece)? {
-                                bpe.encode_word(
-                                    &piece.as_bytes()[ws..we],
-                                    &self.token_to_id,
-                                    &mut out,
-                                );
+                                bpe.encode_word(&piece.as_bytes()[ws..we], &self.vocab, &mut out);
                             }
                         }
                     }
@@ -636,7 +622,7 @@ impl Tokenizer {
                             let escaped = buf.replace(' ', spm::SPACE_MARK);
                             spm::encode(
                                 &escaped,
-                                &self.token_to_id,
+                                &self.vocab,
                                 &self.scores,
                                 &self.spm_byte_tokens,
                                 &mut out,
@@ -668,7 +654,7 @@ impl Tokenizer {
                 .token_piece_bytes(id)
                 .ok_or(TokenizerError::TokenIdOutOfRange {
                     id,
-                    vocab_size: self.tokens.len(),
+                    vocab_size: self.vocab.len(),
                 })?;
             let piece = match piece {
                 [b' ', rest @ ..] if i == 0 && self.add_space_prefix => rest,
@@ -703,7 +689,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.vocab.len()
     }
 
     pub fn vocab_type(&self) -> VocabType {
@@ -760,12 +746,12 @@ impl Tokenizer {
 
     /// The token's vocabulary text as stored (`▁` and GPT-2 byte characters not decoded).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.vocab.get_text(id)
     }
 
     /// The id whose vocabulary text is exactly `text`.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.vocab.id(text)
     }
 }
 

@@ -6,6 +6,7 @@
 //! such tokens (Gemma 3: ~6400), so a byte trie first finds which of them occur in the text at all;
 //! only those run the cutting pass, in llama.cpp's order, which gives the same fragments.
 
+use crate::vocab::Vocab;
 use crate::{ATTR_CONTROL, ATTR_UNKNOWN, ATTR_USER_DEFINED};
 use std::collections::HashSet;
 
@@ -30,20 +31,21 @@ pub(crate) struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    pub fn new(tokens: &[String], attrs: &[u8]) -> SpecialTokens {
-        let mut order: Vec<u32> = (0..tokens.len() as u32)
+    pub fn new(vocab: &Vocab, attrs: &[u8]) -> SpecialTokens {
+        let mut order: Vec<u32> = (0..vocab.len() as u32)
             .filter(|&i| attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
             .collect();
         order.sort_by(|&a, &b| {
-            tokens[b as usize]
+            vocab
+                .text(b)
                 .len()
-                .cmp(&tokens[a as usize].len())
+                .cmp(&vocab.text(a).len())
                 .then(a.cmp(&b))
         });
         let mut trie = vec![Node::default()];
         for &id in &order {
             let mut node = 0usize;
-            for &byte in tokens[id as usize].as_bytes() {
+            for &byte in vocab.text(id).as_bytes() {
                 node = match trie[node].children.iter().find(|(b, _)| *b == byte) {
                     Some(&(_, child)) => child as usize,
                     None => {
@@ -84,7 +86,7 @@ impl SpecialTokens {
     pub fn partition(
         &self,
         text: &str,
-        tokens: &[String],
+        vocab: &Vocab,
         attrs: &[u8],
         parse_special: bool,
     ) -> Vec<Fragment> {
@@ -103,7 +105,7 @@ impl SpecialTokens {
             if !parse_special && attrs[id as usize] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
                 continue;
             }
-            let needle = tokens[id as usize].as_str();
+            let needle = vocab.text(id);
             let mut next = Vec::with_capacity(frags.len() + 2);
             for frag in frags {
                 let Fragment::Text(s, e) = frag else {

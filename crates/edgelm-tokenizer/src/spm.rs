@@ -3,9 +3,10 @@
 //! highest-scoring vocabulary entry (ties: leftmost), and spell any symbol left outside the
 //! vocabulary as byte tokens `<0xNN>`.
 
+use crate::vocab::Vocab;
 use crate::TokenizerError;
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 /// Text `▁` stands for a space in SentencePiece vocabularies.
 pub(crate) const SPACE_MARK: &str = "\u{2581}";
@@ -60,7 +61,7 @@ impl Ord for Bigram {
 /// Tokenize `text` (spaces already escaped to `▁`), appending ids to `out`.
 pub(crate) fn encode(
     text: &str,
-    token_to_id: &HashMap<String, u32>,
+    vocab: &Vocab,
     scores: &[f32],
     byte_tokens: &[Option<u32>; 256],
     out: &mut Vec<u32>,
@@ -88,7 +89,7 @@ pub(crate) fn encode(
             let (l, r) = (symbols[left as usize], symbols[right as usize]);
             // Live neighbours are contiguous in `text`, so the pair is one slice.
             let piece = &text[l.start..l.start + l.len + r.len];
-            if let Some(&id) = token_to_id.get(piece) {
+            if let Some(id) = vocab.id(piece) {
                 queue.push(Bigram {
                     score: scores.get(id as usize).copied().unwrap_or(0.0),
                     left: left as usize,
@@ -124,8 +125,8 @@ pub(crate) fn encode(
     // those fall back to their bytes.
     for sym in symbols.iter().filter(|s| s.len > 0) {
         let piece = &text[sym.start..sym.start + sym.len];
-        match token_to_id.get(piece) {
-            Some(&id) => out.push(id),
+        match vocab.id(piece) {
+            Some(id) => out.push(id),
             None => {
                 for &byte in piece.as_bytes() {
                     let id =
@@ -140,18 +141,15 @@ pub(crate) fn encode(
 
 /// Byte-fallback token of each byte: `<0xNN>`, else the byte itself as text (llama.cpp's
 /// `byte_to_token` for SentencePiece vocabularies).
-pub(crate) fn byte_tokens(token_to_id: &HashMap<String, u32>) -> [Option<u32>; 256] {
+pub(crate) fn byte_tokens(vocab: &Vocab) -> [Option<u32>; 256] {
     let mut table = [None; 256];
     for (byte, slot) in table.iter_mut().enumerate() {
-        *slot = token_to_id
-            .get(&format!("<0x{byte:02X}>"))
-            .copied()
-            .or_else(|| {
-                // A single byte is text only below 0x80.
-                (byte < 0x80)
-                    .then(|| token_to_id.get(&(byte as u8 as char).to_string()).copied())
-                    .flatten()
-            });
+        *slot = vocab.id(&format!("<0x{byte:02X}>")).or_else(|| {
+            // A single byte is text only below 0x80.
+            (byte < 0x80)
+                .then(|| vocab.id(&(byte as u8 as char).to_string()))
+                .flatten()
+        });
     }
     table
 }

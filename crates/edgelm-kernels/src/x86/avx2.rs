@@ -121,3 +121,76 @@ pub unsafe fn weighted_rows<const R: usize>(
         d += 16;
     }
 }
+
+/// [`tile`] with f16 rows `w` (bit patterns, converted with F16C) against f32 rows `x`.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; every pointer is valid for `k` elements.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_f16<const R: usize, const T: usize>(
+    w: &[*const u16; R],
+    x: &[*const f32; T],
+    k: usize,
+    out: &mut [[f32; T]; R],
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let k8 = k / 8 * 8;
+    let mut i = 0;
+    while i < k8 {
+        let mut xv = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            xv[t] = _mm256_loadu_ps(x[t].add(i));
+        }
+        for r in 0..R {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(i).cast()));
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+            }
+        }
+        i += 8;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            let mut s = hsum(acc[r][t]);
+            for j in k8..k {
+                s += half::f16::from_bits(*w[r].add(j)).to_f32() * *x[t].add(j);
+            }
+            out[r][t] = s;
+        }
+    }
+}
+
+/// [`weighted_rows`] over f16 value rows.
+///
+/// # Safety
+/// As [`weighted_rows`], and the CPU supports F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_rows_f16<const R: usize>(
+    p: &[*const f32; R],
+    v: &[*const u16],
+    hd: usize,
+    out: &[*mut f32; R],
+) {
+    let mut d = 0;
+    while d + 16 <= hd {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (j, vj) in v.iter().enumerate() {
+            let v0 = _mm256_cvtph_ps(_mm_loadu_si128(vj.add(d).cast()));
+            let v1 = _mm256_cvtph_ps(_mm_loadu_si128(vj.add(d + 8).cast()));
+            for r in 0..R {
+                let w = _mm256_broadcast_ss(&*p[r].add(j));
+                acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+            }
+        }
+        for r in 0..R {
+            let o = out[r].add(d);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][0]));
+            _mm256_storeu_ps(
+                o.add(8),
+                _mm256_add_ps(_mm256_loadu_ps(o.add(8)), acc[r][1]),
+            );
+        }
+        d += 16;
+    }
+}
