@@ -192,7 +192,7 @@ impl Hub {
         for entry in entries {
             let entry = entry.ctx("cannot list", &models)?;
             let path = entry.path();
-            if path.extension().map_or(true, |e| e != "gguf") {
+            if path.extension().is_none_or(|e| e != "gguf") {
                 continue;
             }
             let meta = match fs::metadata(&path) {

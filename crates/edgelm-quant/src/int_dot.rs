@@ -39,7 +39,7 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], a: &[u8]) -> Result<f32, QuantError> {
     }
     let at = activation_type(ty);
     let wb = ty.block_bytes();
-    if w.len() % wb != 0 {
+    if !w.len().is_multiple_of(wb) {
         return Err(QuantError::ByteLength {
             ty,
             what: "weight row (not whole blocks)",

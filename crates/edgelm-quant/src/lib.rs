@@ -49,7 +49,7 @@ pub enum QuantError {
 /// Bytes of `ty` holding `n` elements, or an error if `n` is not a whole number of blocks.
 pub fn row_bytes(ty: GgmlType, n: usize) -> Result<usize, QuantError> {
     let block = ty.block_elems();
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(QuantError::PartialBlock { ty, n, block });
     }
     (n / block)
