@@ -2,7 +2,7 @@
 //! (pp), and generation of `n` tokens one at a time from an empty context (tg).
 
 use crate::{Engine, Result, Rng};
-use edgelm_models::{Batch, KvCache};
+use edgelm_models::{Batch, KvCache, Logits};
 use std::time::{Duration, Instant};
 
 /// Random token ids (llama-bench feeds random tokens too), never a control token at 0.
@@ -38,12 +38,14 @@ pub fn time_generation(
 ) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
     cache.clear();
+    let mut logits = Logits::default();
     let t0 = Instant::now();
     for (pos, &t) in tokens.iter().enumerate() {
-        engine.model.forward(
+        engine.model.forward_into(
             &engine.compute,
             &Batch::from_tokens(&[t], pos, 0, true),
             cache,
+            &mut logits,
         )?;
     }
     Ok(t0.elapsed())

@@ -107,10 +107,11 @@ pub fn generate(
         if pos + 1 > n_ctx {
             break StopReason::ContextFull;
         }
-        logits = engine.model.forward(
+        engine.model.forward_into(
             &engine.compute,
             &Batch::from_tokens(&[token], pos, 0, true),
             cache,
+            &mut logits,
         )?;
     };
     if reason != StopReason::StopString {

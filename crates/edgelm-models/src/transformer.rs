@@ -258,6 +258,27 @@ impl Transformer {
     /// Run a batch through the model, appending its keys and values to `cache`, and return the
     /// logits of the tokens that asked for them.
     pub fn forward(&self, c: &Compute, batch: &Batch, cache: &mut KvCache) -> Result<Logits> {
+        let mut logits = Logits {
+            batch_index: Vec::new(),
+            n_vocab: self.hp.n_vocab,
+            data: Vec::new(),
+        };
+        self.forward_into(c, batch, cache, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Transformer::forward`] into `logits`, whose buffers are reused: a decoding loop that
+    /// passes the same one allocates no logits per token.
+    pub fn forward_into(
+        &self,
+        c: &Compute,
+        batch: &Batch,
+        cache: &mut KvCache,
+        logits: &mut Logits,
+    ) -> Result<()> {
+        logits.batch_index.clear();
+        logits.data.clear();
+        logits.n_vocab = self.hp.n_vocab;
         let n = batch.len();
         if batch.positions.len() != n || batch.seqs.len() != n || batch.want_logits.len() != n {
             return Err(ModelError::Batch(
@@ -292,21 +313,16 @@ impl Transformer {
         for &(s, p, count) in &next {
             cache.check_append(s, p, count)?;
         }
-        let mut logits = Logits {
-            batch_index: Vec::new(),
-            n_vocab: self.hp.n_vocab,
-            data: Vec::new(),
-        };
         // Chunks no longer than the cache's max_batch, or windowed rings would overwrite keys
         // the chunk still needs.
         let chunk = MAX_CHUNK.min(cache.max_batch());
         let mut start = 0;
         while start < n {
             let end = (start + chunk).min(n);
-            self.forward_chunk(c, batch, start..end, cache, &mut logits)?;
+            self.forward_chunk(c, batch, start..end, cache, logits)?;
             start = end;
         }
-        Ok(logits)
+        Ok(())
     }
 
     fn forward_chunk(

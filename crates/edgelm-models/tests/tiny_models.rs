@@ -79,15 +79,20 @@ fn in_steps(
     step: usize,
 ) -> Vec<Vec<f32>> {
     let mut rows = Vec::new();
+    // One `Logits` reused across steps, as a decoding loop does: each step must see only its
+    // own rows.
+    let mut logits = edgelm_models::Logits::default();
     for start in (from..tokens.len()).step_by(step) {
         let end = (start + step).min(tokens.len());
-        let logits = model
-            .forward(
+        model
+            .forward_into(
                 c,
                 &Batch::from_tokens(&tokens[start..end], start, seq, true),
                 cache,
+                &mut logits,
             )
             .unwrap();
+        assert_eq!(logits.n_rows(), end - start);
         rows.extend((0..end - start).map(|i| logits.row(i).to_vec()));
         assert_eq!(cache.seq_len(seq), end);
     }
