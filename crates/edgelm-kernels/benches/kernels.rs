@@ -1,8 +1,9 @@
 //! Kernel micro-benchmarks: weight bytes per second of each fast-path row dot (1 and 8 activation
-//! rows) on every ISA this CPU runs, the precise f32 matmul, and the pool's per-dispatch cost.
+//! rows) on every ISA this CPU runs, GGUF layout and interleaved, the precise f32 matmul, and the pool's per-dispatch cost.
 //! `cargo bench -p edgelm-kernels` (criterion prints GiB/s; elements are MACs for the f32 path).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgelm_kernels::interleave;
 use edgelm_kernels::qdot::kernel_for;
 use edgelm_kernels::{Compute, Isa, Layout, Precision, ThreadPool, Weight};
 use edgelm_quant::GgmlType;
@@ -72,6 +73,46 @@ fn row_dots(c: &mut Criterion) {
                         })
                     },
                 );
+            }
+            // The same rows interleaved, against packed activations, where the ISA has it.
+            if let Some(dot) = k.interleaved {
+                let mut packed_w = vec![0u8; weights.len()];
+                for (src, dst) in weights
+                    .chunks_exact(row_bytes)
+                    .zip(packed_w.chunks_exact_mut(row_bytes))
+                {
+                    interleave::interleave_row(ty, src, dst).expect("interleavable");
+                }
+                let packed_a: Vec<Vec<u8>> = acts
+                    .iter()
+                    .map(|a| {
+                        let mut p = vec![0u8; interleave::packed_act_bytes(COLS)];
+                        interleave::pack_activations(ty, a, &mut p).expect("lengths match");
+                        p
+                    })
+                    .collect();
+                for n_acts in [1usize, 8] {
+                    let a: Vec<&[u8]> = packed_a[..n_acts].iter().map(|v| v.as_slice()).collect();
+                    let mut out = [0f32; 8];
+                    group.throughput(Throughput::Bytes((ROWS * row_bytes) as u64));
+                    group.bench_function(
+                        BenchmarkId::new(
+                            format!("{ty}/{isa}/interleaved"),
+                            format!("{n_acts}cols"),
+                        ),
+                        |b| {
+                            b.iter(|| {
+                                for r in 0..ROWS {
+                                    // SAFETY: the kernel was chosen for this CPU; lengths match.
+                                    unsafe {
+                                        dot(&packed_w[r * row_bytes..], row_bytes, &a, &mut out)
+                                    };
+                                }
+                                black_box(out)
+                            })
+                        },
+                    );
+                }
             }
         }
     }
