@@ -338,6 +338,7 @@ impl Compute {
         let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
         let packed = w.layout == Layout::Interleaved;
         let interleaved = k.interleaved.filter(|_| packed);
+        let matvec = k.interleaved_matvec.filter(|_| packed);
         let slot = if interleaved.is_some() {
             packed_act_bytes(w.cols)
         } else {
@@ -427,6 +428,18 @@ impl Compute {
                     let nc = nt * passes;
                     for (j, c) in cols[..nc].iter_mut().enumerate() {
                         *c = &acts[(t0 * passes + j) * slot..(t0 * passes + j + 1) * slot];
+                    }
+                    if let (Some(matvec), 1) = (matvec, nc) {
+                        // SAFETY: token t0's rows r0..r1 of `out` are contiguous and owned by
+                        // this task alone; the kernel was chosen for this CPU.
+                        unsafe {
+                            let o = std::slice::from_raw_parts_mut(
+                                shared.get().add(t0 * w.rows + r0),
+                                r1 - r0,
+                            );
+                            matvec(&w.data[r0 * row_bytes..], row_bytes, cols[0], o);
+                        }
+                        continue;
                     }
                     for r in r0..r1 {
                         let at = r * row_bytes;

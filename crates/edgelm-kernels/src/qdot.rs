@@ -24,6 +24,13 @@ pub type RowDotFn = unsafe fn(w: &[u8], acts: &[&[u8]], out: &mut [f32]);
 /// As for [`RowDotFn`].
 pub type InterleavedDotFn = unsafe fn(w: &[u8], row_bytes: usize, acts: &[&[u8]], out: &mut [f32]);
 
+/// `out[r] = row_r · act` over the `out.len()` interleaved rows of `row_bytes` at the start of
+/// `w` and one packed activation row: decoding's product, with no per-row dispatch.
+///
+/// # Safety
+/// As for [`RowDotFn`].
+pub type InterleavedMatVecFn = unsafe fn(w: &[u8], row_bytes: usize, act: &[u8], out: &mut [f32]);
+
 /// Quantize one row of f32 activations into the activation format.
 ///
 /// # Safety
@@ -40,6 +47,8 @@ pub struct QuantKernel {
     /// The row dot over weights repacked by `Compute::interleave_into` and activations packed by
     /// `interleave::pack_activations`, where this ISA has one.
     pub interleaved: Option<InterleavedDotFn>,
+    /// Its one-token form over many rows.
+    pub interleaved_matvec: Option<InterleavedMatVecFn>,
 }
 
 /// The kernel for weight type `ty` on `isa`, falling back to the scalar reference for types the
@@ -56,6 +65,7 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
         row_dot: scalar_row_dot_for(ty),
         quantize: scalar_quantize_for(act),
         interleaved: None,
+        interleaved_matvec: None,
     };
     let _ = isa;
     #[cfg(target_arch = "x86_64")]

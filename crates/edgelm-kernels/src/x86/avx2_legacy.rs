@@ -68,6 +68,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize,
         interleaved: None,
+        interleaved_matvec: None,
     })
 }
 

@@ -7,7 +7,7 @@
 //! input bytes (|sum| ≤ 32·255·128 + 128·32·128).
 
 use crate::interleave::{format, group_layout, packed_act_bytes, ACT_GROUP_BYTES, GROUP};
-use crate::qdot::{InterleavedDotFn, MAX_COLS};
+use crate::qdot::{InterleavedDotFn, InterleavedMatVecFn, MAX_COLS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -39,6 +39,53 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
         Q8_0 => row_dot::<T_Q8_0>,
         _ => return None,
     })
+}
+
+/// The interleaved matrix–vector product for `ty`, if it has one.
+pub fn matvec_for(ty: GgmlType) -> Option<InterleavedMatVecFn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => matvec::<T_Q4_0>,
+        Q4_1 => matvec::<T_Q4_1>,
+        Q5_0 => matvec::<T_Q5_0>,
+        Q5_1 => matvec::<T_Q5_1>,
+        Q8_0 => matvec::<T_Q8_0>,
+        _ => return None,
+    })
+}
+
+/// `out[r] = row_r · act` for the `out.len()` rows of `row_bytes` at the start of `w`: one
+/// token (decoding), checked once for all rows rather than once per row.
+///
+/// # Safety
+/// As [`row_dot`].
+unsafe fn matvec<const T: u8>(w: &[u8], row_bytes: usize, act: &[u8], out: &mut [f32]) {
+    let Some(f) = format(weight_type(T)) else {
+        return;
+    };
+    let nb = row_bytes / f.block;
+    assert!(
+        out.len() * row_bytes <= w.len() && act.len() >= packed_act_bytes(nb * 32),
+        "interleaved matvec: weight or activations shorter than the rows"
+    );
+    matvec_rows::<T>(w.as_ptr(), w.len(), row_bytes, nb, act.as_ptr(), out);
+}
+
+/// # Safety
+/// As [`matvec`], lengths checked there.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn matvec_rows<const T: u8>(
+    w: *const u8,
+    avail: usize,
+    row_bytes: usize,
+    nb: usize,
+    act: *const u8,
+    out: &mut [f32],
+) {
+    for (r, o) in out.iter_mut().enumerate() {
+        let at = r * row_bytes;
+        *o = groups::<T, 1>(w.add(at), avail - at, nb, &[act])[0];
+    }
 }
 
 /// `out[j] = row · acts[j]`: the row is the first `row_bytes` of `w`, interleaved; each
@@ -83,6 +130,7 @@ unsafe fn rows<const T: u8, const N: usize>(w: &[u8], nb: usize, acts: &[&[u8]],
 /// # Safety
 /// As [`row_dot`]: `w` holds `nb` blocks interleaved and is readable for `avail` bytes, each
 /// `a[j]` their packed activations.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn groups<const T: u8, const N: usize>(
     w: *const u8,
@@ -355,6 +403,16 @@ mod tests {
                         out, wide,
                         "{ty:?} {nb} blocks: bytes past the row leaked in"
                     );
+                    // Three copies of the row as a matrix: the matrix-vector entry gives each
+                    // row the single-row result.
+                    let matrix = wp.repeat(3);
+                    let mut mv = [f32::NAN; 3];
+                    // SAFETY: as above.
+                    unsafe { matvec_for(ty).unwrap()(&matrix, wp.len(), &packed[0], &mut mv) };
+                    let mut one = [f32::NAN];
+                    // SAFETY: as above.
+                    unsafe { dot(&matrix, wp.len(), &refs[..1], &mut one) };
+                    assert_eq!(mv, [one[0]; 3], "{ty:?} {nb} blocks: matvec");
                     for j in 0..n {
                         let scalar = packed_dot(ty, &wp, &packed[j]).unwrap();
                         let reference = int_dot::vec_dot(ty, &w, &std_acts[j]).unwrap();
