@@ -1,7 +1,7 @@
 //! GGUF v3 writer: tests build tiny models with it; the quantizer writes real files with it.
 
 use crate::reader::align_up;
-use crate::{GgmlType, GgufError, Result, Value, DEFAULT_ALIGNMENT, MAGIC};
+use crate::{Array, GgmlType, GgufError, Result, Value, DEFAULT_ALIGNMENT, MAGIC};
 use std::io::Write;
 
 struct PendingTensor {
@@ -121,31 +121,23 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 fn put_value(out: &mut Vec<u8>, v: &Value) {
     match v {
-        Value::U8(x) => out.push(*x),
-        Value::I8(x) => out.push(*x as u8),
-        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::Bool(x) => out.push(*x as u8),
         Value::String(s) => put_str(out, s),
-        Value::Array(a) => {
-            out.extend_from_slice(&(a.elem_type() as u32).to_le_bytes());
-            out.extend_from_slice(&(a.len() as u64).to_le_bytes());
-            for i in 0..a.len() {
-                if let Some(s) = a.str_at(i) {
-                    put_str(out, s);
-                } else if let Some(nested) = a.array_at(i) {
-                    put_value(out, &Value::Array(nested.clone()));
-                } else if let Some(v) = a.get(i) {
-                    put_value(out, &v);
-                }
-            }
+        Value::Array(a) => put_array(out, a),
+        scalar => scalar.put_scalar(out),
+    }
+}
+
+fn put_array(out: &mut Vec<u8>, a: &Array) {
+    out.extend_from_slice(&(a.elem_type() as u32).to_le_bytes());
+    out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+    for i in 0..a.len() {
+        if let Some(s) = a.str_at(i) {
+            put_str(out, s);
+        } else if let Some(nested) = a.array_at(i) {
+            put_array(out, nested);
+        } else if let Some(v) = a.get(i) {
+            v.put_scalar(out);
         }
-        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
     }
 }
 

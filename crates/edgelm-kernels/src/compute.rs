@@ -336,10 +336,11 @@ impl Compute {
         passes: usize,
     ) {
         let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
-        let packed = w.layout == Layout::Interleaved;
-        let interleaved = k.interleaved.filter(|_| packed);
-        let matvec = k.interleaved_matvec.filter(|_| packed);
-        let slot = if interleaved.is_some() {
+        // `matmul_with` sends interleaved weights here only with their kernel at hand.
+        let interleaved = k.interleaved.filter(|_| w.layout == Layout::Interleaved);
+        let matvec = k.interleaved_matvec.filter(|_| interleaved.is_some());
+        let packed = interleaved.is_some();
+        let slot = if packed {
             packed_act_bytes(w.cols)
         } else {
             act_bytes
@@ -356,8 +357,14 @@ impl Compute {
         // then lands in its slot as is, or packed for interleaved weights.
         let quantize_token = |t: usize, dst: &mut [u8]| {
             let xt = &x[t * cols..(t + 1) * cols];
-            BLOCKS.with_borrow_mut(|blocks| {
-                blocks.resize(passes * act_bytes, 0);
+            BLOCKS.with_borrow_mut(|own| {
+                // GGUF blocks go straight into the slot, or into a scratch row to be packed.
+                let blocks: &mut [u8] = if packed {
+                    own.resize(passes * act_bytes, 0);
+                    own
+                } else {
+                    &mut dst[..]
+                };
                 // SAFETY: the kernel was chosen for this CPU; each pass holds `cols` elements.
                 unsafe { (k.quantize)(xt, &mut blocks[..act_bytes]) };
                 if passes > 1 {
@@ -370,14 +377,12 @@ impl Compute {
                         unsafe { (k.quantize)(residual, &mut second[..act_bytes]) };
                     });
                 }
-                for pass in 0..passes {
-                    let src = &blocks[pass * act_bytes..(pass + 1) * act_bytes];
-                    let out = &mut dst[pass * slot..(pass + 1) * slot];
-                    if packed {
+                if packed {
+                    for pass in 0..passes {
+                        let src = &own[pass * act_bytes..(pass + 1) * act_bytes];
                         // Lengths match by construction.
-                        let _ = pack_activations(w.ty, src, out);
-                    } else {
-                        out.copy_from_slice(src);
+                        let _ =
+                            pack_activations(w.ty, src, &mut dst[pass * slot..(pass + 1) * slot]);
                     }
                 }
             });

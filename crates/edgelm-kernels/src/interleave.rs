@@ -113,12 +113,9 @@ pub struct LayoutError {
 }
 
 fn check(ty: GgmlType, a: &[u8], b: &[u8]) -> Result<Format, LayoutError> {
-    let err = LayoutError { ty, len: a.len() };
-    let f = format(ty).ok_or(LayoutError { ty, len: a.len() })?;
-    if a.len() != b.len() || !a.len().is_multiple_of(f.block) {
-        return Err(err);
-    }
-    Ok(f)
+    format(ty)
+        .filter(|f| a.len() == b.len() && a.len().is_multiple_of(f.block))
+        .ok_or(LayoutError { ty, len: a.len() })
 }
 
 /// Repack one GGUF row (`src`) into the interleaved layout (`dst`, the same length).
