@@ -137,15 +137,24 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
             .encode(&text, engine.tokenizer.adds_bos(), false)
             .unwrap();
         // The fast path's 8-bit noise moves perplexity away from the exact figure no further
-        // than llama.cpp's does (either way: noise can also lower it a little).
+        // than llama.cpp's does, up to the spread of that noise: any change of summation order
+        // redraws it, and on gemma3 relative changes of 1e-6 in the attention output alone move
+        // the figure between 13.87 and 13.95 (sd ~0.03, ~0.2%), as llama.cpp's own moves
+        // between CPUs (13.88 / 13.91). About 2.5 sd of slack: a real loss of accuracy still fails.
         let r = edgelm_engine::perplexity(&engine, &tokens, 512, &mut |_| {}).unwrap();
         report.push(format!(
             "{model} fast: PPL {:.4} +/- {:.4}",
             r.ppl, r.ppl_err
         ));
+        let noise = 0.005 * exact;
         assert!(
-            (r.ppl - exact).abs() <= (llama_cpp - exact).abs() * 1.05,
+            (r.ppl - exact).abs() <= (llama_cpp - exact).abs() + noise,
             "{} (exact {exact}, llama.cpp {llama_cpp})",
+            report.last().unwrap()
+        );
+        assert!(
+            (r.ppl / llama_cpp - 1.0).abs() < 0.01,
+            "{}",
             report.last().unwrap()
         );
         let engine = common::engine(model, Isa::detect());

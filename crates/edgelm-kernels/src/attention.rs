@@ -228,6 +228,12 @@ fn typed<'a, V: VecOps<E>, E: KvElem>(
     attend::<V, E>(q, hd, n_keys, &rows, scale, scores, out)
 }
 
+/// Keys per block of the online softmax: their scores stay in L1 between the two passes.
+const KEY_BLOCK: usize = 64;
+
+/// Online softmax over blocks of [`KEY_BLOCK`] keys: each block's scores, then its weights
+/// against the running maximum (earlier output rescaled when the maximum grows), then its
+/// values added in; one division by the running sum at the end. `out` starts zeroed.
 fn attend<V: VecOps<E>, E: KvElem>(
     q: &[f32],
     hd: usize,
@@ -239,67 +245,85 @@ fn attend<V: VecOps<E>, E: KvElem>(
 ) {
     let heads = q.len() / hd;
     scores.clear();
-    scores.resize(heads * n_keys, 0.0);
+    scores.resize(heads * (KEY_BLOCK + 2), 0.0);
+    let (block, stats) = scores.split_at_mut(heads * KEY_BLOCK);
+    let (maxes, sums) = stats.split_at_mut(heads);
+    maxes.fill(f32::NEG_INFINITY);
     VALUES.with_borrow_mut(|values| {
-        values.clear();
-        // Scores four keys by up to three heads at a time: each key row is loaded once per
-        // three heads, each head once per four keys.
-        let mut j0 = 0;
-        while j0 < n_keys {
-            let nk = (n_keys - j0).min(4);
-            let mut keys = [std::ptr::null::<E>(); 4];
-            for (i, k) in keys[..nk].iter_mut().enumerate() {
-                let (kj, vj) = kv(j0 + i);
-                *k = kj;
-                values.push(vj as usize);
+        for b0 in (0..n_keys).step_by(KEY_BLOCK) {
+            let nb = (n_keys - b0).min(KEY_BLOCK);
+            values.clear();
+            // Scores four keys by up to three heads at a time: each key row is loaded once per
+            // three heads, each head once per four keys.
+            let mut j0 = 0;
+            while j0 < nb {
+                let nk = (nb - j0).min(4);
+                let mut keys = [std::ptr::null::<E>(); 4];
+                for (i, k) in keys[..nk].iter_mut().enumerate() {
+                    let (kj, vj) = kv(b0 + j0 + i);
+                    *k = kj;
+                    values.push(vj as usize);
+                }
+                let mut r0 = 0;
+                while r0 < heads {
+                    let nr = (heads - r0).min(3);
+                    let rows: [*const f32; 3] =
+                        std::array::from_fn(|t| q[(r0 + t.min(nr - 1)) * hd..].as_ptr());
+                    let mut put = |r: usize, t: usize, v: f32| {
+                        block[(r0 + t) * KEY_BLOCK + j0 + r] = v * scale;
+                    };
+                    key_tile::<V, E>(&keys, nk, &rows, nr, hd, &mut put);
+                    r0 += nr;
+                }
+                j0 += nk;
             }
+            for r in 0..heads {
+                let row = &mut block[r * KEY_BLOCK..r * KEY_BLOCK + nb];
+                let max = row.iter().copied().fold(maxes[r], f32::max);
+                // exp(-inf) = 0 on the first block, where output and sum are still zero.
+                let rescale = (maxes[r] - max).exp();
+                if rescale != 1.0 {
+                    out[r * hd..(r + 1) * hd]
+                        .iter_mut()
+                        .for_each(|o| *o *= rescale);
+                    sums[r] *= rescale;
+                }
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    sums[r] += *s;
+                }
+                maxes[r] = max;
+            }
+            let vptrs: &[*const E] =
+                // SAFETY: `usize` and `*const E` have the same size and alignment; the
+                // addresses came from live value rows.
+                unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) };
             let mut r0 = 0;
             while r0 < heads {
-                let nr = (heads - r0).min(3);
-                let rows: [*const f32; 3] =
-                    std::array::from_fn(|t| q[(r0 + t.min(nr - 1)) * hd..].as_ptr());
-                let mut put = |r: usize, t: usize, v: f32| {
-                    scores[(r0 + t) * n_keys + j0 + r] = v * scale;
-                };
-                key_tile::<V, E>(&keys, nk, &rows, nr, hd, &mut put);
+                let nr = (heads - r0).min(4);
+                let p = |r: usize| block[(r0 + r.min(nr - 1)) * KEY_BLOCK..].as_ptr();
+                let base = out.as_mut_ptr();
+                // SAFETY: row r0 + r < heads lies inside `out`.
+                let o = |r: usize| unsafe { base.add((r0 + r.min(nr - 1)) * hd) };
+                match nr {
+                    4 => V::weighted_rows::<4>(
+                        &[p(0), p(1), p(2), p(3)],
+                        vptrs,
+                        hd,
+                        &[o(0), o(1), o(2), o(3)],
+                    ),
+                    3 => V::weighted_rows::<3>(&[p(0), p(1), p(2)], vptrs, hd, &[o(0), o(1), o(2)]),
+                    2 => V::weighted_rows::<2>(&[p(0), p(1)], vptrs, hd, &[o(0), o(1)]),
+                    _ => V::weighted_rows::<1>(&[p(0)], vptrs, hd, &[o(0)]),
+                }
                 r0 += nr;
             }
-            j0 += nk;
-        }
-        for row in scores.chunks_exact_mut(n_keys) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            row.iter_mut().for_each(|s| *s /= sum);
-        }
-        let vptrs: &[*const E] =
-            // SAFETY: `usize` and `*const E` have the same size and alignment; the addresses
-            // came from live value rows.
-            unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) };
-        let mut r0 = 0;
-        while r0 < heads {
-            let nr = (heads - r0).min(4);
-            let p = |r: usize| scores[(r0 + r.min(nr - 1)) * n_keys..].as_ptr();
-            let base = out.as_mut_ptr();
-            // SAFETY: row r0 + r < heads lies inside `out`.
-            let o = |r: usize| unsafe { base.add((r0 + r.min(nr - 1)) * hd) };
-            match nr {
-                4 => V::weighted_rows::<4>(
-                    &[p(0), p(1), p(2), p(3)],
-                    vptrs,
-                    hd,
-                    &[o(0), o(1), o(2), o(3)],
-                ),
-                3 => V::weighted_rows::<3>(&[p(0), p(1), p(2)], vptrs, hd, &[o(0), o(1), o(2)]),
-                2 => V::weighted_rows::<2>(&[p(0), p(1)], vptrs, hd, &[o(0), o(1)]),
-                _ => V::weighted_rows::<1>(&[p(0)], vptrs, hd, &[o(0)]),
-            }
-            r0 += nr;
         }
     });
+    for (row, sum) in out.chunks_exact_mut(hd).zip(sums.iter()) {
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|o| *o *= inv);
+    }
 }
 
 /// One tile of scores: `nk ≤ 4` keys by `nr ≤ 3` query rows, reported through `put(key, row, v)`.
@@ -358,6 +382,7 @@ mod tests {
         };
         // Head sizes off and on the 16-lane tile, head counts off and on the 3- and 4-row
         // tiles, key counts off and on the 4-key tile.
+        // Key counts across several online-softmax blocks too.
         for (hd, heads, n_keys) in [
             (24, 3, 17),
             (64, 4, 5),
@@ -365,6 +390,8 @@ mod tests {
             (32, 1, 9),
             (48, 7, 4),
             (256, 4, 300),
+            (64, 2, 200),
+            (16, 4, 129),
         ] {
             check_attention(hd, heads, n_keys, &mut rnd);
         }
