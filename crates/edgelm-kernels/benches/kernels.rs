@@ -93,7 +93,7 @@ fn row_dots(c: &mut Criterion) {
                     .collect();
                 for n_acts in [1usize, 8] {
                     let a: Vec<&[u8]> = packed_a[..n_acts].iter().map(|v| v.as_slice()).collect();
-                    let mut out = [0f32; 8];
+                    let mut out = [0f32; 16 * 8];
                     group.throughput(Throughput::Bytes((ROWS * row_bytes) as u64));
                     group.bench_function(
                         BenchmarkId::new(
@@ -102,10 +102,11 @@ fn row_dots(c: &mut Criterion) {
                         ),
                         |b| {
                             b.iter(|| {
-                                for r in 0..ROWS {
+                                // Tiles of 16 rows, as the matrix product calls it.
+                                for r in (0..ROWS).step_by(16) {
                                     // SAFETY: the kernel was chosen for this CPU; lengths match.
                                     unsafe {
-                                        dot(&packed_w[r * row_bytes..], row_bytes, &a, &mut out)
+                                        dot(&packed_w[r * row_bytes..], row_bytes, 16, &a, &mut out)
                                     };
                                 }
                                 black_box(out)

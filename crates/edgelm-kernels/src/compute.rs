@@ -422,7 +422,7 @@ impl Compute {
         let tile = MAX_COLS / passes;
         self.pool.run(n_tasks, &|task| {
             let mut cols: [&[u8]; MAX_COLS] = [&[]; MAX_COLS];
-            let mut dots = [0f32; MAX_COLS];
+            let mut dots = [0f32; ROWS_PER_TASK * MAX_COLS];
             let task_rows = task * per_task..((task + 1) * per_task).min(w.rows);
             for r0 in task_rows.clone().step_by(ROWS_PER_TASK) {
                 let r1 = (r0 + ROWS_PER_TASK).min(task_rows.end);
@@ -446,24 +446,45 @@ impl Compute {
                         }
                         continue;
                     }
-                    for r in r0..r1 {
-                        let at = r * row_bytes;
+                    if let Some(dot) = interleaved {
+                        // The whole block of rows as one tile; the rest of the matrix after it
+                        // may be read ahead.
                         // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
                         unsafe {
-                            match interleaved {
-                                // The rest of the matrix after the row: it may read ahead.
-                                Some(dot) => dot(&w.data[at..], row_bytes, &cols[..nc], &mut dots),
-                                None => (k.row_dot)(
+                            dot(
+                                &w.data[r0 * row_bytes..],
+                                row_bytes,
+                                r1 - r0,
+                                &cols[..nc],
+                                &mut dots,
+                            )
+                        };
+                    } else {
+                        for r in r0..r1 {
+                            let at = r * row_bytes;
+                            // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
+                            unsafe {
+                                (k.row_dot)(
                                     &w.data[at..at + row_bytes],
                                     &cols[..nc],
-                                    &mut dots[..nc],
-                                ),
+                                    &mut dots[(r - r0) * nc..(r - r0 + 1) * nc],
+                                )
+                            };
+                        }
+                    }
+                    for (r, row_dots) in (r0..r1).zip(dots.chunks_exact(nc)) {
+                        // SAFETY: (t0 + j, r) is inside `out` and owned by this task alone.
+                        let at = |j: usize| unsafe { shared.get().add((t0 + j) * w.rows + r) };
+                        if passes == 1 {
+                            for (j, &d) in row_dots.iter().enumerate() {
+                                // SAFETY: as above.
+                                unsafe { *at(j) = d };
                             }
-                        };
-                        for j in 0..nt {
-                            let d: f32 = dots[j * passes..(j + 1) * passes].iter().sum();
-                            // SAFETY: (t0 + j, r) is inside `out` and owned by this task alone.
-                            unsafe { *shared.get().add((t0 + j) * w.rows + r) = d };
+                        } else {
+                            for (j, d) in row_dots.chunks_exact(passes).enumerate() {
+                                // SAFETY: as above.
+                                unsafe { *at(j) = d.iter().sum() };
+                            }
                         }
                     }
                 }

@@ -17,12 +17,14 @@ pub const MAX_COLS: usize = 8;
 /// The CPU supports the ISA the function was built for; lengths match (checked by the caller).
 pub type RowDotFn = unsafe fn(w: &[u8], acts: &[&[u8]], out: &mut [f32]);
 
-/// `out[j] = row · acts[j]` over an interleaved weight row (the first `row_bytes` of `w`; any
-/// bytes after it may be read but do not count) and packed activation rows.
+/// `out[r·n + j] = row_r · acts[j]` (`n = acts.len()`) over the `n_rows` interleaved weight rows
+/// of `row_bytes` at the start of `w` (any bytes after them may be read but do not count) and
+/// packed activation rows: one call per block of rows, checked once.
 ///
 /// # Safety
 /// As for [`RowDotFn`].
-pub type InterleavedDotFn = unsafe fn(w: &[u8], row_bytes: usize, acts: &[&[u8]], out: &mut [f32]);
+pub type InterleavedDotFn =
+    unsafe fn(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: &mut [f32]);
 
 /// `out[r] = row_r · act` over the `out.len()` interleaved rows of `row_bytes` at the start of
 /// `w` and one packed activation row: decoding's product, with no per-row dispatch.

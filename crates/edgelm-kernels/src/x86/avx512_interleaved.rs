@@ -88,32 +88,42 @@ unsafe fn matvec_rows<const T: u8>(
     }
 }
 
-/// `out[j] = row · acts[j]`: the row is the first `row_bytes` of `w`, interleaved; each
-/// `acts[j]` one packed token.
+/// `out[r·n + j] = row_r · acts[j]` for the `n_rows` interleaved rows of `row_bytes` at the start
+/// of `w`; each `acts[j]` one packed token.
 ///
 /// # Safety
 /// The CPU has AVX2, F16C and AVX-512 F/BW/VL/VNNI.
-unsafe fn row_dot<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], out: &mut [f32]) {
+unsafe fn row_dot<const T: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    acts: &[&[u8]],
+    out: &mut [f32],
+) {
     let Some(f) = format(weight_type(T)) else {
         return;
     };
     let nb = row_bytes / f.block;
+    let n = acts.len();
     assert!(
-        row_bytes <= w.len()
-            && out.len() >= acts.len()
+        n_rows * row_bytes <= w.len()
+            && out.len() >= n_rows * n
             && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
-        "interleaved row_dot: weight or activations shorter than the row"
+        "interleaved row_dot: weights, activations or output shorter than the tile"
     );
-    for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-        match a.len() {
-            1 => rows::<T, 1>(w, nb, a, o),
-            2 => rows::<T, 2>(w, nb, a, o),
-            3 => rows::<T, 3>(w, nb, a, o),
-            4 => rows::<T, 4>(w, nb, a, o),
-            5 => rows::<T, 5>(w, nb, a, o),
-            6 => rows::<T, 6>(w, nb, a, o),
-            7 => rows::<T, 7>(w, nb, a, o),
-            _ => rows::<T, 8>(w, nb, a, o),
+    for r in 0..n_rows {
+        let wr = &w[r * row_bytes..];
+        for (a, o) in acts.chunks(MAX_COLS).zip(out[r * n..].chunks_mut(MAX_COLS)) {
+            match a.len() {
+                1 => rows::<T, 1>(wr, nb, a, o),
+                2 => rows::<T, 2>(wr, nb, a, o),
+                3 => rows::<T, 3>(wr, nb, a, o),
+                4 => rows::<T, 4>(wr, nb, a, o),
+                5 => rows::<T, 5>(wr, nb, a, o),
+                6 => rows::<T, 6>(wr, nb, a, o),
+                7 => rows::<T, 7>(wr, nb, a, o),
+                _ => rows::<T, 8>(wr, nb, a, o),
+            }
         }
     }
 }
@@ -361,7 +371,8 @@ mod tests {
     /// Random rows of 1–40 blocks (whole and partial groups), 1..=8 and 11 activation rows,
     /// weights from the quantizer and from raw random bytes: every output equals the scalar
     /// packed dot within f32 reordering (`1e-5` of the absolute sum of block terms) and the
-    /// integer reference on the GGUF layout likewise.
+    /// integer reference on the GGUF layout likewise; tiles of two and three rows give each row
+    /// exactly its one-row result.
     #[test]
     fn interleaved_row_dot_matches_scalar() {
         if !have_cpu() {
@@ -391,14 +402,14 @@ mod tests {
                     let refs: Vec<&[u8]> = packed.iter().map(|p| p.as_slice()).collect();
                     let mut out = vec![f32::NAN; n];
                     // SAFETY: the CPU was checked; lengths match.
-                    unsafe { dot(&wp, wp.len(), &refs, &mut out) };
+                    unsafe { dot(&wp, wp.len(), 1, &refs, &mut out) };
                     // With readable bytes after the row (the next rows of a matrix), partial
                     // groups take full-width loads; those bytes must not change the result.
                     let mut slack = wp.clone();
                     slack.extend((0..64).map(|_| rng.next() as u8 | 0x7C));
                     let mut wide = vec![f32::NAN; n];
                     // SAFETY: as above.
-                    unsafe { dot(&slack, wp.len(), &refs, &mut wide) };
+                    unsafe { dot(&slack, wp.len(), 1, &refs, &mut wide) };
                     assert_eq!(
                         out, wide,
                         "{ty:?} {nb} blocks: bytes past the row leaked in"
@@ -411,8 +422,37 @@ mod tests {
                     unsafe { matvec_for(ty).unwrap()(&matrix, wp.len(), &packed[0], &mut mv) };
                     let mut one = [f32::NAN];
                     // SAFETY: as above.
-                    unsafe { dot(&matrix, wp.len(), &refs[..1], &mut one) };
+                    unsafe { dot(&matrix, wp.len(), 1, &refs[..1], &mut one) };
                     assert_eq!(mv, [one[0]; 3], "{ty:?} {nb} blocks: matvec");
+                    // Two and three different rows as one tile: each result equals that row's
+                    // own dot, the last row's partial group read masked at the end of the buffer.
+                    let others: Vec<Vec<u8>> = (0..2)
+                        .map(|_| {
+                            let w = weights(&mut rng, ty, nb);
+                            let mut p = vec![0u8; w.len()];
+                            interleave_row(ty, &w, &mut p).unwrap();
+                            p
+                        })
+                        .collect();
+                    let tile_rows = [others[0].as_slice(), others[1].as_slice(), &wp];
+                    for n_rows in [2, 3] {
+                        let matrix = tile_rows[3 - n_rows..].concat();
+                        let mut tile = vec![f32::NAN; n_rows * n];
+                        // SAFETY: as above.
+                        unsafe { dot(&matrix, wp.len(), n_rows, &refs, &mut tile) };
+                        for r in 0..n_rows {
+                            let mut alone = vec![f32::NAN; n];
+                            // SAFETY: as above.
+                            unsafe {
+                                dot(tile_rows[3 - n_rows + r], wp.len(), 1, &refs, &mut alone)
+                            };
+                            assert_eq!(
+                                tile[r * n..(r + 1) * n],
+                                alone[..],
+                                "{ty:?} {nb} blocks, {n} tokens: row {r} of a {n_rows}-row tile"
+                            );
+                        }
+                    }
                     for j in 0..n {
                         let scalar = packed_dot(ty, &wp, &packed[j]).unwrap();
                         let reference = int_dot::vec_dot(ty, &w, &std_acts[j]).unwrap();
