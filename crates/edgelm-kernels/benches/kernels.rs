@@ -53,19 +53,22 @@ fn row_dots(c: &mut Criterion) {
                 .collect();
             for n_acts in [1usize, 8] {
                 let a: Vec<&[u8]> = acts[..n_acts].iter().map(|v| v.as_slice()).collect();
-                let mut out = [0f32; 8];
+                let mut out = [0f32; 16 * 8];
                 group.throughput(Throughput::Bytes((ROWS * row_bytes) as u64));
                 group.bench_function(
                     BenchmarkId::new(format!("{ty}/{isa}"), format!("{n_acts}cols")),
                     |b| {
                         b.iter(|| {
-                            for r in 0..ROWS {
+                            // Blocks of 16 rows, as the matrix product calls it.
+                            for r in (0..ROWS).step_by(16) {
                                 // SAFETY: the kernel was chosen for this CPU; lengths match.
                                 unsafe {
                                     (k.row_dot)(
-                                        &weights[r * row_bytes..(r + 1) * row_bytes],
+                                        &weights[r * row_bytes..(r + 16) * row_bytes],
+                                        row_bytes,
+                                        16,
                                         &a,
-                                        &mut out[..n_acts],
+                                        &mut out,
                                     )
                                 };
                             }

@@ -339,6 +339,7 @@ impl Compute {
         // `matmul_with` sends interleaved weights here only with their kernel at hand.
         let interleaved = k.interleaved.filter(|_| w.layout == Layout::Interleaved);
         let matvec = k.interleaved_matvec.filter(|_| interleaved.is_some());
+        let dot = interleaved.unwrap_or(k.row_dot);
         let packed = interleaved.is_some();
         let slot = if packed {
             packed_act_bytes(w.cols)
@@ -446,32 +447,14 @@ impl Compute {
                         }
                         continue;
                     }
-                    if let Some(dot) = interleaved {
-                        // The whole block of rows as one tile; the rest of the matrix after it
-                        // may be read ahead.
-                        // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
-                        unsafe {
-                            dot(
-                                &w.data[r0 * row_bytes..],
-                                row_bytes,
-                                r1 - r0,
-                                &cols[..nc],
-                                &mut dots,
-                            )
-                        };
-                    } else {
-                        for r in r0..r1 {
-                            let at = r * row_bytes;
-                            // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
-                            unsafe {
-                                (k.row_dot)(
-                                    &w.data[at..at + row_bytes],
-                                    &cols[..nc],
-                                    &mut dots[(r - r0) * nc..(r - r0 + 1) * nc],
-                                )
-                            };
-                        }
-                    }
+                    // The whole block of rows in one call; interleaved kernels may read ahead
+                    // into the rest of the matrix.
+                    let block = match interleaved {
+                        Some(_) => &w.data[r0 * row_bytes..],
+                        None => &w.data[r0 * row_bytes..r1 * row_bytes],
+                    };
+                    // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
+                    unsafe { dot(block, row_bytes, r1 - r0, &cols[..nc], &mut dots) };
                     for (r, row_dots) in (r0..r1).zip(dots.chunks_exact(nc)) {
                         // SAFETY: (t0 + j, r) is inside `out` and owned by this task alone.
                         let at = |j: usize| unsafe { shared.get().add((t0 + j) * w.rows + r) };

@@ -10,16 +10,17 @@ use edgelm_quant::{int_dot, GgmlType};
 /// Activation rows one row-dot call handles.
 pub const MAX_COLS: usize = 8;
 
-/// `out[j] = w · acts[j]` for `j < acts.len() ≤ MAX_COLS`; `w` is one weight row, each
-/// `acts[j]` the same number of elements in the activation format.
+/// `out[r·n + j] = row_r · acts[j]` (`n = acts.len()`) for the `n_rows` weight rows of
+/// `row_bytes` at the start of `w`, each `acts[j]` as many elements in the activation format:
+/// one call per block of rows, lengths checked once for the block.
 ///
 /// # Safety
-/// The CPU supports the ISA the function was built for; lengths match (checked by the caller).
-pub type RowDotFn = unsafe fn(w: &[u8], acts: &[&[u8]], out: &mut [f32]);
+/// The CPU supports the ISA the function was built for.
+pub type RowDotFn =
+    unsafe fn(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: &mut [f32]);
 
-/// `out[r·n + j] = row_r · acts[j]` (`n = acts.len()`) over the `n_rows` interleaved weight rows
-/// of `row_bytes` at the start of `w` (any bytes after them may be read but do not count) and
-/// packed activation rows: one call per block of rows, checked once.
+/// [`RowDotFn`] over interleaved weight rows (any bytes after them may be read but do not
+/// count) and packed activation rows.
 ///
 /// # Safety
 /// As for [`RowDotFn`].
@@ -88,9 +89,25 @@ fn scalar_row_dot_for(ty: GgmlType) -> RowDotFn {
     // One monomorphic function per type, so the table holds plain fn pointers.
     macro_rules! row_dot {
         ($t:ident) => {{
-            unsafe fn f(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
-                for (a, o) in acts.iter().zip(out.iter_mut()) {
-                    *o = int_dot::vec_dot($t, w, a).unwrap_or(f32::NAN);
+            unsafe fn f(
+                w: &[u8],
+                row_bytes: usize,
+                n_rows: usize,
+                acts: &[&[u8]],
+                out: &mut [f32],
+            ) {
+                let n = acts.len();
+                if n == 0 {
+                    return;
+                }
+                for (row, o) in w
+                    .chunks_exact(row_bytes)
+                    .take(n_rows)
+                    .zip(out.chunks_mut(n))
+                {
+                    for (a, o) in acts.iter().zip(o.iter_mut()) {
+                        *o = int_dot::vec_dot($t, row, a).unwrap_or(f32::NAN);
+                    }
                 }
             }
             f as RowDotFn

@@ -188,27 +188,40 @@ unsafe fn group<const N: usize>(
     }
 }
 
-/// One row-dot entry point per type: splits `acts` into groups of at most [`MAX_COLS`] rows and
-/// dispatches each to the const-generic kernel of its width.
+/// One [`RowDotFn`] per type: for each weight row of the block, splits `acts` into groups of at
+/// most [`MAX_COLS`] rows and dispatches each to the const-generic kernel of its width.
 macro_rules! row_dot_entry {
     ($name:ident, $kernel:ident) => {
         /// # Safety
         /// The CPU has AVX2 and FMA; lengths are checked (panics if inconsistent).
-        unsafe fn $name(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+        unsafe fn $name(
+            w: &[u8],
+            row_bytes: usize,
+            n_rows: usize,
+            acts: &[&[u8]],
+            out: &mut [f32],
+        ) {
+            let n = acts.len();
             assert!(
-                out.len() >= acts.len(),
-                "output shorter than the activation rows"
+                n_rows * row_bytes <= w.len() && out.len() >= n_rows * n,
+                "weights or output shorter than the block"
             );
-            for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-                match a.len() {
-                    1 => $kernel::<1>(w, a, o),
-                    2 => $kernel::<2>(w, a, o),
-                    3 => $kernel::<3>(w, a, o),
-                    4 => $kernel::<4>(w, a, o),
-                    5 => $kernel::<5>(w, a, o),
-                    6 => $kernel::<6>(w, a, o),
-                    7 => $kernel::<7>(w, a, o),
-                    _ => $kernel::<8>(w, a, o),
+            for (row, out) in w
+                .chunks_exact(row_bytes)
+                .take(n_rows)
+                .zip(out.chunks_mut(n.max(1)))
+            {
+                for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
+                    match a.len() {
+                        1 => $kernel::<1>(row, a, o),
+                        2 => $kernel::<2>(row, a, o),
+                        3 => $kernel::<3>(row, a, o),
+                        4 => $kernel::<4>(row, a, o),
+                        5 => $kernel::<5>(row, a, o),
+                        6 => $kernel::<6>(row, a, o),
+                        7 => $kernel::<7>(row, a, o),
+                        _ => $kernel::<8>(row, a, o),
+                    }
                 }
             }
         }
@@ -787,7 +800,7 @@ mod tests {
         let refs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
         let mut out = vec![f32::NAN; acts.len()];
         // SAFETY: AVX2/FMA checked by the caller; lengths match.
-        unsafe { (k.row_dot)(w, &refs, &mut out) };
+        unsafe { (k.row_dot)(w, w.len(), 1, &refs, &mut out) };
         for (j, a) in acts.iter().enumerate() {
             let want = int_dot::vec_dot(ty, w, a).unwrap();
             let tol = 1e-5 * magnitude(ty, w, a) + 1e-6;

@@ -72,18 +72,25 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
     })
 }
 
-/// `out[j] = w · acts[j]`: checks the lengths once (so the block loop can use raw pointers),
-/// then dispatches on the activation-row count, [`MAX_COLS`] rows at a time.
+/// [`RowDotFn`]: checks the lengths once for the block (so the block loop can use raw
+/// pointers), then dispatches on the activation-row count, [`MAX_COLS`] rows at a time.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
-unsafe fn row_dot<const T: u8>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
-    let nb = w.len() / w_bytes(T);
+unsafe fn row_dot<const T: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    acts: &[&[u8]],
+    out: &mut [f32],
+) {
+    let nb = row_bytes / w_bytes(T);
+    let n = acts.len();
     assert!(
-        out.len() >= acts.len(),
-        "row_dot: {} outputs for {} rows",
+        n_rows * row_bytes <= w.len() && out.len() >= n_rows * n,
+        "row_dot: {} weight bytes and {} outputs for {n_rows} rows x {n} activation rows",
+        w.len(),
         out.len(),
-        acts.len()
     );
     for a in acts {
         assert!(
@@ -91,17 +98,19 @@ unsafe fn row_dot<const T: u8>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
             "row_dot: activation row shorter than the weight row"
         );
     }
-    let w = w.as_ptr();
-    for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-        match a.len() {
-            1 => dot_rows::<T, 1>(w, nb, a, o),
-            2 => dot_rows::<T, 2>(w, nb, a, o),
-            3 => dot_rows::<T, 3>(w, nb, a, o),
-            4 => dot_rows::<T, 4>(w, nb, a, o),
-            5 => dot_rows::<T, 5>(w, nb, a, o),
-            6 => dot_rows::<T, 6>(w, nb, a, o),
-            7 => dot_rows::<T, 7>(w, nb, a, o),
-            _ => dot_rows::<T, 8>(w, nb, a, o),
+    for r in 0..n_rows {
+        let w = w.as_ptr().add(r * row_bytes);
+        for (a, o) in acts.chunks(MAX_COLS).zip(out[r * n..].chunks_mut(MAX_COLS)) {
+            match a.len() {
+                1 => dot_rows::<T, 1>(w, nb, a, o),
+                2 => dot_rows::<T, 2>(w, nb, a, o),
+                3 => dot_rows::<T, 3>(w, nb, a, o),
+                4 => dot_rows::<T, 4>(w, nb, a, o),
+                5 => dot_rows::<T, 5>(w, nb, a, o),
+                6 => dot_rows::<T, 6>(w, nb, a, o),
+                7 => dot_rows::<T, 7>(w, nb, a, o),
+                _ => dot_rows::<T, 8>(w, nb, a, o),
+            }
         }
     }
 }
@@ -492,7 +501,7 @@ mod tests {
                         let refs: Vec<&[u8]> = acts.iter().map(|a| &a[..]).collect();
                         let mut out = vec![f32::NAN; n_acts];
                         // SAFETY: the CPU was checked; the lengths match.
-                        unsafe { (k.row_dot)(&w, &refs, &mut out) };
+                        unsafe { (k.row_dot)(&w, w.len(), 1, &refs, &mut out) };
                         for (j, a) in acts.iter().enumerate() {
                             let want = int_dot::vec_dot(ty, &w, a).unwrap();
                             let tol = 1e-5 * magnitude(ty, &w, a);

@@ -131,18 +131,25 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
     })
 }
 
-/// `out[j] = w · acts[j]`: checks the lengths once (so the block loops can use raw pointers),
-/// then dispatches on the activation-row count, [`MAX_COLS`] rows at a time.
+/// [`RowDotFn`]: checks the lengths once for the block (so the block loops can use raw
+/// pointers), then dispatches on the activation-row count, [`MAX_COLS`] rows at a time.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
-unsafe fn row_dot<const T: u8>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
-    let nb = w.len() / w_bytes(T);
+unsafe fn row_dot<const T: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    acts: &[&[u8]],
+    out: &mut [f32],
+) {
+    let nb = row_bytes / w_bytes(T);
+    let n = acts.len();
     assert!(
-        out.len() >= acts.len(),
-        "row_dot: {} outputs for {} rows",
+        n_rows * row_bytes <= w.len() && out.len() >= n_rows * n,
+        "row_dot: {} weight bytes and {} outputs for {n_rows} rows x {n} activation rows",
+        w.len(),
         out.len(),
-        acts.len()
     );
     for a in acts {
         assert!(
@@ -155,20 +162,22 @@ unsafe fn row_dot<const T: u8>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
         // are faster end to end (measured: qwen2.5 tg 80 vs 61 tok/s), although the 512-bit
         // ones win with the weights in cache. From two rows on (prefill) these are faster.
         if let Some(k) = super::avx2_quant::kernel(weight_type(T)) {
-            return (k.row_dot)(w, acts, out);
+            return (k.row_dot)(w, row_bytes, n_rows, acts, out);
         }
     }
-    let w = w.as_ptr();
-    for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
-        match a.len() {
-            1 => rows::<T, 1>(w, nb, a, o),
-            2 => rows::<T, 2>(w, nb, a, o),
-            3 => rows::<T, 3>(w, nb, a, o),
-            4 => rows::<T, 4>(w, nb, a, o),
-            5 => rows::<T, 5>(w, nb, a, o),
-            6 => rows::<T, 6>(w, nb, a, o),
-            7 => rows::<T, 7>(w, nb, a, o),
-            _ => rows::<T, 8>(w, nb, a, o),
+    for r in 0..n_rows {
+        let w = w.as_ptr().add(r * row_bytes);
+        for (a, o) in acts.chunks(MAX_COLS).zip(out[r * n..].chunks_mut(MAX_COLS)) {
+            match a.len() {
+                1 => rows::<T, 1>(w, nb, a, o),
+                2 => rows::<T, 2>(w, nb, a, o),
+                3 => rows::<T, 3>(w, nb, a, o),
+                4 => rows::<T, 4>(w, nb, a, o),
+                5 => rows::<T, 5>(w, nb, a, o),
+                6 => rows::<T, 6>(w, nb, a, o),
+                7 => rows::<T, 7>(w, nb, a, o),
+                _ => rows::<T, 8>(w, nb, a, o),
+            }
         }
     }
 }
@@ -1007,7 +1016,7 @@ mod tests {
         let refs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
         let mut out = vec![f32::NAN; acts.len()];
         // SAFETY: the CPU was checked by the caller; the lengths match.
-        unsafe { (k.row_dot)(w, &refs, &mut out) };
+        unsafe { (k.row_dot)(w, w.len(), 1, &refs, &mut out) };
         for (j, a) in acts.iter().enumerate() {
             let want = int_dot::vec_dot(ty, w, a).unwrap();
             let tol = 1e-5 * magnitude(ty, w, a) + 1e-6;
@@ -1123,7 +1132,7 @@ mod tests {
             let k = kernel(ty).unwrap();
             let mut out = [f32::NAN; 3];
             // SAFETY: the CPU was checked; zero blocks everywhere.
-            unsafe { (k.row_dot)(&[], &[&[], &[], &[]], &mut out) };
+            unsafe { (k.row_dot)(&[], 0, 1, &[&[], &[], &[]], &mut out) };
             assert_eq!(out, [0.0; 3], "{ty:?}");
         }
     }
