@@ -18,7 +18,7 @@ pub enum RopeStyle {
 }
 
 /// Rotary position embedding for one layer: inverse frequencies precomputed in f64.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     pub style: RopeStyle,
     pub n_rot: usize,
@@ -47,12 +47,22 @@ impl Rope {
         }
     }
 
-    /// Rotate every head (`head_dim` values each) of one token's vector at position `pos`.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
-        let half = self.n_rot / 2;
-        for (i, f) in self.inv_freq.iter().enumerate() {
+    /// `(sin θ_i, cos θ_i)` pairs for position `pos` into `out` (`n_rot` values), computed in
+    /// f64: a table that every head and every layer with this rotation can share.
+    pub fn sin_cos(&self, pos: usize, out: &mut [f32]) {
+        for (f, sc) in self.inv_freq.iter().zip(out.chunks_exact_mut(2)) {
             let theta = pos as f64 * f;
-            let (s, c) = (theta.sin() as f32, theta.cos() as f32);
+            sc[0] = theta.sin() as f32;
+            sc[1] = theta.cos() as f32;
+        }
+    }
+
+    /// Rotate every head (`head_dim` values each) of one token's vector by the
+    /// [`Rope::sin_cos`] pairs of its position.
+    pub fn rotate(&self, x: &mut [f32], head_dim: usize, sin_cos: &[f32]) {
+        let half = self.n_rot / 2;
+        for (i, sc) in sin_cos.chunks_exact(2).take(half).enumerate() {
+            let (s, c) = (sc[0], sc[1]);
             let (a, b) = match self.style {
                 RopeStyle::Normal => (2 * i, 2 * i + 1),
                 RopeStyle::Neox => (i, i + half),
@@ -108,16 +118,22 @@ mod tests {
         assert!((x[0] - want).abs() < 1e-6);
     }
 
+    fn apply(r: &Rope, x: &mut [f32], head_dim: usize, pos: usize) {
+        let mut sin_cos = vec![0f32; r.n_rot];
+        r.sin_cos(pos, &mut sin_cos);
+        r.rotate(x, head_dim, &sin_cos);
+    }
+
     #[test]
     fn rope_styles_rotate_the_right_pairs() {
         // One frequency (n_rot 2): pos 1 rotates by 1 radian.
         let r = Rope::new(RopeStyle::Normal, 2, 10000.0, 1.0, None);
         let mut x = vec![1.0, 0.0];
-        r.apply(&mut x, 2, 1);
+        apply(&r, &mut x, 2, 1);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
         let r = Rope::new(RopeStyle::Neox, 4, 10000.0, 1.0, None);
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
-        r.apply(&mut x, 4, 1);
+        apply(&r, &mut x, 4, 1);
         // Pair (0, 2) at frequency 1.
         assert!(
             (x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6 && x[1] == 0.0

@@ -353,6 +353,7 @@ impl Transformer {
             g,
             u,
             xs,
+            rope_tables,
         } = &mut *scratch;
         let x = fit(x, n * d);
         for (t, &tok) in tokens.iter().enumerate() {
@@ -364,6 +365,8 @@ impl Transformer {
         }
 
         let h = fit(h, n * d);
+        // Tables valid for this chunk: the first `n_tables`, each keyed by its first layer.
+        let mut n_tables = 0;
         for (li, (b, shape)) in self.blocks.iter().zip(&hp.layers).enumerate() {
             let q_dim = shape.n_head * hd;
             let kv_dim = shape.n_head_kv * hd;
@@ -378,8 +381,27 @@ impl Transformer {
                 norm_rows(c, k, kn, hp.rms_eps);
             }
             let rope = &shape.rope;
-            c.par_chunks_mut(q, q_dim, &|t, row| rope.apply(row, hd, positions[t]));
-            c.par_chunks_mut(k, kv_dim, &|t, row| rope.apply(row, hd, positions[t]));
+            // One sin/cos table per chunk and rotation, shared by q, k and the layers alike.
+            let found = rope_tables[..n_tables]
+                .iter()
+                .position(|(l, _)| hp.layers[*l].rope == *rope);
+            let slot = found.unwrap_or_else(|| {
+                if rope_tables.len() == n_tables {
+                    rope_tables.push((li, Vec::new()));
+                }
+                let (first, table) = &mut rope_tables[n_tables];
+                *first = li;
+                let table = fit(table, n * rope.n_rot);
+                for (row, &p) in table.chunks_exact_mut(rope.n_rot).zip(positions) {
+                    rope.sin_cos(p, row);
+                }
+                n_tables += 1;
+                n_tables - 1
+            });
+            let table = &rope_tables[slot].1;
+            let sin_cos = |t: usize| &table[t * rope.n_rot..(t + 1) * rope.n_rot];
+            c.par_chunks_mut(q, q_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
+            c.par_chunks_mut(k, kv_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
             for t in 0..n {
                 cache.write(
                     seqs[t],
@@ -514,6 +536,9 @@ struct Scratch {
     g: Vec<f32>,
     u: Vec<f32>,
     xs: Vec<f32>,
+    /// Rotary sin/cos tables of the chunk's positions, one per distinct rotation, keyed by the
+    /// first layer that uses it.
+    rope_tables: Vec<(usize, Vec<f32>)>,
 }
 
 /// The first `n` elements of `buf`, growing it if needed. Callers overwrite what they use.
