@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgelm_kernels::interleave;
-use edgelm_kernels::qdot::kernel_for;
+use edgelm_kernels::qdot::{kernel_for, Out};
 use edgelm_kernels::{Compute, Isa, Layout, Precision, ThreadPool, Weight};
 use edgelm_quant::GgmlType;
 use std::hint::black_box;
@@ -68,7 +68,7 @@ fn row_dots(c: &mut Criterion) {
                                         row_bytes,
                                         16,
                                         &a,
-                                        &mut out,
+                                        Out::slice(&mut out, 16),
                                     )
                                 };
                             }
@@ -109,7 +109,13 @@ fn row_dots(c: &mut Criterion) {
                                 for r in (0..ROWS).step_by(16) {
                                     // SAFETY: the kernel was chosen for this CPU; lengths match.
                                     unsafe {
-                                        dot(&packed_w[r * row_bytes..], row_bytes, 16, &a, &mut out)
+                                        dot(
+                                            &packed_w[r * row_bytes..],
+                                            row_bytes,
+                                            16,
+                                            &a,
+                                            Out::slice(&mut out, 16),
+                                        )
                                     };
                                 }
                                 black_box(out)

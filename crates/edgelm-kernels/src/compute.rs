@@ -7,7 +7,7 @@
 //! Rows are split across the pool in both.
 
 use crate::interleave::{deinterleave_row, interleave_row, pack_activations, packed_act_bytes};
-use crate::qdot::{kernel_for, InterleavedDotFn, QuantKernel, MAX_COLS};
+use crate::qdot::{kernel_for, InterleavedDotFn, Out, QuantKernel, MAX_COLS};
 use crate::{Isa, ThreadPool};
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
@@ -453,21 +453,33 @@ impl Compute {
                         Some(_) => &w.data[r0 * row_bytes..],
                         None => &w.data[r0 * row_bytes..r1 * row_bytes],
                     };
-                    // SAFETY: kernel chosen for this CPU; every row has `cols` elements.
-                    unsafe { dot(block, row_bytes, r1 - r0, &cols[..nc], &mut dots) };
-                    for (r, row_dots) in (r0..r1).zip(dots.chunks_exact(nc)) {
-                        // SAFETY: (t0 + j, r) is inside `out` and owned by this task alone.
-                        let at = |j: usize| unsafe { shared.get().add((t0 + j) * w.rows + r) };
-                        if passes == 1 {
-                            for (j, &d) in row_dots.iter().enumerate() {
-                                // SAFETY: as above.
-                                unsafe { *at(j) = d };
-                            }
-                        } else {
-                            for (j, d) in row_dots.chunks_exact(passes).enumerate() {
-                                // SAFETY: as above.
-                                unsafe { *at(j) = d.iter().sum() };
-                            }
+                    let nr = r1 - r0;
+                    if passes == 1 {
+                        // SAFETY: kernel chosen for this CPU; every row has `cols` elements;
+                        // (t0 + j, r0 + r) lies in `out` and is owned by this task alone.
+                        unsafe {
+                            let at = shared.get().add(t0 * w.rows + r0);
+                            dot(
+                                block,
+                                row_bytes,
+                                nr,
+                                &cols[..nc],
+                                Out {
+                                    ptr: at,
+                                    ld: w.rows,
+                                },
+                            );
+                        }
+                        continue;
+                    }
+                    // Several passes per token: their dots are summed on the way out.
+                    // SAFETY: as above; `dots` holds nr × nc results.
+                    unsafe { dot(block, row_bytes, nr, &cols[..nc], Out::slice(&mut dots, nr)) };
+                    for j in 0..nt {
+                        for r in 0..nr {
+                            let d: f32 = (0..passes).map(|p| dots[(j * passes + p) * nr + r]).sum();
+                            // SAFETY: (t0 + j, r0 + r) is inside `out`, owned by this task.
+                            unsafe { *shared.get().add((t0 + j) * w.rows + r0 + r) = d };
                         }
                     }
                 }
@@ -742,6 +754,63 @@ mod tests {
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                             "{isa} {ty}: {got} vs {want}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refined activations (two passes: the 8-bit rows and their residual) give the sum of both
+    /// passes' integer dots on every ISA and layout, with several tokens per tile.
+    #[test]
+    fn refined_matmul_sums_both_passes() {
+        let mut rng = Rng(0x5eed_0002);
+        for isa in Isa::available() {
+            let c = Compute::with_precision(isa, 2, Precision::Fast);
+            for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K] {
+                let (rows, cols, n_tokens) = (19, 512, 7);
+                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
+                let mut data = vec![0u8; rows * row_bytes];
+                for (src, dst) in wf.chunks_exact(cols).zip(data.chunks_exact_mut(row_bytes)) {
+                    edgelm_quant::quantize_row(ty, src, dst).unwrap();
+                }
+                let w = Weight::gguf(ty, rows, cols, &data);
+                let mut packed = vec![0u8; data.len()];
+                let interleaved = c.wants_interleaved(ty).then(|| {
+                    c.interleave_into(w, &mut packed).unwrap();
+                    Weight {
+                        layout: Layout::Interleaved,
+                        data: &packed,
+                        ..w
+                    }
+                });
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let act = edgelm_quant::int_dot::activation_type(ty);
+                let act_bytes = act.bytes_for(cols as u64).unwrap() as usize;
+                for w in [Some(w), interleaved].into_iter().flatten() {
+                    let mut out = vec![0f32; rows * n_tokens];
+                    c.matmul_with(w, &x, n_tokens, &mut out, ActivationPrecision::Refined)
+                        .unwrap();
+                    for t in 0..n_tokens {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let (mut a1, mut a2) = (vec![0u8; act_bytes], vec![0u8; act_bytes]);
+                        edgelm_quant::quantize_row(act, xt, &mut a1).unwrap();
+                        let mut residual = vec![0f32; cols];
+                        edgelm_quant::dequantize_row(act, &a1, &mut residual).unwrap();
+                        residual.iter_mut().zip(xt).for_each(|(r, x)| *r = x - *r);
+                        edgelm_quant::quantize_row(act, &residual, &mut a2).unwrap();
+                        for r in 0..rows {
+                            let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                            let want = edgelm_quant::int_dot::vec_dot(ty, row, &a1).unwrap()
+                                + edgelm_quant::int_dot::vec_dot(ty, row, &a2).unwrap();
+                            let got = out[t * rows + r];
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{isa} {ty} {:?}: token {t} row {r}: {got} vs {want}",
+                                w.layout
+                            );
+                        }
                     }
                 }
             }

@@ -10,22 +10,49 @@ use edgelm_quant::{int_dot, GgmlType};
 /// Activation rows one row-dot call handles.
 pub const MAX_COLS: usize = 8;
 
-/// `out[r·n + j] = row_r · acts[j]` (`n = acts.len()`) for the `n_rows` weight rows of
-/// `row_bytes` at the start of `w`, each `acts[j]` as many elements in the activation format:
-/// one call per block of rows, lengths checked once for the block.
+/// `row_r · acts[j]` into `out` at (r, j) for the `n_rows` weight rows of `row_bytes` at the
+/// start of `w`, each `acts[j]` as many elements in the activation format: one call per block
+/// of rows, lengths checked once for the block.
 ///
 /// # Safety
-/// The CPU supports the ISA the function was built for.
-pub type RowDotFn =
-    unsafe fn(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: &mut [f32]);
+/// The CPU supports the ISA the function was built for; `out` is valid for every (r, j).
+pub type RowDotFn = unsafe fn(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: Out);
+
+/// Where a block of row dots lands: (row r, activation j) at `ptr[j·ld + r]`, so the matrix
+/// product's token-major output takes them in place.
+#[derive(Clone, Copy, Debug)]
+pub struct Out {
+    pub ptr: *mut f32,
+    pub ld: usize,
+}
+
+impl Out {
+    /// The block's results as one slice, (r, j) at `j·ld + r`.
+    pub fn slice(out: &mut [f32], ld: usize) -> Out {
+        Out {
+            ptr: out.as_mut_ptr(),
+            ld,
+        }
+    }
+
+    /// Row `r`'s results for activations `j0..j0 + vals.len()`.
+    ///
+    /// # Safety
+    /// Every written position is valid and not accessed concurrently.
+    #[inline(always)]
+    pub unsafe fn put(self, r: usize, j0: usize, vals: &[f32]) {
+        for (j, &v) in vals.iter().enumerate() {
+            *self.ptr.add((j0 + j) * self.ld + r) = v;
+        }
+    }
+}
 
 /// [`RowDotFn`] over interleaved weight rows (any bytes after them may be read but do not
 /// count) and packed activation rows.
 ///
 /// # Safety
 /// As for [`RowDotFn`].
-pub type InterleavedDotFn =
-    unsafe fn(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: &mut [f32]);
+pub type InterleavedDotFn = RowDotFn;
 
 /// `out[r] = row_r · act` over the `out.len()` interleaved rows of `row_bytes` at the start of
 /// `w` and one packed activation row: decoding's product, with no per-row dispatch.
@@ -89,24 +116,11 @@ fn scalar_row_dot_for(ty: GgmlType) -> RowDotFn {
     // One monomorphic function per type, so the table holds plain fn pointers.
     macro_rules! row_dot {
         ($t:ident) => {{
-            unsafe fn f(
-                w: &[u8],
-                row_bytes: usize,
-                n_rows: usize,
-                acts: &[&[u8]],
-                out: &mut [f32],
-            ) {
-                let n = acts.len();
-                if n == 0 {
-                    return;
-                }
-                for (row, o) in w
-                    .chunks_exact(row_bytes)
-                    .take(n_rows)
-                    .zip(out.chunks_mut(n))
-                {
-                    for (a, o) in acts.iter().zip(o.iter_mut()) {
-                        *o = int_dot::vec_dot($t, row, a).unwrap_or(f32::NAN);
+            unsafe fn f(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: Out) {
+                for (r, row) in w.chunks_exact(row_bytes).take(n_rows).enumerate() {
+                    for (j, a) in acts.iter().enumerate() {
+                        let v = int_dot::vec_dot($t, row, a).unwrap_or(f32::NAN);
+                        out.put(r, j, &[v]);
                     }
                 }
             }

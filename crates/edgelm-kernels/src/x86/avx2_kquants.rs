@@ -19,7 +19,7 @@
 //! accumulation order differs (per lane across super-blocks, horizontal sum at the end).
 
 use super::{f32_at, u32_at};
-use crate::qdot::{QuantKernel, RowDotFn, MAX_COLS};
+use crate::qdot::{Out, QuantKernel, RowDotFn, MAX_COLS};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -194,34 +194,25 @@ macro_rules! row_dot_entry {
     ($name:ident, $kernel:ident) => {
         /// # Safety
         /// The CPU has AVX2 and FMA; lengths are checked (panics if inconsistent).
-        unsafe fn $name(
-            w: &[u8],
-            row_bytes: usize,
-            n_rows: usize,
-            acts: &[&[u8]],
-            out: &mut [f32],
-        ) {
-            let n = acts.len();
+        unsafe fn $name(w: &[u8], row_bytes: usize, n_rows: usize, acts: &[&[u8]], out: Out) {
             assert!(
-                n_rows * row_bytes <= w.len() && out.len() >= n_rows * n,
-                "weights or output shorter than the block"
+                n_rows * row_bytes <= w.len(),
+                "weights shorter than the block"
             );
-            for (row, out) in w
-                .chunks_exact(row_bytes)
-                .take(n_rows)
-                .zip(out.chunks_mut(n.max(1)))
-            {
-                for (a, o) in acts.chunks(MAX_COLS).zip(out.chunks_mut(MAX_COLS)) {
+            for (r, row) in w.chunks_exact(row_bytes).take(n_rows).enumerate() {
+                for (c, a) in acts.chunks(MAX_COLS).enumerate() {
+                    let mut o = [0f32; MAX_COLS];
                     match a.len() {
-                        1 => $kernel::<1>(row, a, o),
-                        2 => $kernel::<2>(row, a, o),
-                        3 => $kernel::<3>(row, a, o),
-                        4 => $kernel::<4>(row, a, o),
-                        5 => $kernel::<5>(row, a, o),
-                        6 => $kernel::<6>(row, a, o),
-                        7 => $kernel::<7>(row, a, o),
-                        _ => $kernel::<8>(row, a, o),
+                        1 => $kernel::<1>(row, a, &mut o),
+                        2 => $kernel::<2>(row, a, &mut o),
+                        3 => $kernel::<3>(row, a, &mut o),
+                        4 => $kernel::<4>(row, a, &mut o),
+                        5 => $kernel::<5>(row, a, &mut o),
+                        6 => $kernel::<6>(row, a, &mut o),
+                        7 => $kernel::<7>(row, a, &mut o),
+                        _ => $kernel::<8>(row, a, &mut o),
                     }
+                    out.put(r, c * MAX_COLS, &o[..a.len()]);
                 }
             }
         }
@@ -800,7 +791,7 @@ mod tests {
         let refs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
         let mut out = vec![f32::NAN; acts.len()];
         // SAFETY: AVX2/FMA checked by the caller; lengths match.
-        unsafe { (k.row_dot)(w, w.len(), 1, &refs, &mut out) };
+        unsafe { (k.row_dot)(w, w.len(), 1, &refs, Out::slice(&mut out, 1)) };
         for (j, a) in acts.iter().enumerate() {
             let want = int_dot::vec_dot(ty, w, a).unwrap();
             let tol = 1e-5 * magnitude(ty, w, a) + 1e-6;

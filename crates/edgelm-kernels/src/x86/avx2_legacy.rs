@@ -13,7 +13,7 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
-use crate::qdot::{QuantKernel, QuantizeFn, RowDotFn, MAX_COLS};
+use crate::qdot::{Out, QuantKernel, QuantizeFn, RowDotFn, MAX_COLS};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -82,15 +82,13 @@ unsafe fn row_dot<const T: u8>(
     row_bytes: usize,
     n_rows: usize,
     acts: &[&[u8]],
-    out: &mut [f32],
+    out: Out,
 ) {
     let nb = row_bytes / w_bytes(T);
-    let n = acts.len();
     assert!(
-        n_rows * row_bytes <= w.len() && out.len() >= n_rows * n,
-        "row_dot: {} weight bytes and {} outputs for {n_rows} rows x {n} activation rows",
+        n_rows * row_bytes <= w.len(),
+        "row_dot: {} weight bytes for {n_rows} rows of {row_bytes}",
         w.len(),
-        out.len(),
     );
     for a in acts {
         assert!(
@@ -100,17 +98,19 @@ unsafe fn row_dot<const T: u8>(
     }
     for r in 0..n_rows {
         let w = w.as_ptr().add(r * row_bytes);
-        for (a, o) in acts.chunks(MAX_COLS).zip(out[r * n..].chunks_mut(MAX_COLS)) {
+        for (c, a) in acts.chunks(MAX_COLS).enumerate() {
+            let mut o = [0f32; MAX_COLS];
             match a.len() {
-                1 => dot_rows::<T, 1>(w, nb, a, o),
-                2 => dot_rows::<T, 2>(w, nb, a, o),
-                3 => dot_rows::<T, 3>(w, nb, a, o),
-                4 => dot_rows::<T, 4>(w, nb, a, o),
-                5 => dot_rows::<T, 5>(w, nb, a, o),
-                6 => dot_rows::<T, 6>(w, nb, a, o),
-                7 => dot_rows::<T, 7>(w, nb, a, o),
-                _ => dot_rows::<T, 8>(w, nb, a, o),
+                1 => dot_rows::<T, 1>(w, nb, a, &mut o),
+                2 => dot_rows::<T, 2>(w, nb, a, &mut o),
+                3 => dot_rows::<T, 3>(w, nb, a, &mut o),
+                4 => dot_rows::<T, 4>(w, nb, a, &mut o),
+                5 => dot_rows::<T, 5>(w, nb, a, &mut o),
+                6 => dot_rows::<T, 6>(w, nb, a, &mut o),
+                7 => dot_rows::<T, 7>(w, nb, a, &mut o),
+                _ => dot_rows::<T, 8>(w, nb, a, &mut o),
             }
+            out.put(r, c * MAX_COLS, &o[..a.len()]);
         }
     }
 }
@@ -501,7 +501,7 @@ mod tests {
                         let refs: Vec<&[u8]> = acts.iter().map(|a| &a[..]).collect();
                         let mut out = vec![f32::NAN; n_acts];
                         // SAFETY: the CPU was checked; the lengths match.
-                        unsafe { (k.row_dot)(&w, w.len(), 1, &refs, &mut out) };
+                        unsafe { (k.row_dot)(&w, w.len(), 1, &refs, Out::slice(&mut out, 1)) };
                         for (j, a) in acts.iter().enumerate() {
                             let want = int_dot::vec_dot(ty, &w, a).unwrap();
                             let tol = 1e-5 * magnitude(ty, &w, a);

@@ -7,7 +7,7 @@
 //! input bytes (|sum| ≤ 32·255·128 + 128·32·128).
 
 use crate::interleave::{format, group_layout, packed_act_bytes, ACT_GROUP_BYTES, GROUP};
-use crate::qdot::{InterleavedDotFn, InterleavedMatVecFn, MAX_COLS};
+use crate::qdot::{InterleavedDotFn, InterleavedMatVecFn, Out, MAX_COLS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -88,8 +88,8 @@ unsafe fn matvec_rows<const T: u8>(
     }
 }
 
-/// `out[r·n + j] = row_r · acts[j]` for the `n_rows` interleaved rows of `row_bytes` at the start
-/// of `w`; each `acts[j]` one packed token.
+/// [`crate::qdot::RowDotFn`] over the `n_rows` interleaved rows of `row_bytes` at the start of
+/// `w`; each `acts[j]` one packed token.
 ///
 /// # Safety
 /// The CPU has AVX2, F16C and AVX-512 F/BW/VL/VNNI.
@@ -98,32 +98,31 @@ unsafe fn row_dot<const T: u8>(
     row_bytes: usize,
     n_rows: usize,
     acts: &[&[u8]],
-    out: &mut [f32],
+    out: Out,
 ) {
     let Some(f) = format(weight_type(T)) else {
         return;
     };
     let nb = row_bytes / f.block;
-    let n = acts.len();
     assert!(
-        n_rows * row_bytes <= w.len()
-            && out.len() >= n_rows * n
-            && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
-        "interleaved row_dot: weights, activations or output shorter than the tile"
+        n_rows * row_bytes <= w.len() && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
+        "interleaved row_dot: weights or activations shorter than the block"
     );
     for r in 0..n_rows {
         let wr = &w[r * row_bytes..];
-        for (a, o) in acts.chunks(MAX_COLS).zip(out[r * n..].chunks_mut(MAX_COLS)) {
+        for (c, a) in acts.chunks(MAX_COLS).enumerate() {
+            let mut o = [0f32; MAX_COLS];
             match a.len() {
-                1 => rows::<T, 1>(wr, nb, a, o),
-                2 => rows::<T, 2>(wr, nb, a, o),
-                3 => rows::<T, 3>(wr, nb, a, o),
-                4 => rows::<T, 4>(wr, nb, a, o),
-                5 => rows::<T, 5>(wr, nb, a, o),
-                6 => rows::<T, 6>(wr, nb, a, o),
-                7 => rows::<T, 7>(wr, nb, a, o),
-                _ => rows::<T, 8>(wr, nb, a, o),
+                1 => rows::<T, 1>(wr, nb, a, &mut o),
+                2 => rows::<T, 2>(wr, nb, a, &mut o),
+                3 => rows::<T, 3>(wr, nb, a, &mut o),
+                4 => rows::<T, 4>(wr, nb, a, &mut o),
+                5 => rows::<T, 5>(wr, nb, a, &mut o),
+                6 => rows::<T, 6>(wr, nb, a, &mut o),
+                7 => rows::<T, 7>(wr, nb, a, &mut o),
+                _ => rows::<T, 8>(wr, nb, a, &mut o),
             }
+            out.put(r, c * MAX_COLS, &o[..a.len()]);
         }
     }
 }
@@ -402,14 +401,14 @@ mod tests {
                     let refs: Vec<&[u8]> = packed.iter().map(|p| p.as_slice()).collect();
                     let mut out = vec![f32::NAN; n];
                     // SAFETY: the CPU was checked; lengths match.
-                    unsafe { dot(&wp, wp.len(), 1, &refs, &mut out) };
+                    unsafe { dot(&wp, wp.len(), 1, &refs, Out::slice(&mut out, 1)) };
                     // With readable bytes after the row (the next rows of a matrix), partial
                     // groups take full-width loads; those bytes must not change the result.
                     let mut slack = wp.clone();
                     slack.extend((0..64).map(|_| rng.next() as u8 | 0x7C));
                     let mut wide = vec![f32::NAN; n];
                     // SAFETY: as above.
-                    unsafe { dot(&slack, wp.len(), 1, &refs, &mut wide) };
+                    unsafe { dot(&slack, wp.len(), 1, &refs, Out::slice(&mut wide, 1)) };
                     assert_eq!(
                         out, wide,
                         "{ty:?} {nb} blocks: bytes past the row leaked in"
@@ -422,7 +421,7 @@ mod tests {
                     unsafe { matvec_for(ty).unwrap()(&matrix, wp.len(), &packed[0], &mut mv) };
                     let mut one = [f32::NAN];
                     // SAFETY: as above.
-                    unsafe { dot(&matrix, wp.len(), 1, &refs[..1], &mut one) };
+                    unsafe { dot(&matrix, wp.len(), 1, &refs[..1], Out::slice(&mut one, 1)) };
                     assert_eq!(mv, [one[0]; 3], "{ty:?} {nb} blocks: matvec");
                     // Two and three different rows as one tile: each result equals that row's
                     // own dot, the last row's partial group read masked at the end of the buffer.
@@ -439,16 +438,25 @@ mod tests {
                         let matrix = tile_rows[3 - n_rows..].concat();
                         let mut tile = vec![f32::NAN; n_rows * n];
                         // SAFETY: as above.
-                        unsafe { dot(&matrix, wp.len(), n_rows, &refs, &mut tile) };
+                        unsafe {
+                            dot(
+                                &matrix,
+                                wp.len(),
+                                n_rows,
+                                &refs,
+                                Out::slice(&mut tile, n_rows),
+                            )
+                        };
                         for r in 0..n_rows {
                             let mut alone = vec![f32::NAN; n];
                             // SAFETY: as above.
                             unsafe {
-                                dot(tile_rows[3 - n_rows + r], wp.len(), 1, &refs, &mut alone)
+                                let out = Out::slice(&mut alone, 1);
+                                dot(tile_rows[3 - n_rows + r], wp.len(), 1, &refs, out)
                             };
+                            let row: Vec<f32> = (0..n).map(|j| tile[j * n_rows + r]).collect();
                             assert_eq!(
-                                tile[r * n..(r + 1) * n],
-                                alone[..],
+                                row, alone,
                                 "{ty:?} {nb} blocks, {n} tokens: row {r} of a {n_rows}-row tile"
                             );
                         }

@@ -28,7 +28,7 @@
 //! for every input byte; only the f32 accumulation order differs from `edgelm_quant::int_dot`.
 
 use super::{f32_at, u32_at};
-use crate::qdot::{QuantKernel, RowDotFn, MAX_COLS};
+use crate::qdot::{Out, QuantKernel, RowDotFn, MAX_COLS};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -141,15 +141,13 @@ unsafe fn row_dot<const T: u8>(
     row_bytes: usize,
     n_rows: usize,
     acts: &[&[u8]],
-    out: &mut [f32],
+    out: Out,
 ) {
     let nb = row_bytes / w_bytes(T);
-    let n = acts.len();
     assert!(
-        n_rows * row_bytes <= w.len() && out.len() >= n_rows * n,
-        "row_dot: {} weight bytes and {} outputs for {n_rows} rows x {n} activation rows",
+        n_rows * row_bytes <= w.len(),
+        "row_dot: {} weight bytes for {n_rows} rows of {row_bytes}",
         w.len(),
-        out.len(),
     );
     for a in acts {
         assert!(
@@ -167,17 +165,19 @@ unsafe fn row_dot<const T: u8>(
     }
     for r in 0..n_rows {
         let w = w.as_ptr().add(r * row_bytes);
-        for (a, o) in acts.chunks(MAX_COLS).zip(out[r * n..].chunks_mut(MAX_COLS)) {
+        for (c, a) in acts.chunks(MAX_COLS).enumerate() {
+            let mut o = [0f32; MAX_COLS];
             match a.len() {
-                1 => rows::<T, 1>(w, nb, a, o),
-                2 => rows::<T, 2>(w, nb, a, o),
-                3 => rows::<T, 3>(w, nb, a, o),
-                4 => rows::<T, 4>(w, nb, a, o),
-                5 => rows::<T, 5>(w, nb, a, o),
-                6 => rows::<T, 6>(w, nb, a, o),
-                7 => rows::<T, 7>(w, nb, a, o),
-                _ => rows::<T, 8>(w, nb, a, o),
+                1 => rows::<T, 1>(w, nb, a, &mut o),
+                2 => rows::<T, 2>(w, nb, a, &mut o),
+                3 => rows::<T, 3>(w, nb, a, &mut o),
+                4 => rows::<T, 4>(w, nb, a, &mut o),
+                5 => rows::<T, 5>(w, nb, a, &mut o),
+                6 => rows::<T, 6>(w, nb, a, &mut o),
+                7 => rows::<T, 7>(w, nb, a, &mut o),
+                _ => rows::<T, 8>(w, nb, a, &mut o),
             }
+            out.put(r, c * MAX_COLS, &o[..a.len()]);
         }
     }
 }
@@ -1016,7 +1016,7 @@ mod tests {
         let refs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
         let mut out = vec![f32::NAN; acts.len()];
         // SAFETY: the CPU was checked by the caller; the lengths match.
-        unsafe { (k.row_dot)(w, w.len(), 1, &refs, &mut out) };
+        unsafe { (k.row_dot)(w, w.len(), 1, &refs, Out::slice(&mut out, 1)) };
         for (j, a) in acts.iter().enumerate() {
             let want = int_dot::vec_dot(ty, w, a).unwrap();
             let tol = 1e-5 * magnitude(ty, w, a) + 1e-6;
@@ -1132,7 +1132,7 @@ mod tests {
             let k = kernel(ty).unwrap();
             let mut out = [f32::NAN; 3];
             // SAFETY: the CPU was checked; zero blocks everywhere.
-            unsafe { (k.row_dot)(&[], 0, 1, &[&[], &[], &[]], &mut out) };
+            unsafe { (k.row_dot)(&[], 0, 1, &[&[], &[], &[]], Out::slice(&mut out, 1)) };
             assert_eq!(out, [0.0; 3], "{ty:?}");
         }
     }
