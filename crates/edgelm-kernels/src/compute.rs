@@ -183,32 +183,7 @@ impl Compute {
         out: &mut [f32],
         act: ActivationPrecision,
     ) -> Result<(), KernelError> {
-        let row_bytes = w.ty.bytes_for(w.cols as u64).ok_or_else(|| {
-            KernelError::Shape(format!("{} columns are not whole {} blocks", w.cols, w.ty))
-        })? as usize;
-        if w.data.len() != row_bytes * w.rows {
-            return Err(KernelError::Shape(format!(
-                "{} bytes of {} for {}×{}",
-                w.data.len(),
-                w.ty,
-                w.rows,
-                w.cols
-            )));
-        }
-        if x.len() != n_tokens * w.cols || out.len() != n_tokens * w.rows {
-            return Err(KernelError::Shape(format!(
-                "x has {} values and out {}, expected {}×{} and {}×{}",
-                x.len(),
-                out.len(),
-                n_tokens,
-                w.cols,
-                n_tokens,
-                w.rows
-            )));
-        }
-        if !edgelm_quant::can_dequantize(w.ty) {
-            return Err(KernelError::Type(w.ty));
-        }
+        let row_bytes = check_shapes(w, x, n_tokens, out)?;
         if w.layout == Layout::Interleaved && self.interleaved_kernel(w.ty).is_none() {
             // A weight repacked for another context: back to GGUF order (slow, never the
             // case for a model run with the context it was prepared for).
@@ -223,18 +198,16 @@ impl Compute {
             let gguf = Weight::gguf(w.ty, w.rows, w.cols, &rows);
             return self.matmul_with(gguf, x, n_tokens, out, act);
         }
-        if self.precision == Precision::Fast {
-            if let Some(k) = self.kernels[w.ty as usize] {
-                if k.act.bytes_for(w.cols as u64).is_some() {
-                    let passes = if act == ActivationPrecision::Refined {
-                        2
-                    } else {
-                        1
-                    };
-                    self.matmul_quantized(k, w, row_bytes, x, n_tokens, out, passes);
-                    return Ok(());
-                }
-            }
+        if let Some(k) = self.quantized_kernel(w) {
+            let plan = Plan {
+                k,
+                w,
+                row_bytes,
+                passes: passes(act),
+                out: SharedOut(out.as_mut_ptr()),
+            };
+            self.run_plans(&[plan], x, n_tokens);
+            return Ok(());
         }
         let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
         let shared = SharedOut(out.as_mut_ptr());
@@ -266,6 +239,57 @@ impl Compute {
             });
         });
         Ok(())
+    }
+
+    /// [`Compute::matmul_with`] for up to [`MAX_GROUP`] products of the same input `x`, in one
+    /// fork/join where they all take the quantized kernels: while decoding, a fork/join costs
+    /// about as much as a small product, so q, k and v (or gate and up) share one.
+    pub fn matmul_group(
+        &self,
+        x: &[f32],
+        n_tokens: usize,
+        products: &mut [Product<'_, '_>],
+    ) -> Result<(), KernelError> {
+        let mut plans: [Option<Plan<'_>>; MAX_GROUP] = [None; MAX_GROUP];
+        let mut fused = products.len() <= MAX_GROUP;
+        for (i, p) in products.iter_mut().enumerate() {
+            let row_bytes = check_shapes(p.w, x, n_tokens, p.out)?;
+            match self.quantized_kernel(p.w).filter(|_| fused) {
+                Some(k) => {
+                    plans[i] = Some(Plan {
+                        k,
+                        w: p.w,
+                        row_bytes,
+                        passes: passes(p.act),
+                        out: SharedOut(p.out.as_mut_ptr()),
+                    })
+                }
+                None => fused = false,
+            }
+        }
+        let (true, Some(first)) = (fused, plans[0]) else {
+            for p in products.iter_mut() {
+                self.matmul_with(p.w, x, n_tokens, p.out, p.act)?;
+            }
+            return Ok(());
+        };
+        let mut list = [first; MAX_GROUP];
+        for (slot, plan) in list.iter_mut().zip(plans.iter().flatten()) {
+            *slot = *plan;
+        }
+        self.run_plans(&list[..products.len()], x, n_tokens);
+        Ok(())
+    }
+
+    /// The quantized kernel for `w` on this context, if the fast path has one for its type,
+    /// width and layout.
+    fn quantized_kernel(&self, w: Weight<'_>) -> Option<QuantKernel> {
+        if self.precision != Precision::Fast {
+            return None;
+        }
+        let k = self.kernels.get(w.ty as usize).copied().flatten()?;
+        let layout_ok = w.layout == Layout::Gguf || k.interleaved.is_some();
+        (layout_ok && k.act.bytes_for(w.cols as u64).is_some()).then_some(k)
     }
 
     /// The fast kernel for interleaved weights of type `ty`, if this context has one.
@@ -323,36 +347,40 @@ impl Compute {
         }
     }
 
-    /// The fast path; shapes were checked by `matmul_with`. `passes` is 1 or 2 (refined).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_quantized(
-        &self,
-        k: QuantKernel,
-        w: Weight<'_>,
-        row_bytes: usize,
-        x: &[f32],
-        n_tokens: usize,
-        out: &mut [f32],
-        passes: usize,
-    ) {
-        let act_bytes = k.act.bytes_for(w.cols as u64).unwrap_or(0) as usize;
-        // `matmul_with` sends interleaved weights here only with their kernel at hand.
-        let interleaved = k.interleaved.filter(|_| w.layout == Layout::Interleaved);
-        let matvec = k.interleaved_matvec.filter(|_| interleaved.is_some());
-        let dot = interleaved.unwrap_or(k.row_dot);
-        let packed = interleaved.is_some();
-        let slot = if packed {
-            packed_act_bytes(w.cols)
-        } else {
-            act_bytes
-        };
+    /// The quantized products of `plans`, all of input `x`: activations quantized for each,
+    /// then one fork/join over every product's row ranges.
+    fn run_plans(&self, plans: &[Plan<'_>], x: &[f32], n_tokens: usize) {
+        let threads = self.pool.n_threads();
         let mut buffer = self.activations.lock().unwrap_or_else(|e| e.into_inner());
         // Cache-line aligned: the kernels read each token's packed activations with 64-byte
         // loads, once per weight row (unaligned, every load splits two lines: ~15% of prefill).
-        let need = n_tokens * passes * slot;
-        buffer.resize(need + 64, 0);
+        let mut at = [0usize; MAX_GROUP + 1];
+        for (i, p) in plans.iter().enumerate() {
+            at[i + 1] = at[i] + (n_tokens * p.token_bytes()).next_multiple_of(64);
+        }
+        let total = at[plans.len()];
+        buffer.resize(total + 64, 0);
         let skew = buffer.as_ptr().align_offset(64).min(64);
-        let acts = &mut buffer[skew..skew + need];
+        let acts = &mut buffer[skew..skew + total];
+        for (i, p) in plans.iter().enumerate() {
+            self.quantize_activations(p, x, n_tokens, &mut acts[at[i]..at[i + 1]]);
+        }
+        let acts = &acts[..];
+        let mut first = [0usize; MAX_GROUP + 1];
+        for (i, p) in plans.iter().enumerate() {
+            first[i + 1] = first[i] + p.w.rows.div_ceil(p.rows_per_task(threads));
+        }
+        self.pool.run(first[plans.len()], &|task| {
+            let i = (0..plans.len()).find(|&i| task < first[i + 1]).unwrap_or(0);
+            plans[i].run_task(&acts[at[i]..at[i + 1]], n_tokens, task - first[i], threads);
+        });
+    }
+
+    /// Each token's row of `x` quantized for `p` (both passes when refined) into `acts`.
+    fn quantize_activations(&self, p: &Plan<'_>, x: &[f32], n_tokens: usize, acts: &mut [u8]) {
+        let (k, w, passes) = (p.k, p.w, p.passes);
+        let act_bytes = p.act_bytes();
+        let (packed, slot) = (p.packed(), p.slot());
         let cols = w.cols;
         // Each pass quantizes into GGUF blocks (the refined one the first one's residual),
         // then lands in its slot as is, or packed for interleaved weights.
@@ -388,9 +416,13 @@ impl Compute {
                 }
             });
         };
-        let token_bytes = passes * slot;
+        let token_bytes = p.token_bytes();
         if n_tokens < 4 * self.pool.n_threads() {
-            for (t, dst) in acts.chunks_exact_mut(token_bytes).enumerate() {
+            for (t, dst) in acts
+                .chunks_exact_mut(token_bytes)
+                .take(n_tokens)
+                .enumerate()
+            {
                 quantize_token(t, dst);
             }
         } else {
@@ -410,83 +442,135 @@ impl Compute {
                 }
             });
         }
-        let acts = &acts[..];
-        let shared = SharedOut(out.as_mut_ptr());
-        // A few long contiguous row ranges per thread: each thread streams its weights in order,
-        // so the hardware prefetcher runs ahead (short interleaved ranges halve decode speed),
-        // while four ranges per thread still even out the load.
-        let per_task = w
+    }
+}
+
+/// One quantized product, its shapes checked: the kernel, the weight, and where results go.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    k: QuantKernel,
+    w: Weight<'a>,
+    row_bytes: usize,
+    /// 1, or 2 for refined activations.
+    passes: usize,
+    out: SharedOut,
+}
+
+impl Plan<'_> {
+    fn act_bytes(&self) -> usize {
+        self.k.act.bytes_for(self.w.cols as u64).unwrap_or(0) as usize
+    }
+
+    /// The interleaved kernel, when the weight is interleaved (only sent here with it at hand).
+    fn interleaved(&self) -> Option<InterleavedDotFn> {
+        self.k
+            .interleaved
+            .filter(|_| self.w.layout == Layout::Interleaved)
+    }
+
+    fn packed(&self) -> bool {
+        self.interleaved().is_some()
+    }
+
+    /// Bytes of one pass of one token's activations.
+    fn slot(&self) -> usize {
+        if self.packed() {
+            packed_act_bytes(self.w.cols)
+        } else {
+            self.act_bytes()
+        }
+    }
+
+    fn token_bytes(&self) -> usize {
+        self.passes * self.slot()
+    }
+
+    /// A few long contiguous row ranges per thread: each thread streams its weights in order,
+    /// so the hardware prefetcher runs ahead (short interleaved ranges halve decode speed),
+    /// while four ranges per thread still even out the load.
+    fn rows_per_task(&self, threads: usize) -> usize {
+        self.w
             .rows
-            .div_ceil(4 * self.pool.n_threads())
-            .next_multiple_of(ROWS_PER_TASK);
-        let n_tasks = w.rows.div_ceil(per_task);
+            .div_ceil(4 * threads)
+            .next_multiple_of(ROWS_PER_TASK)
+    }
+
+    /// Task `task` of this product: its row range against every token of `acts`.
+    fn run_task(&self, acts: &[u8], n_tokens: usize, task: usize, threads: usize) {
+        let (w, row_bytes, passes) = (self.w, self.row_bytes, self.passes);
+        let interleaved = self.interleaved();
+        let matvec = self.k.interleaved_matvec.filter(|_| interleaved.is_some());
+        let dot = interleaved.unwrap_or(self.k.row_dot);
+        let slot = self.slot();
+        let shared = self.out;
+        let per_task = self.rows_per_task(threads);
         let tile = MAX_COLS / passes;
-        self.pool.run(n_tasks, &|task| {
-            let mut cols: [&[u8]; MAX_COLS] = [&[]; MAX_COLS];
-            let mut dots = [0f32; ROWS_PER_TASK * MAX_COLS];
-            let task_rows = task * per_task..((task + 1) * per_task).min(w.rows);
-            for r0 in task_rows.clone().step_by(ROWS_PER_TASK) {
-                let r1 = (r0 + ROWS_PER_TASK).min(task_rows.end);
-                // Token tiles outer, rows inner: the tile's activations and this block of rows
-                // both stay in L1 while every pair is computed.
-                for t0 in (0..n_tokens).step_by(tile) {
-                    let nt = (n_tokens - t0).min(tile);
-                    let nc = nt * passes;
-                    for (j, c) in cols[..nc].iter_mut().enumerate() {
-                        *c = &acts[(t0 * passes + j) * slot..(t0 * passes + j + 1) * slot];
+        let mut cols: [&[u8]; MAX_COLS] = [&[]; MAX_COLS];
+        let mut dots = [0f32; ROWS_PER_TASK * MAX_COLS];
+        let task_rows = task * per_task..((task + 1) * per_task).min(w.rows);
+        for r0 in task_rows.clone().step_by(ROWS_PER_TASK) {
+            let r1 = (r0 + ROWS_PER_TASK).min(task_rows.end);
+            // Token tiles outer, rows inner: the tile's activations and this block of rows
+            // both stay in L1 while every pair is computed.
+            for t0 in (0..n_tokens).step_by(tile) {
+                let nt = (n_tokens - t0).min(tile);
+                let nc = nt * passes;
+                for (j, c) in cols[..nc].iter_mut().enumerate() {
+                    *c = &acts[(t0 * passes + j) * slot..(t0 * passes + j + 1) * slot];
+                }
+                if let (Some(matvec), 1) = (matvec, nc) {
+                    // SAFETY: token t0's rows r0..r1 of `out` are contiguous and owned by
+                    // this task alone; the kernel was chosen for this CPU.
+                    unsafe {
+                        let o = std::slice::from_raw_parts_mut(
+                            shared.get().add(t0 * w.rows + r0),
+                            r1 - r0,
+                        );
+                        matvec(&w.data[r0 * row_bytes..], row_bytes, cols[0], o);
                     }
-                    if let (Some(matvec), 1) = (matvec, nc) {
-                        // SAFETY: token t0's rows r0..r1 of `out` are contiguous and owned by
-                        // this task alone; the kernel was chosen for this CPU.
-                        unsafe {
-                            let o = std::slice::from_raw_parts_mut(
-                                shared.get().add(t0 * w.rows + r0),
-                                r1 - r0,
-                            );
-                            matvec(&w.data[r0 * row_bytes..], row_bytes, cols[0], o);
-                        }
-                        continue;
+                    continue;
+                }
+                // The whole block of rows in one call; interleaved kernels may read ahead
+                // into the rest of the matrix.
+                let block = match interleaved {
+                    Some(_) => &w.data[r0 * row_bytes..],
+                    None => &w.data[r0 * row_bytes..r1 * row_bytes],
+                };
+                let nr = r1 - r0;
+                if passes == 1 {
+                    // SAFETY: kernel chosen for this CPU; every row has `cols` elements;
+                    // (t0 + j, r0 + r) lies in `out` and is owned by this task alone.
+                    unsafe {
+                        let at = shared.get().add(t0 * w.rows + r0);
+                        dot(
+                            block,
+                            row_bytes,
+                            nr,
+                            &cols[..nc],
+                            Out {
+                                ptr: at,
+                                ld: w.rows,
+                            },
+                        );
                     }
-                    // The whole block of rows in one call; interleaved kernels may read ahead
-                    // into the rest of the matrix.
-                    let block = match interleaved {
-                        Some(_) => &w.data[r0 * row_bytes..],
-                        None => &w.data[r0 * row_bytes..r1 * row_bytes],
-                    };
-                    let nr = r1 - r0;
-                    if passes == 1 {
-                        // SAFETY: kernel chosen for this CPU; every row has `cols` elements;
-                        // (t0 + j, r0 + r) lies in `out` and is owned by this task alone.
-                        unsafe {
-                            let at = shared.get().add(t0 * w.rows + r0);
-                            dot(
-                                block,
-                                row_bytes,
-                                nr,
-                                &cols[..nc],
-                                Out {
-                                    ptr: at,
-                                    ld: w.rows,
-                                },
-                            );
-                        }
-                        continue;
-                    }
-                    // Several passes per token: their dots are summed on the way out.
-                    // SAFETY: as above; `dots` holds nr × nc results.
-                    unsafe { dot(block, row_bytes, nr, &cols[..nc], Out::slice(&mut dots, nr)) };
-                    for j in 0..nt {
-                        for r in 0..nr {
-                            let d: f32 = (0..passes).map(|p| dots[(j * passes + p) * nr + r]).sum();
-                            // SAFETY: (t0 + j, r0 + r) is inside `out`, owned by this task.
-                            unsafe { *shared.get().add((t0 + j) * w.rows + r0 + r) = d };
-                        }
+                    continue;
+                }
+                // Several passes per token: their dots are summed on the way out.
+                // SAFETY: as above; `dots` holds nr × nc results.
+                unsafe { dot(block, row_bytes, nr, &cols[..nc], Out::slice(&mut dots, nr)) };
+                for j in 0..nt {
+                    for r in 0..nr {
+                        let d: f32 = (0..passes).map(|p| dots[(j * passes + p) * nr + r]).sum();
+                        // SAFETY: (t0 + j, r0 + r) is inside `out`, owned by this task.
+                        unsafe { *shared.get().add((t0 + j) * w.rows + r0 + r) = d };
                     }
                 }
             }
-        });
+        }
     }
+}
 
+impl Compute {
     /// Run `f(i, chunk)` over consecutive `chunk_len`-element chunks of `data` (the last may be
     /// shorter), spread over the pool: for element-wise work too large for one thread.
     pub fn par_chunks_mut(
@@ -528,6 +612,61 @@ impl Compute {
             _ => x.iter().zip(y.iter_mut()).for_each(|(x, y)| *y += a * x),
         }
     }
+}
+
+/// Products one [`Compute::matmul_group`] fuses: q, k and v; gate and up.
+pub const MAX_GROUP: usize = 4;
+
+/// One product of a [`Compute::matmul_group`]: a weight, its activation precision, its output.
+pub struct Product<'w, 'o> {
+    pub w: Weight<'w>,
+    pub act: ActivationPrecision,
+    pub out: &'o mut [f32],
+}
+
+/// Activation passes of a precision: refined ones add the 8-bit residual.
+fn passes(act: ActivationPrecision) -> usize {
+    if act == ActivationPrecision::Refined {
+        2
+    } else {
+        1
+    }
+}
+
+/// Bytes per row of `w` once `w`, `x` and `out` agree on their shapes and the type is readable.
+fn check_shapes(
+    w: Weight<'_>,
+    x: &[f32],
+    n_tokens: usize,
+    out: &[f32],
+) -> Result<usize, KernelError> {
+    let row_bytes = w.ty.bytes_for(w.cols as u64).ok_or_else(|| {
+        KernelError::Shape(format!("{} columns are not whole {} blocks", w.cols, w.ty))
+    })? as usize;
+    if w.data.len() != row_bytes * w.rows {
+        return Err(KernelError::Shape(format!(
+            "{} bytes of {} for {}×{}",
+            w.data.len(),
+            w.ty,
+            w.rows,
+            w.cols
+        )));
+    }
+    if x.len() != n_tokens * w.cols || out.len() != n_tokens * w.rows {
+        return Err(KernelError::Shape(format!(
+            "x has {} values and out {}, expected {}×{} and {}×{}",
+            x.len(),
+            out.len(),
+            n_tokens,
+            w.cols,
+            n_tokens,
+            w.rows
+        )));
+    }
+    if !edgelm_quant::can_dequantize(w.ty) {
+        return Err(KernelError::Type(w.ty));
+    }
+    Ok(row_bytes)
 }
 
 /// Scalar reference dot product (the AVX2 path is tested against it).
@@ -811,6 +950,80 @@ mod tests {
                                 w.layout
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A group of products over one input (mixed types, layouts and precisions, and a float
+    /// weight that forces the unfused fallback) gives exactly each product's own result.
+    #[test]
+    fn matmul_group_equals_separate_products() {
+        let mut rng = Rng(0x9e37_79b9);
+        let (cols, n_tokens) = (256, 3);
+        let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+        let specs = [
+            (GgmlType::Q5_0, 40, ActivationPrecision::Int8),
+            (GgmlType::Q8_0, 24, ActivationPrecision::Refined),
+            (GgmlType::Q4_K, 17, ActivationPrecision::Int8),
+            (GgmlType::F16, 9, ActivationPrecision::Int8),
+        ];
+        let weights: Vec<(GgmlType, usize, ActivationPrecision, Vec<u8>)> = specs
+            .iter()
+            .map(|&(ty, rows, act)| {
+                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let mut data = vec![0u8; ty.bytes_for((rows * cols) as u64).unwrap() as usize];
+                edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
+                (ty, rows, act, data)
+            })
+            .collect();
+        for isa in Isa::available() {
+            for precision in [Precision::Fast, Precision::Precise] {
+                let c = Compute::with_precision(isa, 2, precision);
+                let packed: Vec<Vec<u8>> = weights
+                    .iter()
+                    .map(|(ty, rows, _, data)| {
+                        let w = Weight::gguf(*ty, *rows, cols, data);
+                        let mut p = data.clone();
+                        if c.wants_interleaved(*ty) {
+                            c.interleave_into(w, &mut p).unwrap();
+                        }
+                        p
+                    })
+                    .collect();
+                let view = |i: usize| {
+                    let (ty, rows, _, _) = &weights[i];
+                    let layout = if c.wants_interleaved(*ty) {
+                        Layout::Interleaved
+                    } else {
+                        Layout::Gguf
+                    };
+                    Weight {
+                        layout,
+                        ..Weight::gguf(*ty, *rows, cols, &packed[i])
+                    }
+                };
+                // The quantized three fuse; all four fall back to one product at a time.
+                for n in [3, 4] {
+                    let mut outs: Vec<Vec<f32>> = (0..n)
+                        .map(|i| vec![f32::NAN; weights[i].1 * n_tokens])
+                        .collect();
+                    let mut products: Vec<Product<'_, '_>> = outs
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, out)| Product {
+                            w: view(i),
+                            act: weights[i].2,
+                            out,
+                        })
+                        .collect();
+                    c.matmul_group(&x, n_tokens, &mut products).unwrap();
+                    for (i, out) in outs.iter().enumerate() {
+                        let mut alone = vec![f32::NAN; out.len()];
+                        c.matmul_with(view(i), &x, n_tokens, &mut alone, weights[i].2)
+                            .unwrap();
+                        assert_eq!(*out, alone, "{isa} {precision:?}: product {i} of {n}");
                     }
                 }
             }

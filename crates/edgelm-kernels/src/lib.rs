@@ -11,7 +11,9 @@ pub mod qdot;
 mod x86;
 
 pub use attention::KvRow;
-pub use compute::{ActivationPrecision, Compute, KernelError, Layout, Precision, Weight};
+pub use compute::{
+    ActivationPrecision, Compute, KernelError, Layout, Precision, Product, Weight, MAX_GROUP,
+};
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;
 #[cfg(test)]

@@ -373,9 +373,7 @@ impl Transformer {
             h.copy_from_slice(x);
             norm_rows(c, h, &b.attn_norm, hp.rms_eps);
             let (q, k, v) = (fit(q, n * q_dim), fit(k, n * kv_dim), fit(v, n * kv_dim));
-            b.wq.forward(c, h, n, q)?;
-            b.wk.forward(c, h, n, k)?;
-            b.wv.forward(c, h, n, v)?;
+            Linear::forward_group(c, [&b.wq, &b.wk, &b.wv], h, n, [q, k, v])?;
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
                 norm_rows(c, q, qn, hp.rms_eps);
                 norm_rows(c, k, kn, hp.rms_eps);
@@ -424,8 +422,7 @@ impl Transformer {
             h.copy_from_slice(x);
             norm_rows(c, h, &b.ffn_norm, hp.rms_eps);
             let (g, u) = (fit(g, n * shape.n_ff), fit(u, n * shape.n_ff));
-            b.gate.forward(c, h, n, g)?;
-            b.up.forward(c, h, n, u)?;
+            Linear::forward_group(c, [&b.gate, &b.up], h, n, [g, u])?;
             let (act, n_ff) = (hp.activation, shape.n_ff);
             c.par_chunks_mut(g, n_ff, &|t, gate| {
                 act.glu(gate, &u[t * n_ff..(t + 1) * n_ff])
