@@ -66,6 +66,15 @@ trait VecOps<E: KvElem> {
         hd: usize,
         out: &[*mut f32; R],
     );
+    /// `row[i] ← e^(row[i] − shift)`, returning their sum.
+    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - shift).exp();
+            sum += *s;
+        }
+        sum
+    }
 }
 
 struct Scalar;
@@ -118,6 +127,10 @@ impl<E: KvElem> VecOps<E> for Scalar {
 struct Avx2;
 #[cfg(target_arch = "x86_64")]
 impl VecOps<f32> for Avx2 {
+    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2 and FMA.
+        unsafe { crate::x86::avx2::exp_shifted(row, shift) }
+    }
     fn dots<const R: usize, const T: usize>(
         k: &[*const f32; R],
         q: &[*const f32; T],
@@ -144,6 +157,10 @@ impl VecOps<f32> for Avx2 {
 
 #[cfg(target_arch = "x86_64")]
 impl VecOps<u16> for Avx2 {
+    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2 and FMA.
+        unsafe { crate::x86::avx2::exp_shifted(row, shift) }
+    }
     fn dots<const R: usize, const T: usize>(
         k: &[*const u16; R],
         q: &[*const f32; T],
@@ -288,10 +305,7 @@ fn attend<V: VecOps<E>, E: KvElem>(
                         .for_each(|o| *o *= rescale);
                     sums[r] *= rescale;
                 }
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sums[r] += *s;
-                }
+                sums[r] += V::exp_shifted(row, max);
                 maxes[r] = max;
             }
             let vptrs: &[*const E] =
