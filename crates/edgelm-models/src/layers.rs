@@ -47,30 +47,41 @@ impl Rope {
         }
     }
 
-    /// `(sin θ_i, cos θ_i)` pairs for position `pos` into `out` (`n_rot` values), computed in
-    /// f64: a table that every head and every layer with this rotation can share.
+    /// `sin θ_i` then `cos θ_i` (`n_rot / 2` each) for position `pos` into `out` (`n_rot`
+    /// values), computed in f64: a table that every head and every layer with this rotation
+    /// can share.
     pub fn sin_cos(&self, pos: usize, out: &mut [f32]) {
-        for (f, sc) in self.inv_freq.iter().zip(out.chunks_exact_mut(2)) {
+        let (sin, cos) = out.split_at_mut(self.n_rot / 2);
+        for ((f, s), c) in self.inv_freq.iter().zip(sin).zip(cos) {
             let theta = pos as f64 * f;
-            sc[0] = theta.sin() as f32;
-            sc[1] = theta.cos() as f32;
+            *s = theta.sin() as f32;
+            *c = theta.cos() as f32;
         }
     }
 
     /// Rotate every head (`head_dim` values each) of one token's vector by the
-    /// [`Rope::sin_cos`] pairs of its position.
+    /// [`Rope::sin_cos`] table of its position.
     pub fn rotate(&self, x: &mut [f32], head_dim: usize, sin_cos: &[f32]) {
         let half = self.n_rot / 2;
-        for (i, sc) in sin_cos.chunks_exact(2).take(half).enumerate() {
-            let (s, c) = (sc[0], sc[1]);
-            let (a, b) = match self.style {
-                RopeStyle::Normal => (2 * i, 2 * i + 1),
-                RopeStyle::Neox => (i, i + half),
-            };
-            for head in x.chunks_exact_mut(head_dim) {
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * c - x1 * s;
-                head[b] = x0 * s + x1 * c;
+        let (sin, cos) = sin_cos.split_at(half);
+        for head in x.chunks_exact_mut(head_dim) {
+            match self.style {
+                RopeStyle::Normal => {
+                    for ((pair, s), c) in head[..self.n_rot].chunks_exact_mut(2).zip(sin).zip(cos) {
+                        let (x0, x1) = (pair[0], pair[1]);
+                        pair[0] = x0 * c - x1 * s;
+                        pair[1] = x0 * s + x1 * c;
+                    }
+                }
+                RopeStyle::Neox => {
+                    // Contiguous halves: the loop vectorizes.
+                    let (lo, hi) = head[..self.n_rot].split_at_mut(half);
+                    for (((a, b), s), c) in lo.iter_mut().zip(hi.iter_mut()).zip(sin).zip(cos) {
+                        let (x0, x1) = (*a, *b);
+                        *a = x0 * c - x1 * s;
+                        *b = x0 * s + x1 * c;
+                    }
+                }
             }
         }
     }
