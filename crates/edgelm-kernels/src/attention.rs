@@ -184,6 +184,37 @@ impl VecOps<u16> for Avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+#[cfg(target_arch = "x86_64")]
+impl VecOps<u16> for Avx512 {
+    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        <Avx2 as VecOps<u16>>::exp_shifted(row, shift)
+    }
+    fn dots<const R: usize, const T: usize>(
+        k: &[*const u16; R],
+        q: &[*const f32; T],
+        hd: usize,
+        out: &mut [[f32; T]; R],
+    ) {
+        // SAFETY: only instantiated when `Isa` is Avx512 (AVX-512 F with AVX2, FMA, F16C);
+        // rows hold `hd` elements.
+        unsafe { crate::x86::avx512_attention::tile_f16::<R, T>(k, q, hd, out) }
+    }
+    fn weighted_rows<const R: usize>(
+        p: &[*const f32; R],
+        v: &[*const u16],
+        hd: usize,
+        out: &[*mut f32; R],
+    ) {
+        if !hd.is_multiple_of(32) {
+            return <Avx2 as VecOps<u16>>::weighted_rows(p, v, hd, out);
+        }
+        // SAFETY: as above; `hd` is a multiple of 32.
+        unsafe { crate::x86::avx512_attention::weighted_rows_f16::<R>(p, v, hd, out) }
+    }
+}
+
 thread_local! {
     /// Value-row addresses of the current attention call.
     static VALUES: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -215,9 +246,9 @@ impl Compute {
                 typed::<Avx2, f32>(q, hd, n_keys, kv, scale, scores, out)
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512, true) => {
-                typed::<Avx2, u16>(q, hd, n_keys, kv, scale, scores, out)
-            }
+            (Isa::Avx2, true) => typed::<Avx2, u16>(q, hd, n_keys, kv, scale, scores, out),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, true) => typed::<Avx512, u16>(q, hd, n_keys, kv, scale, scores, out),
             (_, false) => typed::<Scalar, f32>(q, hd, n_keys, kv, scale, scores, out),
             (_, true) => typed::<Scalar, u16>(q, hd, n_keys, kv, scale, scores, out),
         }
