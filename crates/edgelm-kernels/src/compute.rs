@@ -354,16 +354,27 @@ impl Compute {
         let mut buffer = self.activations.lock().unwrap_or_else(|e| e.into_inner());
         // Cache-line aligned: the kernels read each token's packed activations with 64-byte
         // loads, once per weight row (unaligned, every load splits two lines: ~15% of prefill).
-        let mut at = [0usize; MAX_GROUP + 1];
+        // Products whose kernels read the same activation bytes (q, k and v of one type)
+        // share one quantization: product i's activations are `len[i]` bytes at `start[i]`.
+        let (mut start, mut len) = ([0usize; MAX_GROUP], [0usize; MAX_GROUP]);
+        let mut total = 0;
         for (i, p) in plans.iter().enumerate() {
-            at[i + 1] = at[i] + (n_tokens * p.token_bytes()).next_multiple_of(64);
+            match (0..i).find(|&j| plans[j].same_activations(p)) {
+                Some(j) => (start[i], len[i]) = (start[j], len[j]),
+                None => {
+                    (start[i], len[i]) = (total, n_tokens * p.token_bytes());
+                    total += len[i].next_multiple_of(64);
+                }
+            }
         }
-        let total = at[plans.len()];
+        let range = |i: usize| start[i]..start[i] + len[i];
         buffer.resize(total + 64, 0);
         let skew = buffer.as_ptr().align_offset(64).min(64);
         let acts = &mut buffer[skew..skew + total];
         for (i, p) in plans.iter().enumerate() {
-            self.quantize_activations(p, x, n_tokens, &mut acts[at[i]..at[i + 1]]);
+            if (0..i).all(|j| !plans[j].same_activations(p)) {
+                self.quantize_activations(p, x, n_tokens, &mut acts[range(i)]);
+            }
         }
         let acts = &acts[..];
         let mut first = [0usize; MAX_GROUP + 1];
@@ -372,7 +383,7 @@ impl Compute {
         }
         self.pool.run(first[plans.len()], &|task| {
             let i = (0..plans.len()).find(|&i| task < first[i + 1]).unwrap_or(0);
-            plans[i].run_task(&acts[at[i]..at[i + 1]], n_tokens, task - first[i], threads);
+            plans[i].run_task(&acts[range(i)], n_tokens, task - first[i], threads);
         });
     }
 
@@ -483,6 +494,16 @@ impl Plan<'_> {
 
     fn token_bytes(&self) -> usize {
         self.passes * self.slot()
+    }
+
+    /// Whether `other` reads exactly this product's activation bytes: same format, passes and
+    /// width, and the same packing (which folds the weight type's code offset in).
+    fn same_activations(&self, other: &Plan<'_>) -> bool {
+        self.k.act == other.k.act
+            && self.passes == other.passes
+            && self.w.cols == other.w.cols
+            && self.packed() == other.packed()
+            && (!self.packed() || self.w.ty == other.w.ty)
     }
 
     /// A few long contiguous row ranges per thread: each thread streams its weights in order,
@@ -956,8 +977,9 @@ mod tests {
         }
     }
 
-    /// A group of products over one input (mixed types, layouts and precisions, and a float
-    /// weight that forces the unfused fallback) gives exactly each product's own result.
+    /// A group of products over one input (mixed types, layouts and precisions, two reading
+    /// the same activations, and a float weight that forces the unfused fallback) gives exactly
+    /// each product's own result.
     #[test]
     fn matmul_group_equals_separate_products() {
         let mut rng = Rng(0x9e37_79b9);
@@ -966,6 +988,7 @@ mod tests {
         let specs = [
             (GgmlType::Q5_0, 40, ActivationPrecision::Int8),
             (GgmlType::Q8_0, 24, ActivationPrecision::Refined),
+            (GgmlType::Q5_0, 33, ActivationPrecision::Int8),
             (GgmlType::Q4_K, 17, ActivationPrecision::Int8),
             (GgmlType::F16, 9, ActivationPrecision::Int8),
         ];
@@ -1004,8 +1027,9 @@ mod tests {
                         ..Weight::gguf(*ty, *rows, cols, &packed[i])
                     }
                 };
-                // The quantized three fuse; all four fall back to one product at a time.
-                for n in [3, 4] {
+                // The quantized four fuse (the two Q5_0 sharing their activations); with the
+                // float weight the group falls back to one product at a time.
+                for n in [4, 5] {
                     let mut outs: Vec<Vec<f32>> = (0..n)
                         .map(|i| vec![f32::NAN; weights[i].1 * n_tokens])
                         .collect();
