@@ -1,6 +1,7 @@
 //! Compute kernels for edgelm: the ISA chosen once at start, a persistent thread pool, and the
 //! matrix products every `Linear` calls. Model code never sees SIMD, threads or `unsafe`.
 
+mod activation;
 mod attention;
 mod compute;
 pub mod interleave;
@@ -10,6 +11,7 @@ pub mod qdot;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use activation::Activation;
 pub use attention::KvRow;
 pub use compute::{
     ActivationPrecision, Compute, KernelError, Layout, Precision, Product, Weight, MAX_GROUP,

@@ -1,4 +1,7 @@
-//! Shared layer math in f32: norms, rotary embeddings, activations, attention.
+//! Shared layer math in f32: norms, rotary embeddings (activations and attention run as
+//! `edgelm_kernels::Compute` kernels).
+
+pub use edgelm_kernels::Activation;
 
 /// `x ← x / rms(x) · w` over each row of `w.len()` values.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
@@ -82,36 +85,6 @@ impl Rope {
                         *b = x0 * s + x1 * c;
                     }
                 }
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// SwiGLU: silu(gate) · up.
-    Silu,
-    /// GeGLU with the tanh approximation of GELU.
-    GeluTanh,
-}
-
-impl Activation {
-    /// `gate ← act(gate) · up`.
-    pub fn glu(self, gate: &mut [f32], up: &[f32]) {
-        match self {
-            Activation::Silu => gate
-                .iter_mut()
-                .zip(up)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
-            Activation::GeluTanh => {
-                // 0.5·(1 + tanh(z)) = 1 / (1 + e^(−2z)): the same function with one exp instead
-                // of a tanh, and no cancellation for negative inputs.
-                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
-                gate.iter_mut().zip(up).for_each(|(g, u)| {
-                    let x = *g;
-                    let z2 = TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-                    *g = x / (1.0 + (-z2).exp()) * u
-                })
             }
         }
     }

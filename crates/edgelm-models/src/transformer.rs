@@ -425,7 +425,7 @@ impl Transformer {
             Linear::forward_group(c, [&b.gate, &b.up], h, n, [g, u])?;
             let (act, n_ff) = (hp.activation, shape.n_ff);
             c.par_chunks_mut(g, n_ff, &|t, gate| {
-                act.glu(gate, &u[t * n_ff..(t + 1) * n_ff])
+                c.glu(act, gate, &u[t * n_ff..(t + 1) * n_ff])
             });
             b.down.forward(c, g, n, o)?;
             if let Some(w) = &b.post_ffn_norm {

@@ -219,6 +219,40 @@ pub unsafe fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     total
 }
 
+/// [`crate::Compute::glu`] on eight lanes: `x · up / (1 + e^(−y))` with [`exp8`].
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn glu(act: crate::Activation, gate: &mut [f32], up: &[f32]) {
+    use crate::activation::{GELU_CUBIC, TWO_SQRT_2_OVER_PI};
+    let n = gate.len().min(up.len());
+    let (gate, up) = (&mut gate[..n], &up[..n]);
+    let one = _mm256_set1_ps(1.0);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+        let y = match act {
+            crate::Activation::Silu => x,
+            crate::Activation::GeluTanh => {
+                let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+                _mm256_mul_ps(
+                    _mm256_set1_ps(TWO_SQRT_2_OVER_PI),
+                    _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBIC), x3, x),
+                )
+            }
+        };
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), y));
+        let g = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(
+            gate.as_mut_ptr().add(i),
+            _mm256_mul_ps(g, _mm256_loadu_ps(up.as_ptr().add(i))),
+        );
+        i += 8;
+    }
+    crate::activation::glu_scalar(act, &mut gate[i..], &up[i..]);
+}
+
 /// `e^x` on eight lanes (see [`exp_shifted`]).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
