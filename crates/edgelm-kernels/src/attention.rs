@@ -220,60 +220,115 @@ thread_local! {
     static VALUES: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Consecutive cached rows of one kv head: key and value `j < n` start at `j·stride` of the
+/// row's slices (which start at the first key's first column), `hd` elements each.
+#[derive(Clone, Copy, Debug)]
+pub struct KvSpan<'a> {
+    pub rows: KvRow<'a>,
+    pub stride: usize,
+    pub n: usize,
+}
+
+/// Spans one attention call reads: a ring of cached rows wraps at most once.
+pub const MAX_SPANS: usize = 2;
+
 impl Compute {
     /// `out[r] = Σ_j softmax_j(scale · q[r]·k_j) · v_j` for each query head `r` (rows of `hd`
-    /// values in `q` and `out`), over keys `j < n_keys`; `kv(j)` returns key and value `j`.
-    /// `scores` is caller-owned scratch so the hot path allocates nothing.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_heads<'a>(
+    /// values in `q` and `out`), over the keys of `spans` in order (at most [`MAX_SPANS`], of
+    /// one cache type). `scores` is caller-owned scratch so the hot path allocates nothing.
+    pub fn attend_heads(
         &self,
         q: &[f32],
         hd: usize,
-        n_keys: usize,
-        kv: &dyn Fn(usize) -> KvRow<'a>,
+        spans: &[KvSpan<'_>],
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         out.iter_mut().for_each(|o| *o = 0.0);
+        let n_keys: usize = spans.iter().map(|s| s.n).sum();
         if n_keys == 0 || hd == 0 {
             return;
         }
-        let f16 = matches!(kv(0), KvRow::F16(..));
+        let f16 = matches!(spans[0].rows, KvRow::F16(..));
         match (self.isa(), f16) {
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2 | Isa::Avx512, false) => {
-                typed::<Avx2, f32>(q, hd, n_keys, kv, scale, scores, out)
+                typed::<Avx2, f32>(q, hd, spans, scale, scores, out)
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, true) => typed::<Avx2, u16>(q, hd, n_keys, kv, scale, scores, out),
+            (Isa::Avx2, true) => typed::<Avx2, u16>(q, hd, spans, scale, scores, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, true) => typed::<Avx512, u16>(q, hd, n_keys, kv, scale, scores, out),
-            (_, false) => typed::<Scalar, f32>(q, hd, n_keys, kv, scale, scores, out),
-            (_, true) => typed::<Scalar, u16>(q, hd, n_keys, kv, scale, scores, out),
+            (Isa::Avx512, true) => typed::<Avx512, u16>(q, hd, spans, scale, scores, out),
+            (_, false) => typed::<Scalar, f32>(q, hd, spans, scale, scores, out),
+            (_, true) => typed::<Scalar, u16>(q, hd, spans, scale, scores, out),
         }
     }
 }
 
-/// [`attend`] over rows of type `E`, checked once each as they are fetched.
-fn typed<'a, V: VecOps<E>, E: KvElem>(
+/// Key and value addresses of the spans, checked once per span.
+#[derive(Clone, Copy)]
+struct Keys<E> {
+    spans: [(*const E, *const E, usize); MAX_SPANS],
+    stride: usize,
+}
+
+impl<E> Keys<E> {
+    /// Key and value `j` (in range by construction).
+    #[inline(always)]
+    fn get(&self, j: usize) -> (*const E, *const E) {
+        let (k, v, n) = self.spans[0];
+        let (k, v, j) = if j < n {
+            (k, v, j)
+        } else {
+            (self.spans[1].0, self.spans[1].1, j - n)
+        };
+        // SAFETY (of later reads): `typed` checked every span holds its rows.
+        (
+            k.wrapping_add(j * self.stride),
+            v.wrapping_add(j * self.stride),
+        )
+    }
+}
+
+/// [`attend`] over rows of type `E`, each span's type and length checked once.
+fn typed<V: VecOps<E>, E: KvElem>(
     q: &[f32],
     hd: usize,
-    n_keys: usize,
-    kv: &dyn Fn(usize) -> KvRow<'a>,
+    spans: &[KvSpan<'_>],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let rows = |j: usize| {
-        let (k, v) = E::of(kv(j)).expect("attention: one call reads one cache type");
-        assert!(
-            k.len() >= hd && v.len() >= hd,
-            "attention: rows shorter than a head"
-        );
-        (k.as_ptr(), v.as_ptr())
+    assert!(
+        spans.len() <= MAX_SPANS,
+        "attention: {} spans, at most {MAX_SPANS}",
+        spans.len()
+    );
+    let stride = spans[0].stride;
+    let mut keys = Keys {
+        spans: [(std::ptr::null(), std::ptr::null(), 0); MAX_SPANS],
+        stride,
     };
-    attend::<V, E>(q, hd, n_keys, &rows, scale, scores, out)
+    for (slot, span) in keys.spans.iter_mut().zip(spans) {
+        let (k, v) = E::of(span.rows).expect("attention: one call reads one cache type");
+        let need = if span.n == 0 {
+            0
+        } else {
+            (span.n - 1) * stride + hd
+        };
+        assert!(
+            span.stride == stride && k.len() >= need && v.len() >= need,
+            "attention: a span shorter than its rows, or strides that differ"
+        );
+        *slot = (k.as_ptr(), v.as_ptr(), span.n);
+    }
+    // An empty first span would send every key to the second.
+    if keys.spans[0].2 == 0 {
+        keys.spans.swap(0, 1);
+    }
+    let n_keys = spans.iter().map(|s| s.n).sum();
+    attend::<V, E>(q, hd, n_keys, &keys, scale, scores, out)
 }
 
 /// Keys per block of the online softmax: their scores stay in L1 between the two passes.
@@ -286,7 +341,7 @@ fn attend<V: VecOps<E>, E: KvElem>(
     q: &[f32],
     hd: usize,
     n_keys: usize,
-    kv: &dyn Fn(usize) -> (*const E, *const E),
+    kv: &Keys<E>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -308,7 +363,7 @@ fn attend<V: VecOps<E>, E: KvElem>(
                 let nk = (nb - j0).min(4);
                 let mut keys = [std::ptr::null::<E>(); 4];
                 for (i, k) in keys[..nk].iter_mut().enumerate() {
-                    let (kj, vj) = kv(b0 + j0 + i);
+                    let (kj, vj) = kv.get(b0 + j0 + i);
                     *k = kj;
                     values.push(vj as usize);
                 }
@@ -443,7 +498,8 @@ mod tests {
     }
 
     /// Against a float64 softmax, with f32 rows and with f16 rows (the reference then uses the
-    /// f16-rounded keys and values, so only the kernels' own rounding remains).
+    /// f16-rounded keys and values, so only the kernels' own rounding remains); NaN between the
+    /// rows shows any read past a head.
     fn check_attention(hd: usize, heads: usize, n_keys: usize, rnd: &mut impl FnMut() -> f32) {
         // Scores spread over tens of units, as real attention logits are.
         let q: Vec<f32> = (0..heads * hd).map(|_| rnd() * 4.0).collect();
@@ -477,14 +533,37 @@ mod tests {
             let c = Compute::new(isa, 1);
             for f16 in [false, true] {
                 let mut out = vec![0f32; heads * hd];
-                let kv = |j: usize| {
-                    if f16 {
-                        KvRow::F16(&keys16[j], &values16[j])
-                    } else {
-                        KvRow::F32(&keys[j], &values[j])
-                    }
+                // Rows `stride` apart in one buffer, as the cache lays them out, read as two
+                // spans (a ring that wrapped): the second starts `split` keys in.
+                let stride = hd + 3;
+                let flat = |rows: &[Vec<f32>]| -> Vec<f32> {
+                    rows.iter()
+                        .flat_map(|r| r.iter().copied().chain([f32::NAN; 3]))
+                        .collect()
                 };
-                c.attend_heads(&q, hd, n_keys, &kv, scale, &mut Vec::new(), &mut out);
+                let flat16 = |rows: &[Vec<u16>]| -> Vec<u16> {
+                    rows.iter()
+                        .flat_map(|r| r.iter().copied().chain([0x7E00; 3]))
+                        .collect()
+                };
+                let (k32, v32, k16, v16) = (
+                    flat(&keys),
+                    flat(&values),
+                    flat16(&keys16),
+                    flat16(&values16),
+                );
+                let split = n_keys / 3;
+                let span = |from: usize, n: usize| KvSpan {
+                    rows: if f16 {
+                        KvRow::F16(&k16[from * stride..], &v16[from * stride..])
+                    } else {
+                        KvRow::F32(&k32[from * stride..], &v32[from * stride..])
+                    },
+                    stride,
+                    n,
+                };
+                let spans = [span(0, split), span(split, n_keys - split)];
+                c.attend_heads(&q, hd, &spans, scale, &mut Vec::new(), &mut out);
                 let (k_ref, v_ref) = if f16 {
                     (widen(&keys16), widen(&values16))
                 } else {

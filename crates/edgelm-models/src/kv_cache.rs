@@ -5,7 +5,7 @@
 
 use crate::hparams::HParams;
 use crate::{ModelError, Result};
-use edgelm_kernels::KvRow;
+use edgelm_kernels::{KvRow, KvSpan, MAX_SPANS};
 use half::f16;
 
 /// How the cache stores keys and values.
@@ -260,15 +260,30 @@ impl KvCache {
     }
 
     /// Key and value of `pos` in `layer`, columns `cols` (one kv head).
-    pub(crate) fn kv(
+    /// The cached rows of positions `first .. first + n` (columns `cols` of each), as at most
+    /// [`MAX_SPANS`] runs of consecutive slots (two where a ring wraps), and how many there are.
+    pub(crate) fn spans(
         &self,
         seq: usize,
         layer: usize,
-        pos: usize,
+        first: usize,
+        n: usize,
         cols: std::ops::Range<usize>,
-    ) -> KvRow<'_> {
+    ) -> ([KvSpan<'_>; MAX_SPANS], usize) {
         let l = &self.seqs[seq].layers[layer];
-        let s = l.slot(pos) * l.kv_dim;
-        l.rows.row(s + cols.start..s + cols.end)
+        let s0 = l.slot(first);
+        let first_run = l.ring.map_or(n, |r| n.min(r - s0));
+        let span = |slot: usize, n: usize| KvSpan {
+            rows: l
+                .rows
+                .row(slot * l.kv_dim + cols.start..(slot + n.max(1) - 1) * l.kv_dim + cols.end),
+            stride: l.kv_dim,
+            n,
+        };
+        let head = span(s0, first_run);
+        if first_run == n {
+            return ([head; MAX_SPANS], 1);
+        }
+        ([head, span(0, n - first_run)], 2)
     }
 }

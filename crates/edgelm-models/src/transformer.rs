@@ -498,17 +498,9 @@ impl Transformer {
             let o = unsafe {
                 std::slice::from_raw_parts_mut(out_ptr.get().add(heads.start), heads.len())
             };
-            let kv = |j: usize| cache.kv(seqs[t], layer, first + j, cols.clone());
+            let (spans, n_spans) = cache.spans(seqs[t], layer, first, pos + 1 - first, cols);
             SCORES.with_borrow_mut(|scores| {
-                c.attend_heads(
-                    &q[heads.clone()],
-                    hd,
-                    pos + 1 - first,
-                    &kv,
-                    scale,
-                    scores,
-                    o,
-                )
+                c.attend_heads(&q[heads.clone()], hd, &spans[..n_spans], scale, scores, o)
             });
         });
     }
