@@ -52,7 +52,9 @@ impl KvElem for u16 {
 /// Register-tiled primitives of one ISA for key/value rows of type `E`, resolved statically
 /// inside the attention loops.
 trait VecOps<E: KvElem> {
-    /// `out[r][t] = k[r] · q[t]` over `hd` values, `R ≤ 4` keys by `T ≤ 3` query rows.
+    /// Query heads per score tile (beside four keys): as many as the registers hold.
+    const TILE_HEADS: usize = 3;
+    /// `out[r][t] = k[r] · q[t]` over `hd` values, `R ≤ 4` keys by `T ≤ TILE_HEADS` query rows.
     fn dots<const R: usize, const T: usize>(
         k: &[*const E; R],
         q: &[*const f32; T],
@@ -188,6 +190,8 @@ impl VecOps<u16> for Avx2 {
 struct Avx512;
 #[cfg(target_arch = "x86_64")]
 impl VecOps<u16> for Avx512 {
+    // 16 accumulators, 4 query and 1 key register of 32.
+    const TILE_HEADS: usize = 4;
     fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
         <Avx2 as VecOps<u16>>::exp_shifted(row, shift)
     }
@@ -356,8 +360,8 @@ fn attend<V: VecOps<E>, E: KvElem>(
         for b0 in (0..n_keys).step_by(KEY_BLOCK) {
             let nb = (n_keys - b0).min(KEY_BLOCK);
             values.clear();
-            // Scores four keys by up to three heads at a time: each key row is loaded once per
-            // three heads, each head once per four keys.
+            // Scores four keys by up to `TILE_HEADS` heads at a time: each key row is loaded
+            // once per tile of heads, each head once per four keys.
             let mut j0 = 0;
             while j0 < nb {
                 let nk = (nb - j0).min(4);
@@ -369,8 +373,8 @@ fn attend<V: VecOps<E>, E: KvElem>(
                 }
                 let mut r0 = 0;
                 while r0 < heads {
-                    let nr = (heads - r0).min(3);
-                    let rows: [*const f32; 3] =
+                    let nr = (heads - r0).min(V::TILE_HEADS);
+                    let rows: [*const f32; 4] =
                         std::array::from_fn(|t| q[(r0 + t.min(nr - 1)) * hd..].as_ptr());
                     let mut put = |r: usize, t: usize, v: f32| {
                         block[(r0 + t) * KEY_BLOCK + j0 + r] = v * scale;
@@ -426,18 +430,18 @@ fn attend<V: VecOps<E>, E: KvElem>(
     }
 }
 
-/// One tile of scores: `nk ≤ 4` keys by `nr ≤ 3` query rows, reported through `put(key, row, v)`.
+/// One tile of scores: `nk ≤ 4` keys by `nr ≤ 4` query rows, reported through `put(key, row, v)`.
 fn key_tile<V: VecOps<E>, E: KvElem>(
     keys: &[*const E; 4],
     nk: usize,
-    rows: &[*const f32; 3],
+    rows: &[*const f32; 4],
     nr: usize,
     hd: usize,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
     fn go<V: VecOps<E>, E: KvElem, const R: usize, const T: usize>(
         keys: &[*const E; 4],
-        rows: &[*const f32; 3],
+        rows: &[*const f32; 4],
         hd: usize,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
@@ -452,6 +456,10 @@ fn key_tile<V: VecOps<E>, E: KvElem>(
         }
     }
     match (nk, nr) {
+        (4, 4) => go::<V, E, 4, 4>(keys, rows, hd, put),
+        (3, 4) => go::<V, E, 3, 4>(keys, rows, hd, put),
+        (2, 4) => go::<V, E, 2, 4>(keys, rows, hd, put),
+        (1, 4) => go::<V, E, 1, 4>(keys, rows, hd, put),
         (4, 3) => go::<V, E, 4, 3>(keys, rows, hd, put),
         (4, 2) => go::<V, E, 4, 2>(keys, rows, hd, put),
         (4, 1) => go::<V, E, 4, 1>(keys, rows, hd, put),
