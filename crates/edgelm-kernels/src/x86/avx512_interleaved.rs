@@ -229,20 +229,15 @@ unsafe fn groups<const T: u8, const N: usize>(
             } else {
                 _mm512_loadu_si512(ap.add(576).cast())
             };
-            if N == 1 {
-                // One row alone: two chains halve the dependent dpbusd latency per group.
-                let mut u = _mm512_setzero_si512();
-                for g in (0..8).step_by(2) {
-                    t = _mm512_dpbusd_epi32(t, wv[g], _mm512_loadu_si512(ap.add(64 * g).cast()));
-                    let next = _mm512_loadu_si512(ap.add(64 * g + 64).cast());
-                    u = _mm512_dpbusd_epi32(u, wv[g + 1], next);
-                }
-                t = _mm512_add_epi32(t, u);
-            } else {
-                for (g, v) in wv.iter().enumerate() {
-                    t = _mm512_dpbusd_epi32(t, *v, _mm512_loadu_si512(ap.add(64 * g).cast()));
-                }
+            // Two chains per token halve the dependent dpbusd latency per group, so fewer
+            // tokens must be in flight to keep both VNNI pipes busy.
+            let mut u = _mm512_setzero_si512();
+            for g in (0..8).step_by(2) {
+                t = _mm512_dpbusd_epi32(t, wv[g], _mm512_loadu_si512(ap.add(64 * g).cast()));
+                let next = _mm512_loadu_si512(ap.add(64 * g + 64).cast());
+                u = _mm512_dpbusd_epi32(u, wv[g + 1], next);
             }
+            t = _mm512_add_epi32(t, u);
             let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(ap.add(512).cast()));
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[j]);
             if f.min {
