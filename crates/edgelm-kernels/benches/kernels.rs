@@ -86,16 +86,24 @@ fn row_dots(c: &mut Criterion) {
                 {
                     interleave::interleave_row(ty, src, dst).expect("interleavable");
                 }
+                // Each token's packed row 64-byte aligned, as the matrix product lays them out
+                // (unaligned 64-byte loads split cache lines).
+                let size = interleave::packed_act_bytes(COLS);
                 let packed_a: Vec<Vec<u8>> = acts
                     .iter()
                     .map(|a| {
-                        let mut p = vec![0u8; interleave::packed_act_bytes(COLS)];
-                        interleave::pack_activations(ty, a, &mut p).expect("lengths match");
+                        let mut p = vec![0u8; size + 64];
+                        let at = p.as_ptr().align_offset(64);
+                        interleave::pack_activations(ty, a, &mut p[at..at + size])
+                            .expect("lengths match");
                         p
                     })
                     .collect();
                 for n_acts in [1usize, 8] {
-                    let a: Vec<&[u8]> = packed_a[..n_acts].iter().map(|v| v.as_slice()).collect();
+                    let a: Vec<&[u8]> = packed_a[..n_acts]
+                        .iter()
+                        .map(|v| &v[v.as_ptr().align_offset(64)..][..size])
+                        .collect();
                     let mut out = [0f32; 16 * 8];
                     group.throughput(Throughput::Bytes((ROWS * row_bytes) as u64));
                     group.bench_function(
