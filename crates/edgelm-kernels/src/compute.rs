@@ -250,34 +250,27 @@ impl Compute {
         n_tokens: usize,
         products: &mut [Product<'_, '_>],
     ) -> Result<(), KernelError> {
+        let n = products.len();
         let mut plans: [Option<Plan<'_>>; MAX_GROUP] = [None; MAX_GROUP];
-        let mut fused = products.len() <= MAX_GROUP;
-        for (i, p) in products.iter_mut().enumerate() {
+        for (slot, p) in plans.iter_mut().zip(products.iter_mut()) {
             let row_bytes = check_shapes(p.w, x, n_tokens, p.out)?;
-            match self.quantized_kernel(p.w).filter(|_| fused) {
-                Some(k) => {
-                    plans[i] = Some(Plan {
-                        k,
-                        w: p.w,
-                        row_bytes,
-                        passes: passes(p.act),
-                        out: SharedOut(p.out.as_mut_ptr()),
-                    })
-                }
-                None => fused = false,
-            }
+            *slot = self.quantized_kernel(p.w).map(|k| Plan {
+                k,
+                w: p.w,
+                row_bytes,
+                passes: passes(p.act),
+                out: SharedOut(p.out.as_mut_ptr()),
+            });
         }
-        let (true, Some(first)) = (fused, plans[0]) else {
+        if n == 0 || n > MAX_GROUP || plans[..n].iter().any(Option::is_none) {
             for p in products.iter_mut() {
                 self.matmul_with(p.w, x, n_tokens, p.out, p.act)?;
             }
             return Ok(());
-        };
-        let mut list = [first; MAX_GROUP];
-        for (slot, plan) in list.iter_mut().zip(plans.iter().flatten()) {
-            *slot = *plan;
         }
-        self.run_plans(&list[..products.len()], x, n_tokens);
+        let list: [Plan<'_>; MAX_GROUP] =
+            std::array::from_fn(|i| plans[i.min(n - 1)].expect("every product has a plan"));
+        self.run_plans(&list[..n], x, n_tokens);
         Ok(())
     }
 
@@ -355,12 +348,14 @@ impl Compute {
         // Cache-line aligned: the kernels read each token's packed activations with 64-byte
         // loads, once per weight row (unaligned, every load splits two lines: ~15% of prefill).
         // Products whose kernels read the same activation bytes (q, k and v of one type)
-        // share one quantization: product i's activations are `len[i]` bytes at `start[i]`.
+        // share one quantization: product i's activations are `len[i]` bytes at `start[i]`,
+        // written by the first product of its kind (`owner[i]`).
         let (mut start, mut len) = ([0usize; MAX_GROUP], [0usize; MAX_GROUP]);
+        let mut owner = [true; MAX_GROUP];
         let mut total = 0;
         for (i, p) in plans.iter().enumerate() {
             match (0..i).find(|&j| plans[j].same_activations(p)) {
-                Some(j) => (start[i], len[i]) = (start[j], len[j]),
+                Some(j) => (start[i], len[i], owner[i]) = (start[j], len[j], false),
                 None => {
                     (start[i], len[i]) = (total, n_tokens * p.token_bytes());
                     total += len[i].next_multiple_of(64);
@@ -371,10 +366,8 @@ impl Compute {
         buffer.resize(total + 64, 0);
         let skew = buffer.as_ptr().align_offset(64).min(64);
         let acts = &mut buffer[skew..skew + total];
-        for (i, p) in plans.iter().enumerate() {
-            if (0..i).all(|j| !plans[j].same_activations(p)) {
-                self.quantize_activations(p, x, n_tokens, &mut acts[range(i)]);
-            }
+        for (i, p) in plans.iter().enumerate().filter(|(i, _)| owner[*i]) {
+            self.quantize_activations(p, x, n_tokens, &mut acts[range(i)]);
         }
         let acts = &acts[..];
         let mut first = [0usize; MAX_GROUP + 1];

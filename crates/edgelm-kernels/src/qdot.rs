@@ -61,6 +61,55 @@ pub type InterleavedDotFn = RowDotFn;
 /// As for [`RowDotFn`].
 pub type InterleavedMatVecFn = unsafe fn(w: &[u8], row_bytes: usize, act: &[u8], out: &mut [f32]);
 
+/// The body of a [`RowDotFn`]: for each weight row `r < n_rows` and each chunk `a` of at most
+/// [`MAX_COLS`] activation rows, `$call` fills `o` with `N` results (`N` the chunk's length, a
+/// const there, so the kernel is the monomorphic one of its width), stored through `out`.
+macro_rules! row_tiles {
+    ($n_rows:expr, $acts:expr, $out:expr, |$r:ident, $a:ident, $o:ident, $n:ident| $call:expr) => {
+        for $r in 0..$n_rows {
+            for (chunk, $a) in $acts.chunks($crate::qdot::MAX_COLS).enumerate() {
+                let mut $o = [0f32; $crate::qdot::MAX_COLS];
+                match $a.len() {
+                    1 => {
+                        const $n: usize = 1;
+                        $call
+                    }
+                    2 => {
+                        const $n: usize = 2;
+                        $call
+                    }
+                    3 => {
+                        const $n: usize = 3;
+                        $call
+                    }
+                    4 => {
+                        const $n: usize = 4;
+                        $call
+                    }
+                    5 => {
+                        const $n: usize = 5;
+                        $call
+                    }
+                    6 => {
+                        const $n: usize = 6;
+                        $call
+                    }
+                    7 => {
+                        const $n: usize = 7;
+                        $call
+                    }
+                    _ => {
+                        const $n: usize = 8;
+                        $call
+                    }
+                }
+                $out.put($r, chunk * $crate::qdot::MAX_COLS, &$o[..$a.len()]);
+            }
+        }
+    };
+}
+pub(crate) use row_tiles;
+
 /// Quantize one row of f32 activations into the activation format.
 ///
 /// # Safety

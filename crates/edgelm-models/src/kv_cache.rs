@@ -259,7 +259,6 @@ impl KvCache {
         self.seqs[seq].len = len;
     }
 
-    /// Key and value of `pos` in `layer`, columns `cols` (one kv head).
     /// The cached rows of positions `first .. first + n` (columns `cols` of each), as at most
     /// [`MAX_SPANS`] runs of consecutive slots (two where a ring wraps), and how many there are.
     pub(crate) fn spans(

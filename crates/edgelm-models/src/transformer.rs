@@ -58,6 +58,8 @@ pub struct Transformer {
     output_norm: Vec<f32>,
     output: Linear,
     file: Arc<GgufFile>,
+    /// Per layer, the first layer with the same rotation: whose sin/cos table it reads.
+    rope_table_of: Vec<usize>,
     scratch: std::sync::Mutex<Scratch>,
 }
 
@@ -225,6 +227,13 @@ impl Transformer {
             attn_scale: variant.attn_scale.unwrap_or(1.0 / (head_dim as f32).sqrt()),
             layers,
         };
+        let rope_table_of = (0..hp.layers.len())
+            .map(|l| {
+                (0..l)
+                    .find(|&f| hp.layers[f].rope == hp.layers[l].rope)
+                    .unwrap_or(l)
+            })
+            .collect();
         Ok(Transformer {
             hp,
             variant,
@@ -233,6 +242,7 @@ impl Transformer {
             output_norm,
             output,
             file,
+            rope_table_of,
             scratch: Default::default(),
         })
     }
@@ -365,8 +375,17 @@ impl Transformer {
         }
 
         let h = fit(h, n * d);
-        // Tables valid for this chunk: the first `n_tables`, each keyed by its first layer.
-        let mut n_tables = 0;
+        // One sin/cos table per chunk and rotation, shared by q, k and the layers alike.
+        rope_tables.resize_with(hp.layers.len(), Vec::new);
+        for (li, shape) in hp.layers.iter().enumerate() {
+            if self.rope_table_of[li] == li {
+                let n_rot = shape.rope.n_rot;
+                let table = fit(&mut rope_tables[li], n * n_rot);
+                for (row, &p) in table.chunks_exact_mut(n_rot).zip(positions) {
+                    shape.rope.sin_cos(p, row);
+                }
+            }
+        }
         for (li, (b, shape)) in self.blocks.iter().zip(&hp.layers).enumerate() {
             let q_dim = shape.n_head * hd;
             let kv_dim = shape.n_head_kv * hd;
@@ -379,24 +398,7 @@ impl Transformer {
                 norm_rows(c, k, kn, hp.rms_eps);
             }
             let rope = &shape.rope;
-            // One sin/cos table per chunk and rotation, shared by q, k and the layers alike.
-            let found = rope_tables[..n_tables]
-                .iter()
-                .position(|(l, _)| hp.layers[*l].rope == *rope);
-            let slot = found.unwrap_or_else(|| {
-                if rope_tables.len() == n_tables {
-                    rope_tables.push((li, Vec::new()));
-                }
-                let (first, table) = &mut rope_tables[n_tables];
-                *first = li;
-                let table = fit(table, n * rope.n_rot);
-                for (row, &p) in table.chunks_exact_mut(rope.n_rot).zip(positions) {
-                    rope.sin_cos(p, row);
-                }
-                n_tables += 1;
-                n_tables - 1
-            });
-            let table = &rope_tables[slot].1;
+            let table = &rope_tables[self.rope_table_of[li]];
             let sin_cos = |t: usize| &table[t * rope.n_rot..(t + 1) * rope.n_rot];
             c.par_chunks_mut(q, q_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
             c.par_chunks_mut(k, kv_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
@@ -525,9 +527,9 @@ struct Scratch {
     g: Vec<f32>,
     u: Vec<f32>,
     xs: Vec<f32>,
-    /// Rotary sin/cos tables of the chunk's positions, one per distinct rotation, keyed by the
-    /// first layer that uses it.
-    rope_tables: Vec<(usize, Vec<f32>)>,
+    /// Rotary sin/cos tables of the chunk's positions, at the index of the first layer with
+    /// each distinct rotation (`Transformer::rope_table_of`); the others stay empty.
+    rope_tables: Vec<Vec<f32>>,
 }
 
 /// The first `n` elements of `buf`, growing it if needed. Callers overwrite what they use.

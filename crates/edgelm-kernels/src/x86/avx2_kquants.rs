@@ -19,7 +19,7 @@
 //! accumulation order differs (per lane across super-blocks, horizontal sum at the end).
 
 use super::{f32_at, u32_at};
-use crate::qdot::{Out, QuantKernel, RowDotFn, MAX_COLS};
+use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -199,22 +199,9 @@ macro_rules! row_dot_entry {
                 n_rows * row_bytes <= w.len(),
                 "weights shorter than the block"
             );
-            for (r, row) in w.chunks_exact(row_bytes).take(n_rows).enumerate() {
-                for (c, a) in acts.chunks(MAX_COLS).enumerate() {
-                    let mut o = [0f32; MAX_COLS];
-                    match a.len() {
-                        1 => $kernel::<1>(row, a, &mut o),
-                        2 => $kernel::<2>(row, a, &mut o),
-                        3 => $kernel::<3>(row, a, &mut o),
-                        4 => $kernel::<4>(row, a, &mut o),
-                        5 => $kernel::<5>(row, a, &mut o),
-                        6 => $kernel::<6>(row, a, &mut o),
-                        7 => $kernel::<7>(row, a, &mut o),
-                        _ => $kernel::<8>(row, a, &mut o),
-                    }
-                    out.put(r, c * MAX_COLS, &o[..a.len()]);
-                }
-            }
+            row_tiles!(n_rows, acts, out, |r, a, o, N| {
+                $kernel::<N>(&w[r * row_bytes..(r + 1) * row_bytes], a, &mut o)
+            });
         }
     };
 }
@@ -695,6 +682,7 @@ unsafe fn q8_k_block(x: &[f32; QK], out: &mut [u8; Q8K_BYTES]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qdot::MAX_COLS;
     use crate::test_rng::Rng;
     use edgelm_quant::{dequantize_row, int_dot, quantize_row};
 

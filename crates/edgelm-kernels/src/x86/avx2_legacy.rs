@@ -13,7 +13,7 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
-use crate::qdot::{Out, QuantKernel, QuantizeFn, RowDotFn, MAX_COLS};
+use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -96,23 +96,10 @@ unsafe fn row_dot<const T: u8>(
             "row_dot: activation row shorter than the weight row"
         );
     }
-    for r in 0..n_rows {
+    row_tiles!(n_rows, acts, out, |r, a, o, N| {
         let w = w.as_ptr().add(r * row_bytes);
-        for (c, a) in acts.chunks(MAX_COLS).enumerate() {
-            let mut o = [0f32; MAX_COLS];
-            match a.len() {
-                1 => dot_rows::<T, 1>(w, nb, a, &mut o),
-                2 => dot_rows::<T, 2>(w, nb, a, &mut o),
-                3 => dot_rows::<T, 3>(w, nb, a, &mut o),
-                4 => dot_rows::<T, 4>(w, nb, a, &mut o),
-                5 => dot_rows::<T, 5>(w, nb, a, &mut o),
-                6 => dot_rows::<T, 6>(w, nb, a, &mut o),
-                7 => dot_rows::<T, 7>(w, nb, a, &mut o),
-                _ => dot_rows::<T, 8>(w, nb, a, &mut o),
-            }
-            out.put(r, c * MAX_COLS, &o[..a.len()]);
-        }
-    }
+        dot_rows::<T, N>(w, nb, a, &mut o)
+    });
 }
 
 /// The block loop for `N` activation rows.

@@ -7,7 +7,7 @@
 //! input bytes (|sum| ≤ 32·255·128 + 128·32·128).
 
 use crate::interleave::{format, group_layout, packed_act_bytes, ACT_GROUP_BYTES, GROUP};
-use crate::qdot::{InterleavedDotFn, InterleavedMatVecFn, Out, MAX_COLS};
+use crate::qdot::{row_tiles, InterleavedDotFn, InterleavedMatVecFn, Out};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -108,23 +108,10 @@ unsafe fn row_dot<const T: u8>(
         n_rows * row_bytes <= w.len() && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
         "interleaved row_dot: weights or activations shorter than the block"
     );
-    for r in 0..n_rows {
+    row_tiles!(n_rows, acts, out, |r, a, o, N| {
         let wr = &w[r * row_bytes..];
-        for (c, a) in acts.chunks(MAX_COLS).enumerate() {
-            let mut o = [0f32; MAX_COLS];
-            match a.len() {
-                1 => rows::<T, 1>(wr, nb, a, &mut o),
-                2 => rows::<T, 2>(wr, nb, a, &mut o),
-                3 => rows::<T, 3>(wr, nb, a, &mut o),
-                4 => rows::<T, 4>(wr, nb, a, &mut o),
-                5 => rows::<T, 5>(wr, nb, a, &mut o),
-                6 => rows::<T, 6>(wr, nb, a, &mut o),
-                7 => rows::<T, 7>(wr, nb, a, &mut o),
-                _ => rows::<T, 8>(wr, nb, a, &mut o),
-            }
-            out.put(r, c * MAX_COLS, &o[..a.len()]);
-        }
-    }
+        rows::<T, N>(wr, nb, a, &mut o)
+    });
 }
 
 /// # Safety
@@ -351,6 +338,7 @@ unsafe fn half_group<const T: u8, const N: usize>(
 mod tests {
     use super::*;
     use crate::interleave::{interleave_row, pack_activations, packed_dot};
+    use crate::qdot::MAX_COLS;
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 

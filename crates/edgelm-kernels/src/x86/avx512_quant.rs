@@ -28,7 +28,7 @@
 //! for every input byte; only the f32 accumulation order differs from `edgelm_quant::int_dot`.
 
 use super::{f32_at, u32_at};
-use crate::qdot::{Out, QuantKernel, RowDotFn, MAX_COLS};
+use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -163,23 +163,10 @@ unsafe fn row_dot<const T: u8>(
             return (k.row_dot)(w, row_bytes, n_rows, acts, out);
         }
     }
-    for r in 0..n_rows {
+    row_tiles!(n_rows, acts, out, |r, a, o, N| {
         let w = w.as_ptr().add(r * row_bytes);
-        for (c, a) in acts.chunks(MAX_COLS).enumerate() {
-            let mut o = [0f32; MAX_COLS];
-            match a.len() {
-                1 => rows::<T, 1>(w, nb, a, &mut o),
-                2 => rows::<T, 2>(w, nb, a, &mut o),
-                3 => rows::<T, 3>(w, nb, a, &mut o),
-                4 => rows::<T, 4>(w, nb, a, &mut o),
-                5 => rows::<T, 5>(w, nb, a, &mut o),
-                6 => rows::<T, 6>(w, nb, a, &mut o),
-                7 => rows::<T, 7>(w, nb, a, &mut o),
-                _ => rows::<T, 8>(w, nb, a, &mut o),
-            }
-            out.put(r, c * MAX_COLS, &o[..a.len()]);
-        }
-    }
+        rows::<T, N>(w, nb, a, &mut o)
+    });
 }
 
 /// # Safety
@@ -894,6 +881,7 @@ unsafe fn kq_rows<const T: u8, const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qdot::MAX_COLS;
     use crate::test_rng::Rng;
     use edgelm_quant::{dequantize_row, int_dot, quantize_row};
 
