@@ -80,14 +80,9 @@ fn row_dots(c: &mut Criterion) {
             // The same rows interleaved, against packed activations, where the ISA has it.
             if let Some(dot) = k.interleaved {
                 let mut packed_w = vec![0u8; weights.len()];
-                for (src, dst) in weights
-                    .chunks_exact(row_bytes)
-                    .zip(packed_w.chunks_exact_mut(row_bytes))
-                {
-                    interleave::interleave_row(ty, src, dst).expect("interleavable");
-                }
-                // Each token's packed row 64-byte aligned, as the matrix product lays them out
-                // (unaligned 64-byte loads split cache lines).
+                interleave::interleave_rows(ty, row_bytes, &weights, &mut packed_w)
+                    .expect("interleavable");
+                // Each token's packed row 64-byte aligned, as the matrix product lays them out.
                 let size = interleave::packed_act_bytes(COLS);
                 let packed_a: Vec<Vec<u8>> = acts
                     .iter()
@@ -113,12 +108,12 @@ fn row_dots(c: &mut Criterion) {
                         ),
                         |b| {
                             b.iter(|| {
-                                // Tiles of 16 rows, as the matrix product calls it.
+                                // Panels of 16 rows, as the matrix product calls it.
                                 for r in (0..ROWS).step_by(16) {
                                     // SAFETY: the kernel was chosen for this CPU; lengths match.
                                     unsafe {
                                         dot(
-                                            &packed_w[r * row_bytes..],
+                                            &packed_w[r * row_bytes..(r + 16) * row_bytes],
                                             row_bytes,
                                             16,
                                             &a,

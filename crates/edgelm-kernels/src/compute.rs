@@ -6,7 +6,8 @@
 //!
 //! Rows are split across the pool in both.
 
-use crate::interleave::{deinterleave_row, interleave_row, pack_activations, packed_act_bytes};
+use crate::interleave::{deinterleave_rows, interleave_rows, pack_activations, packed_act_bytes};
+use crate::interleave::PANEL as INTERLEAVED_PANEL;
 use crate::qdot::{kernel_for, InterleavedDotFn, Out, QuantKernel, MAX_COLS};
 use crate::{Isa, ThreadPool};
 use edgelm_quant::{dequantize_row, GgmlType};
@@ -22,8 +23,9 @@ pub enum Precision {
     Fast,
 }
 
-/// Weight rows per task: enough to amortize dispatch, small enough to keep the panel in cache.
-const ROWS_PER_TASK: usize = 16;
+/// Weight rows per kernel call: one interleaved panel; enough to amortize dispatch, small
+/// enough to keep the rows in cache.
+const ROWS_PER_TASK: usize = INTERLEAVED_PANEL;
 
 /// A 2-D weight matrix in its stored type: `rows` rows of `cols` elements each.
 #[derive(Debug, Clone, Copy)]
@@ -188,13 +190,8 @@ impl Compute {
             // A weight repacked for another context: back to GGUF order (slow, never the
             // case for a model run with the context it was prepared for).
             let mut rows = vec![0u8; w.data.len()];
-            for (src, dst) in w
-                .data
-                .chunks_exact(row_bytes)
-                .zip(rows.chunks_exact_mut(row_bytes))
-            {
-                deinterleave_row(w.ty, src, dst).map_err(|e| KernelError::Shape(e.to_string()))?;
-            }
+            deinterleave_rows(w.ty, row_bytes, w.data, &mut rows)
+                .map_err(|e| KernelError::Shape(e.to_string()))?;
             let gguf = Weight::gguf(w.ty, w.rows, w.cols, &rows);
             return self.matmul_with(gguf, x, n_tokens, out, act);
         }
@@ -303,9 +300,9 @@ impl Compute {
         self.interleaved_kernel(ty).is_some()
     }
 
-    /// Repack `w` (GGUF layout) into `dst`, the same length, rows in parallel; pass the result
-    /// to `matmul` as a [`Layout::Interleaved`] weight. Any row subset can be repacked on its
-    /// own, so callers can release the source as they go.
+    /// Repack `w` (GGUF layout) into `dst`, the same length, panels in parallel; pass the
+    /// result to `matmul` as a [`Layout::Interleaved`] weight. Any run of whole panels
+    /// ([`INTERLEAVED_PANEL`] rows) can be repacked on its own, so callers can release the source as they go.
     pub fn interleave_into(&self, w: Weight<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
         let bad =
             || KernelError::Shape(format!("cannot interleave {} {}×{}", w.ty, w.rows, w.cols));
@@ -318,19 +315,21 @@ impl Compute {
         }
         let row_bytes = w.data.len() / w.rows;
         let shared = SharedBytes(dst.as_mut_ptr());
-        let per_task = w.rows.div_ceil(4 * self.pool.n_threads());
+        let per_task = w
+            .rows
+            .div_ceil(4 * self.pool.n_threads())
+            .next_multiple_of(INTERLEAVED_PANEL);
         let failed = std::sync::atomic::AtomicBool::new(false);
         self.pool.run(w.rows.div_ceil(per_task), &|task| {
-            for r in task * per_task..((task + 1) * per_task).min(w.rows) {
-                // SAFETY: row r's bytes are inside `dst` and written by this task only; `run`
-                // joins before `dst` is used again.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(shared.get().add(r * row_bytes), row_bytes)
-                };
-                let src = &w.data[r * row_bytes..(r + 1) * row_bytes];
-                if interleave_row(w.ty, src, out).is_err() {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+            let rows = task * per_task..((task + 1) * per_task).min(w.rows);
+            let bytes = rows.start * row_bytes..rows.end * row_bytes;
+            // SAFETY: these rows' bytes are inside `dst` and written by this task only; `run`
+            // joins before `dst` is used again.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(shared.get().add(bytes.start), bytes.len())
+            };
+            if interleave_rows(w.ty, row_bytes, &w.data[bytes], out).is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
         if failed.into_inner() {
@@ -513,7 +512,6 @@ impl Plan<'_> {
     fn run_task(&self, acts: &[u8], n_tokens: usize, task: usize, threads: usize) {
         let (w, row_bytes, passes) = (self.w, self.row_bytes, self.passes);
         let interleaved = self.interleaved();
-        let matvec = self.k.interleaved_matvec.filter(|_| interleaved.is_some());
         let dot = interleaved.unwrap_or(self.k.row_dot);
         let slot = self.slot();
         let shared = self.out;
@@ -532,24 +530,8 @@ impl Plan<'_> {
                 for (j, c) in cols[..nc].iter_mut().enumerate() {
                     *c = &acts[(t0 * passes + j) * slot..(t0 * passes + j + 1) * slot];
                 }
-                if let (Some(matvec), 1) = (matvec, nc) {
-                    // SAFETY: token t0's rows r0..r1 of `out` are contiguous and owned by
-                    // this task alone; the kernel was chosen for this CPU.
-                    unsafe {
-                        let o = std::slice::from_raw_parts_mut(
-                            shared.get().add(t0 * w.rows + r0),
-                            r1 - r0,
-                        );
-                        matvec(&w.data[r0 * row_bytes..], row_bytes, cols[0], o);
-                    }
-                    continue;
-                }
-                // The whole block of rows in one call; interleaved kernels may read ahead
-                // into the rest of the matrix.
-                let block = match interleaved {
-                    Some(_) => &w.data[r0 * row_bytes..],
-                    None => &w.data[r0 * row_bytes..r1 * row_bytes],
-                };
+                // The whole block of rows (for interleaved weights, one panel) in one call.
+                let block = &w.data[r0 * row_bytes..r1 * row_bytes];
                 let nr = r1 - r0;
                 if passes == 1 {
                     // SAFETY: kernel chosen for this CPU; every row has `cols` elements;

@@ -47,19 +47,12 @@ impl Out {
     }
 }
 
-/// [`RowDotFn`] over interleaved weight rows (any bytes after them may be read but do not
-/// count) and packed activation rows.
+/// [`RowDotFn`] over one panel of interleaved weight rows (or a last partial panel, in GGUF
+/// order) and packed activation rows: `n_rows` is [`crate::interleave::PANEL`] but at the end.
 ///
 /// # Safety
 /// As for [`RowDotFn`].
 pub type InterleavedDotFn = RowDotFn;
-
-/// `out[r] = row_r · act` over the `out.len()` interleaved rows of `row_bytes` at the start of
-/// `w` and one packed activation row: decoding's product, with no per-row dispatch.
-///
-/// # Safety
-/// As for [`RowDotFn`].
-pub type InterleavedMatVecFn = unsafe fn(w: &[u8], row_bytes: usize, act: &[u8], out: &mut [f32]);
 
 /// The body of a [`RowDotFn`]: for each weight row `r < n_rows` and each chunk `a` of at most
 /// [`MAX_COLS`] activation rows, `$call` fills `o` with `N` results (`N` the chunk's length, a
@@ -126,8 +119,6 @@ pub struct QuantKernel {
     /// The row dot over weights repacked by `Compute::interleave_into` and activations packed by
     /// `interleave::pack_activations`, where this ISA has one.
     pub interleaved: Option<InterleavedDotFn>,
-    /// Its one-token form over many rows.
-    pub interleaved_matvec: Option<InterleavedMatVecFn>,
 }
 
 /// The kernel for weight type `ty` on `isa`, falling back to the scalar reference for types the
@@ -144,7 +135,6 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
         row_dot: scalar_row_dot_for(ty),
         quantize: scalar_quantize_for(act),
         interleaved: None,
-        interleaved_matvec: None,
     };
     let _ = isa;
     #[cfg(target_arch = "x86_64")]

@@ -81,7 +81,8 @@ impl WeightRef {
             // A few MiB of rows at a time, each released once copied: the mapped original and
             // the copy never coexist whole (the output head alone is 136 MB on qwen2.5).
             let row_bytes = w.data.len() / w.rows;
-            let chunk_rows = ((4 << 20) / row_bytes.max(1)).max(1);
+            let panel = edgelm_kernels::interleave::PANEL;
+            let chunk_rows = ((4 << 20) / row_bytes.max(1)).max(panel) / panel * panel;
             let mut data = vec![0u8; w.data.len()];
             for r0 in (0..w.rows).step_by(chunk_rows) {
                 let r1 = (r0 + chunk_rows).min(w.rows);
@@ -127,7 +128,7 @@ impl WeightRef {
         let gguf_order;
         if w.layout == Layout::Interleaved {
             let mut bytes = vec![0u8; row_bytes];
-            edgelm_kernels::interleave::deinterleave_row(self.ty, row, &mut bytes)
+            edgelm_kernels::interleave::deinterleave_row(self.ty, row_bytes, w.data, r, &mut bytes)
                 .map_err(|e| ModelError::Batch(format!("{}: {e}", self.name)))?;
             gguf_order = bytes;
             row = &gguf_order;

@@ -48,7 +48,6 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize: quantize_row_q8_k,
         interleaved: None,
-        interleaved_matvec: None,
     })
 }
 

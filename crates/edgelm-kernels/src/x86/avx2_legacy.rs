@@ -68,7 +68,6 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize,
         interleaved: None,
-        interleaved_matvec: None,
     })
 }
 

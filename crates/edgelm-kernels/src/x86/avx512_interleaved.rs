@@ -1,13 +1,14 @@
 //! AVX-512 VNNI row dots over interleaved legacy weights (see [`crate::interleave`]) and packed
-//! activations. Per group of sixteen blocks a weight row is unpacked once into eight registers
-//! of unsigned codes; for each activation row, eight `vpdpbusd` (codes × i8 activations, the
-//! activations straight from memory) accumulate every block's integer sum in its own 32-bit
-//! lane, seeded with the block's `−offset·Σa`; one convert and one FMA with `d_w·d_a` scale all
-//! sixteen, and formats with a min add `m·s` with one more FMA. Integer sums are exact for any
-//! input bytes (|sum| ≤ 32·255·128 + 128·32·128).
+//! activations. Per tile (one block of a panel's sixteen rows) the weights are unpacked once
+//! into eight registers of unsigned codes, lane `r` holding row `r`; for each token, eight
+//! `vpdpbusd` against four activation bytes broadcast to every lane accumulate all sixteen
+//! rows' integer sums, seeded with the block's `−offset·Σa`; one convert and one FMA with
+//! `d_w·d_a` scale them, and formats with a min add `m·s` with one more FMA. A token's sixteen
+//! results leave in one store. Integer sums are exact for any input bytes
+//! (|sum| ≤ 32·255·128 + 128·32·128).
 
-use crate::interleave::{format, group_layout, packed_act_bytes, ACT_GROUP_BYTES, GROUP};
-use crate::qdot::{row_tiles, InterleavedDotFn, InterleavedMatVecFn, Out};
+use crate::interleave::{format, packed_act_bytes, packed_dot, tile_layout, ACT_BLOCK_BYTES, PANEL};
+use crate::qdot::{InterleavedDotFn, Out, MAX_COLS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -41,55 +42,9 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
     })
 }
 
-/// The interleaved matrix–vector product for `ty`, if it has one.
-pub fn matvec_for(ty: GgmlType) -> Option<InterleavedMatVecFn> {
-    use GgmlType::*;
-    Some(match ty {
-        Q4_0 => matvec::<T_Q4_0>,
-        Q4_1 => matvec::<T_Q4_1>,
-        Q5_0 => matvec::<T_Q5_0>,
-        Q5_1 => matvec::<T_Q5_1>,
-        Q8_0 => matvec::<T_Q8_0>,
-        _ => return None,
-    })
-}
-
-/// `out[r] = row_r · act` for the `out.len()` rows of `row_bytes` at the start of `w`: one
-/// token (decoding), checked once for all rows rather than once per row.
-///
-/// # Safety
-/// As [`row_dot`].
-unsafe fn matvec<const T: u8>(w: &[u8], row_bytes: usize, act: &[u8], out: &mut [f32]) {
-    let Some(f) = format(weight_type(T)) else {
-        return;
-    };
-    let nb = row_bytes / f.block;
-    assert!(
-        out.len() * row_bytes <= w.len() && act.len() >= packed_act_bytes(nb * 32),
-        "interleaved matvec: weight or activations shorter than the rows"
-    );
-    matvec_rows::<T>(w.as_ptr(), w.len(), row_bytes, nb, act.as_ptr(), out);
-}
-
-/// # Safety
-/// As [`matvec`], lengths checked there.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn matvec_rows<const T: u8>(
-    w: *const u8,
-    avail: usize,
-    row_bytes: usize,
-    nb: usize,
-    act: *const u8,
-    out: &mut [f32],
-) {
-    for (r, o) in out.iter_mut().enumerate() {
-        let at = r * row_bytes;
-        *o = groups::<T, 1>(w.add(at), avail - at, nb, &[act])[0];
-    }
-}
-
-/// [`crate::qdot::RowDotFn`] over the `n_rows` interleaved rows of `row_bytes` at the start of
-/// `w`; each `acts[j]` one packed token.
+/// [`crate::qdot::RowDotFn`] over one panel of interleaved rows at the start of `w` (`n_rows`
+/// = [`PANEL`]), or a last partial panel (`n_rows` < [`PANEL`], GGUF order); each `acts[j]`
+/// one packed token.
 ///
 /// # Safety
 /// The CPU has AVX2, F16C and AVX-512 F/BW/VL/VNNI.
@@ -100,245 +55,127 @@ unsafe fn row_dot<const T: u8>(
     acts: &[&[u8]],
     out: Out,
 ) {
-    let Some(f) = format(weight_type(T)) else {
+    let ty = weight_type(T);
+    let Some(f) = format(ty) else {
         return;
     };
     let nb = row_bytes / f.block;
     assert!(
-        n_rows * row_bytes <= w.len() && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
-        "interleaved row_dot: weights or activations shorter than the block"
+        n_rows <= PANEL
+            && n_rows * row_bytes <= w.len()
+            && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
+        "interleaved row_dot: weights or activations shorter than the panel"
     );
-    row_tiles!(n_rows, acts, out, |r, a, o, N| {
-        let wr = &w[r * row_bytes..];
-        rows::<T, N>(wr, nb, a, &mut o)
-    });
+    if n_rows < PANEL {
+        for r in 0..n_rows {
+            let row = &w[r * row_bytes..(r + 1) * row_bytes];
+            for (j, a) in acts.iter().enumerate() {
+                let v = packed_dot(ty, row, &a[..packed_act_bytes(nb * 32)]).unwrap_or(f32::NAN);
+                out.put(r, j, &[v]);
+            }
+        }
+        return;
+    }
+    for (chunk, a) in acts.chunks(MAX_COLS).enumerate() {
+        let o = Out {
+            ptr: out.ptr.add(chunk * MAX_COLS * out.ld),
+            ld: out.ld,
+        };
+        let p: [*const u8; MAX_COLS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
+        match a.len() {
+            1 => panel::<T, 1>(w.as_ptr(), nb, &p, o),
+            2 => panel::<T, 2>(w.as_ptr(), nb, &p, o),
+            3 => panel::<T, 3>(w.as_ptr(), nb, &p, o),
+            4 => panel::<T, 4>(w.as_ptr(), nb, &p, o),
+            5 => panel::<T, 5>(w.as_ptr(), nb, &p, o),
+            6 => panel::<T, 6>(w.as_ptr(), nb, &p, o),
+            7 => panel::<T, 7>(w.as_ptr(), nb, &p, o),
+            _ => panel::<T, 8>(w.as_ptr(), nb, &p, o),
+        }
+    }
 }
 
+/// The panel at `w` (`nb` tiles) against tokens `a[..N]`: row `r` of token `j` to
+/// `out.ptr[j·ld + r]`.
+///
 /// # Safety
-/// As [`row_dot`]; `acts.len() >= N`, `out.len() >= N`, lengths checked there.
-#[inline(always)]
-unsafe fn rows<const T: u8, const N: usize>(w: &[u8], nb: usize, acts: &[&[u8]], out: &mut [f32]) {
-    let a: [*const u8; N] = core::array::from_fn(|j| acts[j].as_ptr());
-    let r = groups::<T, N>(w.as_ptr(), w.len(), nb, &a);
-    out[..N].copy_from_slice(&r);
-}
-
-/// # Safety
-/// As [`row_dot`]: `w` holds `nb` blocks interleaved and is readable for `avail` bytes, each
-/// `a[j]` their packed activations.
+/// As [`row_dot`], lengths checked there; `out` is valid for the panel's rows of N tokens.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn groups<const T: u8, const N: usize>(
+unsafe fn panel<const T: u8, const N: usize>(
     w: *const u8,
-    avail: usize,
     nb: usize,
-    a: &[*const u8; N],
-) -> [f32; N] {
+    a: &[*const u8; MAX_COLS],
+    out: Out,
+) {
     let Some(f) = format(weight_type(T)) else {
-        return [0.0; N];
+        return;
     };
-    let mut acc = [_mm512_setzero_ps(); N];
+    let lay = tile_layout(f);
     let low = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
-    let mut at = 0;
-    let mut g0 = 0;
-    let mut half_acc = [_mm256_setzero_ps(); N];
-    while g0 < nb {
-        let nt = (nb - g0).min(GROUP);
-        let lay = group_layout(f, nt);
-        if nt <= GROUP / 2 {
-            // A tail of at most eight blocks fits 256-bit registers, at half the cost.
-            half_group::<T, N>(w.add(at), lay, nt, avail - at, a, g0, &mut half_acc);
-            break;
-        }
-        let bytes = 4 * nt;
-        let kq: u64 = if nt == GROUP { !0 } else { (1u64 << bytes) - 1 };
-        let kd: __mmask16 = ((1u32 << nt) - 1) as u16;
-        let wp = w.add(at);
-        // A partial group's images are shorter than a register. Masked loads stall the
-        // hardware prefetcher (measured: 2.5x slower decoding), so full-width loads read past
-        // them where the buffer allows; the extra lanes meet zero activations, and scales are
-        // masked in registers. Near the end of the buffer the loads are masked instead.
-        let wide = nt == GROUP || at + lay.len + 64 <= avail;
-        // SAFETY (all weight reads): `wide` loads stay inside the `avail` bytes; masked ones
-        // read only the group's own bytes; the fifth-bit words start in the group's first
-        // `4·nt` bytes and end inside it (the quants follow).
-        let load = |p: *const u8| {
-            if wide {
-                _mm512_loadu_si512(p.cast())
-            } else {
-                _mm512_maskz_loadu_epi8(kq, p.cast())
-            }
-        };
-        let halves = |p: *const u8| {
-            let x = if wide {
-                _mm256_loadu_si256(p.cast())
-            } else {
-                _mm256_maskz_loadu_epi16(kd, p.cast())
-            };
-            _mm512_cvtph_ps(_mm256_maskz_mov_epi16(kd, x))
-        };
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY (weight reads): tile b lies inside the panel's `PANEL · row_bytes` bytes.
+        let tp = w.add(b * lay.len);
         let mut wv = [_mm512_setzero_si512(); 8];
         if f.nibbles {
             for h in 0..4 {
-                let x = load(wp.add(lay.quants + h * bytes));
+                let x = _mm512_loadu_si512(tp.add(lay.quants + 64 * h).cast());
                 wv[h] = _mm512_and_si512(x, low);
                 wv[h + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
             }
         } else {
             for (g, v) in wv.iter_mut().enumerate() {
-                *v = load(wp.add(lay.quants + g * bytes));
+                *v = _mm512_loadu_si512(tp.add(lay.quants + 64 * g).cast());
             }
         }
         if f.high {
             for (g, v) in wv.iter_mut().enumerate() {
-                let pos = g * bytes;
-                let word = wp
-                    .add(lay.high + pos / 8)
-                    .cast::<[u8; 8]>()
-                    .read_unaligned();
-                let m = (u64::from_le_bytes(word) >> (pos % 8)) & kq;
+                let m = tp.add(lay.high + 8 * g).cast::<u64>().read_unaligned();
                 *v = _mm512_mask_add_epi8(*v, _cvtu64_mask64(m), *v, sixteen);
             }
         }
-        let dw = halves(wp.add(lay.d));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(lay.d).cast()));
         let mw = if f.min {
-            halves(wp.add(lay.m))
+            _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(lay.m).cast()))
         } else {
             _mm512_setzero_ps()
         };
-        let ag = g0 / GROUP * ACT_GROUP_BYTES;
         for j in 0..N {
-            // SAFETY: token j's packed group is ACT_GROUP_BYTES at `ap` (length checked).
-            let ap = a[j].add(ag);
+            // SAFETY: token j's block b is ACT_BLOCK_BYTES at `ap` (length checked).
+            let ap = a[j].add(b * ACT_BLOCK_BYTES);
+            let word = |at: usize| ap.add(at).cast::<i32>().read_unaligned();
             let mut t = if f.min {
                 _mm512_setzero_si512()
             } else {
-                _mm512_loadu_si512(ap.add(576).cast())
+                _mm512_set1_epi32(word(36))
             };
-            // Two chains per token halve the dependent dpbusd latency per group, so fewer
-            // tokens must be in flight to keep both VNNI pipes busy.
+            // Two chains per token halve the dependent dpbusd latency per tile.
             let mut u = _mm512_setzero_si512();
             for g in (0..8).step_by(2) {
-                t = _mm512_dpbusd_epi32(t, wv[g], _mm512_loadu_si512(ap.add(64 * g).cast()));
-                let next = _mm512_loadu_si512(ap.add(64 * g + 64).cast());
-                u = _mm512_dpbusd_epi32(u, wv[g + 1], next);
+                t = _mm512_dpbusd_epi32(t, wv[g], _mm512_set1_epi32(word(4 * g)));
+                u = _mm512_dpbusd_epi32(u, wv[g + 1], _mm512_set1_epi32(word(4 * g + 4)));
             }
             t = _mm512_add_epi32(t, u);
-            let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(ap.add(512).cast()));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[j]);
+            let da = _mm512_set1_ps(f32::from_bits(word(32) as u32));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, da), acc[j]);
             if f.min {
-                acc[j] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(ap.add(576).cast()), acc[j]);
+                let s = _mm512_set1_ps(f32::from_bits(word(36) as u32));
+                acc[j] = _mm512_fmadd_ps(mw, s, acc[j]);
             }
         }
-        at += lay.len;
-        g0 += GROUP;
     }
-    core::array::from_fn(|j| {
-        let half = _mm512_castps256_ps512(half_acc[j]);
-        _mm512_reduce_add_ps(_mm512_add_ps(
-            acc[j],
-            _mm512_mask_mov_ps(_mm512_setzero_ps(), 0xFF, half),
-        ))
-    })
-}
-
-/// [`groups`] for a last group of `nt ≤ 8` blocks at `wp` (readable for `avail` bytes), on
-/// 256-bit registers: lanes 0..8 of every image and activation vector.
-///
-/// # Safety
-/// As [`groups`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn half_group<const T: u8, const N: usize>(
-    wp: *const u8,
-    lay: crate::interleave::GroupLayout,
-    nt: usize,
-    avail: usize,
-    a: &[*const u8; N],
-    g0: usize,
-    acc: &mut [__m256; N],
-) {
-    let Some(f) = format(weight_type(T)) else {
-        return;
-    };
-    let low = _mm256_set1_epi8(0x0F);
-    let sixteen = _mm256_set1_epi8(16);
-    let bytes = 4 * nt;
-    let kq: u32 = if bytes == 32 { !0 } else { (1u32 << bytes) - 1 };
-    let kd: __mmask8 = ((1u32 << nt) - 1) as u8;
-    // As in `groups`: full-width loads where the buffer has the bytes, masked ones otherwise.
-    let wide = lay.len + 32 <= avail;
-    // SAFETY (weight reads): as in `groups`, with 32-byte loads.
-    let load = |p: *const u8| {
-        if wide {
-            _mm256_loadu_si256(p.cast())
-        } else {
-            _mm256_maskz_loadu_epi8(kq, p.cast())
-        }
-    };
-    let halves = |p: *const u8| {
-        let x = if wide {
-            _mm_loadu_si128(p.cast())
-        } else {
-            _mm_maskz_loadu_epi16(kd, p.cast())
-        };
-        _mm256_cvtph_ps(_mm_maskz_mov_epi16(kd, x))
-    };
-    let mut wv = [_mm256_setzero_si256(); 8];
-    if f.nibbles {
-        for h in 0..4 {
-            let x = load(wp.add(lay.quants + h * bytes));
-            wv[h] = _mm256_and_si256(x, low);
-            wv[h + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low);
-        }
-    } else {
-        for (g, v) in wv.iter_mut().enumerate() {
-            *v = load(wp.add(lay.quants + g * bytes));
-        }
-    }
-    if f.high {
-        for (g, v) in wv.iter_mut().enumerate() {
-            let pos = g * bytes;
-            let word = wp
-                .add(lay.high + pos / 8)
-                .cast::<[u8; 8]>()
-                .read_unaligned();
-            let m = ((u64::from_le_bytes(word) >> (pos % 8)) as u32) & kq;
-            *v = _mm256_mask_add_epi8(*v, m, *v, sixteen);
-        }
-    }
-    let dw = halves(wp.add(lay.d));
-    let mw = if f.min {
-        halves(wp.add(lay.m))
-    } else {
-        _mm256_setzero_ps()
-    };
-    let ag = g0 / GROUP * ACT_GROUP_BYTES;
-    for j in 0..N {
-        // SAFETY: token j's packed group is ACT_GROUP_BYTES at `ap`.
-        let ap = a[j].add(ag);
-        let mut t = if f.min {
-            _mm256_setzero_si256()
-        } else {
-            _mm256_loadu_si256(ap.add(576).cast())
-        };
-        for (g, v) in wv.iter().enumerate() {
-            t = _mm256_dpbusd_epi32(t, *v, _mm256_loadu_si256(ap.add(64 * g).cast()));
-        }
-        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(ap.add(512).cast()));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), scale, acc[j]);
-        if f.min {
-            acc[j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(ap.add(576).cast()), acc[j]);
-        }
+    for (j, v) in acc.iter().enumerate() {
+        // SAFETY: token j's sixteen rows of `out` are valid (caller).
+        _mm512_storeu_ps(out.ptr.add(j * out.ld), *v);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interleave::{interleave_row, pack_activations, packed_dot};
-    use crate::qdot::MAX_COLS;
+    use crate::interleave::{interleave_rows, pack_activations, packed_dot};
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 
@@ -350,11 +187,10 @@ mod tests {
         ok
     }
 
-    /// Random rows of 1–40 blocks (whole and partial groups), 1..=8 and 11 activation rows,
-    /// weights from the quantizer and from raw random bytes: every output equals the scalar
-    /// packed dot within f32 reordering (`1e-5` of the absolute sum of block terms) and the
-    /// integer reference on the GGUF layout likewise; tiles of two and three rows give each row
-    /// exactly its one-row result.
+    /// Random panels of 1–40 blocks per row, 1..=8 and 11 tokens, weights from the quantizer
+    /// and from raw random bytes: every output equals the scalar packed dot on the GGUF row
+    /// within f32 reordering (`1e-5` of the absolute sum of block terms) and the integer
+    /// reference likewise; a partial panel (GGUF order) gives each row the same result.
     #[test]
     fn interleaved_row_dot_matches_scalar() {
         if !have_cpu() {
@@ -364,10 +200,12 @@ mod tests {
         for ty in crate::interleave::tests::TYPES {
             let act_ty = int_dot::activation_type(ty);
             let dot = row_dot_for(ty).unwrap();
-            for nb in [1usize, 2, 7, 15, 16, 17, 18, 28, 32, 40] {
-                let w = weights(&mut rng, ty, nb);
-                let mut wp = vec![0u8; w.len()];
-                interleave_row(ty, &w, &mut wp).unwrap();
+            for nb in [1usize, 2, 7, 16, 17, 28, 40] {
+                let row_bytes = nb * ty.block_bytes();
+                let rows: Vec<Vec<u8>> = (0..PANEL).map(|_| weights(&mut rng, ty, nb)).collect();
+                let gguf = rows.concat();
+                let mut wp = vec![0u8; gguf.len()];
+                interleave_rows(ty, row_bytes, &gguf, &mut wp).unwrap();
                 for n in (1..=MAX_COLS).chain([11]) {
                     let mut std_acts = Vec::new();
                     let mut packed = Vec::new();
@@ -382,80 +220,31 @@ mod tests {
                         packed.push(p);
                     }
                     let refs: Vec<&[u8]> = packed.iter().map(|p| p.as_slice()).collect();
-                    let mut out = vec![f32::NAN; n];
+                    let mut out = vec![f32::NAN; n * PANEL];
                     // SAFETY: the CPU was checked; lengths match.
-                    unsafe { dot(&wp, wp.len(), 1, &refs, Out::slice(&mut out, 1)) };
-                    // With readable bytes after the row (the next rows of a matrix), partial
-                    // groups take full-width loads; those bytes must not change the result.
-                    let mut slack = wp.clone();
-                    slack.extend((0..64).map(|_| rng.next() as u8 | 0x7C));
-                    let mut wide = vec![f32::NAN; n];
+                    unsafe { dot(&wp, row_bytes, PANEL, &refs, Out::slice(&mut out, PANEL)) };
+                    // The first three rows as a partial panel, in GGUF order.
+                    let mut part = vec![f32::NAN; n * 3];
                     // SAFETY: as above.
-                    unsafe { dot(&slack, wp.len(), 1, &refs, Out::slice(&mut wide, 1)) };
-                    assert_eq!(
-                        out, wide,
-                        "{ty:?} {nb} blocks: bytes past the row leaked in"
-                    );
-                    // Three copies of the row as a matrix: the matrix-vector entry gives each
-                    // row the single-row result.
-                    let matrix = wp.repeat(3);
-                    let mut mv = [f32::NAN; 3];
-                    // SAFETY: as above.
-                    unsafe { matvec_for(ty).unwrap()(&matrix, wp.len(), &packed[0], &mut mv) };
-                    let mut one = [f32::NAN];
-                    // SAFETY: as above.
-                    unsafe { dot(&matrix, wp.len(), 1, &refs[..1], Out::slice(&mut one, 1)) };
-                    assert_eq!(mv, [one[0]; 3], "{ty:?} {nb} blocks: matvec");
-                    // Two and three different rows as one tile: each result equals that row's
-                    // own dot, the last row's partial group read masked at the end of the buffer.
-                    let others: Vec<Vec<u8>> = (0..2)
-                        .map(|_| {
-                            let w = weights(&mut rng, ty, nb);
-                            let mut p = vec![0u8; w.len()];
-                            interleave_row(ty, &w, &mut p).unwrap();
-                            p
-                        })
-                        .collect();
-                    let tile_rows = [others[0].as_slice(), others[1].as_slice(), &wp];
-                    for n_rows in [2, 3] {
-                        let matrix = tile_rows[3 - n_rows..].concat();
-                        let mut tile = vec![f32::NAN; n_rows * n];
-                        // SAFETY: as above.
-                        unsafe {
-                            dot(
-                                &matrix,
-                                wp.len(),
-                                n_rows,
-                                &refs,
-                                Out::slice(&mut tile, n_rows),
-                            )
-                        };
-                        for r in 0..n_rows {
-                            let mut alone = vec![f32::NAN; n];
-                            // SAFETY: as above.
-                            unsafe {
-                                let out = Out::slice(&mut alone, 1);
-                                dot(tile_rows[3 - n_rows + r], wp.len(), 1, &refs, out)
-                            };
-                            let row: Vec<f32> = (0..n).map(|j| tile[j * n_rows + r]).collect();
-                            assert_eq!(
-                                row, alone,
-                                "{ty:?} {nb} blocks, {n} tokens: row {r} of a {n_rows}-row tile"
-                            );
-                        }
-                    }
-                    for j in 0..n {
-                        let scalar = packed_dot(ty, &wp, &packed[j]).unwrap();
-                        let reference = int_dot::vec_dot(ty, &w, &std_acts[j]).unwrap();
-                        let tol = 1e-5 * magnitude(ty, &w, &std_acts[j]) + 1e-6;
-                        for (what, want) in [("packed scalar", scalar), ("int_dot", reference)] {
-                            let err = (out[j] - want).abs();
-                            assert!(
-                                out[j].is_finite() && err <= tol,
-                                "{ty:?} {nb} blocks, {n} rows, row {j}: avx512 {} {what} {want} \
-                                 (err {err:e}, tol {tol:e})",
-                                out[j]
-                            );
+                    unsafe { dot(&gguf, row_bytes, 3, &refs, Out::slice(&mut part, 3)) };
+                    for (r, row) in rows.iter().enumerate() {
+                        for j in 0..n {
+                            let got = out[j * PANEL + r];
+                            let scalar = packed_dot(ty, row, &packed[j]).unwrap();
+                            let reference = int_dot::vec_dot(ty, row, &std_acts[j]).unwrap();
+                            let tol = 1e-5 * magnitude(ty, row, &std_acts[j]) + 1e-6;
+                            for (what, want) in [("packed scalar", scalar), ("int_dot", reference)]
+                            {
+                                let err = (got - want).abs();
+                                assert!(
+                                    got.is_finite() && err <= tol,
+                                    "{ty:?} {nb} blocks, {n} tokens, row {r} token {j}: avx512 \
+                                     {got} {what} {want} (err {err:e}, tol {tol:e})"
+                                );
+                            }
+                            if r < 3 {
+                                assert_eq!(part[j * 3 + r], scalar, "{ty:?}: partial panel");
+                            }
                         }
                     }
                 }

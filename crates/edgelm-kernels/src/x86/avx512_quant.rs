@@ -127,7 +127,6 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize: base.quantize,
         interleaved: super::avx512_interleaved::row_dot_for(ty),
-        interleaved_matvec: super::avx512_interleaved::matvec_for(ty),
     })
 }
 
