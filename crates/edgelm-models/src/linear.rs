@@ -13,7 +13,8 @@ pub struct WeightRef {
     file: Arc<GgufFile>,
     range: Range<usize>,
     /// Set on the first product: the repacked rows, or None where the GGUF layout is best.
-    interleaved: OnceLock<Option<Arc<Vec<u8>>>>,
+    /// Shared by clones, so a tied output head and the embedding table read one copy.
+    interleaved: Arc<OnceLock<Option<Arc<Vec<u8>>>>>,
     pub name: String,
     pub ty: edgelm_gguf::GgmlType,
     pub rows: usize,
@@ -61,7 +62,7 @@ impl WeightRef {
         Ok(WeightRef {
             file: file.clone(),
             range,
-            interleaved: OnceLock::new(),
+            interleaved: Arc::new(OnceLock::new()),
             name: name.into(),
             ty: info.ty,
             rows,
@@ -163,9 +164,6 @@ pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Resul
 pub struct Linear {
     pub weight: WeightRef,
     pub bias: Option<Vec<f32>>,
-    /// Whether the weight may be repacked for the kernels; not when it is shared with the
-    /// embedding table (a tied output head), which would then exist twice.
-    pub repack: bool,
     /// How finely the fast path quantizes this projection's input.
     pub input_precision: ActivationPrecision,
 }
@@ -187,7 +185,6 @@ impl Linear {
         Ok(Linear {
             weight,
             bias,
-            repack: true,
             input_precision: ActivationPrecision::Int8,
         })
     }
@@ -234,11 +231,7 @@ impl Linear {
     }
 
     fn view_for(&self, c: &Compute) -> Weight<'_> {
-        if self.repack {
-            self.weight.view_for(c)
-        } else {
-            self.weight.view()
-        }
+        self.weight.view_for(c)
     }
 
     fn add_bias(&self, out: &mut [f32]) {

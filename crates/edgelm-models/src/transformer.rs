@@ -99,10 +99,10 @@ impl Transformer {
         let n_vocab = tok_embd.rows;
         let output = match file.tensor_info("output.weight") {
             Some(_) => Linear::load(&file, "output", n_embd, arch)?,
+            // Tied: one weight, repacked once for both the head and the embedding lookup.
             None => Linear {
                 weight: tok_embd.clone(),
                 bias: None,
-                repack: false,
                 input_precision: ActivationPrecision::Int8,
             },
         };
