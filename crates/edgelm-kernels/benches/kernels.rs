@@ -83,7 +83,7 @@ fn row_dots(c: &mut Criterion) {
                 interleave::interleave_rows(ty, row_bytes, &weights, &mut packed_w)
                     .expect("interleavable");
                 // Each token's packed row 64-byte aligned, as the matrix product lays them out.
-                let size = interleave::packed_act_bytes(COLS);
+                let size = interleave::packed_act_bytes(ty, COLS);
                 let packed_a: Vec<Vec<u8>> = acts
                     .iter()
                     .map(|a| {

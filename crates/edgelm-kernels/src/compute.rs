@@ -6,8 +6,8 @@
 //!
 //! Rows are split across the pool in both.
 
-use crate::interleave::{deinterleave_rows, interleave_rows, pack_activations, packed_act_bytes};
 use crate::interleave::PANEL as INTERLEAVED_PANEL;
+use crate::interleave::{deinterleave_rows, interleave_rows, pack_activations, packed_act_bytes};
 use crate::qdot::{kernel_for, InterleavedDotFn, Out, QuantKernel, MAX_COLS};
 use crate::{Isa, ThreadPool};
 use edgelm_quant::{dequantize_row, GgmlType};
@@ -478,7 +478,7 @@ impl Plan<'_> {
     /// Bytes of one pass of one token's activations.
     fn slot(&self) -> usize {
         if self.packed() {
-            packed_act_bytes(self.w.cols)
+            packed_act_bytes(self.w.ty, self.w.cols)
         } else {
             self.act_bytes()
         }

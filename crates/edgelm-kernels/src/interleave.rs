@@ -24,6 +24,12 @@
 //! Activations, per token and block ([`ACT_BLOCK_BYTES`]): the 32 i8 quants, `d` as f32, then
 //! the block term: `−offset·Σa` as i32 for the signed types, `s = d·Σa` (Q8_1's f16 field) as
 //! f32 for Q4_1 / Q5_1.
+//!
+//! K-quants (Q4_K, Q6_K) are panelled the same way, one tile per 256-element super-block: each
+//! run of quant or scale bytes becomes 64-byte images of four bytes per row ([`KFormat`]), the
+//! f16 fields 32-byte vectors. Their activations (from Q8_K), per super-block: the 256 quants,
+//! `d` as f32, then Q4_K's eight sums of 32 quants as i16, or Q6_K's sixteen `−32·Σa` of 16
+//! quants as i32 (the code offset, folded in as for the legacy types).
 
 use edgelm_quant::GgmlType;
 use half::f16;
@@ -65,6 +71,47 @@ pub(crate) const fn format(ty: GgmlType) -> Option<Format> {
         min,
         offset,
     })
+}
+
+/// A k-quant's tile: runs of `bytes` at GGUF block offset `from` become `bytes / 4` images
+/// at tile offset `to` (`words`); f16 fields at `from` become 32 bytes at `to` (`halves`).
+pub(crate) struct KFormat {
+    pub block: usize,
+    pub words: &'static [(usize, usize, usize)],
+    pub halves: &'static [(usize, usize)],
+    /// Bytes of one super-block of packed activations.
+    pub act: usize,
+}
+
+/// Q4_K: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
+pub(crate) const Q4_K_TILE: KFormat = KFormat {
+    block: 144,
+    words: &[(16, 128, 0), (4, 12, 2048)],
+    halves: &[(0, 2240), (2, 2272)],
+    act: 256 + 4 + 16,
+};
+
+/// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 i8 scales, d.
+pub(crate) const Q6_K_TILE: KFormat = KFormat {
+    block: 210,
+    words: &[(0, 128, 0), (128, 64, 2048), (192, 16, 3072)],
+    halves: &[(208, 3328)],
+    act: 256 + 4 + 64,
+};
+
+pub(crate) const fn k_format(ty: GgmlType) -> Option<&'static KFormat> {
+    match ty {
+        GgmlType::Q4_K => Some(&Q4_K_TILE),
+        GgmlType::Q6_K => Some(&Q6_K_TILE),
+        _ => None,
+    }
+}
+
+/// GGUF bytes per block of an interleavable type.
+fn block_bytes(ty: GgmlType) -> Option<usize> {
+    format(ty)
+        .map(|f| f.block)
+        .or(k_format(ty).map(|k| k.block))
 }
 
 /// Byte offsets inside a tile (one block of a panel's sixteen rows).
@@ -112,12 +159,13 @@ pub struct LayoutError {
     row_bytes: usize,
 }
 
-fn check(ty: GgmlType, row_bytes: usize, a: &[u8], b: &[u8]) -> Result<Format, LayoutError> {
-    format(ty)
-        .filter(|f| {
+/// The type's GGUF block bytes, once `a` and `b` are equally long whole rows of them.
+fn check(ty: GgmlType, row_bytes: usize, a: &[u8], b: &[u8]) -> Result<usize, LayoutError> {
+    block_bytes(ty)
+        .filter(|&block| {
             a.len() == b.len()
                 && row_bytes > 0
-                && row_bytes.is_multiple_of(f.block)
+                && row_bytes.is_multiple_of(block)
                 && a.len().is_multiple_of(row_bytes)
         })
         .ok_or(LayoutError {
@@ -135,7 +183,7 @@ pub fn interleave_rows(
     src: &[u8],
     dst: &mut [u8],
 ) -> Result<(), LayoutError> {
-    let f = check(ty, row_bytes, src, dst)?;
+    let block = check(ty, row_bytes, src, dst)?;
     let panel_bytes = PANEL * row_bytes;
     let whole = src.len() / panel_bytes * panel_bytes;
     for (s, d) in src[..whole]
@@ -144,8 +192,13 @@ pub fn interleave_rows(
     {
         for r in 0..PANEL {
             let row = &s[r * row_bytes..(r + 1) * row_bytes];
-            for (b, blk) in row.chunks_exact(f.block).enumerate() {
-                put_block(ty, f, blk, r, &mut d[b * PANEL * f.block..(b + 1) * PANEL * f.block]);
+            for (b, blk) in row.chunks_exact(block).enumerate() {
+                let tile = &mut d[b * PANEL * block..(b + 1) * PANEL * block];
+                match (format(ty), k_format(ty)) {
+                    (Some(f), _) => put_block(ty, f, blk, r, tile),
+                    (_, Some(k)) => put_k_block(k, blk, r, tile),
+                    _ => {}
+                }
             }
         }
     }
@@ -178,6 +231,32 @@ fn put_block(ty: GgmlType, f: Format, blk: &[u8], r: usize, tile: &mut [u8]) {
             mask |= ((qh >> (4 * g) & 15) as u64) << (4 * r);
             tile[at..at + 8].copy_from_slice(&mask.to_le_bytes());
         }
+    }
+}
+
+/// GGUF k-quant block `blk` as row `r` of `tile`.
+fn put_k_block(k: &KFormat, blk: &[u8], r: usize, tile: &mut [u8]) {
+    for &(from, bytes, to) in k.words {
+        for w in 0..bytes / 4 {
+            let at = to + 64 * w + 4 * r;
+            tile[at..at + 4].copy_from_slice(&blk[from + 4 * w..from + 4 * w + 4]);
+        }
+    }
+    for &(from, to) in k.halves {
+        tile[to + 2 * r..to + 2 * r + 2].copy_from_slice(&blk[from..from + 2]);
+    }
+}
+
+/// Row `r` of a k-quant `tile` as a GGUF block.
+fn get_k_block(k: &KFormat, tile: &[u8], r: usize, blk: &mut [u8]) {
+    for &(from, bytes, to) in k.words {
+        for w in 0..bytes / 4 {
+            let at = to + 64 * w + 4 * r;
+            blk[from + 4 * w..from + 4 * w + 4].copy_from_slice(&tile[at..at + 4]);
+        }
+    }
+    for &(from, to) in k.halves {
+        blk[from..from + 2].copy_from_slice(&tile[to + 2 * r..to + 2 * r + 2]);
     }
 }
 
@@ -235,7 +314,7 @@ pub fn deinterleave_row(
         len: src.len(),
         row_bytes,
     };
-    let f = check(ty, row_bytes, src, src)?;
+    let block = check(ty, row_bytes, src, src)?;
     if dst.len() != row_bytes || (r + 1) * row_bytes > src.len() {
         return Err(bad);
     }
@@ -246,15 +325,23 @@ pub fn deinterleave_row(
         return Ok(());
     }
     let panel = &src[p * panel_bytes..(p + 1) * panel_bytes];
-    for (b, blk) in dst.chunks_exact_mut(f.block).enumerate() {
-        get_block(ty, f, &panel[b * PANEL * f.block..(b + 1) * PANEL * f.block], lane, blk);
+    for (b, blk) in dst.chunks_exact_mut(block).enumerate() {
+        let tile = &panel[b * PANEL * block..(b + 1) * PANEL * block];
+        match (format(ty), k_format(ty)) {
+            (Some(f), _) => get_block(ty, f, tile, lane, blk),
+            (_, Some(k)) => get_k_block(k, tile, lane, blk),
+            _ => {}
+        }
     }
     Ok(())
 }
 
-/// Bytes of one token's packed activations for rows of `cols` elements.
-pub fn packed_act_bytes(cols: usize) -> usize {
-    cols / 32 * ACT_BLOCK_BYTES
+/// Bytes of one token's packed activations for weight type `ty` and rows of `cols` elements.
+pub fn packed_act_bytes(ty: GgmlType, cols: usize) -> usize {
+    match k_format(ty) {
+        Some(k) => cols / 256 * k.act,
+        None => cols / 32 * ACT_BLOCK_BYTES,
+    }
 }
 
 /// Pack one token's activations, quantized in the weight type's activation format (Q8_0, or
@@ -266,13 +353,16 @@ pub fn pack_activations(ty: GgmlType, src: &[u8], dst: &mut [u8]) -> Result<(), 
         len: src.len(),
         row_bytes: dst.len(),
     };
+    if let Some(k) = k_format(ty) {
+        return pack_k_activations(ty, k, src, dst).ok_or(bad);
+    }
     let Some(f) = format(ty) else {
         return Err(bad);
     };
     // Q8_1: d, s, 32 quants; Q8_0: d, 32 quants.
     let (act_block, qs) = if f.min { (36, 4) } else { (34, 2) };
     let nb = src.len() / act_block;
-    if !src.len().is_multiple_of(act_block) || dst.len() != packed_act_bytes(nb * 32) {
+    if !src.len().is_multiple_of(act_block) || dst.len() != packed_act_bytes(ty, nb * 32) {
         return Err(bad);
     }
     for (blk, out) in src
@@ -293,6 +383,75 @@ pub fn pack_activations(ty: GgmlType, src: &[u8], dst: &mut [u8]) -> Result<(), 
     Ok(())
 }
 
+/// Q8_K blocks (`d` f32, 256 quants, 16 i16 sums) packed for k-quant type `ty`.
+fn pack_k_activations(ty: GgmlType, k: &KFormat, src: &[u8], dst: &mut [u8]) -> Option<()> {
+    const Q8_K: usize = 292;
+    let nb = src.len() / Q8_K;
+    if !src.len().is_multiple_of(Q8_K) || dst.len() != nb * k.act {
+        return None;
+    }
+    for (blk, out) in src.chunks_exact(Q8_K).zip(dst.chunks_exact_mut(k.act)) {
+        out[..256].copy_from_slice(&blk[4..260]);
+        out[256..260].copy_from_slice(&blk[..4]);
+        let bsum = |j: usize| i16::from_le_bytes([blk[260 + 2 * j], blk[261 + 2 * j]]) as i32;
+        if ty == GgmlType::Q4_K {
+            for j in 0..8 {
+                let pair = (bsum(2 * j) + bsum(2 * j + 1)) as i16;
+                out[260 + 2 * j..262 + 2 * j].copy_from_slice(&pair.to_le_bytes());
+            }
+        } else {
+            for j in 0..16 {
+                out[260 + 4 * j..264 + 4 * j].copy_from_slice(&(-32 * bsum(j)).to_le_bytes());
+            }
+        }
+    }
+    Some(())
+}
+
+/// [`packed_dot`] for k-quants: one integer sum per super-block (scales applied in integers),
+/// one f32 scale (and, for Q4_K, the mins' term).
+fn packed_k_dot(ty: GgmlType, k: &KFormat, row: &[u8], a: &[u8]) -> f32 {
+    let f16_at = |p: &[u8], i: usize| f16::from_le_bytes([p[i], p[i + 1]]).to_f32();
+    let mut sum = 0f32;
+    for (w, act) in row.chunks_exact(k.block).zip(a.chunks_exact(k.act)) {
+        let x = |e: usize| act[e] as i8 as i32;
+        let da = f32::from_le_bytes([act[256], act[257], act[258], act[259]]);
+        let mut int = 0i32;
+        if ty == GgmlType::Q4_K {
+            let scales: &[u8; 12] = w[4..16].try_into().unwrap_or(&[0; 12]);
+            let mut mins = 0i32;
+            for j in 0..8 {
+                let (sc, m) = edgelm_quant::k_quants::get_scale_min_k4(j, scales);
+                let pair = i16::from_le_bytes([act[260 + 2 * j], act[261 + 2 * j]]) as i32;
+                mins += m as i32 * pair;
+                let s: i32 = (32 * j..32 * j + 32)
+                    .map(|e| {
+                        let b = w[16 + (e / 64) * 32 + e % 32];
+                        (if j % 2 == 1 { b >> 4 } else { b & 15 }) as i32 * x(e)
+                    })
+                    .sum();
+                int += sc as i32 * s;
+            }
+            sum += f16_at(w, 0) * da * int as f32 - f16_at(w, 2) * da * mins as f32;
+        } else {
+            for j in 0..16 {
+                let at = 260 + 4 * j;
+                let mut s = i32::from_le_bytes([act[at], act[at + 1], act[at + 2], act[at + 3]]);
+                for e in 16 * j..16 * j + 16 {
+                    let (h, q, l) = (e / 128, (e % 128) / 32, e % 32);
+                    let lb = w[64 * h + 32 * (q & 1) + l];
+                    let lo = if q >= 2 { lb >> 4 } else { lb & 15 };
+                    let hi = (w[128 + 32 * h + l] >> (2 * q)) & 3;
+                    s += (lo | hi << 4) as i32 * x(e);
+                }
+                int += w[192 + j] as i8 as i32 * s;
+            }
+            sum += f16_at(w, 208) * da * int as f32;
+        }
+    }
+    sum
+}
+
 /// Scalar dot of one GGUF-order row with one packed activation row, in the kernels' arithmetic
 /// (an integer sum per block, one f32 scale each): the reference the SIMD kernels are tested
 /// against, and what they use for a last partial panel.
@@ -302,13 +461,18 @@ pub fn packed_dot(ty: GgmlType, row: &[u8], a: &[u8]) -> Result<f32, LayoutError
         len: row.len(),
         row_bytes: row.len(),
     };
-    let f = format(ty).ok_or(LayoutError {
-        ty,
-        len: row.len(),
-        row_bytes: row.len(),
-    })?;
+    if let Some(k) = k_format(ty) {
+        let nb = row.len() / k.block;
+        if !row.len().is_multiple_of(k.block) || a.len() != nb * k.act {
+            return Err(bad);
+        }
+        return Ok(packed_k_dot(ty, k, row, a));
+    }
+    let Some(f) = format(ty) else {
+        return Err(bad);
+    };
     let nb = row.len() / f.block;
-    if !row.len().is_multiple_of(f.block) || a.len() != packed_act_bytes(nb * 32) {
+    if !row.len().is_multiple_of(f.block) || a.len() != packed_act_bytes(ty, nb * 32) {
         return Err(bad);
     }
     let (fm, fh, fq) = fields(ty);
@@ -348,16 +512,29 @@ pub(crate) mod tests {
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 
-    pub(crate) const TYPES: [GgmlType; 5] = [
+    pub(crate) const TYPES: [GgmlType; 7] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
     ];
 
+    /// Elements per block of `ty`.
+    pub(crate) fn block_len(ty: GgmlType) -> usize {
+        if k_format(ty).is_some() {
+            256
+        } else {
+            32
+        }
+    }
+
     fn random_row(rng: &mut Rng, ty: GgmlType, nb: usize) -> Vec<u8> {
-        let x: Vec<f32> = (0..nb * 32).map(|_| rng.weight() * 3.0).collect();
+        let x: Vec<f32> = (0..nb * block_len(ty))
+            .map(|_| rng.weight() * 3.0)
+            .collect();
         let mut w = vec![0u8; nb * ty.block_bytes()];
         quantize_row(ty, &x, &mut w).unwrap();
         w
@@ -390,10 +567,10 @@ pub(crate) mod tests {
             let act_ty = int_dot::activation_type(ty);
             for nb in [1, 3, 16, 18, 28, 40] {
                 let w = random_row(&mut rng, ty, nb);
-                let x: Vec<f32> = (0..nb * 32).map(|_| rng.weight()).collect();
+                let x: Vec<f32> = (0..nb * block_len(ty)).map(|_| rng.weight()).collect();
                 let mut a = vec![0u8; nb * act_ty.block_bytes()];
                 quantize_row(act_ty, &x, &mut a).unwrap();
-                let mut ap = vec![0u8; packed_act_bytes(nb * 32)];
+                let mut ap = vec![0u8; packed_act_bytes(ty, x.len())];
                 pack_activations(ty, &a, &mut ap).unwrap();
                 let got = packed_dot(ty, &w, &ap).unwrap();
                 let want = int_dot::vec_dot(ty, &w, &a).unwrap();
@@ -411,7 +588,7 @@ pub(crate) mod tests {
         let mut out = vec![0u8; 17];
         assert!(interleave_rows(GgmlType::Q4_0, 18, &[0; 17], &mut out).is_err());
         assert!(interleave_rows(GgmlType::Q4_0, 17, &[0; 34], &mut [0; 34]).is_err());
-        assert!(interleave_rows(GgmlType::Q4_K, 144, &[0; 144], &mut [0; 144]).is_err());
+        assert!(interleave_rows(GgmlType::Q5_K, 176, &[0; 176], &mut [0; 176]).is_err());
         assert!(pack_activations(GgmlType::Q8_0, &[0; 34], &mut [0; 10]).is_err());
         assert!(deinterleave_row(GgmlType::Q8_0, 34, &[0; 68], 2, &mut [0; 34]).is_err());
     }

@@ -6,8 +6,18 @@
 //! `d_w·d_a` scale them, and formats with a min add `m·s` with one more FMA. A token's sixteen
 //! results leave in one store. Integer sums are exact for any input bytes
 //! (|sum| ≤ 32·255·128 + 128·32·128).
+//!
+//! K-quants take the same shape per super-block: Q4_K's eight sub-blocks of 32 (eight images
+//! each, their 6-bit scales unpacked per panel in registers and applied with one `vpmulld` per
+//! sub-block and token; the mins' term one `vpdpwssd` per pair of sub-blocks), Q6_K's sixteen
+//! sub-blocks of 16 (four images each, assembled from low nibbles and high bit pairs, each
+//! sum seeded with the activations' `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤
+//! 16·128·(16·63·128 + 32·16·128) < 2³¹).
 
-use crate::interleave::{format, packed_act_bytes, packed_dot, tile_layout, ACT_BLOCK_BYTES, PANEL};
+use crate::interleave::{
+    format, k_format, packed_act_bytes, packed_dot, tile_layout, ACT_BLOCK_BYTES, PANEL, Q4_K_TILE,
+    Q6_K_TILE,
+};
 use crate::qdot::{InterleavedDotFn, Out, MAX_COLS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
@@ -18,6 +28,8 @@ const T_Q4_1: u8 = 1;
 const T_Q5_0: u8 = 2;
 const T_Q5_1: u8 = 3;
 const T_Q8_0: u8 = 4;
+const T_Q4_K: u8 = 5;
+const T_Q6_K: u8 = 6;
 
 const fn weight_type(t: u8) -> GgmlType {
     match t {
@@ -25,6 +37,8 @@ const fn weight_type(t: u8) -> GgmlType {
         T_Q4_1 => GgmlType::Q4_1,
         T_Q5_0 => GgmlType::Q5_0,
         T_Q5_1 => GgmlType::Q5_1,
+        T_Q4_K => GgmlType::Q4_K,
+        T_Q6_K => GgmlType::Q6_K,
         _ => GgmlType::Q8_0,
     }
 }
@@ -38,6 +52,8 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
         Q5_0 => row_dot::<T_Q5_0>,
         Q5_1 => row_dot::<T_Q5_1>,
         Q8_0 => row_dot::<T_Q8_0>,
+        Q4_K => row_dot::<T_Q4_K>,
+        Q6_K => row_dot::<T_Q6_K>,
         _ => return None,
     })
 }
@@ -56,21 +72,24 @@ unsafe fn row_dot<const T: u8>(
     out: Out,
 ) {
     let ty = weight_type(T);
-    let Some(f) = format(ty) else {
-        return;
+    let (block, block_len) = match (format(ty), k_format(ty)) {
+        (Some(f), _) => (f.block, 32),
+        (_, Some(k)) => (k.block, 256),
+        _ => return,
     };
-    let nb = row_bytes / f.block;
+    let nb = row_bytes / block;
+    let act_bytes = packed_act_bytes(ty, nb * block_len);
     assert!(
         n_rows <= PANEL
             && n_rows * row_bytes <= w.len()
-            && acts.iter().all(|a| a.len() >= packed_act_bytes(nb * 32)),
+            && acts.iter().all(|a| a.len() >= act_bytes),
         "interleaved row_dot: weights or activations shorter than the panel"
     );
     if n_rows < PANEL {
         for r in 0..n_rows {
             let row = &w[r * row_bytes..(r + 1) * row_bytes];
             for (j, a) in acts.iter().enumerate() {
-                let v = packed_dot(ty, row, &a[..packed_act_bytes(nb * 32)]).unwrap_or(f32::NAN);
+                let v = packed_dot(ty, row, &a[..act_bytes]).unwrap_or(f32::NAN);
                 out.put(r, j, &[v]);
             }
         }
@@ -95,6 +114,24 @@ unsafe fn row_dot<const T: u8>(
     }
 }
 
+/// The panel of type `T` at `w` (`nb` tiles) against tokens `a[..N]`.
+///
+/// # Safety
+/// As [`legacy_panel`].
+#[inline(always)]
+unsafe fn panel<const T: u8, const N: usize>(
+    w: *const u8,
+    nb: usize,
+    a: &[*const u8; MAX_COLS],
+    out: Out,
+) {
+    match T {
+        T_Q4_K => q4_k_panel::<N>(w, nb, a, out),
+        T_Q6_K => q6_k_panel::<N>(w, nb, a, out),
+        _ => legacy_panel::<T, N>(w, nb, a, out),
+    }
+}
+
 /// The panel at `w` (`nb` tiles) against tokens `a[..N]`: row `r` of token `j` to
 /// `out.ptr[j·ld + r]`.
 ///
@@ -102,7 +139,7 @@ unsafe fn row_dot<const T: u8>(
 /// As [`row_dot`], lengths checked there; `out` is valid for the panel's rows of N tokens.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn panel<const T: u8, const N: usize>(
+unsafe fn legacy_panel<const T: u8, const N: usize>(
     w: *const u8,
     nb: usize,
     a: &[*const u8; MAX_COLS],
@@ -172,6 +209,207 @@ unsafe fn panel<const T: u8, const N: usize>(
     }
 }
 
+/// The 32-bit word at `p`, broadcast to every lane.
+///
+/// # Safety
+/// `p` is readable for 4 bytes.
+#[inline(always)]
+unsafe fn bcast(p: *const u8) -> __m512i {
+    _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+/// Q4_K panel: per super-block the mins' term first, then eight sub-blocks of eight images,
+/// each sub-block's sums scaled by its 6-bit scale in integers.
+///
+/// # Safety
+/// As [`legacy_panel`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MAX_COLS], out: Out) {
+    let k = &Q4_K_TILE;
+    let tile_len = PANEL * k.block;
+    let six = _mm512_set1_epi32(63);
+    let two = _mm512_set1_epi32(3);
+    let nib = _mm512_set1_epi32(15);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY (weight reads): tile b lies inside the panel's bytes; activation reads inside
+        // token j's super-block b (lengths checked by the caller).
+        let tp = w.add(b * tile_len);
+        let img = |i: usize| _mm512_loadu_si512(tp.add(64 * i).cast());
+        let (s0, s1, s2) = (img(32), img(33), img(34));
+        // 6-bit scales and mins of the eight sub-blocks, one lane per row (GGUF's packing:
+        // j < 4 in the low six bits of bytes j and 4 + j; j ≥ 4 split between the nibbles of
+        // byte 4 + j and the top two bits of bytes j − 4 and j).
+        let byte = |v: __m512i, j: usize, shift: i32| {
+            _mm512_srlv_epi32(v, _mm512_set1_epi32(8 * j as i32 + shift))
+        };
+        let mut scales = [_mm512_setzero_si512(); 8];
+        let mut mins = [_mm512_setzero_si512(); 8];
+        for j in 0..4 {
+            scales[j] = _mm512_and_si512(byte(s0, j, 0), six);
+            mins[j] = _mm512_and_si512(byte(s1, j, 0), six);
+            let top = |v: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(byte(v, j, 6), two));
+            scales[4 + j] = _mm512_or_si512(_mm512_and_si512(byte(s2, j, 0), nib), top(s0));
+            mins[4 + j] = _mm512_or_si512(_mm512_and_si512(byte(s2, j, 4), nib), top(s1));
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(2240).cast()));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(2272).cast()));
+        // Mins: Σ_j m_j · (Σ of sub-block j's activations), pairs of sub-blocks per vpdpwssd.
+        let pairs: [__m512i; 4] = core::array::from_fn(|p| {
+            _mm512_or_si512(mins[2 * p], _mm512_slli_epi32::<16>(mins[2 * p + 1]))
+        });
+        for j in 0..N {
+            let mut m = _mm512_setzero_si512();
+            for (p, v) in pairs.iter().enumerate() {
+                m = _mm512_dpwssd_epi32(m, *v, bcast(a[j].add(b * k.act + 260 + 4 * p)));
+            }
+            let da = _mm512_set1_ps(a[j].add(b * k.act + 256).cast::<f32>().read_unaligned());
+            acc[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, da), acc[j]);
+        }
+        let mut sums = [_mm512_setzero_si512(); N];
+        for c in 0..4 {
+            // Images 8c..8c + 8: low nibbles are sub-block 2c, high nibbles 2c + 1.
+            q4_k_sub::<false, N>(tp, c, scales[2 * c], a, b * k.act, &mut sums);
+            q4_k_sub::<true, N>(tp, c, scales[2 * c + 1], a, b * k.act, &mut sums);
+        }
+        for (j, s) in sums.iter().enumerate() {
+            let da = _mm512_set1_ps(a[j].add(b * k.act + 256).cast::<f32>().read_unaligned());
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, da), acc[j]);
+        }
+    }
+    for (j, v) in acc.iter().enumerate() {
+        // SAFETY: token j's sixteen rows of `out` are valid (caller).
+        _mm512_storeu_ps(out.ptr.add(j * out.ld), *v);
+    }
+}
+
+/// One Q4_K sub-block (`HIGH`: the high nibbles of chunk `c`'s images, else the low ones)
+/// times every token's activations at super-block offset `at`, scaled by `sc` into `sums`.
+///
+/// # Safety
+/// As [`q4_k_panel`].
+#[inline(always)]
+unsafe fn q4_k_sub<const HIGH: bool, const N: usize>(
+    tp: *const u8,
+    c: usize,
+    sc: __m512i,
+    a: &[*const u8; MAX_COLS],
+    at: usize,
+    sums: &mut [__m512i; N],
+) {
+    let low = _mm512_set1_epi8(0x0F);
+    let wv: [__m512i; 8] = core::array::from_fn(|g| {
+        let x = _mm512_loadu_si512(tp.add(64 * (8 * c + g)).cast());
+        if HIGH {
+            _mm512_and_si512(_mm512_srli_epi16::<4>(x), low)
+        } else {
+            _mm512_and_si512(x, low)
+        }
+    });
+    let el = 64 * c + if HIGH { 32 } else { 0 };
+    for (j, s) in sums.iter_mut().enumerate() {
+        let ap = a[j].add(at + el);
+        let mut t = _mm512_setzero_si512();
+        let mut u = _mm512_setzero_si512();
+        for g in (0..8).step_by(2) {
+            t = _mm512_dpbusd_epi32(t, wv[g], bcast(ap.add(4 * g)));
+            u = _mm512_dpbusd_epi32(u, wv[g + 1], bcast(ap.add(4 * g + 4)));
+        }
+        *s = _mm512_add_epi32(*s, _mm512_mullo_epi32(_mm512_add_epi32(t, u), sc));
+    }
+}
+
+/// Q6_K panel: per super-block sixteen sub-blocks of four images, each image's six-bit codes
+/// assembled from a low-nibble image and a high-bit-pair image; sums seeded with `−32·Σa` and
+/// scaled by the sub-block's i8 scale in integers.
+///
+/// # Safety
+/// As [`legacy_panel`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MAX_COLS], out: Out) {
+    let k = &Q6_K_TILE;
+    let tile_len = PANEL * k.block;
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY (weight reads): tile b lies inside the panel's bytes; activation reads inside
+        // token j's super-block b (lengths checked by the caller).
+        let tp = w.add(b * tile_len);
+        let mut sums = [_mm512_setzero_si512(); N];
+        // Half n of the super-block, elements l = 16h..16h + 16 of each of its quarters.
+        for n in 0..2 {
+            for h in 0..2 {
+                q6_k_sub::<0, N>(tp, n, h, a, b * k.act, &mut sums);
+                q6_k_sub::<1, N>(tp, n, h, a, b * k.act, &mut sums);
+                q6_k_sub::<2, N>(tp, n, h, a, b * k.act, &mut sums);
+                q6_k_sub::<3, N>(tp, n, h, a, b * k.act, &mut sums);
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(3328).cast()));
+        for (j, s) in sums.iter().enumerate() {
+            let da = _mm512_set1_ps(a[j].add(b * k.act + 256).cast::<f32>().read_unaligned());
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, da), acc[j]);
+        }
+    }
+    for (j, v) in acc.iter().enumerate() {
+        // SAFETY: token j's sixteen rows of `out` are valid (caller).
+        _mm512_storeu_ps(out.ptr.add(j * out.ld), *v);
+    }
+}
+
+/// Q6_K sub-block `8n + 2Q + h` (quarter `Q` of half `n`, elements `16h..16h + 16` of it)
+/// times every token's activations at super-block offset `at`, into `sums`.
+///
+/// # Safety
+/// As [`q6_k_panel`].
+#[inline(always)]
+unsafe fn q6_k_sub<const Q: usize, const N: usize>(
+    tp: *const u8,
+    n: usize,
+    h: usize,
+    a: &[*const u8; MAX_COLS],
+    at: usize,
+    sums: &mut [__m512i; N],
+) {
+    let img = |i: usize| _mm512_loadu_si512(tp.add(64 * i).cast());
+    let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+    // Element 4c + q of the quarter: low nibble (Q < 2) or high nibble of ql image
+    // 16n + 8·(Q & 1) + c; its two high bits at bits 2Q, 2Q + 1 of qh image 32 + 8n + c.
+    let wv: [__m512i; 4] = core::array::from_fn(|cc| {
+        let c = 4 * h + cc;
+        let ql = img(16 * n + 8 * (Q & 1) + c);
+        let lo = if Q >= 2 {
+            _mm512_srli_epi16::<4>(ql)
+        } else {
+            ql
+        };
+        let qh = img(32 + 8 * n + c);
+        let hi = match Q {
+            0 => _mm512_slli_epi16::<4>(qh),
+            1 => _mm512_slli_epi16::<2>(qh),
+            2 => qh,
+            _ => _mm512_srli_epi16::<2>(qh),
+        };
+        _mm512_or_si512(_mm512_and_si512(lo, low), _mm512_and_si512(hi, pair))
+    });
+    // The i8 scale: byte is % 4 of image 48 + is / 4, sign-extended.
+    let is = 8 * n + 2 * Q + h;
+    let sc = _mm512_srai_epi32::<24>(_mm512_sllv_epi32(
+        img(48 + is / 4),
+        _mm512_set1_epi32(24 - 8 * (is % 4) as i32),
+    ));
+    let el = 128 * n + 32 * Q + 16 * h;
+    for (j, s) in sums.iter_mut().enumerate() {
+        let ap = a[j].add(at);
+        let t = _mm512_dpbusd_epi32(bcast(ap.add(260 + 4 * is)), wv[0], bcast(ap.add(el)));
+        let u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], bcast(ap.add(el + 4)));
+        let t = _mm512_dpbusd_epi32(t, wv[2], bcast(ap.add(el + 8)));
+        let u = _mm512_dpbusd_epi32(u, wv[3], bcast(ap.add(el + 12)));
+        *s = _mm512_add_epi32(*s, _mm512_mullo_epi32(_mm512_add_epi32(t, u), sc));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,7 +438,13 @@ mod tests {
         for ty in crate::interleave::tests::TYPES {
             let act_ty = int_dot::activation_type(ty);
             let dot = row_dot_for(ty).unwrap();
-            for nb in [1usize, 2, 7, 16, 17, 28, 40] {
+            let block_len = crate::interleave::tests::block_len(ty);
+            let sizes: &[usize] = if block_len == 256 {
+                &[1, 2, 5]
+            } else {
+                &[1, 2, 7, 16, 17, 28, 40]
+            };
+            for &nb in sizes {
                 let row_bytes = nb * ty.block_bytes();
                 let rows: Vec<Vec<u8>> = (0..PANEL).map(|_| weights(&mut rng, ty, nb)).collect();
                 let gguf = rows.concat();
@@ -211,10 +455,11 @@ mod tests {
                     let mut packed = Vec::new();
                     for _ in 0..n {
                         let scale = 0.05 + 4.0 * rng.unit().abs();
-                        let x: Vec<f32> = (0..nb * 32).map(|_| rng.weight() * scale).collect();
+                        let x: Vec<f32> =
+                            (0..nb * block_len).map(|_| rng.weight() * scale).collect();
                         let mut a = vec![0u8; nb * act_ty.block_bytes()];
                         quantize_row(act_ty, &x, &mut a).unwrap();
-                        let mut p = vec![0u8; packed_act_bytes(nb * 32)];
+                        let mut p = vec![0u8; packed_act_bytes(ty, x.len())];
                         pack_activations(ty, &a, &mut p).unwrap();
                         std_acts.push(a);
                         packed.push(p);
@@ -256,15 +501,20 @@ mod tests {
     fn weights(rng: &mut Rng, ty: GgmlType, nb: usize) -> Vec<u8> {
         let mut w = vec![0u8; nb * ty.block_bytes()];
         if rng.below(2) == 0 {
-            let x: Vec<f32> = (0..nb * 32).map(|_| rng.weight() * 2.0).collect();
+            let n = nb * crate::interleave::tests::block_len(ty);
+            let x: Vec<f32> = (0..n).map(|_| rng.weight() * 2.0).collect();
             quantize_row(ty, &x, &mut w).unwrap();
         } else {
             w.iter_mut().for_each(|b| *b = rng.next() as u8);
-            let has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+            // The f16 fields sane: d and m (or dmin) at 0 and 2; Q6_K's d last.
+            let halves: &[usize] = match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K => &[0, 2],
+                GgmlType::Q6_K => &[208],
+                _ => &[0],
+            };
             for b in w.chunks_mut(ty.block_bytes()) {
-                b[0..2].copy_from_slice(&rng.small_f16());
-                if has_min {
-                    b[2..4].copy_from_slice(&rng.small_f16());
+                for &at in halves {
+                    b[at..at + 2].copy_from_slice(&rng.small_f16());
                 }
             }
         }
@@ -272,13 +522,32 @@ mod tests {
     }
 
     /// Σ |d·(code − offset)|·|a| + |m·a| over the row: bounds every partial sum either side forms.
+    /// For k-quants, where scales and mins partly cancel, a bound from the largest code and
+    /// scale instead: (|d|·max code·max scale + |dmin|·63) · Σ|a| per super-block.
     fn magnitude(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
         let act_ty = int_dot::activation_type(ty);
-        let n = a.len() / act_ty.block_bytes() * 32;
+        let block_len = crate::interleave::tests::block_len(ty);
+        let n = a.len() / act_ty.block_bytes() * block_len;
         let mut wf = vec![0f32; n];
         let mut af = vec![0f32; n];
         edgelm_quant::dequantize_row(ty, w, &mut wf).unwrap();
         edgelm_quant::dequantize_row(act_ty, a, &mut af).unwrap();
+        let half = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let k_bound = |(b, a): (&[u8], &[f32])| {
+            let sum_a: f32 = a.iter().map(|v| v.abs()).sum();
+            let per_weight = match ty {
+                GgmlType::Q4_K => half(b, 0).abs() * 15.0 * 63.0 + half(b, 2).abs() * 63.0,
+                _ => half(b, 208).abs() * 32.0 * 128.0,
+            };
+            per_weight * sum_a
+        };
+        if block_len == 256 {
+            return w
+                .chunks(ty.block_bytes())
+                .zip(af.chunks(256))
+                .map(k_bound)
+                .sum();
+        }
         let mins: f32 = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
             w.chunks(ty.block_bytes())
                 .zip(af.chunks(32))
