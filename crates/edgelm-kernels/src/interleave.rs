@@ -25,10 +25,10 @@
 //! the block term: `−offset·Σa` as i32 for the signed types, `s = d·Σa` (Q8_1's f16 field) as
 //! f32 for Q4_1 / Q5_1.
 //!
-//! K-quants (Q4_K, Q6_K) are panelled the same way, one tile per 256-element super-block: each
+//! K-quants (Q4_K, Q5_K, Q6_K) are panelled the same way, one tile per 256-element super-block: each
 //! run of quant or scale bytes becomes 64-byte images of four bytes per row ([`KFormat`]), the
 //! f16 fields 32-byte vectors. Their activations (from Q8_K), per super-block: the 256 quants,
-//! `d` as f32, then Q4_K's eight sums of 32 quants as i16, or Q6_K's sixteen `−32·Σa` of 16
+//! `d` as f32, then Q4_K's / Q5_K's eight sums of 32 quants as i16, or Q6_K's sixteen `−32·Σa` of 16
 //! quants as i32 (the code offset, folded in as for the legacy types).
 
 use edgelm_quant::GgmlType;
@@ -91,6 +91,14 @@ pub(crate) const Q4_K_TILE: KFormat = KFormat {
     act: 256 + 4 + 16,
 };
 
+/// Q5_K: d, dmin, 12 bytes of scales and mins, 32 bytes of fifth bits, 128 bytes of nibbles.
+pub(crate) const Q5_K_TILE: KFormat = KFormat {
+    block: 176,
+    words: &[(48, 128, 0), (16, 32, 2048), (4, 12, 2560)],
+    halves: &[(0, 2752), (2, 2784)],
+    act: 256 + 4 + 16,
+};
+
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 i8 scales, d.
 pub(crate) const Q6_K_TILE: KFormat = KFormat {
     block: 210,
@@ -102,6 +110,7 @@ pub(crate) const Q6_K_TILE: KFormat = KFormat {
 pub(crate) const fn k_format(ty: GgmlType) -> Option<&'static KFormat> {
     match ty {
         GgmlType::Q4_K => Some(&Q4_K_TILE),
+        GgmlType::Q5_K => Some(&Q5_K_TILE),
         GgmlType::Q6_K => Some(&Q6_K_TILE),
         _ => None,
     }
@@ -394,7 +403,7 @@ fn pack_k_activations(ty: GgmlType, k: &KFormat, src: &[u8], dst: &mut [u8]) -> 
         out[..256].copy_from_slice(&blk[4..260]);
         out[256..260].copy_from_slice(&blk[..4]);
         let bsum = |j: usize| i16::from_le_bytes([blk[260 + 2 * j], blk[261 + 2 * j]]) as i32;
-        if ty == GgmlType::Q4_K {
+        if ty != GgmlType::Q6_K {
             for j in 0..8 {
                 let pair = (bsum(2 * j) + bsum(2 * j + 1)) as i16;
                 out[260 + 2 * j..262 + 2 * j].copy_from_slice(&pair.to_le_bytes());
@@ -409,7 +418,7 @@ fn pack_k_activations(ty: GgmlType, k: &KFormat, src: &[u8], dst: &mut [u8]) -> 
 }
 
 /// [`packed_dot`] for k-quants: one integer sum per super-block (scales applied in integers),
-/// one f32 scale (and, for Q4_K, the mins' term).
+/// one f32 scale (and, for Q4_K / Q5_K, the mins' term).
 fn packed_k_dot(ty: GgmlType, k: &KFormat, row: &[u8], a: &[u8]) -> f32 {
     let f16_at = |p: &[u8], i: usize| f16::from_le_bytes([p[i], p[i + 1]]).to_f32();
     let mut sum = 0f32;
@@ -417,8 +426,14 @@ fn packed_k_dot(ty: GgmlType, k: &KFormat, row: &[u8], a: &[u8]) -> f32 {
         let x = |e: usize| act[e] as i8 as i32;
         let da = f32::from_le_bytes([act[256], act[257], act[258], act[259]]);
         let mut int = 0i32;
-        if ty == GgmlType::Q4_K {
+        if ty != GgmlType::Q6_K {
             let scales: &[u8; 12] = w[4..16].try_into().unwrap_or(&[0; 12]);
+            // Q5_K: nibbles after 32 bytes of fifth bits (bit j of byte l: element 32j + l).
+            let (qs, five) = if ty == GgmlType::Q5_K {
+                (48, true)
+            } else {
+                (16, false)
+            };
             let mut mins = 0i32;
             for j in 0..8 {
                 let (sc, m) = edgelm_quant::k_quants::get_scale_min_k4(j, scales);
@@ -426,8 +441,10 @@ fn packed_k_dot(ty: GgmlType, k: &KFormat, row: &[u8], a: &[u8]) -> f32 {
                 mins += m as i32 * pair;
                 let s: i32 = (32 * j..32 * j + 32)
                     .map(|e| {
-                        let b = w[16 + (e / 64) * 32 + e % 32];
-                        (if j % 2 == 1 { b >> 4 } else { b & 15 }) as i32 * x(e)
+                        let b = w[qs + (e / 64) * 32 + e % 32];
+                        let lo = if j % 2 == 1 { b >> 4 } else { b & 15 };
+                        let hi = if five { (w[16 + e % 32] >> j) & 1 } else { 0 };
+                        (lo | hi << 4) as i32 * x(e)
                     })
                     .sum();
                 int += sc as i32 * s;
@@ -512,13 +529,14 @@ pub(crate) mod tests {
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 
-    pub(crate) const TYPES: [GgmlType; 7] = [
+    pub(crate) const TYPES: [GgmlType; 8] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
     ];
 
@@ -588,7 +606,7 @@ pub(crate) mod tests {
         let mut out = vec![0u8; 17];
         assert!(interleave_rows(GgmlType::Q4_0, 18, &[0; 17], &mut out).is_err());
         assert!(interleave_rows(GgmlType::Q4_0, 17, &[0; 34], &mut [0; 34]).is_err());
-        assert!(interleave_rows(GgmlType::Q5_K, 176, &[0; 176], &mut [0; 176]).is_err());
+        assert!(interleave_rows(GgmlType::Q3_K, 110, &[0; 110], &mut [0; 110]).is_err());
         assert!(pack_activations(GgmlType::Q8_0, &[0; 34], &mut [0; 10]).is_err());
         assert!(deinterleave_row(GgmlType::Q8_0, 34, &[0; 68], 2, &mut [0; 34]).is_err());
     }

@@ -7,16 +7,17 @@
 //! results leave in one store. Integer sums are exact for any input bytes
 //! (|sum| ≤ 32·255·128 + 128·32·128).
 //!
-//! K-quants take the same shape per super-block: Q4_K's eight sub-blocks of 32 (eight images
-//! each, their 6-bit scales unpacked per panel in registers and applied with one `vpmulld` per
-//! sub-block and token; the mins' term one `vpdpwssd` per pair of sub-blocks), Q6_K's sixteen
+//! K-quants take the same shape per super-block: Q4_K's and Q5_K's eight sub-blocks of 32
+//! (eight images each, Q5_K's fifth bits added under a byte mask; their 6-bit scales unpacked
+//! per panel in registers and applied with one `vpmulld` per sub-block and token; the mins'
+//! term one `vpdpwssd` per pair of sub-blocks), Q6_K's sixteen
 //! sub-blocks of 16 (four images each, assembled from low nibbles and high bit pairs, each
 //! sum seeded with the activations' `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤
 //! 16·128·(16·63·128 + 32·16·128) < 2³¹).
 
 use crate::interleave::{
-    format, k_format, packed_act_bytes, packed_dot, tile_layout, ACT_BLOCK_BYTES, PANEL, Q4_K_TILE,
-    Q6_K_TILE,
+    format, k_format, packed_act_bytes, packed_dot, tile_layout, KFormat, ACT_BLOCK_BYTES, PANEL,
+    Q4_K_TILE, Q5_K_TILE, Q6_K_TILE,
 };
 use crate::qdot::{InterleavedDotFn, Out, MAX_COLS};
 use edgelm_quant::GgmlType;
@@ -30,6 +31,7 @@ const T_Q5_1: u8 = 3;
 const T_Q8_0: u8 = 4;
 const T_Q4_K: u8 = 5;
 const T_Q6_K: u8 = 6;
+const T_Q5_K: u8 = 7;
 
 const fn weight_type(t: u8) -> GgmlType {
     match t {
@@ -39,6 +41,7 @@ const fn weight_type(t: u8) -> GgmlType {
         T_Q5_1 => GgmlType::Q5_1,
         T_Q4_K => GgmlType::Q4_K,
         T_Q6_K => GgmlType::Q6_K,
+        T_Q5_K => GgmlType::Q5_K,
         _ => GgmlType::Q8_0,
     }
 }
@@ -53,6 +56,7 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
         Q5_1 => row_dot::<T_Q5_1>,
         Q8_0 => row_dot::<T_Q8_0>,
         Q4_K => row_dot::<T_Q4_K>,
+        Q5_K => row_dot::<T_Q5_K>,
         Q6_K => row_dot::<T_Q6_K>,
         _ => return None,
     })
@@ -126,7 +130,8 @@ unsafe fn panel<const T: u8, const N: usize>(
     out: Out,
 ) {
     match T {
-        T_Q4_K => q4_k_panel::<N>(w, nb, a, out),
+        T_Q4_K => q4_k_panel::<false, N>(w, nb, a, out),
+        T_Q5_K => q4_k_panel::<true, N>(w, nb, a, out),
         T_Q6_K => q6_k_panel::<N>(w, nb, a, out),
         _ => legacy_panel::<T, N>(w, nb, a, out),
     }
@@ -218,15 +223,22 @@ unsafe fn bcast(p: *const u8) -> __m512i {
     _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
 }
 
-/// Q4_K panel: per super-block the mins' term first, then eight sub-blocks of eight images,
-/// each sub-block's sums scaled by its 6-bit scale in integers.
+/// Q4_K (`FIVE`: Q5_K) panel: per super-block the mins' term first, then eight sub-blocks of
+/// eight images, each sub-block's sums scaled by its 6-bit scale in integers.
 ///
 /// # Safety
 /// As [`legacy_panel`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MAX_COLS], out: Out) {
-    let k = &Q4_K_TILE;
+unsafe fn q4_k_panel<const FIVE: bool, const N: usize>(
+    w: *const u8,
+    nb: usize,
+    a: &[*const u8; MAX_COLS],
+    out: Out,
+) {
+    let k: &KFormat = if FIVE { &Q5_K_TILE } else { &Q4_K_TILE };
+    // Tile offsets: the scale images and the f16 d, dmin (after Q5_K's eight fifth-bit images).
+    let (scale_img, d_at) = if FIVE { (40, 2752) } else { (32, 2240) };
     let tile_len = PANEL * k.block;
     let six = _mm512_set1_epi32(63);
     let two = _mm512_set1_epi32(3);
@@ -237,7 +249,7 @@ unsafe fn q4_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MA
         // token j's super-block b (lengths checked by the caller).
         let tp = w.add(b * tile_len);
         let img = |i: usize| _mm512_loadu_si512(tp.add(64 * i).cast());
-        let (s0, s1, s2) = (img(32), img(33), img(34));
+        let (s0, s1, s2) = (img(scale_img), img(scale_img + 1), img(scale_img + 2));
         // 6-bit scales and mins of the eight sub-blocks, one lane per row (GGUF's packing:
         // j < 4 in the low six bits of bytes j and 4 + j; j ≥ 4 split between the nibbles of
         // byte 4 + j and the top two bits of bytes j − 4 and j).
@@ -253,8 +265,8 @@ unsafe fn q4_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MA
             scales[4 + j] = _mm512_or_si512(_mm512_and_si512(byte(s2, j, 0), nib), top(s0));
             mins[4 + j] = _mm512_or_si512(_mm512_and_si512(byte(s2, j, 4), nib), top(s1));
         }
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(2240).cast()));
-        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(2272).cast()));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(d_at).cast()));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(d_at + 32).cast()));
         // Mins: Σ_j m_j · (Σ of sub-block j's activations), pairs of sub-blocks per vpdpwssd.
         let pairs: [__m512i; 4] = core::array::from_fn(|p| {
             _mm512_or_si512(mins[2 * p], _mm512_slli_epi32::<16>(mins[2 * p + 1]))
@@ -270,8 +282,8 @@ unsafe fn q4_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MA
         let mut sums = [_mm512_setzero_si512(); N];
         for c in 0..4 {
             // Images 8c..8c + 8: low nibbles are sub-block 2c, high nibbles 2c + 1.
-            q4_k_sub::<false, N>(tp, c, scales[2 * c], a, b * k.act, &mut sums);
-            q4_k_sub::<true, N>(tp, c, scales[2 * c + 1], a, b * k.act, &mut sums);
+            q4_k_sub::<false, FIVE, N>(tp, c, scales[2 * c], a, b * k.act, &mut sums);
+            q4_k_sub::<true, FIVE, N>(tp, c, scales[2 * c + 1], a, b * k.act, &mut sums);
         }
         for (j, s) in sums.iter().enumerate() {
             let da = _mm512_set1_ps(a[j].add(b * k.act + 256).cast::<f32>().read_unaligned());
@@ -284,13 +296,14 @@ unsafe fn q4_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MA
     }
 }
 
-/// One Q4_K sub-block (`HIGH`: the high nibbles of chunk `c`'s images, else the low ones)
-/// times every token's activations at super-block offset `at`, scaled by `sc` into `sums`.
+/// One Q4_K sub-block (`HIGH`: the high nibbles of chunk `c`'s images, else the low ones;
+/// `FIVE`: Q5_K, bit `2c + HIGH` of fifth-bit image `g` adds 16 to image `g`) times every
+/// token's activations at super-block offset `at`, scaled by `sc` into `sums`.
 ///
 /// # Safety
 /// As [`q4_k_panel`].
 #[inline(always)]
-unsafe fn q4_k_sub<const HIGH: bool, const N: usize>(
+unsafe fn q4_k_sub<const HIGH: bool, const FIVE: bool, const N: usize>(
     tp: *const u8,
     c: usize,
     sc: __m512i,
@@ -299,12 +312,21 @@ unsafe fn q4_k_sub<const HIGH: bool, const N: usize>(
     sums: &mut [__m512i; N],
 ) {
     let low = _mm512_set1_epi8(0x0F);
+    let sb = 2 * c + HIGH as usize;
+    let bit = _mm512_set1_epi8(1 << sb);
+    let sixteen = _mm512_set1_epi8(16);
     let wv: [__m512i; 8] = core::array::from_fn(|g| {
         let x = _mm512_loadu_si512(tp.add(64 * (8 * c + g)).cast());
-        if HIGH {
+        let v = if HIGH {
             _mm512_and_si512(_mm512_srli_epi16::<4>(x), low)
         } else {
             _mm512_and_si512(x, low)
+        };
+        if FIVE {
+            let qh = _mm512_loadu_si512(tp.add(64 * (32 + g)).cast());
+            _mm512_mask_add_epi8(v, _mm512_test_epi8_mask(qh, bit), v, sixteen)
+        } else {
+            v
         }
     });
     let el = 64 * c + if HIGH { 32 } else { 0 };
@@ -508,7 +530,7 @@ mod tests {
             w.iter_mut().for_each(|b| *b = rng.next() as u8);
             // The f16 fields sane: d and m (or dmin) at 0 and 2; Q6_K's d last.
             let halves: &[usize] = match ty {
-                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K => &[0, 2],
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
                 GgmlType::Q6_K => &[208],
                 _ => &[0],
             };
@@ -537,6 +559,7 @@ mod tests {
             let sum_a: f32 = a.iter().map(|v| v.abs()).sum();
             let per_weight = match ty {
                 GgmlType::Q4_K => half(b, 0).abs() * 15.0 * 63.0 + half(b, 2).abs() * 63.0,
+                GgmlType::Q5_K => half(b, 0).abs() * 31.0 * 63.0 + half(b, 2).abs() * 63.0,
                 _ => half(b, 208).abs() * 32.0 * 128.0,
             };
             per_weight * sum_a
