@@ -558,6 +558,48 @@ pub(crate) mod tests {
         w
     }
 
+    /// Σ |d·(code − offset)|·|a| + |m·a| over the row: bounds every partial sum either side forms.
+    /// For k-quants, where scales and mins partly cancel, a bound from the largest code and
+    /// scale instead: (|d|·max code·max scale + |dmin|·63) · Σ|a| per super-block.
+    pub(crate) fn magnitude(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
+        let act_ty = int_dot::activation_type(ty);
+        let block_len = block_len(ty);
+        let n = a.len() / act_ty.block_bytes() * block_len;
+        let mut wf = vec![0f32; n];
+        let mut af = vec![0f32; n];
+        edgelm_quant::dequantize_row(ty, w, &mut wf).unwrap();
+        edgelm_quant::dequantize_row(act_ty, a, &mut af).unwrap();
+        let half = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let k_bound = |(b, a): (&[u8], &[f32])| {
+            let sum_a: f32 = a.iter().map(|v| v.abs()).sum();
+            let per_weight = match ty {
+                GgmlType::Q4_K => half(b, 0).abs() * 15.0 * 63.0 + half(b, 2).abs() * 63.0,
+                GgmlType::Q5_K => half(b, 0).abs() * 31.0 * 63.0 + half(b, 2).abs() * 63.0,
+                _ => half(b, 208).abs() * 32.0 * 128.0,
+            };
+            per_weight * sum_a
+        };
+        if block_len == 256 {
+            return w
+                .chunks(ty.block_bytes())
+                .zip(af.chunks(256))
+                .map(k_bound)
+                .sum();
+        }
+        let mins: f32 = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            w.chunks(ty.block_bytes())
+                .zip(af.chunks(32))
+                .map(|(b, a)| {
+                    let m = half::f16::from_le_bytes([b[2], b[3]]).to_f32().abs();
+                    m * a.iter().map(|v| v.abs()).sum::<f32>()
+                })
+                .sum()
+        } else {
+            0.0
+        };
+        wf.iter().zip(&af).map(|(w, a)| (w * a).abs()).sum::<f32>() + mins
+    }
+
     /// Raw random bytes (every bit of every field must survive) over whole and partial panels.
     #[test]
     fn interleave_round_trips_and_keeps_the_size() {

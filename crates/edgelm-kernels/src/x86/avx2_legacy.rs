@@ -67,7 +67,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         isa: Isa::Avx2,
         row_dot,
         quantize,
-        interleaved: None,
+        interleaved: super::avx2_interleaved::row_dot_for(ty),
     })
 }
 

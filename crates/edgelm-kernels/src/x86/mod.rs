@@ -1,4 +1,5 @@
 pub mod avx2;
+mod avx2_interleaved;
 mod avx2_kquants;
 mod avx2_legacy;
 pub mod avx2_quant;

@@ -1,0 +1,290 @@
+//! AVX2 row dots over interleaved legacy weights (see [`crate::interleave`]): the AVX-512
+//! panels' layout, read half a panel (eight rows, one 256-bit half of every image) at a time.
+//! Without `vpdpbusd`, each image times four broadcast activation bytes is `maddubs` (u8 × i8
+//! → i16 pairs); nibble codes (≤ 31) let the i16 sums of four or eight images add up before one
+//! `madd` with ones widens them to i32 (|sum| ≤ 8·2·15·127 or 4·2·31·127 < 2¹⁵). Q8_0's codes
+//! go back to signed bytes and take the sign trick (`maddubs(|q|, sign(a, q))`, ≤ 2·128·127),
+//! one `madd` per image. Integer sums are exact for activation quants in [−127, 127] — all the
+//! Q8 quantizers produce.
+
+use crate::interleave::{
+    format, packed_act_bytes, packed_dot, tile_layout, ACT_BLOCK_BYTES, PANEL,
+};
+use crate::qdot::{InterleavedDotFn, Out};
+use edgelm_quant::GgmlType;
+use std::arch::x86_64::*;
+
+const T_Q4_0: u8 = 0;
+const T_Q4_1: u8 = 1;
+const T_Q5_0: u8 = 2;
+const T_Q5_1: u8 = 3;
+const T_Q8_0: u8 = 4;
+
+const fn weight_type(t: u8) -> GgmlType {
+    match t {
+        T_Q4_0 => GgmlType::Q4_0,
+        T_Q4_1 => GgmlType::Q4_1,
+        T_Q5_0 => GgmlType::Q5_0,
+        T_Q5_1 => GgmlType::Q5_1,
+        _ => GgmlType::Q8_0,
+    }
+}
+
+/// Tokens per pass over a half panel: their accumulators and the current image fill the
+/// sixteen 256-bit registers.
+const TOKENS: usize = 4;
+
+/// The interleaved row dot for `ty`, if it has one.
+pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => row_dot::<T_Q4_0>,
+        Q4_1 => row_dot::<T_Q4_1>,
+        Q5_0 => row_dot::<T_Q5_0>,
+        Q5_1 => row_dot::<T_Q5_1>,
+        Q8_0 => row_dot::<T_Q8_0>,
+        _ => return None,
+    })
+}
+
+/// [`crate::qdot::RowDotFn`] over one panel of interleaved rows (or a last partial panel, GGUF
+/// order); each `acts[j]` one packed token.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+unsafe fn row_dot<const T: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    acts: &[&[u8]],
+    out: Out,
+) {
+    let ty = weight_type(T);
+    let Some(f) = format(ty) else {
+        return;
+    };
+    let nb = row_bytes / f.block;
+    let act_bytes = packed_act_bytes(ty, nb * 32);
+    assert!(
+        n_rows <= PANEL
+            && n_rows * row_bytes <= w.len()
+            && acts.iter().all(|a| a.len() >= act_bytes),
+        "interleaved row_dot: weights or activations shorter than the panel"
+    );
+    if n_rows < PANEL {
+        for r in 0..n_rows {
+            let row = &w[r * row_bytes..(r + 1) * row_bytes];
+            for (j, a) in acts.iter().enumerate() {
+                let v = packed_dot(ty, row, &a[..act_bytes]).unwrap_or(f32::NAN);
+                out.put(r, j, &[v]);
+            }
+        }
+        return;
+    }
+    for (chunk, a) in acts.chunks(TOKENS).enumerate() {
+        let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
+        for half in 0..2 {
+            let o = Out {
+                ptr: out.ptr.add(chunk * TOKENS * out.ld + 8 * half),
+                ld: out.ld,
+            };
+            match a.len() {
+                1 => half_panel::<T, 1>(w.as_ptr(), nb, half, &p, o),
+                2 => half_panel::<T, 2>(w.as_ptr(), nb, half, &p, o),
+                3 => half_panel::<T, 3>(w.as_ptr(), nb, half, &p, o),
+                _ => half_panel::<T, 4>(w.as_ptr(), nb, half, &p, o),
+            }
+        }
+    }
+}
+
+/// Rows `8·half..8·half + 8` of the panel at `w` (`nb` tiles) against tokens `a[..N]`: row
+/// `r` of token `j` to `out.ptr[j·ld + r]`.
+///
+/// # Safety
+/// As [`row_dot`], lengths checked there; `out` is valid for the eight rows of N tokens.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_panel<const T: u8, const N: usize>(
+    w: *const u8,
+    nb: usize,
+    half: usize,
+    a: &[*const u8; TOKENS],
+    out: Out,
+) {
+    let Some(f) = format(weight_type(T)) else {
+        return;
+    };
+    let lay = tile_layout(f);
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // Fifth bits: byte k of the half's 32-bit mask word spread over bytes 8k..8k + 8, then
+    // each byte tests its own bit.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let sixteen = _mm256_set1_epi8(16);
+    let flip = _mm256_set1_epi8(-128);
+    // i16 sums of this many images stay below 2¹⁵ before widening (see the module note).
+    let run = match T {
+        T_Q8_0 => 1,
+        T_Q5_0 | T_Q5_1 => 4,
+        _ => 8,
+    };
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY (weight reads): tile b lies inside the panel; half `half` of each 64-byte image
+        // is 32 bytes at +32·half. Activation reads inside token j's block b.
+        let tp = w.add(b * lay.len);
+        let image = |g: usize| -> __m256i {
+            let v = if f.nibbles {
+                let x = _mm256_loadu_si256(tp.add(lay.quants + 64 * (g % 4) + 32 * half).cast());
+                if g < 4 {
+                    _mm256_and_si256(x, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), low)
+                }
+            } else {
+                // Back to the signed quant.
+                let x = _mm256_loadu_si256(tp.add(lay.quants + 64 * g + 32 * half).cast());
+                _mm256_xor_si256(x, flip)
+            };
+            if f.high {
+                let mask = tp
+                    .add(lay.high + 8 * g + 4 * half)
+                    .cast::<i32>()
+                    .read_unaligned();
+                let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(mask), spread);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+                _mm256_add_epi8(v, _mm256_and_si256(set, sixteen))
+            } else {
+                v
+            }
+        };
+        let mut sums: [__m256i; N] = core::array::from_fn(|j| {
+            if f.min || T == T_Q8_0 {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_set1_epi32(
+                    a[j].add(b * ACT_BLOCK_BYTES + 36)
+                        .cast::<i32>()
+                        .read_unaligned(),
+                )
+            }
+        });
+        let mut s16 = [_mm256_setzero_si256(); N];
+        for g in 0..8 {
+            let v = image(g);
+            let magnitude = _mm256_abs_epi8(v);
+            for j in 0..N {
+                let x = a[j]
+                    .add(b * ACT_BLOCK_BYTES + 4 * g)
+                    .cast::<i32>()
+                    .read_unaligned();
+                let x = _mm256_set1_epi32(x);
+                let p = if T == T_Q8_0 {
+                    _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
+                } else {
+                    _mm256_maddubs_epi16(v, x)
+                };
+                s16[j] = _mm256_add_epi16(s16[j], p);
+                if (g + 1) % run == 0 {
+                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(s16[j], ones));
+                    s16[j] = _mm256_setzero_si256();
+                }
+            }
+        }
+        let halves = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(tp.add(at + 16 * half).cast()));
+        let dw = halves(lay.d);
+        for j in 0..N {
+            let ap = a[j].add(b * ACT_BLOCK_BYTES);
+            let da = _mm256_set1_ps(ap.add(32).cast::<f32>().read_unaligned());
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[j]), _mm256_mul_ps(dw, da), acc[j]);
+            if f.min {
+                let s = _mm256_set1_ps(ap.add(36).cast::<f32>().read_unaligned());
+                acc[j] = _mm256_fmadd_ps(halves(lay.m), s, acc[j]);
+            }
+        }
+    }
+    for (j, v) in acc.iter().enumerate() {
+        // SAFETY: token j's eight rows of `out` are valid (caller).
+        _mm256_storeu_ps(out.ptr.add(j * out.ld), *v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interleave::tests::magnitude;
+    use crate::interleave::{interleave_rows, pack_activations};
+    use crate::test_rng::Rng;
+    use edgelm_quant::{int_dot, quantize_row};
+
+    /// Random panels of 1–40 blocks, 1..=9 tokens: every output equals the integer reference
+    /// on the GGUF rows within f32 reordering, and the packed scalar dot likewise.
+    #[test]
+    fn avx2_interleaved_row_dot_matches_scalar() {
+        if !crate::Isa::available().contains(&crate::Isa::Avx2) {
+            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C; the path is untested");
+            return;
+        }
+        let mut rng = Rng(0x5151_7A7A_0101_2323);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ] {
+            let act_ty = int_dot::activation_type(ty);
+            let dot = row_dot_for(ty).unwrap();
+            for nb in [1usize, 3, 16, 28, 40] {
+                let row_bytes = nb * ty.block_bytes();
+                let rows: Vec<Vec<u8>> = (0..PANEL)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..nb * 32).map(|_| rng.weight() * 2.0).collect();
+                        let mut w = vec![0u8; row_bytes];
+                        quantize_row(ty, &x, &mut w).unwrap();
+                        w
+                    })
+                    .collect();
+                let gguf = rows.concat();
+                let mut wp = vec![0u8; gguf.len()];
+                interleave_rows(ty, row_bytes, &gguf, &mut wp).unwrap();
+                for n in 1..=9 {
+                    let mut std_acts = Vec::new();
+                    let mut packed = Vec::new();
+                    for _ in 0..n {
+                        let scale = 0.05 + 4.0 * rng.unit().abs();
+                        let x: Vec<f32> = (0..nb * 32).map(|_| rng.weight() * scale).collect();
+                        let mut a = vec![0u8; nb * act_ty.block_bytes()];
+                        quantize_row(act_ty, &x, &mut a).unwrap();
+                        let mut p = vec![0u8; packed_act_bytes(ty, x.len())];
+                        pack_activations(ty, &a, &mut p).unwrap();
+                        std_acts.push(a);
+                        packed.push(p);
+                    }
+                    let refs: Vec<&[u8]> = packed.iter().map(|p| p.as_slice()).collect();
+                    let mut out = vec![f32::NAN; n * PANEL];
+                    // SAFETY: the CPU was checked; lengths match.
+                    unsafe { dot(&wp, row_bytes, PANEL, &refs, Out::slice(&mut out, PANEL)) };
+                    for (r, row) in rows.iter().enumerate() {
+                        for j in 0..n {
+                            let got = out[j * PANEL + r];
+                            let want = int_dot::vec_dot(ty, row, &std_acts[j]).unwrap();
+                            let scalar = packed_dot(ty, row, &packed[j]).unwrap();
+                            let tol = 1e-5 * magnitude(ty, row, &std_acts[j]) + 1e-6;
+                            assert!(
+                                (got - want).abs() <= tol && (got - scalar).abs() <= tol,
+                                "{ty:?} {nb} blocks, {n} tokens, row {r} token {j}: avx2 {got} \
+                                 int_dot {want} packed {scalar}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
