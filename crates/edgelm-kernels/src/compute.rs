@@ -302,7 +302,8 @@ impl Compute {
 
     /// Repack `w` (GGUF layout) into `dst`, the same length, panels in parallel; pass the
     /// result to `matmul` as a [`Layout::Interleaved`] weight. Any run of whole panels
-    /// ([`INTERLEAVED_PANEL`] rows) can be repacked on its own, so callers can release the source as they go.
+    /// ([`INTERLEAVED_PANEL`] rows) can be repacked on its own, so callers can release the
+    /// source as they go.
     pub fn interleave_into(&self, w: Weight<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
         let bad =
             || KernelError::Shape(format!("cannot interleave {} {}×{}", w.ty, w.rows, w.cols));

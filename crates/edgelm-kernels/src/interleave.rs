@@ -25,11 +25,11 @@
 //! the block term: `−offset·Σa` as i32 for the signed types, `s = d·Σa` (Q8_1's f16 field) as
 //! f32 for Q4_1 / Q5_1.
 //!
-//! K-quants (Q4_K, Q5_K, Q6_K) are panelled the same way, one tile per 256-element super-block: each
-//! run of quant or scale bytes becomes 64-byte images of four bytes per row ([`KFormat`]), the
-//! f16 fields 32-byte vectors. Their activations (from Q8_K), per super-block: the 256 quants,
-//! `d` as f32, then Q4_K's / Q5_K's eight sums of 32 quants as i16, or Q6_K's sixteen `−32·Σa` of 16
-//! quants as i32 (the code offset, folded in as for the legacy types).
+//! K-quants (Q4_K, Q5_K, Q6_K) are panelled the same way, one tile per 256-element super-block:
+//! each run of quant or scale bytes becomes 64-byte images of four bytes per row ([`KFormat`]),
+//! the f16 fields 32-byte vectors. Their activations (from Q8_K), per super-block: the 256
+//! quants, `d` as f32, then Q4_K's / Q5_K's eight sums of 32 quants as i16, or Q6_K's sixteen
+//! `−32·Σa` of 16 quants as i32 (the code offset, folded in as for the legacy types).
 
 use edgelm_quant::GgmlType;
 use half::f16;
@@ -558,7 +558,8 @@ pub(crate) mod tests {
         w
     }
 
-    /// Σ |d·(code − offset)|·|a| + |m·a| over the row: bounds every partial sum either side forms.
+    /// Σ |d·(code − offset)|·|a| + |m·a| over the row: bounds every partial sum either side
+    /// forms.
     /// For k-quants, where scales and mins partly cancel, a bound from the largest code and
     /// scale instead: (|d|·max code·max scale + |dmin|·63) · Σ|a| per super-block.
     pub(crate) fn magnitude(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {

@@ -14,7 +14,7 @@ pub struct WeightRef {
     range: Range<usize>,
     /// Set on the first product: the repacked rows, or None where the GGUF layout is best.
     /// Shared by clones, so a tied output head and the embedding table read one copy.
-    interleaved: Arc<OnceLock<Option<Arc<Vec<u8>>>>>,
+    interleaved: Arc<OnceLock<Option<Vec<u8>>>>,
     pub name: String,
     pub ty: edgelm_gguf::GgmlType,
     pub rows: usize,
@@ -93,7 +93,7 @@ impl WeightRef {
                 let start = self.range.start;
                 self.file.release(start + bytes.start..start + bytes.end);
             }
-            Some(Arc::new(data))
+            Some(data)
         });
         self.view()
     }

@@ -1,4 +1,4 @@
-//! AVX-512 VNNI row dots over interleaved legacy weights (see [`crate::interleave`]) and packed
+//! AVX-512 VNNI row dots over interleaved weights (see [`crate::interleave`]) and packed
 //! activations. Per tile (one block of a panel's sixteen rows) the weights are unpacked once
 //! into eight registers of unsigned codes, lane `r` holding row `r`; for each token, eight
 //! `vpdpbusd` against four activation bytes broadcast to every lane accumulate all sixteen
@@ -10,10 +10,9 @@
 //! K-quants take the same shape per super-block: Q4_K's and Q5_K's eight sub-blocks of 32
 //! (eight images each, Q5_K's fifth bits added under a byte mask; their 6-bit scales unpacked
 //! per panel in registers and applied with one `vpmulld` per sub-block and token; the mins'
-//! term one `vpdpwssd` per pair of sub-blocks), Q6_K's sixteen
-//! sub-blocks of 16 (four images each, assembled from low nibbles and high bit pairs, each
-//! sum seeded with the activations' `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤
-//! 16·128·(16·63·128 + 32·16·128) < 2³¹).
+//! term one `vpdpwssd` per pair of sub-blocks), Q6_K's sixteen sub-blocks of 16 (four images
+//! each, assembled from low nibbles and high bit pairs, each sum seeded with the activations'
+//! `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤ 16·128·(16·63·128 + 32·16·128) < 2³¹).
 
 use crate::interleave::{
     format, k_format, packed_act_bytes, packed_dot, tile_layout, KFormat, ACT_BLOCK_BYTES, PANEL,
