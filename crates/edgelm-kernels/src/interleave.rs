@@ -83,26 +83,45 @@ pub(crate) struct KFormat {
     pub act: usize,
 }
 
-/// Q4_K: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
+/// Q4_K: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles. The tile puts the
+/// scales and f16 fields first, in the order the kernel reads them.
 pub(crate) const Q4_K_TILE: KFormat = KFormat {
     block: 144,
-    words: &[(16, 128, 0), (4, 12, 2048)],
-    halves: &[(0, 2240), (2, 2272)],
+    words: &[(4, 12, 0), (16, 128, 256)],
+    halves: &[(0, 192), (2, 224)],
     act: 256 + 4 + 16,
 };
 
-/// Q5_K: d, dmin, 12 bytes of scales and mins, 32 bytes of fifth bits, 128 bytes of nibbles.
+/// Q5_K: d, dmin, 12 bytes of scales and mins, 32 bytes of fifth bits, 128 bytes of nibbles
+/// (in the tile: scales, d, dmin, fifth bits, nibbles).
 pub(crate) const Q5_K_TILE: KFormat = KFormat {
     block: 176,
-    words: &[(48, 128, 0), (16, 32, 2048), (4, 12, 2560)],
-    halves: &[(0, 2752), (2, 2784)],
+    words: &[(4, 12, 0), (16, 32, 256), (48, 128, 768)],
+    halves: &[(0, 192), (2, 224)],
     act: 256 + 4 + 16,
 };
 
-/// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 i8 scales, d.
+/// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 i8 scales, d. The quant images go
+/// in the order the kernel reads them: for each half `n` and sixteenth `h` of its elements,
+/// the four images of low nibbles of elements `l`, the four of elements `l + 32`, and the four
+/// of their high bits (768 contiguous bytes read together; decoding streams the tile).
 pub(crate) const Q6_K_TILE: KFormat = KFormat {
     block: 210,
-    words: &[(0, 128, 0), (128, 64, 2048), (192, 16, 3072)],
+    words: &[
+        (0, 16, 0),
+        (32, 16, 256),
+        (128, 16, 512),
+        (16, 16, 768),
+        (48, 16, 1024),
+        (144, 16, 1280),
+        (64, 16, 1536),
+        (96, 16, 1792),
+        (160, 16, 2048),
+        (80, 16, 2304),
+        (112, 16, 2560),
+        (176, 16, 2816),
+        (192, 16, 3072),
+    ],
     halves: &[(208, 3328)],
     act: 256 + 4 + 64,
 };

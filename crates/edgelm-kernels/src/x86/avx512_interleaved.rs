@@ -236,8 +236,9 @@ unsafe fn q4_k_panel<const FIVE: bool, const N: usize>(
     out: Out,
 ) {
     let k: &KFormat = if FIVE { &Q5_K_TILE } else { &Q4_K_TILE };
-    // Tile offsets: the scale images and the f16 d, dmin (after Q5_K's eight fifth-bit images).
-    let (scale_img, d_at) = if FIVE { (40, 2752) } else { (32, 2240) };
+    // Tile: three scale images, d and dmin (at byte 192), then Q5_K's fifth-bit images and the
+    // nibble images.
+    const D_AT: usize = 192;
     let tile_len = PANEL * k.block;
     let six = _mm512_set1_epi32(63);
     let two = _mm512_set1_epi32(3);
@@ -248,7 +249,7 @@ unsafe fn q4_k_panel<const FIVE: bool, const N: usize>(
         // token j's super-block b (lengths checked by the caller).
         let tp = w.add(b * tile_len);
         let img = |i: usize| _mm512_loadu_si512(tp.add(64 * i).cast());
-        let (s0, s1, s2) = (img(scale_img), img(scale_img + 1), img(scale_img + 2));
+        let (s0, s1, s2) = (img(0), img(1), img(2));
         // 6-bit scales and mins of the eight sub-blocks, one lane per row (GGUF's packing:
         // j < 4 in the low six bits of bytes j and 4 + j; j ≥ 4 split between the nibbles of
         // byte 4 + j and the top two bits of bytes j − 4 and j).
@@ -264,8 +265,8 @@ unsafe fn q4_k_panel<const FIVE: bool, const N: usize>(
             scales[4 + j] = _mm512_or_si512(_mm512_and_si512(byte(s2, j, 0), nib), top(s0));
             mins[4 + j] = _mm512_or_si512(_mm512_and_si512(byte(s2, j, 4), nib), top(s1));
         }
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(d_at).cast()));
-        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(d_at + 32).cast()));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(D_AT).cast()));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(D_AT + 32).cast()));
         // Mins: Σ_j m_j · (Σ of sub-block j's activations), pairs of sub-blocks per vpdpwssd.
         let pairs: [__m512i; 4] = core::array::from_fn(|p| {
             _mm512_or_si512(mins[2 * p], _mm512_slli_epi32::<16>(mins[2 * p + 1]))
@@ -311,18 +312,20 @@ unsafe fn q4_k_sub<const HIGH: bool, const FIVE: bool, const N: usize>(
     sums: &mut [__m512i; N],
 ) {
     let low = _mm512_set1_epi8(0x0F);
+    // The first nibble image, after the scales (and Q5_K's eight fifth-bit images).
+    let quants = if FIVE { 12 } else { 4 };
     let sb = 2 * c + HIGH as usize;
     let bit = _mm512_set1_epi8(1 << sb);
     let sixteen = _mm512_set1_epi8(16);
     let wv: [__m512i; 8] = core::array::from_fn(|g| {
-        let x = _mm512_loadu_si512(tp.add(64 * (8 * c + g)).cast());
+        let x = _mm512_loadu_si512(tp.add(64 * (quants + 8 * c + g)).cast());
         let v = if HIGH {
             _mm512_and_si512(_mm512_srli_epi16::<4>(x), low)
         } else {
             _mm512_and_si512(x, low)
         };
         if FIVE {
-            let qh = _mm512_loadu_si512(tp.add(64 * (32 + g)).cast());
+            let qh = _mm512_loadu_si512(tp.add(64 * (4 + g)).cast());
             _mm512_mask_add_epi8(v, _mm512_test_epi8_mask(qh, bit), v, sixteen)
         } else {
             v
@@ -395,17 +398,18 @@ unsafe fn q6_k_sub<const Q: usize, const N: usize>(
 ) {
     let img = |i: usize| _mm512_loadu_si512(tp.add(64 * i).cast());
     let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-    // Element 4c + q of the quarter: low nibble (Q < 2) or high nibble of ql image
-    // 16n + 8·(Q & 1) + c; its two high bits at bits 2Q, 2Q + 1 of qh image 32 + 8n + c.
+    // Elements 4cc..4cc + 4 of the quarter's sixteenth h: the low (Q < 2) or high nibbles of
+    // image cc of group 2n + h's low-nibble images (elements l for even Q, l + 32 for odd),
+    // their two high bits at bits 2Q, 2Q + 1 of the group's bit-pair image cc.
+    let group = 12 * (2 * n + h);
     let wv: [__m512i; 4] = core::array::from_fn(|cc| {
-        let c = 4 * h + cc;
-        let ql = img(16 * n + 8 * (Q & 1) + c);
+        let ql = img(group + 4 * (Q & 1) + cc);
         let lo = if Q >= 2 {
             _mm512_srli_epi16::<4>(ql)
         } else {
             ql
         };
-        let qh = img(32 + 8 * n + c);
+        let qh = img(group + 8 + cc);
         let hi = match Q {
             0 => _mm512_slli_epi16::<4>(qh),
             1 => _mm512_slli_epi16::<2>(qh),
