@@ -135,11 +135,49 @@ pub(crate) const fn k_format(ty: GgmlType) -> Option<&'static KFormat> {
     }
 }
 
-/// GGUF bytes per block of an interleavable type.
-fn block_bytes(ty: GgmlType) -> Option<usize> {
+/// GGUF bytes and elements per block of an interleavable type.
+#[inline(always)]
+pub(crate) fn block_shape(ty: GgmlType) -> Option<(usize, usize)> {
     format(ty)
-        .map(|f| f.block)
-        .or(k_format(ty).map(|k| k.block))
+        .map(|f| (f.block, 32))
+        .or(k_format(ty).map(|k| (k.block, 256)))
+}
+
+/// What every panel row dot does before its SIMD loop (see [`crate::qdot::InterleavedDotFn`]):
+/// the lengths of the panel and of each packed token asserted once; a last partial panel, in
+/// GGUF order, computed here with [`packed_dot`]. For a whole panel, the tiles per row.
+///
+/// # Safety
+/// `out` is valid for every (row, token) of the call.
+#[inline(always)]
+pub(crate) unsafe fn whole_panel_tiles(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    acts: &[&[u8]],
+    out: crate::qdot::Out,
+) -> Option<usize> {
+    let (block, block_len) = block_shape(ty)?;
+    let nb = row_bytes / block;
+    let act_bytes = packed_act_bytes(ty, nb * block_len);
+    assert!(
+        n_rows <= PANEL
+            && n_rows * row_bytes <= w.len()
+            && acts.iter().all(|a| a.len() >= act_bytes),
+        "interleaved row_dot: weights or activations shorter than the panel"
+    );
+    if n_rows == PANEL {
+        return Some(nb);
+    }
+    for r in 0..n_rows {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (j, a) in acts.iter().enumerate() {
+            let v = packed_dot(ty, row, &a[..act_bytes]).unwrap_or(f32::NAN);
+            out.put(r, j, &[v]);
+        }
+    }
+    None
 }
 
 /// Byte offsets inside a tile (one block of a panel's sixteen rows).
@@ -189,7 +227,8 @@ pub struct LayoutError {
 
 /// The type's GGUF block bytes, once `a` and `b` are equally long whole rows of them.
 fn check(ty: GgmlType, row_bytes: usize, a: &[u8], b: &[u8]) -> Result<usize, LayoutError> {
-    block_bytes(ty)
+    block_shape(ty)
+        .map(|(block, _)| block)
         .filter(|&block| {
             a.len() == b.len()
                 && row_bytes > 0
@@ -561,11 +600,7 @@ pub(crate) mod tests {
 
     /// Elements per block of `ty`.
     pub(crate) fn block_len(ty: GgmlType) -> usize {
-        if k_format(ty).is_some() {
-            256
-        } else {
-            32
-        }
+        block_shape(ty).map_or(32, |(_, len)| len)
     }
 
     fn random_row(rng: &mut Rng, ty: GgmlType, nb: usize) -> Vec<u8> {

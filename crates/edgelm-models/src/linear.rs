@@ -121,21 +121,36 @@ impl WeightRef {
         self.range.len()
     }
 
-    /// Row `r` dequantized into `out` (embedding lookup).
-    pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+    /// Rows `ids` (checked against `rows` by the caller) dequantized into consecutive
+    /// `cols`-wide slices of `out`: the embedding lookup. Interleaved rows are gathered back to
+    /// GGUF order through one buffer for the whole call.
+    pub fn rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
         let w = self.view();
-        let row_bytes = w.data.len() / w.rows;
-        let mut row = &w.data[r * row_bytes..(r + 1) * row_bytes];
-        let gguf_order;
-        if w.layout == Layout::Interleaved {
-            let mut bytes = vec![0u8; row_bytes];
-            edgelm_kernels::interleave::deinterleave_row(self.ty, row_bytes, w.data, r, &mut bytes)
-                .map_err(|e| ModelError::Batch(format!("{}: {e}", self.name)))?;
-            gguf_order = bytes;
-            row = &gguf_order;
+        let row_bytes = w.data.len() / w.rows.max(1);
+        let err = |e: &dyn std::fmt::Display| ModelError::Batch(format!("{}: {e}", self.name));
+        let mut gathered = match w.layout {
+            Layout::Interleaved => vec![0u8; row_bytes],
+            Layout::Gguf => Vec::new(),
+        };
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let r = id as usize;
+            let row = match w.layout {
+                Layout::Gguf => &w.data[r * row_bytes..(r + 1) * row_bytes],
+                Layout::Interleaved => {
+                    edgelm_kernels::interleave::deinterleave_row(
+                        self.ty,
+                        row_bytes,
+                        w.data,
+                        r,
+                        &mut gathered,
+                    )
+                    .map_err(|e| err(&e))?;
+                    &gathered
+                }
+            };
+            edgelm_quant::dequantize_row(self.ty, row, dst).map_err(|e| err(&e))?;
         }
-        edgelm_quant::dequantize_row(self.ty, row, out)
-            .map_err(|e| ModelError::Batch(format!("{}: {e}", self.name)))
+        Ok(())
     }
 }
 

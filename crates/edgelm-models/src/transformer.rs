@@ -366,10 +366,7 @@ impl Transformer {
             rope_tables,
         } = &mut *scratch;
         let x = fit(x, n * d);
-        for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd
-                .row(tok as usize, &mut x[t * d..(t + 1) * d])?;
-        }
+        self.tok_embd.rows(tokens, x)?;
         if let Some(s) = self.variant.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }

@@ -7,28 +7,11 @@
 //! one `madd` per image. Integer sums are exact for activation quants in [−127, 127] — all the
 //! Q8 quantizers produce.
 
-use crate::interleave::{
-    format, packed_act_bytes, packed_dot, tile_layout, ACT_BLOCK_BYTES, PANEL,
-};
+use super::{weight_type, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
+use crate::interleave::{format, tile_layout, whole_panel_tiles, ACT_BLOCK_BYTES};
 use crate::qdot::{InterleavedDotFn, Out};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
-
-const T_Q4_0: u8 = 0;
-const T_Q4_1: u8 = 1;
-const T_Q5_0: u8 = 2;
-const T_Q5_1: u8 = 3;
-const T_Q8_0: u8 = 4;
-
-const fn weight_type(t: u8) -> GgmlType {
-    match t {
-        T_Q4_0 => GgmlType::Q4_0,
-        T_Q4_1 => GgmlType::Q4_1,
-        T_Q5_0 => GgmlType::Q5_0,
-        T_Q5_1 => GgmlType::Q5_1,
-        _ => GgmlType::Q8_0,
-    }
-}
 
 /// Tokens per pass over a half panel: their accumulators and the current image fill the
 /// sixteen 256-bit registers.
@@ -59,28 +42,9 @@ unsafe fn row_dot<const T: u8>(
     acts: &[&[u8]],
     out: Out,
 ) {
-    let ty = weight_type(T);
-    let Some(f) = format(ty) else {
+    let Some(nb) = whole_panel_tiles(weight_type(T), w, row_bytes, n_rows, acts, out) else {
         return;
     };
-    let nb = row_bytes / f.block;
-    let act_bytes = packed_act_bytes(ty, nb * 32);
-    assert!(
-        n_rows <= PANEL
-            && n_rows * row_bytes <= w.len()
-            && acts.iter().all(|a| a.len() >= act_bytes),
-        "interleaved row_dot: weights or activations shorter than the panel"
-    );
-    if n_rows < PANEL {
-        for r in 0..n_rows {
-            let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (j, a) in acts.iter().enumerate() {
-                let v = packed_dot(ty, row, &a[..act_bytes]).unwrap_or(f32::NAN);
-                out.put(r, j, &[v]);
-            }
-        }
-        return;
-    }
     for (chunk, a) in acts.chunks(TOKENS).enumerate() {
         let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
         for half in 0..2 {
@@ -218,7 +182,9 @@ unsafe fn half_panel<const T: u8, const N: usize>(
 mod tests {
     use super::*;
     use crate::interleave::tests::magnitude;
-    use crate::interleave::{interleave_rows, pack_activations};
+    use crate::interleave::{
+        interleave_rows, pack_activations, packed_act_bytes, packed_dot, PANEL,
+    };
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 

@@ -13,32 +13,26 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
+use super::{T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
-/// Weight formats, as const-generic tags.
-const WQ4_0: u8 = 0;
-const WQ4_1: u8 = 1;
-const WQ5_0: u8 = 2;
-const WQ5_1: u8 = 3;
-const WQ8_0: u8 = 4;
-
 /// Bytes of one weight block.
 const fn w_bytes(t: u8) -> usize {
     match t {
-        WQ4_0 => 18,
-        WQ4_1 => 20,
-        WQ5_0 => 22,
-        WQ5_1 => 24,
+        T_Q4_0 => 18,
+        T_Q4_1 => 20,
+        T_Q5_0 => 22,
+        T_Q5_1 => 24,
         _ => 34,
     }
 }
 
 /// Formats `x = q·d + m`: unsigned quants, paired with Q8_1 activations for the min term.
 const fn has_min(t: u8) -> bool {
-    matches!(t, WQ4_1 | WQ5_1)
+    matches!(t, T_Q4_1 | T_Q5_1)
 }
 
 /// Bytes of one activation block (Q8_1: d, s, 32 quants; Q8_0: d, 32 quants).
@@ -54,11 +48,11 @@ const fn a_bytes(t: u8) -> usize {
 pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
     use GgmlType::*;
     let (act, row_dot, quantize): (GgmlType, RowDotFn, QuantizeFn) = match ty {
-        Q4_0 => (Q8_0, row_dot::<WQ4_0>, quantize_row_q8_0),
-        Q4_1 => (Q8_1, row_dot::<WQ4_1>, quantize_row_q8_1),
-        Q5_0 => (Q8_0, row_dot::<WQ5_0>, quantize_row_q8_0),
-        Q5_1 => (Q8_1, row_dot::<WQ5_1>, quantize_row_q8_1),
-        Q8_0 => (Q8_0, row_dot::<WQ8_0>, quantize_row_q8_0),
+        Q4_0 => (Q8_0, row_dot::<T_Q4_0>, quantize_row_q8_0),
+        Q4_1 => (Q8_1, row_dot::<T_Q4_1>, quantize_row_q8_1),
+        Q5_0 => (Q8_0, row_dot::<T_Q5_0>, quantize_row_q8_0),
+        Q5_1 => (Q8_1, row_dot::<T_Q5_1>, quantize_row_q8_1),
+        Q8_0 => (Q8_0, row_dot::<T_Q8_0>, quantize_row_q8_0),
         _ => return None,
     };
     Some(QuantKernel {
@@ -198,17 +192,17 @@ unsafe fn unpack<const T: u8>(p: *const u8) -> __m256i {
     // SAFETY (all loads): each stays inside the block of w_bytes(T) bytes at `p`.
     match T {
         // Q4_0 [d, qs[16]]: nibbles, minus 8.
-        WQ4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+        T_Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
         // Q4_1 [d, m, qs[16]]: nibbles as they are.
-        WQ4_1 => nibbles(p.add(4)),
+        T_Q4_1 => nibbles(p.add(4)),
         // Q5_0 [d, qh, qs[16]]: q - 16 is the nibble when the fifth bit is set, else the
         // nibble with 0xF0 or'ed in (nibble - 16 in two's complement).
-        WQ5_0 => _mm256_or_si256(
+        T_Q5_0 => _mm256_or_si256(
             nibbles(p.add(6)),
             _mm256_andnot_si256(high_bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8)),
         ),
         // Q5_1 [d, m, qh, qs[16]]: nibble | fifth bit << 4.
-        WQ5_1 => _mm256_or_si256(
+        T_Q5_1 => _mm256_or_si256(
             nibbles(p.add(8)),
             _mm256_and_si256(high_bits(p.add(4)), _mm256_set1_epi8(0x10)),
         ),

@@ -14,36 +14,14 @@
 //! each, assembled from low nibbles and high bit pairs, each sum seeded with the activations'
 //! `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤ 16·128·(16·63·128 + 32·16·128) < 2³¹).
 
+use super::{weight_type, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0};
 use crate::interleave::{
-    format, k_format, packed_act_bytes, packed_dot, tile_layout, KFormat, ACT_BLOCK_BYTES, PANEL,
-    Q4_K_TILE, Q5_K_TILE, Q6_K_TILE,
+    format, tile_layout, whole_panel_tiles, KFormat, ACT_BLOCK_BYTES, PANEL, Q4_K_TILE, Q5_K_TILE,
+    Q6_K_TILE,
 };
 use crate::qdot::{InterleavedDotFn, Out, MAX_COLS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
-
-/// Format tags for the const generic.
-const T_Q4_0: u8 = 0;
-const T_Q4_1: u8 = 1;
-const T_Q5_0: u8 = 2;
-const T_Q5_1: u8 = 3;
-const T_Q8_0: u8 = 4;
-const T_Q4_K: u8 = 5;
-const T_Q6_K: u8 = 6;
-const T_Q5_K: u8 = 7;
-
-const fn weight_type(t: u8) -> GgmlType {
-    match t {
-        T_Q4_0 => GgmlType::Q4_0,
-        T_Q4_1 => GgmlType::Q4_1,
-        T_Q5_0 => GgmlType::Q5_0,
-        T_Q5_1 => GgmlType::Q5_1,
-        T_Q4_K => GgmlType::Q4_K,
-        T_Q6_K => GgmlType::Q6_K,
-        T_Q5_K => GgmlType::Q5_K,
-        _ => GgmlType::Q8_0,
-    }
-}
 
 /// The interleaved row dot for `ty`, if it has one.
 pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
@@ -74,30 +52,9 @@ unsafe fn row_dot<const T: u8>(
     acts: &[&[u8]],
     out: Out,
 ) {
-    let ty = weight_type(T);
-    let (block, block_len) = match (format(ty), k_format(ty)) {
-        (Some(f), _) => (f.block, 32),
-        (_, Some(k)) => (k.block, 256),
-        _ => return,
-    };
-    let nb = row_bytes / block;
-    let act_bytes = packed_act_bytes(ty, nb * block_len);
-    assert!(
-        n_rows <= PANEL
-            && n_rows * row_bytes <= w.len()
-            && acts.iter().all(|a| a.len() >= act_bytes),
-        "interleaved row_dot: weights or activations shorter than the panel"
-    );
-    if n_rows < PANEL {
-        for r in 0..n_rows {
-            let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (j, a) in acts.iter().enumerate() {
-                let v = packed_dot(ty, row, &a[..act_bytes]).unwrap_or(f32::NAN);
-                out.put(r, j, &[v]);
-            }
-        }
+    let Some(nb) = whole_panel_tiles(weight_type(T), w, row_bytes, n_rows, acts, out) else {
         return;
-    }
+    };
     for (chunk, a) in acts.chunks(MAX_COLS).enumerate() {
         let o = Out {
             ptr: out.ptr.add(chunk * MAX_COLS * out.ld),
@@ -207,8 +164,34 @@ unsafe fn legacy_panel<const T: u8, const N: usize>(
             }
         }
     }
+    store(&acc, out);
+}
+
+/// `acc[j] += sums[j] · d_w · d_a`, token j's `d_a` the f32 at byte `at` of its activations.
+///
+/// # Safety
+/// Each `a[j]` is readable at `at..at + 4`; the CPU has AVX-512F.
+#[inline(always)]
+unsafe fn scale_into<const N: usize>(
+    acc: &mut [__m512; N],
+    sums: &[__m512i; N],
+    dw: __m512,
+    a: &[*const u8; MAX_COLS],
+    at: usize,
+) {
+    for (j, (acc, s)) in acc.iter_mut().zip(sums).enumerate() {
+        let da = _mm512_set1_ps(a[j].add(at).cast::<f32>().read_unaligned());
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, da), *acc);
+    }
+}
+
+/// Token j's sixteen results to `out.ptr[j·ld..]`.
+///
+/// # Safety
+/// `out` is valid for the panel's rows of N tokens; the CPU has AVX-512F.
+#[inline(always)]
+unsafe fn store<const N: usize>(acc: &[__m512; N], out: Out) {
     for (j, v) in acc.iter().enumerate() {
-        // SAFETY: token j's sixteen rows of `out` are valid (caller).
         _mm512_storeu_ps(out.ptr.add(j * out.ld), *v);
     }
 }
@@ -285,15 +268,9 @@ unsafe fn q4_k_panel<const FIVE: bool, const N: usize>(
             q4_k_sub::<false, FIVE, N>(tp, c, scales[2 * c], a, b * k.act, &mut sums);
             q4_k_sub::<true, FIVE, N>(tp, c, scales[2 * c + 1], a, b * k.act, &mut sums);
         }
-        for (j, s) in sums.iter().enumerate() {
-            let da = _mm512_set1_ps(a[j].add(b * k.act + 256).cast::<f32>().read_unaligned());
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, da), acc[j]);
-        }
+        scale_into(&mut acc, &sums, dw, a, b * k.act + 256);
     }
-    for (j, v) in acc.iter().enumerate() {
-        // SAFETY: token j's sixteen rows of `out` are valid (caller).
-        _mm512_storeu_ps(out.ptr.add(j * out.ld), *v);
-    }
+    store(&acc, out);
 }
 
 /// One Q4_K sub-block (`HIGH`: the high nibbles of chunk `c`'s images, else the low ones;
@@ -371,15 +348,9 @@ unsafe fn q6_k_panel<const N: usize>(w: *const u8, nb: usize, a: &[*const u8; MA
             }
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(3328).cast()));
-        for (j, s) in sums.iter().enumerate() {
-            let da = _mm512_set1_ps(a[j].add(b * k.act + 256).cast::<f32>().read_unaligned());
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, da), acc[j]);
-        }
+        scale_into(&mut acc, &sums, dw, a, b * k.act + 256);
     }
-    for (j, v) in acc.iter().enumerate() {
-        // SAFETY: token j's sixteen rows of `out` are valid (caller).
-        _mm512_storeu_ps(out.ptr.add(j * out.ld), *v);
-    }
+    store(&acc, out);
 }
 
 /// Q6_K sub-block `8n + 2Q + h` (quarter `Q` of half `n`, elements `16h..16h + 16` of it)
@@ -439,7 +410,7 @@ unsafe fn q6_k_sub<const Q: usize, const N: usize>(
 mod tests {
     use super::*;
     use crate::interleave::tests::magnitude;
-    use crate::interleave::{interleave_rows, pack_activations, packed_dot};
+    use crate::interleave::{interleave_rows, pack_activations, packed_act_bytes, packed_dot};
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 

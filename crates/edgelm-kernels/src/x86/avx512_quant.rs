@@ -27,39 +27,12 @@
 //! Q5_K) one `vpmaddwd` of the bsums with the mins, scaled by `dmin`. Integer sums are exact
 //! for every input byte; only the f32 accumulation order differs from `edgelm_quant::int_dot`.
 
-use super::{f32_at, u32_at};
+use super::{f32_at, u32_at, weight_type};
+use super::{T_Q2_K, T_Q3_K, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
-
-/// Weight formats, as const-generic tags.
-const T_Q4_0: u8 = 0;
-const T_Q4_1: u8 = 1;
-const T_Q5_0: u8 = 2;
-const T_Q5_1: u8 = 3;
-const T_Q8_0: u8 = 4;
-const T_Q2_K: u8 = 5;
-const T_Q3_K: u8 = 6;
-const T_Q4_K: u8 = 7;
-const T_Q5_K: u8 = 8;
-const T_Q6_K: u8 = 9;
-
-/// The GGUF type a kernel constant stands for.
-const fn weight_type(t: u8) -> GgmlType {
-    match t {
-        T_Q4_0 => GgmlType::Q4_0,
-        T_Q4_1 => GgmlType::Q4_1,
-        T_Q5_0 => GgmlType::Q5_0,
-        T_Q5_1 => GgmlType::Q5_1,
-        T_Q8_0 => GgmlType::Q8_0,
-        T_Q2_K => GgmlType::Q2_K,
-        T_Q3_K => GgmlType::Q3_K,
-        T_Q4_K => GgmlType::Q4_K,
-        T_Q5_K => GgmlType::Q5_K,
-        _ => GgmlType::Q6_K,
-    }
-}
 
 /// Bytes of one weight block.
 const fn w_bytes(t: u8) -> usize {

@@ -7,6 +7,35 @@ pub mod avx512_attention;
 pub mod avx512_interleaved;
 pub mod avx512_quant;
 
+/// Weight formats as const-generic tags, shared by every quantized kernel family.
+const T_Q4_0: u8 = 0;
+const T_Q4_1: u8 = 1;
+const T_Q5_0: u8 = 2;
+const T_Q5_1: u8 = 3;
+const T_Q8_0: u8 = 4;
+const T_Q2_K: u8 = 5;
+const T_Q3_K: u8 = 6;
+const T_Q4_K: u8 = 7;
+const T_Q5_K: u8 = 8;
+const T_Q6_K: u8 = 9;
+
+/// The GGUF type a kernel tag stands for.
+const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
+    use edgelm_quant::GgmlType::*;
+    match t {
+        T_Q4_0 => Q4_0,
+        T_Q4_1 => Q4_1,
+        T_Q5_0 => Q5_0,
+        T_Q5_1 => Q5_1,
+        T_Q8_0 => Q8_0,
+        T_Q2_K => Q2_K,
+        T_Q3_K => Q3_K,
+        T_Q4_K => Q4_K,
+        T_Q5_K => Q5_K,
+        _ => Q6_K,
+    }
+}
+
 /// The little-endian f32 at `p`.
 ///
 /// # Safety
