@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use edgelm_engine::{Engine, GenerateRequest, SamplingParams};
+use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler, SchedulerConfig};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
 use edgelm_kernels::{Compute, Isa, Precision};
 use std::io::Write;
@@ -277,26 +277,37 @@ fn run(a: RunArgs) -> Result<()> {
         penalty_last_n: a.repeat_last_n,
         seed,
     };
-    let mut cache = engine.new_cache(a.ctx);
-    let req = GenerateRequest {
-        prompt: &prompt,
-        max_tokens: a.n_predict,
-        sampling,
+    let req = Request {
         stop: a.stop,
         ignore_eos: a.ignore_eos,
+        ..Request::new(prompt, a.n_predict, sampling)
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut write_err = None;
-    let stats = edgelm_engine::generate(&engine, &mut cache, &req, &mut |piece| {
-        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-            write_err.get_or_insert(e);
+    let mut sched = Scheduler::new(engine, SchedulerConfig::single(a.ctx))?;
+    // Events come back on this thread (the sink runs inside `step`); text goes straight out.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = move |e: Event| {
+        let text = match &e {
+            Event::Token { text, .. } | Event::Done { text, .. } => text.clone(),
+            _ => String::new(),
+        };
+        let mut out = std::io::stdout().lock();
+        let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        // A closed stdout (a pipe whose reader left) ends the request.
+        written.is_ok() && tx.send(e).is_ok()
+    };
+    sched.submit(req, Box::new(sink))?;
+    sched.run_until_idle()?;
+    let mut stats = None;
+    for e in rx.try_iter() {
+        match e {
+            Event::Done { stats: s, .. } => stats = Some(s),
+            Event::Error(msg) => bail!("{msg}"),
+            _ => {}
         }
-    })?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing to stdout");
     }
-    writeln!(out)?;
+    let stats = stats.context("writing to stdout failed; generation stopped")?;
+    let engine = sched.engine();
+    println!();
     eprintln!(
         "load {:.0} ms | prompt {} tokens, {:.1} tok/s | first token {:.0} ms | generated {} tokens, {:.1} tok/s | {} threads, {} {:?}",
         load_ms,
@@ -440,7 +451,8 @@ fn inspect(a: InspectArgs) -> Result<()> {
             } else {
                 a.ctx
             };
-            let plan = edgelm_models::memory_plan(&model, n_ctx, edgelm_models::KvType::F16);
+            let kv = edgelm_models::KvConfig::new(n_ctx, edgelm_models::KvType::F16);
+            let plan = edgelm_models::memory_plan(&model, &kv)?;
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
             let hp = &model.hp;
             println!(
@@ -493,10 +505,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         .map(|&n| ("pp", n))
         .chain(a.n_gen.iter().map(|&n| ("tg", n)));
     for (kind, n) in tests.filter(|t| t.1 > 0) {
-        let mut cache = engine.new_cache(n + 1);
+        let mut cache = engine.new_cache(n + 1)?;
+        let mut scratch = edgelm_models::Scratch::default();
         let mut run = |seed| match kind {
-            "pp" => time_prompt(&engine, &mut cache, n, seed),
-            _ => time_generation(&engine, &mut cache, n, seed),
+            "pp" => time_prompt(&engine, &mut cache, &mut scratch, n, seed),
+            _ => time_generation(&engine, &mut cache, &mut scratch, n, seed),
         };
         run(0)?; // warm-up: page in the weights, size the buffers and the KV cache
         let mut secs = Vec::with_capacity(reps);

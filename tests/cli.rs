@@ -167,7 +167,10 @@ fn prompt_longer_than_context_is_an_error_naming_both_numbers() {
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("8 tokens") && err.contains("holds 4"), "{err}");
+    assert!(
+        err.contains("8 tokens") && err.contains("context length is 4"),
+        "{err}"
+    );
 }
 
 #[test]

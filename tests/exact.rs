@@ -9,7 +9,7 @@ mod common;
 
 use edgelm_engine::Engine;
 use edgelm_kernels::{Compute, Isa, Precision};
-use edgelm_models::Batch;
+use edgelm_models::{Batch, Scratch};
 
 const TOLERANCE: f64 = 0.02;
 
@@ -58,11 +58,12 @@ fn for_each_step(
     for line in refs.iter().filter(|l| l["model"] == model) {
         let ids = common::ids(&line["ids"]);
         let first = line["first"].as_u64().unwrap() as usize;
-        let mut cache = engine.new_cache(0);
-        let batch = Batch::from_tokens(&ids[..ids.len() - 1], 0, 0, true);
+        let mut cache = engine.new_cache(0).unwrap();
+        let seq = cache.alloc();
+        let batch = Batch::from_tokens(&ids[..ids.len() - 1], 0, seq, true);
         let logits = engine
             .model
-            .forward(&engine.compute, &batch, &mut cache)
+            .forward(&engine.compute, &batch, &mut cache, &mut Scratch::default())
             .unwrap();
         for (si, step) in line["steps"].as_array().unwrap().iter().enumerate() {
             let top = step["top"].as_array().unwrap();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use edgelm_engine::{GenerateRequest, SamplingParams};
+use edgelm_engine::{Scheduler, SchedulerConfig};
 use edgelm_kernels::{Compute, Isa, Precision};
 
 #[test]
@@ -71,22 +71,11 @@ fn greedy_generation_reproduces_llama_cpp_for_most_prompts() {
     let mut lines = Vec::new();
     for model in common::MODELS {
         let engine = common::engine(model, Isa::detect());
+        let mut sched = Scheduler::new(engine, SchedulerConfig::single(2048)).unwrap();
         for line in greedy.iter().filter(|l| l["model"] == model) {
             let prompt = common::ids(&line["prompt_ids"]);
             let want = common::ids(&line["greedy_ids"]);
-            let mut cache = engine.new_cache(2048);
-            let req = GenerateRequest {
-                prompt: &prompt,
-                max_tokens: want.len(),
-                sampling: SamplingParams {
-                    temperature: 0.0,
-                    ..Default::default()
-                },
-                stop: Vec::new(),
-                ignore_eos: false,
-            };
-            let stats = edgelm_engine::generate(&engine, &mut cache, &req, &mut |_| {}).unwrap();
-            let got = stats.tokens;
+            let got = common::greedy(&mut sched, &prompt, want.len());
             let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
             if got == want {
                 same += 1;

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use edgelm_engine::Engine;
+use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler};
 use edgelm_kernels::{Compute, Isa};
 use std::path::PathBuf;
 
@@ -52,4 +52,24 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
+}
+
+/// Greedy continuation of `prompt` (at most `max_tokens`) through the scheduler, as `run` does.
+pub fn greedy(sched: &mut Scheduler, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let req = Request::new(prompt.to_vec(), max_tokens, sampling);
+    sched
+        .submit(req, Box::new(move |e: Event| tx.send(e).is_ok()))
+        .unwrap();
+    sched.run_until_idle().unwrap();
+    rx.try_iter()
+        .find_map(|e| match e {
+            Event::Done { stats, .. } => Some(stats.tokens),
+            _ => None,
+        })
+        .expect("the request finished")
 }

@@ -2,7 +2,7 @@
 //! (pp), and generation of `n` tokens one at a time from an empty context (tg).
 
 use crate::{Engine, Result, Rng};
-use edgelm_models::{Batch, KvCache, Logits};
+use edgelm_models::{Batch, KvCache, Logits, Scratch};
 use std::time::{Duration, Instant};
 
 /// Random token ids (llama-bench feeds random tokens too), never a control token at 0.
@@ -15,16 +15,24 @@ fn random_tokens(engine: &Engine, n: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Time one batched forward of `n` tokens from an emptied `cache` (logits for the last only).
-/// The cache is reused across runs, as llama-bench reuses its context: its memory is allocated
-/// once, not inside the timed region.
-pub fn time_prompt(engine: &Engine, cache: &mut KvCache, n: usize, seed: u64) -> Result<Duration> {
+/// The cache and scratch are reused across runs, as llama-bench reuses its context: their
+/// memory is allocated once, not inside the timed region.
+pub fn time_prompt(
+    engine: &Engine,
+    cache: &mut KvCache,
+    scratch: &mut Scratch,
+    n: usize,
+    seed: u64,
+) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
     cache.clear();
+    let seq = cache.alloc();
     let t0 = Instant::now();
     engine.model.forward(
         &engine.compute,
-        &Batch::from_tokens(&tokens, 0, 0, false),
+        &Batch::from_tokens(&tokens, 0, seq, false),
         cache,
+        scratch,
     )?;
     Ok(t0.elapsed())
 }
@@ -33,18 +41,21 @@ pub fn time_prompt(engine: &Engine, cache: &mut KvCache, n: usize, seed: u64) ->
 pub fn time_generation(
     engine: &Engine,
     cache: &mut KvCache,
+    scratch: &mut Scratch,
     n: usize,
     seed: u64,
 ) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
     cache.clear();
+    let seq = cache.alloc();
     let mut logits = Logits::default();
     let t0 = Instant::now();
     for (pos, &t) in tokens.iter().enumerate() {
         engine.model.forward_into(
             &engine.compute,
-            &Batch::from_tokens(&[t], pos, 0, true),
+            &Batch::from_tokens(&[t], pos, seq, true),
             cache,
+            scratch,
             &mut logits,
         )?;
     }

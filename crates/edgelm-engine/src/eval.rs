@@ -1,7 +1,7 @@
 //! Teacher-forced evaluation: per-position scores and llama-perplexity-compatible perplexity.
 
-use crate::{Engine, EngineError, Result};
-use edgelm_models::{Batch, MAX_CHUNK};
+use crate::{Engine, EngineError, Result, SubmitError};
+use edgelm_models::{Batch, Scratch, MAX_CHUNK};
 
 /// One position of a teacher-forced pass: the logit row predicting `next`.
 #[derive(Debug, Clone)]
@@ -30,20 +30,23 @@ pub fn score(
     }
     let n_ctx = engine.context_length(n_ctx);
     if tokens.len() > n_ctx {
-        return Err(EngineError::PromptTooLong {
+        return Err(SubmitError::PromptTooLong {
             prompt: tokens.len(),
             n_ctx,
-            n_ctx_train: engine.model.hp.n_ctx_train,
-        });
+        }
+        .into());
     }
-    let mut cache = engine.new_cache(n_ctx);
+    let mut cache = engine.new_cache(n_ctx)?;
+    let seq = cache.alloc();
+    let mut scratch = Scratch::default();
     let inputs = &tokens[..tokens.len() - 1];
     for (ci, chunk) in inputs.chunks(MAX_CHUNK).enumerate() {
         let start = ci * MAX_CHUNK;
         let logits = engine.model.forward(
             &engine.compute,
-            &Batch::from_tokens(chunk, start, 0, true),
+            &Batch::from_tokens(chunk, start, seq, true),
             &mut cache,
+            &mut scratch,
         )?;
         for i in 0..chunk.len() {
             let row = logits.row(i);
@@ -126,17 +129,22 @@ pub fn perplexity(
     };
     let first = n_ctx / 2;
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+    let mut cache = engine.new_cache(n_ctx)?;
+    let mut scratch = Scratch::default();
     for ci in 0..n_chunks {
         let mut chunk = tokens[ci * n_ctx..(ci + 1) * n_ctx].to_vec();
         if let Some(b) = bos {
             chunk[0] = b;
         }
-        let mut cache = engine.new_cache(n_ctx);
+        cache.clear();
+        let seq = cache.alloc();
         let mut batch = Batch::new();
         for (i, &t) in chunk.iter().enumerate() {
-            batch.push(t, i, 0, i >= first && i + 1 < n_ctx);
+            batch.push(t, i, seq, i >= first && i + 1 < n_ctx);
         }
-        let logits = engine.model.forward(&engine.compute, &batch, &mut cache)?;
+        let logits = engine
+            .model
+            .forward(&engine.compute, &batch, &mut cache, &mut scratch)?;
         for (row, &bi) in logits.batch_index.iter().enumerate() {
             let next = tokens[ci * n_ctx + bi + 1];
             let v = -log_softmax_at(logits.row(row), next);

@@ -1,21 +1,24 @@
-//! The engine: a loaded model with its tokenizer and compute context; generation with sampling
-//! and stop rules; teacher-forced scoring and perplexity. Clients (CLI, later the server) call
-//! this crate, never the kernels.
+//! The engine: a loaded model with its tokenizer and compute context; the step-wise scheduler
+//! that generates for many requests at once (sampling, stop rules, streaming, prefix reuse);
+//! teacher-forced scoring and perplexity. Clients (CLI, server) call this crate, never the
+//! kernels.
 
 pub mod bench;
 mod eval;
-mod generate;
 mod sampler;
+mod scheduler;
+mod sequence;
 mod stop;
 
 pub use eval::{perplexity, score, PerplexityChunk, PerplexityResult, ScoredPosition};
-pub use generate::{generate, GenerateRequest, GenerationStats, StopReason};
 pub use sampler::{apply_penalties, Candidate, Rng, Sampler, SamplingParams};
+pub use scheduler::{Counters, Scheduler, SchedulerConfig, SubmitError};
+pub use sequence::{Event, FinishReason, Request, SequenceStats, Sink, TokenLogprob};
 pub use stop::StopMatcher;
 
 use edgelm_gguf::GgufFile;
 use edgelm_kernels::{Compute, Precision};
-use edgelm_models::{KvCache, KvType, Model, MAX_CHUNK};
+use edgelm_models::{KvCache, KvConfig, KvType, Model};
 use edgelm_tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,24 +31,19 @@ pub enum EngineError {
     Model(#[from] edgelm_models::ModelError),
     #[error(transparent)]
     Tokenizer(#[from] edgelm_tokenizer::TokenizerError),
-    #[error("the prompt is {prompt} tokens but the context holds {n_ctx}; shorten the prompt or raise --ctx (the model was trained on {n_ctx_train})")]
-    PromptTooLong {
-        prompt: usize,
-        n_ctx: usize,
-        n_ctx_train: usize,
-    },
-    #[error("the prompt is empty: give at least one token of text")]
-    EmptyPrompt,
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
     #[error("{0}")]
     Input(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
-/// A model ready to run: weights, tokenizer, and the compute context (ISA + threads).
+/// A model ready to run: weights and tokenizer (immutable, shared), and the compute context
+/// (ISA, threads) of whoever runs it.
 pub struct Engine {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
     pub compute: Compute,
 }
 
@@ -55,20 +53,21 @@ impl Engine {
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let model = edgelm_models::load(file)?;
         Ok(Engine {
-            model,
-            tokenizer,
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
             compute,
         })
     }
 
-    /// A KV cache for one conversation of up to `n_ctx` tokens (0 = the model's trained length).
-    pub fn new_cache(&self, n_ctx: usize) -> KvCache {
-        KvCache::new(
-            &self.model.hp,
-            self.context_length(n_ctx),
-            MAX_CHUNK,
-            self.kv_type(),
-        )
+    /// The KV settings of this engine's path for one sequence of up to `n_ctx` tokens (0 = the
+    /// model's trained length).
+    pub fn kv_config(&self, n_ctx: usize) -> KvConfig {
+        KvConfig::new(self.context_length(n_ctx), self.kv_type())
+    }
+
+    /// A KV cache for one sequence of up to `n_ctx` tokens (0 = the model's trained length).
+    pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
+        Ok(KvCache::new(&self.model.hp, self.kv_config(n_ctx))?)
     }
 
     /// The KV cache type of this engine's path: f16 on the fast path (as llama.cpp), f32 on the

@@ -224,115 +224,125 @@ thread_local! {
     static VALUES: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Consecutive cached rows of one kv head: key and value `j < n` start at `j·stride` of the
-/// row's slices (which start at the first key's first column), `hd` elements each.
+/// The cached rows of one kv head that one attention call reads, as a KV cache of blocks holds
+/// them: position `p` lives in block `blocks[p / block_len]`, slot `p % block_len`, and slot `s`
+/// of the storage starts `s·stride` elements into `rows` (whose slices start at the kv head's
+/// first column). The keys read are positions `first .. first + n`; blocks before `first`'s are
+/// never touched (a sliding window may have released them).
 #[derive(Clone, Copy, Debug)]
-pub struct KvSpan<'a> {
+pub struct KvBlocks<'a> {
     pub rows: KvRow<'a>,
     pub stride: usize,
+    /// Positions per block: a power of two.
+    pub block_len: usize,
+    pub blocks: &'a [u32],
+    pub first: usize,
     pub n: usize,
 }
 
-/// Spans one attention call reads: a ring of cached rows wraps at most once.
-pub const MAX_SPANS: usize = 2;
-
 impl Compute {
     /// `out[r] = Σ_j softmax_j(scale · q[r]·k_j) · v_j` for each query head `r` (rows of `hd`
-    /// values in `q` and `out`), over the keys of `spans` in order (at most [`MAX_SPANS`], of
-    /// one cache type). `scores` is caller-owned scratch so the hot path allocates nothing.
+    /// values in `q` and `out`), over the keys of `kv` in position order. `scores` is
+    /// caller-owned scratch so the hot path allocates nothing.
+    ///
+    /// Panics if `kv` names a block outside its rows or its block length is not a power of two
+    /// (the cache's bug, not input).
     pub fn attend_heads(
         &self,
         q: &[f32],
         hd: usize,
-        spans: &[KvSpan<'_>],
+        kv: &KvBlocks<'_>,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         out.iter_mut().for_each(|o| *o = 0.0);
-        let n_keys: usize = spans.iter().map(|s| s.n).sum();
-        if n_keys == 0 || hd == 0 {
+        if kv.n == 0 || hd == 0 {
             return;
         }
-        let f16 = matches!(spans[0].rows, KvRow::F16(..));
+        let f16 = matches!(kv.rows, KvRow::F16(..));
         match (self.isa(), f16) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512, false) => {
-                typed::<Avx2, f32>(q, hd, spans, scale, scores, out)
-            }
+            (Isa::Avx2 | Isa::Avx512, false) => typed::<Avx2, f32>(q, hd, kv, scale, scores, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, true) => typed::<Avx2, u16>(q, hd, spans, scale, scores, out),
+            (Isa::Avx2, true) => typed::<Avx2, u16>(q, hd, kv, scale, scores, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, true) => typed::<Avx512, u16>(q, hd, spans, scale, scores, out),
-            (_, false) => typed::<Scalar, f32>(q, hd, spans, scale, scores, out),
-            (_, true) => typed::<Scalar, u16>(q, hd, spans, scale, scores, out),
+            (Isa::Avx512, true) => typed::<Avx512, u16>(q, hd, kv, scale, scores, out),
+            (_, false) => typed::<Scalar, f32>(q, hd, kv, scale, scores, out),
+            (_, true) => typed::<Scalar, u16>(q, hd, kv, scale, scores, out),
         }
     }
 }
 
-/// Key and value addresses of the spans, checked once per span.
+/// Key and value addresses of a [`KvBlocks`], its block ids checked once per call.
 #[derive(Clone, Copy)]
-struct Keys<E> {
-    spans: [(*const E, *const E, usize); MAX_SPANS],
+struct Keys<'a, E> {
+    k: *const E,
+    v: *const E,
     stride: usize,
+    shift: u32,
+    blocks: &'a [u32],
+    first: usize,
 }
 
-impl<E> Keys<E> {
+impl<E> Keys<'_, E> {
     /// Key and value `j` (in range by construction).
     #[inline(always)]
     fn get(&self, j: usize) -> (*const E, *const E) {
-        let (k, v, n) = self.spans[0];
-        let (k, v, j) = if j < n {
-            (k, v, j)
-        } else {
-            (self.spans[1].0, self.spans[1].1, j - n)
-        };
-        // SAFETY (of later reads): `typed` checked every span holds its rows.
+        let p = self.first + j;
+        let mask = (1usize << self.shift) - 1;
+        let slot = ((self.blocks[p >> self.shift] as usize) << self.shift) | (p & mask);
+        // SAFETY (of later reads): `typed` checked every block read lies inside the rows.
         (
-            k.wrapping_add(j * self.stride),
-            v.wrapping_add(j * self.stride),
+            self.k.wrapping_add(slot * self.stride),
+            self.v.wrapping_add(slot * self.stride),
         )
     }
 }
 
-/// [`attend`] over rows of type `E`, each span's type and length checked once.
+/// [`attend`] over rows of type `E`, the type and every block read checked once.
 fn typed<V: VecOps<E>, E: KvElem>(
     q: &[f32],
     hd: usize,
-    spans: &[KvSpan<'_>],
+    kv: &KvBlocks<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let (k, v) = E::of(kv.rows).expect("attention: one call reads one cache type");
     assert!(
-        spans.len() <= MAX_SPANS,
-        "attention: {} spans, at most {MAX_SPANS}",
-        spans.len()
+        kv.block_len.is_power_of_two() && kv.stride >= hd,
+        "attention: block length {} is not a power of two, or stride {} < head size {hd}",
+        kv.block_len,
+        kv.stride
     );
-    let stride = spans[0].stride;
-    let mut keys = Keys {
-        spans: [(std::ptr::null(), std::ptr::null(), 0); MAX_SPANS],
-        stride,
+    let (b0, b1) = (
+        kv.first / kv.block_len,
+        (kv.first + kv.n - 1) / kv.block_len,
+    );
+    let ids = kv
+        .blocks
+        .get(b0..=b1)
+        .expect("attention: the block table is shorter than its keys");
+    let need = ids
+        .iter()
+        .map(|&b| (b as usize + 1) * kv.block_len)
+        .max()
+        .unwrap_or(0);
+    let need = (need - 1) * kv.stride + hd;
+    assert!(
+        k.len() >= need && v.len() >= need,
+        "attention: a block outside the cache rows"
+    );
+    let keys = Keys {
+        k: k.as_ptr(),
+        v: v.as_ptr(),
+        stride: kv.stride,
+        shift: kv.block_len.trailing_zeros(),
+        blocks: kv.blocks,
+        first: kv.first,
     };
-    for (slot, span) in keys.spans.iter_mut().zip(spans) {
-        let (k, v) = E::of(span.rows).expect("attention: one call reads one cache type");
-        let need = if span.n == 0 {
-            0
-        } else {
-            (span.n - 1) * stride + hd
-        };
-        assert!(
-            span.stride == stride && k.len() >= need && v.len() >= need,
-            "attention: a span shorter than its rows, or strides that differ"
-        );
-        *slot = (k.as_ptr(), v.as_ptr(), span.n);
-    }
-    // An empty first span would send every key to the second.
-    if keys.spans[0].2 == 0 {
-        keys.spans.swap(0, 1);
-    }
-    let n_keys = spans.iter().map(|s| s.n).sum();
-    attend::<V, E>(q, hd, n_keys, &keys, scale, scores, out)
+    attend::<V, E>(q, hd, kv.n, &keys, scale, scores, out)
 }
 
 /// Keys per block of the online softmax: their scores stay in L1 between the two passes.
@@ -345,7 +355,7 @@ fn attend<V: VecOps<E>, E: KvElem>(
     q: &[f32],
     hd: usize,
     n_keys: usize,
-    kv: &Keys<E>,
+    kv: &Keys<'_, E>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -541,37 +551,39 @@ mod tests {
             let c = Compute::new(isa, 1);
             for f16 in [false, true] {
                 let mut out = vec![0f32; heads * hd];
-                // Rows `stride` apart in one buffer, as the cache lays them out, read as two
-                // spans (a ring that wrapped): the second starts `split` keys in.
-                let stride = hd + 3;
-                let flat = |rows: &[Vec<f32>]| -> Vec<f32> {
-                    rows.iter()
-                        .flat_map(|r| r.iter().copied().chain([f32::NAN; 3]))
-                        .collect()
-                };
-                let flat16 = |rows: &[Vec<u16>]| -> Vec<u16> {
-                    rows.iter()
-                        .flat_map(|r| r.iter().copied().chain([0x7E00; 3]))
-                        .collect()
-                };
-                let (k32, v32, k16, v16) = (
-                    flat(&keys),
-                    flat(&values),
-                    flat16(&keys16),
-                    flat16(&values16),
-                );
-                let split = n_keys / 3;
-                let span = |from: usize, n: usize| KvSpan {
+                // Rows `stride` apart in blocks of four slots, as the cache lays them out; the
+                // blocks in reverse order with a spare block between, the keys starting one
+                // slot into the first block, and NaN everywhere else, so a read of the wrong
+                // slot or past a head shows.
+                let (stride, block_len, first) = (hd + 3, 4, 1);
+                let n_blocks = (first + n_keys).div_ceil(block_len);
+                let blocks: Vec<u32> = (0..n_blocks).map(|b| (2 * (n_blocks - b)) as u32).collect();
+                let slots = (2 * n_blocks + 1) * block_len;
+                let mut k32 = vec![f32::NAN; slots * stride];
+                let mut v32 = k32.clone();
+                let mut k16 = vec![0x7E00u16; slots * stride];
+                let mut v16 = k16.clone();
+                for j in 0..n_keys {
+                    let p = first + j;
+                    let at = (blocks[p / block_len] as usize * block_len + p % block_len) * stride;
+                    k32[at..at + hd].copy_from_slice(&keys[j]);
+                    v32[at..at + hd].copy_from_slice(&values[j]);
+                    k16[at..at + hd].copy_from_slice(&keys16[j]);
+                    v16[at..at + hd].copy_from_slice(&values16[j]);
+                }
+                let kv = KvBlocks {
                     rows: if f16 {
-                        KvRow::F16(&k16[from * stride..], &v16[from * stride..])
+                        KvRow::F16(&k16, &v16)
                     } else {
-                        KvRow::F32(&k32[from * stride..], &v32[from * stride..])
+                        KvRow::F32(&k32, &v32)
                     },
                     stride,
-                    n,
+                    block_len,
+                    blocks: &blocks,
+                    first,
+                    n: n_keys,
                 };
-                let spans = [span(0, split), span(split, n_keys - split)];
-                c.attend_heads(&q, hd, &spans, scale, &mut Vec::new(), &mut out);
+                c.attend_heads(&q, hd, &kv, scale, &mut Vec::new(), &mut out);
                 let (k_ref, v_ref) = if f16 {
                     (widen(&keys16), widen(&values16))
                 } else {

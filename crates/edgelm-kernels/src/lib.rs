@@ -12,7 +12,7 @@ pub mod qdot;
 mod x86;
 
 pub use activation::Activation;
-pub use attention::{KvRow, KvSpan, MAX_SPANS};
+pub use attention::{KvBlocks, KvRow};
 pub use compute::{
     ActivationPrecision, Compute, KernelError, Layout, Precision, Product, Weight, MAX_GROUP,
 };

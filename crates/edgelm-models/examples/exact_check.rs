@@ -1,7 +1,7 @@
 //! Dev check: teacher-forced logits against ../shared/refs/exact.jsonl for one model.
 //! usage: exact_check MODEL_NAME GGUF_PATH REFS_JSONL
 use edgelm_kernels::{Compute, Isa};
-use edgelm_models::{Batch, KvCache, KvType};
+use edgelm_models::{Batch, KvCache, KvConfig, KvType, Scratch};
 use std::sync::Arc;
 
 fn main() {
@@ -23,13 +23,15 @@ fn main() {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
         let first = v["first"].as_u64().unwrap() as usize;
-        let mut cache = KvCache::new(&model.hp, 4096, edgelm_models::MAX_CHUNK, KvType::F32);
+        let mut cache = KvCache::new(&model.hp, KvConfig::new(4096, KvType::F32)).expect("cache");
+        let seq = cache.alloc();
         let t0 = std::time::Instant::now();
         let logits = model
             .forward(
                 &c,
-                &Batch::from_tokens(&ids[..ids.len() - 1], 0, 0, true),
+                &Batch::from_tokens(&ids[..ids.len() - 1], 0, seq, true),
                 &mut cache,
+                &mut Scratch::default(),
             )
             .unwrap();
         let el = t0.elapsed();

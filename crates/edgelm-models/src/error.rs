@@ -24,6 +24,18 @@ pub enum ModelError {
     Metadata { key: String, reason: String },
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("invalid KV cache settings: {0}")]
+    KvConfig(String),
+    #[error("the KV cache is full: all {blocks} blocks of {block_len} positions are held by running sequences; finish or free some, or give the cache a larger budget")]
+    KvFull { blocks: usize, block_len: usize },
+    #[error("sequence {0} is not allocated in this KV cache")]
+    UnknownSequence(usize),
+    #[error("cannot cut sequence {seq} back to {len} positions: {reason}")]
+    Truncate {
+        seq: usize,
+        len: usize,
+        reason: String,
+    },
     #[error("context full: sequence {seq} would reach {needed} tokens but the context holds {n_ctx}; raise --ctx or shorten the input")]
     ContextFull {
         seq: usize,

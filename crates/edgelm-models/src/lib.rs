@@ -1,12 +1,12 @@
-//! Models: shared transformer layers, one file per architecture, the KV cache and the batched
-//! forward pass. This is the precise path: f32 activations and KV cache, weights dequantized
-//! block by block.
+//! Models: shared transformer layers, one file per architecture, the block KV cache and the
+//! batched forward pass. A loaded model is immutable and shared; the KV cache and the scratch
+//! belong to whoever runs it. The arithmetic (fast or precise path) is the `Compute`'s.
 
 mod batch;
 mod error;
 pub mod gemma3;
 pub mod hparams;
-mod kv_cache;
+mod kv;
 pub mod layers;
 mod linear;
 pub mod llama;
@@ -16,9 +16,9 @@ mod transformer;
 pub use batch::{Batch, Logits};
 pub use error::{ModelError, Result};
 pub use hparams::HParams;
-pub use kv_cache::{KvCache, KvType};
+pub use kv::{KvCache, KvConfig, KvStats, KvType, SeqId, DEFAULT_BLOCK_LEN};
 pub use linear::{Linear, WeightRef};
-pub use transformer::{Transformer, MAX_CHUNK};
+pub use transformer::{Scratch, Transformer, MAX_CHUNK};
 
 use edgelm_gguf::GgufFile;
 use std::sync::Arc;
@@ -53,19 +53,19 @@ impl MemoryPlan {
     }
 }
 
-pub fn memory_plan(model: &Model, n_ctx: usize, kv: KvType) -> MemoryPlan {
+pub fn memory_plan(model: &Model, kv: &KvConfig) -> Result<MemoryPlan> {
     let hp = &model.hp;
-    let chunk = MAX_CHUNK.min(n_ctx) as u64;
+    let chunk = MAX_CHUNK.min(kv.n_ctx) as u64;
     let widest = hp
         .layers
         .iter()
         .map(|l| (l.n_head * hp.head_dim).max(l.n_ff).max(hp.n_embd))
         .max()
         .unwrap_or(hp.n_embd) as u64;
-    MemoryPlan {
+    Ok(MemoryPlan {
         weights: model.weight_bytes(),
-        kv_cache: KvCache::max_bytes(hp, n_ctx, MAX_CHUNK, 1, kv),
+        kv_cache: KvCache::plan_bytes(hp, kv)?,
         // Activations of one chunk (x, h, q, k, v, attention, gate, up) plus logits for all of it.
         scratch: 4 * chunk * (8 * widest + hp.n_vocab as u64),
-    }
+    })
 }

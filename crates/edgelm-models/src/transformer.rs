@@ -3,7 +3,7 @@
 
 use crate::batch::{Batch, Logits};
 use crate::hparams::{HParams, LayerShape, Meta};
-use crate::kv_cache::KvCache;
+use crate::kv::KvCache;
 use crate::layers::{rms_norm, Activation, Rope, RopeStyle};
 use crate::linear::{load_vector, Linear, WeightRef};
 use crate::{ModelError, Result};
@@ -11,7 +11,8 @@ use edgelm_gguf::GgufFile;
 use edgelm_kernels::{ActivationPrecision, Compute};
 use std::sync::Arc;
 
-/// The largest chunk of one sequence processed per layer pass; bounds scratch and KV rings.
+/// The largest chunk of a batch processed per layer pass; bounds the scratch and the blocks a
+/// sliding window holds.
 pub const MAX_CHUNK: usize = 512;
 
 /// What distinguishes one architecture's block from another's.
@@ -50,6 +51,8 @@ struct Block {
     post_ffn_norm: Option<Vec<f32>>,
 }
 
+/// A loaded model: immutable, shared between runners (`Arc`). Whoever runs it owns the run
+/// state: a [`KvCache`] and a [`Scratch`].
 pub struct Transformer {
     pub hp: HParams,
     variant: Variant,
@@ -60,7 +63,6 @@ pub struct Transformer {
     file: Arc<GgufFile>,
     /// Per layer, the first layer with the same rotation: whose sin/cos table it reads.
     rope_table_of: Vec<usize>,
-    scratch: std::sync::Mutex<Scratch>,
 }
 
 impl Transformer {
@@ -243,7 +245,6 @@ impl Transformer {
             output,
             file,
             rope_table_of,
-            scratch: Default::default(),
         })
     }
 
@@ -254,7 +255,7 @@ impl Transformer {
     /// Bytes of weights the forward pass reads.
     pub fn weight_bytes(&self) -> u64 {
         let mut total = self.tok_embd.n_bytes() as u64;
-        if !Arc::ptr_eq(&self.file, &self.file) || self.output.weight.name != self.tok_embd.name {
+        if self.output.weight.name != self.tok_embd.name {
             total += self.output.weight.n_bytes() as u64;
         }
         for b in &self.blocks {
@@ -266,14 +267,21 @@ impl Transformer {
     }
 
     /// Run a batch through the model, appending its keys and values to `cache`, and return the
-    /// logits of the tokens that asked for them.
-    pub fn forward(&self, c: &Compute, batch: &Batch, cache: &mut KvCache) -> Result<Logits> {
+    /// logits of the tokens that asked for them. Every sequence of the batch must be allocated
+    /// in `cache`, and its tokens continue it.
+    pub fn forward(
+        &self,
+        c: &Compute,
+        batch: &Batch,
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+    ) -> Result<Logits> {
         let mut logits = Logits {
             batch_index: Vec::new(),
             n_vocab: self.hp.n_vocab,
             data: Vec::new(),
         };
-        self.forward_into(c, batch, cache, &mut logits)?;
+        self.forward_into(c, batch, cache, scratch, &mut logits)?;
         Ok(logits)
     }
 
@@ -284,6 +292,7 @@ impl Transformer {
         c: &Compute,
         batch: &Batch,
         cache: &mut KvCache,
+        scratch: &mut Scratch,
         logits: &mut Logits,
     ) -> Result<()> {
         logits.batch_index.clear();
@@ -323,13 +332,10 @@ impl Transformer {
         for &(s, p, count) in &next {
             cache.check_append(s, p, count)?;
         }
-        // Chunks no longer than the cache's max_batch, or windowed rings would overwrite keys
-        // the chunk still needs.
-        let chunk = MAX_CHUNK.min(cache.max_batch());
         let mut start = 0;
         while start < n {
-            let end = (start + chunk).min(n);
-            self.forward_chunk(c, batch, start..end, cache, logits)?;
+            let end = (start + MAX_CHUNK).min(n);
+            self.forward_chunk(c, batch, start..end, cache, scratch, logits)?;
             start = end;
         }
         Ok(())
@@ -341,6 +347,7 @@ impl Transformer {
         batch: &Batch,
         range: std::ops::Range<usize>,
         cache: &mut KvCache,
+        scratch: &mut Scratch,
         logits: &mut Logits,
     ) -> Result<()> {
         let hp = &self.hp;
@@ -350,8 +357,18 @@ impl Transformer {
         let tokens = &batch.tokens[range.clone()];
         let positions = &batch.positions[range.clone()];
         let seqs = &batch.seqs[range.clone()];
+        // Each sequence's run in the chunk (validated to be contiguous by `forward_into`).
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (seq, first pos, first index)
+        for (t, &s) in seqs.iter().enumerate() {
+            if !runs.iter().any(|r| r.0 == s) {
+                runs.push((s, positions[t], t));
+            }
+        }
+        for &(s, first, _) in &runs {
+            let count = seqs.iter().filter(|&&x| x == s).count();
+            cache.reserve(s, first, count)?;
+        }
 
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let Scratch {
             x,
             h,
@@ -364,7 +381,7 @@ impl Transformer {
             u,
             xs,
             rope_tables,
-        } = &mut *scratch;
+        } = scratch;
         let x = fit(x, n * d);
         self.tok_embd.rows(tokens, x)?;
         if let Some(s) = self.variant.embed_scale {
@@ -432,9 +449,11 @@ impl Transformer {
             }
             x.iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
         }
-        for (t, &s) in seqs.iter().enumerate() {
-            let len = cache.seq_len(s).max(positions[t] + 1);
-            cache.set_len(s, len);
+        let mut run_tokens = Vec::new();
+        for &(s, _, from) in &runs {
+            run_tokens.clear();
+            run_tokens.extend((from..n).filter(|&t| seqs[t] == s).map(|t| tokens[t]));
+            cache.append_tokens(s, &run_tokens);
         }
 
         // Final norm and output head only for the rows that want logits.
@@ -497,9 +516,9 @@ impl Transformer {
             let o = unsafe {
                 std::slice::from_raw_parts_mut(out_ptr.get().add(heads.start), heads.len())
             };
-            let (spans, n_spans) = cache.spans(seqs[t], layer, first, pos + 1 - first, cols);
+            let kv = cache.view(seqs[t], layer, first, pos + 1 - first, cols);
             SCORES.with_borrow_mut(|scores| {
-                c.attend_heads(&q[heads.clone()], hd, &spans[..n_spans], scale, scores, o)
+                c.attend_heads(&q[heads.clone()], hd, &kv, scale, scores, o)
             });
         });
     }
@@ -510,19 +529,28 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Activation buffers of one forward chunk, kept between calls so decoding allocates nothing;
-/// they grow to the largest chunk seen (at most `MAX_CHUNK` tokens).
+/// Activation buffers of one forward chunk of `n ≤ MAX_CHUNK` tokens, owned by whoever runs
+/// the model and kept between calls so decoding allocates nothing; they grow to the largest
+/// chunk seen.
 #[derive(Default)]
-struct Scratch {
+pub struct Scratch {
+    /// Residual stream (n, n_embd).
     x: Vec<f32>,
+    /// Normed input of the attention or FFN (n, n_embd).
     h: Vec<f32>,
+    /// Queries (n, n_head · head_dim).
     q: Vec<f32>,
+    /// Keys and values of the chunk (n, n_head_kv · head_dim).
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Attention output (n, n_head · head_dim).
     att: Vec<f32>,
+    /// Output of the attention or FFN projection (n, n_embd).
     o: Vec<f32>,
+    /// Gate (then GLU output) and up projections (n, n_ff).
     g: Vec<f32>,
     u: Vec<f32>,
+    /// Rows that want logits, normed (wanted, n_embd).
     xs: Vec<f32>,
     /// Rotary sin/cos tables of the chunk's positions, at the index of the first layer with
     /// each distinct rotation (`Transformer::rope_table_of`); the others stay empty.

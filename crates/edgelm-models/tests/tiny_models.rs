@@ -8,7 +8,7 @@ mod common;
 use common::{reference_logits, Arch, Flaw, Rng, Spec, TinyModel};
 use edgelm_gguf::{GgmlType, Value};
 use edgelm_kernels::{Compute, Isa};
-use edgelm_models::{Batch, KvCache, KvType, Model, ModelError, MAX_CHUNK};
+use edgelm_models::{Batch, KvCache, KvConfig, KvType, Model, ModelError, Scratch};
 
 /// Absolute tolerance on logits of magnitude ~1 (f32 forward against the f64 reference).
 const TOL: f64 = 1e-4;
@@ -21,6 +21,19 @@ fn computes() -> Vec<Compute> {
         .into_iter()
         .map(|isa| Compute::new(isa, 2))
         .collect()
+}
+
+/// An f32 cache of `n_ctx` positions per sequence in blocks of `block_len`, with sequences 0
+/// and 1 allocated.
+fn new_cache(model: &Model, n_ctx: usize, block_len: usize) -> KvCache {
+    let cfg = KvConfig {
+        block_len,
+        max_seqs: 2,
+        ..KvConfig::new(n_ctx, KvType::F32)
+    };
+    let mut cache = KvCache::new(&model.hp, cfg).unwrap();
+    assert_eq!((cache.alloc(), cache.alloc()), (0, 1));
+    cache
 }
 
 fn load(m: &TinyModel) -> Model {
@@ -62,7 +75,12 @@ fn assert_close(got: &[Vec<f32>], want: &[Vec<f64>], what: &str) {
 /// Logits of all positions of one sequence, fed as a single batch.
 fn one_batch(model: &Model, c: &Compute, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
     let logits = model
-        .forward(c, &Batch::from_tokens(tokens, 0, 0, true), cache)
+        .forward(
+            c,
+            &Batch::from_tokens(tokens, 0, 0, true),
+            cache,
+            &mut Scratch::default(),
+        )
         .unwrap();
     assert_eq!(logits.batch_index, (0..tokens.len()).collect::<Vec<_>>());
     (0..tokens.len()).map(|i| logits.row(i).to_vec()).collect()
@@ -82,6 +100,7 @@ fn in_steps(
     // One `Logits` reused across steps, as a decoding loop does: each step must see only its
     // own rows.
     let mut logits = edgelm_models::Logits::default();
+    let mut scratch = Scratch::default();
     for start in (from..tokens.len()).step_by(step) {
         let end = (start + step).min(tokens.len());
         model
@@ -89,6 +108,7 @@ fn in_steps(
                 c,
                 &Batch::from_tokens(&tokens[start..end], start, seq, true),
                 cache,
+                &mut scratch,
                 &mut logits,
             )
             .unwrap();
@@ -115,7 +135,7 @@ fn check_against_reference(arch: Arch) {
 
     for c in computes() {
         let isa = c.isa();
-        let new_cache = || KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
+        let new_cache = || new_cache(&model, 32, 16);
 
         // (a) The whole sequence as one batch.
         let got = one_batch(&model, &c, &mut new_cache(), &a);
@@ -141,7 +161,9 @@ fn check_against_reference(arch: Arch) {
             }
         }
         let mut cache = new_cache();
-        let logits = model.forward(&c, &batch, &mut cache).unwrap();
+        let logits = model
+            .forward(&c, &batch, &mut cache, &mut Scratch::default())
+            .unwrap();
         let rows_of = |seq: usize| -> Vec<Vec<f32>> {
             (0..batch.len())
                 .filter(|&i| batch.seqs[i] == seq)
@@ -187,12 +209,7 @@ fn comparison_catches_plausible_mistakes() {
         let model = load(&m);
         let c = Compute::new(Isa::Scalar, 1);
         let tokens = Rng::new(5).tokens(SEQ_LEN, m.spec.n_vocab);
-        let got = one_batch(
-            &model,
-            &c,
-            &mut KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32),
-            &tokens,
-        );
+        let got = one_batch(&model, &c, &mut new_cache(&model, 32, 16), &tokens);
         let mut flaws = vec![Flaw::SwappedRopePairs, Flaw::InterleavedGqa];
         if arch == Arch::Gemma3 {
             flaws.extend([Flaw::NoSlidingWindow, Flaw::FileRopeBaseEverywhere]);
@@ -216,51 +233,60 @@ fn gemma3_every_sixth_layer_is_global() {
     assert_eq!(model.hp.head_dim, 16);
 }
 
-/// With n_ctx larger than window + max_batch, Gemma's local layers keep a ring of slots; feeding
-/// a sequence several times longer than the ring, in steps up to max_batch, must not change
-/// the logits.
+/// With n_ctx larger than the window, Gemma's local layers release the blocks their window has
+/// passed; feeding a sequence several times longer than the window, in steps across block
+/// boundaries, must not change the logits.
 #[test]
-fn gemma3_sliding_window_ring_matches_reference() {
+fn gemma3_sliding_window_blocks_match_reference() {
     let m = TinyModel::random(&Spec::tiny(Arch::Gemma3), 4);
     let model = load(&m);
     let tokens = Rng::new(6).tokens(3 * SEQ_LEN, m.spec.n_vocab);
     let want = reference_logits(&m, &tokens, Flaw::None);
     let c = Compute::new(Isa::detect(), 2);
-    for max_batch in [1, 3, 4] {
-        let mut cache = KvCache::new(&model.hp, 64, max_batch, KvType::F32);
-        let got = in_steps(&model, &c, &mut cache, 0, &tokens, 0, max_batch);
+    for (block_len, step) in [(1, 1), (2, 3), (4, 4), (4, 7)] {
+        let mut cache = new_cache(&model, 64, block_len);
+        let got = in_steps(&model, &c, &mut cache, 0, &tokens, 0, step);
         assert_close(
             &got,
             &want,
-            &format!("ring of window + {max_batch}, steps of {max_batch}"),
+            &format!("blocks of {block_len}, steps of {step}"),
         );
     }
 }
 
-/// A batch longer than the cache's `max_batch` must still be right (the model has to split it).
+/// One batch spread over many blocks, and two sequences whose blocks interleave in the pool.
 #[test]
-fn batch_longer_than_cache_max_batch_matches_reference() {
+fn sequences_over_many_small_blocks_match_reference() {
     for arch in Arch::ALL {
         let m = TinyModel::random(&Spec::tiny(arch), 8);
         let model = load(&m);
-        let tokens = Rng::new(9).tokens(2 * SEQ_LEN, m.spec.n_vocab);
+        let mut rng = Rng::new(9);
+        let (a, b) = (
+            rng.tokens(2 * SEQ_LEN, m.spec.n_vocab),
+            rng.tokens(SEQ_LEN, m.spec.n_vocab),
+        );
         let c = Compute::new(Isa::detect(), 2);
-        let got = one_batch(
-            &model,
-            &c,
-            &mut KvCache::new(&model.hp, 64, 4, KvType::F32),
-            &tokens,
-        );
+        let what = format!("{} blocks of 2", arch.name());
+        let got = one_batch(&model, &c, &mut new_cache(&model, 64, 2), &a);
+        assert_close(&got, &reference_logits(&m, &a, Flaw::None), &what);
+        let mut cache = new_cache(&model, 64, 2);
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        for i in (0..b.len()).step_by(3) {
+            got_a.extend(in_steps(&model, &c, &mut cache, 0, &a[..i + 3], i, 3));
+            got_b.extend(in_steps(&model, &c, &mut cache, 1, &b[..i + 3], i, 3));
+        }
         assert_close(
-            &got,
-            &reference_logits(&m, &tokens, Flaw::None),
-            &format!("{} batch of 24, max_batch 4", arch.name()),
+            &got_a,
+            &reference_logits(&m, &a[..b.len()], Flaw::None),
+            &what,
         );
+        assert_close(&got_b, &reference_logits(&m, &b, Flaw::None), &what);
     }
 }
 
 /// Truncating a sequence (rejected draft tokens) and feeding other tokens must give the logits
-/// of the new sequence, whether the cache kept the prefix or had to clear the sequence.
+/// of the new sequence; where a sliding window already released what the cut needs, truncate
+/// refuses and the caller starts over.
 #[test]
 fn truncate_then_continue_matches_reference() {
     for arch in [Arch::Llama, Arch::Gemma3] {
@@ -269,24 +295,28 @@ fn truncate_then_continue_matches_reference() {
         let c = Compute::new(Isa::detect(), 2);
         let mut rng = Rng::new(11);
         let first = rng.tokens(16, m.spec.n_vocab);
-        for max_batch in [1, 2] {
+        for block_len in [1, 2, 4] {
             for cut in 1..=9 {
                 let keep = first.len() - cut;
-                let mut cache = KvCache::new(&model.hp, 64, max_batch, KvType::F32);
-                in_steps(&model, &c, &mut cache, 0, &first, 0, max_batch);
-                cache.truncate(0, keep);
-                let held = cache.seq_len(0);
-                assert!(
-                    held == keep || held == 0,
-                    "truncate to {keep} left {held} positions"
-                );
+                let mut cache = new_cache(&model, 64, block_len);
+                in_steps(&model, &c, &mut cache, 0, &first, 0, block_len);
+                let held = match cache.truncate(0, keep) {
+                    Ok(()) => keep,
+                    Err(ModelError::Truncate { .. }) if arch == Arch::Gemma3 && cut > block_len => {
+                        cache.free(0).unwrap();
+                        assert_eq!(cache.alloc(), 0);
+                        0
+                    }
+                    Err(e) => panic!("{} cut {cut}, blocks of {block_len}: {e}", arch.name()),
+                };
+                assert_eq!(cache.seq_len(0), held);
                 // Continue with different tokens after the kept prefix.
                 let mut tokens = first[..keep].to_vec();
                 tokens.extend(rng.tokens(4, m.spec.n_vocab));
-                let got = in_steps(&model, &c, &mut cache, 0, &tokens, held, max_batch);
+                let got = in_steps(&model, &c, &mut cache, 0, &tokens, held, block_len);
                 let want = reference_logits(&m, &tokens, Flaw::None);
                 let what = format!(
-                    "{} max_batch {max_batch}: cut {cut} of 16, kept {held}",
+                    "{} blocks of {block_len}: cut {cut} of 16, kept {held}",
                     arch.name()
                 );
                 assert_close(&got, &want[held..], &what);
@@ -315,14 +345,9 @@ fn quantized_weights_match_reference() {
         let want = reference_logits(&m, &tokens, Flaw::None);
         for c in computes() {
             let what = format!("quantized {} {}", arch.name(), c.isa());
-            let got = one_batch(
-                &model,
-                &c,
-                &mut KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32),
-                &tokens,
-            );
+            let got = one_batch(&model, &c, &mut new_cache(&model, 32, 16), &tokens);
             assert_close(&got, &want, &format!("{what}: one batch"));
-            let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
+            let mut cache = new_cache(&model, 32, 16);
             let mut got = in_steps(&model, &c, &mut cache, 0, &tokens[..5], 0, 5);
             got.extend(in_steps(&model, &c, &mut cache, 0, &tokens, 5, 1));
             assert_close(&got, &want, &format!("{what}: prefill then single tokens"));
@@ -417,13 +442,14 @@ fn token_outside_vocabulary_is_rejected() {
     let m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
     let model = load(&m);
     let c = Compute::new(Isa::detect(), 1);
-    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
+    let mut cache = new_cache(&model, 32, 16);
     let bad = m.spec.n_vocab as u32;
     let e = model
         .forward(
             &c,
             &Batch::from_tokens(&[1, bad, 2], 0, 0, true),
             &mut cache,
+            &mut Scratch::default(),
         )
         .unwrap_err();
     assert!(
@@ -443,12 +469,13 @@ fn positions_must_continue_the_cache() {
     let model = load(&m);
     let c = Compute::new(Isa::detect(), 1);
     let tokens = Rng::new(2).tokens(8, m.spec.n_vocab);
-    let mut cache = KvCache::new(&model.hp, 32, MAX_CHUNK, KvType::F32);
+    let mut cache = new_cache(&model, 32, 16);
     model
         .forward(
             &c,
             &Batch::from_tokens(&tokens[..5], 0, 0, true),
             &mut cache,
+            &mut Scratch::default(),
         )
         .unwrap();
 
@@ -459,6 +486,7 @@ fn positions_must_continue_the_cache() {
                 &c,
                 &Batch::from_tokens(&tokens[5..6], start, 0, true),
                 &mut cache,
+                &mut Scratch::default(),
             )
             .unwrap_err();
         let ok = matches!(&e, ModelError::Batch(msg) if msg.contains("position 5") && msg.contains(&format!("not {start}")));
@@ -468,7 +496,9 @@ fn positions_must_continue_the_cache() {
     let mut batch = Batch::new();
     batch.push(tokens[5], 5, 0, true);
     batch.push(tokens[6], 7, 0, true);
-    let e = model.forward(&c, &batch, &mut cache).unwrap_err();
+    let e = model
+        .forward(&c, &batch, &mut cache, &mut Scratch::default())
+        .unwrap_err();
     assert!(
         matches!(&e, ModelError::Batch(msg) if msg.contains("position 7")),
         "{e:?}"
@@ -479,6 +509,7 @@ fn positions_must_continue_the_cache() {
             &c,
             &Batch::from_tokens(&tokens[..1], 3, 1, true),
             &mut cache,
+            &mut Scratch::default(),
         )
         .unwrap_err();
     assert!(
@@ -503,9 +534,14 @@ fn full_context_is_reported() {
     let c = Compute::new(Isa::detect(), 1);
     let tokens = Rng::new(3).tokens(9, m.spec.n_vocab);
 
-    let mut cache = KvCache::new(&model.hp, 8, MAX_CHUNK, KvType::F32);
+    let mut cache = new_cache(&model, 8, 16);
     let e = model
-        .forward(&c, &Batch::from_tokens(&tokens, 0, 0, true), &mut cache)
+        .forward(
+            &c,
+            &Batch::from_tokens(&tokens, 0, 0, true),
+            &mut cache,
+            &mut Scratch::default(),
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -526,6 +562,7 @@ fn full_context_is_reported() {
             &c,
             &Batch::from_tokens(&tokens[8..], 8, 0, true),
             &mut cache,
+            &mut Scratch::default(),
         )
         .unwrap_err();
     assert!(

@@ -1,6 +1,7 @@
 //! Incremental detokenization for streaming generated text.
 
 use crate::Tokenizer;
+use std::ops::Deref;
 
 /// Turns token ids into text as they are generated, emitting only complete UTF-8.
 ///
@@ -11,13 +12,16 @@ use crate::Tokenizer;
 /// vocabulary are ignored. Unlike [`Tokenizer::decode`], no leading space is stripped and no
 /// spaces are cleaned up: the text is the plain concatenation of the pieces, since a stream
 /// usually continues a prompt.
-pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+///
+/// `T` is how the decoder holds the tokenizer: a borrow, or an `Arc` where the decoder lives in
+/// a long-running sequence.
+pub struct StreamDecoder<T: Deref<Target = Tokenizer>> {
+    tokenizer: T,
     pending: Vec<u8>,
 }
 
-impl<'a> StreamDecoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> StreamDecoder<'a> {
+impl<T: Deref<Target = Tokenizer>> StreamDecoder<T> {
+    pub fn new(tokenizer: T) -> StreamDecoder<T> {
         StreamDecoder {
             tokenizer,
             pending: Vec::new(),

@@ -1,0 +1,211 @@
+//! The step-wise scheduler on the smallest real model: prefix reuse, batch invariance, chunked
+//! prefill that never stalls decoding, several choices, cancellation freeing blocks.
+
+mod common;
+
+use edgelm_engine::{Event, Request, SamplingParams, Scheduler, SchedulerConfig};
+use edgelm_kernels::Isa;
+use std::sync::mpsc::{channel, Receiver};
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+fn scheduler(max_running: usize, prefix_cache: bool) -> Scheduler {
+    let cfg = SchedulerConfig {
+        n_ctx: 2048,
+        max_running,
+        max_waiting: 64,
+        step_tokens: 256,
+        kv_budget: None,
+        prefix_cache,
+    };
+    Scheduler::new(common::engine(MODEL, Isa::detect()), cfg).unwrap()
+}
+
+fn greedy_request(prompt: &[u32], max_tokens: usize) -> Request {
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    Request::new(prompt.to_vec(), max_tokens, sampling)
+}
+
+fn submit(s: &mut Scheduler, req: Request) -> Receiver<Event> {
+    let (tx, rx) = channel();
+    s.submit(req, Box::new(move |e: Event| tx.send(e).is_ok()))
+        .unwrap();
+    rx
+}
+
+/// Generated tokens of each choice, from a finished request's events.
+fn tokens_of(rx: &Receiver<Event>) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for e in rx.try_iter() {
+        if let Event::Token { choice, token, .. } = e {
+            if out.len() <= choice {
+                out.resize(choice + 1, Vec::new());
+            }
+            out[choice].push(token);
+        }
+    }
+    out
+}
+
+fn encode(s: &Scheduler, text: &str) -> Vec<u32> {
+    s.engine().tokenizer.encode(text, true, true).unwrap()
+}
+
+const SYSTEM: &str =
+    "You are a careful assistant. Answer briefly and precisely, in plain English, \
+    and never invent facts. If you do not know something, say so. ";
+
+#[test]
+fn a_prefix_hit_gives_the_same_greedy_text_and_skips_its_prefill() {
+    let mut s = scheduler(4, true);
+    let first = encode(
+        &s,
+        &format!("{SYSTEM}Question: what is the capital of France?"),
+    );
+    let second = encode(
+        &s,
+        &format!("{SYSTEM}Question: name three primary colours."),
+    );
+    let rx = submit(&mut s, greedy_request(&first, 24));
+    s.run_until_idle().unwrap();
+    tokens_of(&rx);
+    let before = s.counters().reused_tokens;
+    let rx = submit(&mut s, greedy_request(&second, 24));
+    s.run_until_idle().unwrap();
+    let with_hit = tokens_of(&rx);
+    let reused = s.counters().reused_tokens - before;
+    let shared = first
+        .iter()
+        .zip(&second)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        reused as usize >= shared / 16 * 16 && reused > 0,
+        "reused {reused} tokens of a {shared}-token common prefix"
+    );
+    let mut cold = scheduler(1, false);
+    let rx = submit(&mut cold, greedy_request(&second, 24));
+    cold.run_until_idle().unwrap();
+    assert_eq!(
+        with_hit,
+        tokens_of(&rx),
+        "greedy text with and without the prefix hit"
+    );
+}
+
+/// Each of eight concurrent requests gets the greedy tokens it gets alone.
+#[test]
+fn concurrent_requests_get_what_they_get_alone() {
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "1, 2, 3, 4, 5,",
+        "The three primary colours are",
+        "SELECT name FROM users WHERE",
+        "In 1492, Columbus",
+        "Water boils at",
+    ];
+    let mut alone = Vec::new();
+    let mut s = scheduler(8, false);
+    for p in prompts {
+        let ids = encode(&s, p);
+        let rx = submit(&mut s, greedy_request(&ids, 32));
+        s.run_until_idle().unwrap();
+        alone.push(tokens_of(&rx));
+    }
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let ids = encode(&s, p);
+            submit(&mut s, greedy_request(&ids, 32))
+        })
+        .collect();
+    s.run_until_idle().unwrap();
+    for ((p, rx), want) in prompts.iter().zip(rxs).zip(alone) {
+        assert_eq!(tokens_of(&rx), want, "{p:?} among seven others");
+    }
+}
+
+/// A long prompt arriving while another request decodes is prefilled in chunks; the decoding
+/// request gets a token at every step meanwhile.
+#[test]
+fn a_long_prompt_never_stalls_a_decoding_request() {
+    let mut s = scheduler(2, false);
+    let short = encode(&s, "Count: one, two, three,");
+    let rx_short = submit(&mut s, greedy_request(&short, 40));
+    s.step().unwrap();
+    assert_eq!(
+        tokens_of(&rx_short).concat().len(),
+        1,
+        "prefill gives the first token"
+    );
+    let long_text = "The quick brown fox jumps over the lazy dog. ".repeat(120);
+    let long = encode(&s, &long_text);
+    assert!(long.len() > 3 * 256, "{} tokens", long.len());
+    let rx_long = submit(&mut s, greedy_request(&long, 4));
+    let mut long_steps = 0;
+    while tokens_of(&rx_long).is_empty() {
+        let n = s.step().unwrap();
+        assert!(n <= 256, "a step computed {n} tokens, over its budget");
+        assert_eq!(
+            tokens_of(&rx_short).concat().len(),
+            1,
+            "the decoding request missed a step while the long prompt prefilled"
+        );
+        long_steps += 1;
+    }
+    assert!(
+        long_steps >= long.len() / 256,
+        "prefilled in {long_steps} steps"
+    );
+    s.run_until_idle().unwrap();
+}
+
+#[test]
+fn choices_share_the_prompt_and_cancelled_requests_free_their_blocks() {
+    let mut s = scheduler(4, false);
+    let ids = encode(&s, "Write a short poem about the sea.");
+    let mut req = greedy_request(&ids, 8);
+    req.n = 3;
+    req.sampling.temperature = 1.0;
+    req.sampling.seed = 7;
+    let rx = submit(&mut s, req);
+    s.run_until_idle().unwrap();
+    let mut done: Vec<usize> = rx
+        .try_iter()
+        .filter_map(|e| match e {
+            Event::Done { choice, stats, .. } => {
+                assert_eq!(stats.prompt_tokens, ids.len());
+                Some(choice)
+            }
+            _ => None,
+        })
+        .collect();
+    done.sort();
+    assert_eq!(done, [0, 1, 2], "every choice ends once");
+    assert_eq!(s.kv_stats().used, 0, "finished choices keep no blocks");
+
+    // A client that goes away after two tokens: the next step drops it.
+    let (tx, rx) = channel();
+    let mut left = 2;
+    let sink = move |e: Event| {
+        let _ = tx.send(e);
+        left -= 1;
+        left > 0
+    };
+    s.submit(greedy_request(&ids, 100), Box::new(sink)).unwrap();
+    for _ in 0..4 {
+        s.step().unwrap();
+    }
+    assert!(s.is_idle(), "the cancelled request still runs");
+    assert_eq!(
+        s.kv_stats().used,
+        0,
+        "the cancelled request's blocks were not freed"
+    );
+    assert!(tokens_of(&rx).concat().len() <= 2);
+}
