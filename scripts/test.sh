@@ -7,4 +7,19 @@ cargo build --release --locked
 for model in smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct; do
     ./target/release/edgelm pull "$model"
 done
+# Python's jinja2, the reference of tests/chat_template.rs, in a venv made once.
+py=target/pyenv/bin/python
+if ! "$py" -c 'import jinja2, sys; sys.exit(jinja2.__version__ != "3.1.6")' 2>/dev/null; then
+    rm -rf target/pyenv
+    if python3 -m venv target/pyenv; then
+        "$py" -m pip install --quiet jinja2==3.1.6
+    else
+        # Python without ensurepip (Debian without python3-venv): a venv without pip, filled by
+        # the system pip.
+        rm -rf target/pyenv
+        python3 -m venv --without-pip target/pyenv
+        python3 -m pip install --quiet --target "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" jinja2==3.1.6
+    fi
+fi
+export EDGELM_PYTHON="$PWD/$py"
 cargo test --release --locked --workspace "$@"
