@@ -1,7 +1,10 @@
 //! The `edgelm` command line: thin wrappers over the engine.
 
+mod chat;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use edgelm_chat::Message;
 use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler, SchedulerConfig};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
 use edgelm_kernels::{Compute, Isa, Precision};
@@ -24,6 +27,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout.
     Run(RunArgs),
+    /// Chat interactively (or answer piped stdin turn by turn), streaming the answers.
+    Chat(ChatArgs),
     /// Print the token ids of a text as a JSON list.
     Tokenize(TokenizeArgs),
     /// Teacher-forced scoring: one JSON line per position with the log-probability of the next token.
@@ -82,14 +87,7 @@ impl TextArgs {
 }
 
 #[derive(Args)]
-struct RunArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    text: TextArgs,
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
-    n_predict: usize,
+struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long = "temp", default_value_t = 0.8)]
     temp: f32,
@@ -110,6 +108,56 @@ struct RunArgs {
     frequency_penalty: f32,
     #[arg(long = "presence-penalty", default_value_t = 0.0)]
     presence_penalty: f32,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed: self.seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            }),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens per answer at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 1024)]
+    n_predict: usize,
+    /// Context length of the conversation (default: the model's).
+    #[arg(short = 'c', long = "ctx", default_value_t = 0)]
+    ctx: usize,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Stop when this text appears (repeatable); it is not printed.
     #[arg(long = "stop")]
     stop: Vec<String>,
@@ -119,6 +167,12 @@ struct RunArgs {
     /// Context length (default: the model's).
     #[arg(short = 'c', long = "ctx", default_value_t = 0)]
     ctx: usize,
+    /// Send the text exactly as given, without the model's chat template.
+    #[arg(long)]
+    raw: bool,
+    /// A system message before the prompt (with the chat template).
+    #[arg(long, conflicts_with = "raw")]
+    system: Option<String>,
 }
 
 #[derive(Args)]
@@ -210,6 +264,15 @@ fn main() {
 fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(a) => run(a),
+        Command::Chat(a) => {
+            let (engine, _) = load(&a.model)?;
+            let cfg = SchedulerConfig {
+                prefix_cache: true,
+                ..SchedulerConfig::single(a.ctx)
+            };
+            let sched = Scheduler::new(engine, cfg)?;
+            chat::Chat::new(sched, a.sampling.params(), a.n_predict, a.system)?.run()
+        }
         Command::Tokenize(a) => tokenize(a),
         Command::Score(a) => score(a),
         Command::Perplexity(a) => perplexity(a),
@@ -260,23 +323,21 @@ fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
 fn run(a: RunArgs) -> Result<()> {
     let text = a.text.read()?;
     let (engine, load_ms) = load(&a.model)?;
-    let prompt = engine.tokenizer.encode(&text, true, true)?;
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
-    let sampling = SamplingParams {
-        temperature: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        frequency_penalty: a.frequency_penalty,
-        presence_penalty: a.presence_penalty,
-        penalty_last_n: a.repeat_last_n,
-        seed,
+    // Instruct models answer a message; a model without a template continues the text.
+    let prompt = if a.raw || !engine.has_chat_template() {
+        if a.system.is_some() {
+            bail!("--system needs a chat template, and this model has none; use --raw text");
+        }
+        engine.tokenizer.encode(&text, true, true)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(sys) = &a.system {
+            messages.push(Message::system(sys));
+        }
+        messages.push(Message::user(&text));
+        engine.encode_chat(&messages, None)?
     };
+    let sampling = a.sampling.params();
     let req = Request {
         stop: a.stop,
         ignore_eos: a.ignore_eos,

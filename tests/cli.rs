@@ -61,6 +61,7 @@ fn greedy_run_streams_llama_cpp_text_and_a_timing_line() {
         MODEL,
         "-p",
         line["prompt"].as_str().unwrap(),
+        "--raw",
         "--temp",
         "0",
         "-n",
@@ -121,6 +122,7 @@ fn stop_string_ends_output_before_it() {
         MODEL,
         "-p",
         line["prompt"].as_str().unwrap(),
+        "--raw",
         "--temp",
         "0",
         "-n",
@@ -173,6 +175,46 @@ fn prompt_longer_than_context_is_an_error_naming_both_numbers() {
     );
 }
 
+/// Prompt tokens `run` reports on its timing line.
+fn prompt_tokens(o: &Output) -> usize {
+    let err = String::from_utf8_lossy(&o.stderr);
+    let at = err.find("prompt ").expect("timing line") + "prompt ".len();
+    err[at..].split(' ').next().unwrap().parse().unwrap()
+}
+
+/// `run` sends an instruct model its prompt as a user message through the model's own chat
+/// template (with `--system` before it); `--raw` sends the text as it is.
+#[test]
+fn run_applies_the_chat_template_unless_raw() {
+    let path = common::model_path(MODEL);
+    let file = edgelm_gguf::GgufFile::open(&path).unwrap();
+    let tok = edgelm_tokenizer::Tokenizer::from_gguf(&file).unwrap();
+    let template = edgelm_chat::ChatTemplate::new(tok.chat_template(), "", "").unwrap();
+    assert!(!template.is_fallback(), "{MODEL} carries a template");
+    let count = |messages: &[serde_json::Value]| {
+        let text = template.render(messages, None, true).unwrap();
+        tok.encode(&text, true, true).unwrap().len()
+    };
+    let user = edgelm_chat::Message::user("Hello");
+    let system = edgelm_chat::Message::system("Answer in French.");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "-m", MODEL, "-p", "Hello", "--temp", "0", "-n", "4"];
+        args.extend(extra);
+        let o = edgelm(&args);
+        stdout(&o);
+        prompt_tokens(&o)
+    };
+    assert_eq!(run(&[]), count(std::slice::from_ref(&user)));
+    assert_eq!(
+        run(&["--system", "Answer in French."]),
+        count(&[system, user])
+    );
+    assert_eq!(
+        run(&["--raw"]),
+        tok.encode("Hello", true, true).unwrap().len()
+    );
+}
+
 #[test]
 fn bad_models_give_clear_errors() {
     let o = edgelm(&["run", "-m", "no-such-model", "-p", "hi"]);
@@ -204,4 +246,94 @@ fn inspect_reports_parameters_and_memory() {
     assert!(out.contains("llama.block_count = 30"), "{out}");
     assert!(out.contains("Q4_1") && out.contains("parameters"));
     assert!(out.contains("memory at context 2048"));
+}
+
+/// `(prompt tokens, reused, generated)` of every `/stats` line `edgelm chat` printed.
+fn chat_stats(out: &str) -> Vec<(usize, usize, usize)> {
+    let num = |s: &str, after: &str| -> usize {
+        let at = s
+            .find(after)
+            .unwrap_or_else(|| panic!("{after:?} in {s:?}"))
+            + after.len();
+        s[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    out.lines()
+        .filter(|l| l.contains("reused from the cache"))
+        .map(|l| {
+            let l = &l[l.find("prompt ").unwrap()..];
+            (num(l, "prompt "), num(l, "tokens: "), num(l, "generated "))
+        })
+        .collect()
+}
+
+/// Piped stdin is answered turn by turn; each turn prefills only its new message plus at most
+/// one block of the last answer (the rest comes from the prefix cache).
+#[test]
+fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
+    common::model_path("qwen2.5-coder-0.5b-instruct");
+    let questions = [
+        "What is 2 + 2?",
+        "And 3 + 3?",
+        "Name a prime number.",
+        "Is 9 prime?",
+        "What is the largest planet?",
+        "Say goodbye.",
+    ];
+    let mut input = String::new();
+    for q in questions {
+        input.push_str(q);
+        input.push_str("\n/stats\n");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args([
+            "chat",
+            "-m",
+            "qwen2.5-coder-0.5b-instruct",
+            "--temp",
+            "0",
+            "-n",
+            "24",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = stdout(&child.wait_with_output().unwrap());
+    let stats = chat_stats(&out);
+    assert_eq!(stats.len(), 6, "{out}");
+    for k in 1..stats.len() {
+        let (prompt, reused, _) = stats[k];
+        let (last_prompt, _, last_generated) = stats[k - 1];
+        let new = prompt - (last_prompt + last_generated);
+        assert!(
+            prompt - reused <= new + 16,
+            "turn {}: prefilled {} of {prompt} tokens for a new part of {new}\n{out}",
+            k + 1,
+            prompt - reused
+        );
+    }
+}
+
+/// The same through a terminal (a pty driven by Python): prompts, streaming, /stats.
+#[test]
+fn chat_works_in_a_terminal() {
+    common::model_path(MODEL);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chat_pty.py");
+    let o = Command::new("python3")
+        .args([script, env!("CARGO_BIN_EXE_edgelm"), MODEL])
+        .output()
+        .expect("running python3");
+    let out = stdout(&o);
+    assert!(out.contains("/help for commands"), "{out}");
+    let stats = chat_stats(&out);
+    assert_eq!(stats.len(), 2, "{out}");
+    assert!(stats[1].1 > 0, "the second turn reused nothing: {out}");
 }

@@ -16,12 +16,13 @@ pub use scheduler::{Counters, Scheduler, SchedulerConfig, SubmitError};
 pub use sequence::{Event, FinishReason, Request, SequenceStats, Sink, TokenLogprob};
 pub use stop::StopMatcher;
 
+use edgelm_chat::ChatTemplate;
 use edgelm_gguf::GgufFile;
 use edgelm_kernels::{Compute, Precision};
 use edgelm_models::{KvCache, KvConfig, KvType, Model};
 use edgelm_tokenizer::Tokenizer;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -33,6 +34,8 @@ pub enum EngineError {
     Tokenizer(#[from] edgelm_tokenizer::TokenizerError),
     #[error(transparent)]
     Submit(#[from] SubmitError),
+    #[error(transparent)]
+    Chat(#[from] edgelm_chat::ChatError),
     #[error("{0}")]
     Input(String),
 }
@@ -45,6 +48,8 @@ pub struct Engine {
     pub model: Arc<Model>,
     pub tokenizer: Arc<Tokenizer>,
     pub compute: Compute,
+    /// The model's chat template, compiled on first use.
+    chat: OnceLock<std::result::Result<Arc<ChatTemplate>, String>>,
 }
 
 impl Engine {
@@ -56,7 +61,45 @@ impl Engine {
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             compute,
+            chat: OnceLock::new(),
         })
+    }
+
+    /// The model's chat template, or the built-in ChatML one where the file has none.
+    pub fn chat_template(&self) -> Result<Arc<ChatTemplate>> {
+        let tok = &self.tokenizer;
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_owned();
+        self.chat
+            .get_or_init(|| {
+                ChatTemplate::new(tok.chat_template(), &text(tok.bos()), &text(tok.eos()))
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::Input)
+    }
+
+    /// Whether the model file carries its own chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.tokenizer.chat_template().is_some()
+    }
+
+    /// The prompt tokens of a conversation (OpenAI-shaped messages, optional tools) rendered
+    /// through the chat template with the assistant's turn opened. Special tokens in the
+    /// rendered text are parsed; BOS is added where the model wants it and the template did
+    /// not write it.
+    pub fn encode_chat(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<Vec<u32>> {
+        let text = self.chat_template()?.render(messages, tools, true)?;
+        let tok = &self.tokenizer;
+        let bos_written = tok
+            .bos()
+            .and_then(|b| tok.token_text(b))
+            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        Ok(tok.encode(&text, !bos_written, true)?)
     }
 
     /// The KV settings of this engine's path for one sequence of up to `n_ctx` tokens (0 = the

@@ -1,0 +1,274 @@
+//! `edgelm chat`: an interactive conversation that streams. The scheduler keeps the prefix
+//! cache across turns, so each turn prefills only what is new since the last one.
+
+use anyhow::{bail, Context, Result};
+use edgelm_chat::Message;
+use edgelm_engine::{Event, Request, SamplingParams, Scheduler, SequenceStats};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+const HELP: &str = "\
+Type a message and press Enter; end a line with \\ to continue it, or put \"\"\" on lines of
+their own around a multi-line message. Ctrl-C stops an answer (twice at the prompt: quit).
+  /reset          forget the conversation (the system message stays)
+  /system TEXT    set the system message (empty TEXT removes it)
+  /save FILE      save the conversation as JSON
+  /load FILE      load a conversation saved by /save
+  /stats          tokens prefilled and reused in the last turn, and its speed
+  /help           this text
+  /exit           leave (so does Ctrl-D)";
+
+/// The conversation as /save writes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    system: Option<String>,
+    messages: Vec<serde_json::Value>,
+}
+
+pub struct Chat {
+    sched: Scheduler,
+    sampling: SamplingParams,
+    max_tokens: usize,
+    system: Option<String>,
+    messages: Vec<serde_json::Value>,
+    last: Option<SequenceStats>,
+    interrupted: Arc<AtomicBool>,
+}
+
+impl Chat {
+    pub fn new(
+        sched: Scheduler,
+        sampling: SamplingParams,
+        max_tokens: usize,
+        system: Option<String>,
+    ) -> Result<Chat> {
+        let interrupted = Arc::new(AtomicBool::new(false));
+        // A second Ctrl-C before the first was handled (at the prompt) quits.
+        signal_hook::flag::register_conditional_shutdown(
+            signal_hook::consts::SIGINT,
+            130,
+            interrupted.clone(),
+        )
+        .context("installing the Ctrl-C handler")?;
+        signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())
+            .context("installing the Ctrl-C handler")?;
+        Ok(Chat {
+            sched,
+            sampling,
+            max_tokens,
+            system,
+            messages: Vec::new(),
+            last: None,
+            interrupted,
+        })
+    }
+
+    /// Answer what stdin says, turn by turn, until it ends or /exit.
+    pub fn run(&mut self) -> Result<()> {
+        let stdin = std::io::stdin();
+        let interactive = stdin.is_terminal();
+        let mut input = stdin.lock();
+        if interactive {
+            println!("edgelm chat: /help for commands, Ctrl-D or /exit to leave");
+        }
+        while let Some(text) = read_message(&mut input, interactive)? {
+            self.interrupted.store(false, Ordering::Relaxed);
+            if let Some(cmd) = text.strip_prefix('/') {
+                match self.command(cmd) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.turn(&text) {
+                eprintln!("error: {e:#}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Run a command; false means leave.
+    fn command(&mut self, cmd: &str) -> Result<bool> {
+        let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+        let arg = arg.trim();
+        match name {
+            "exit" | "quit" => return Ok(false),
+            "help" => println!("{HELP}"),
+            "reset" => {
+                self.messages.clear();
+                println!("(conversation cleared)");
+            }
+            "system" => {
+                self.system = (!arg.is_empty()).then(|| arg.to_owned());
+                println!("(system message {})", if arg.is_empty() { "removed" } else { "set" });
+            }
+            "save" => {
+                if arg.is_empty() {
+                    bail!("give a file: /save FILE");
+                }
+                let saved = Saved {
+                    system: self.system.clone(),
+                    messages: self.messages.clone(),
+                };
+                std::fs::write(arg, serde_json::to_string_pretty(&saved)? + "\n")
+                    .with_context(|| format!("writing {arg}"))?;
+                println!("(saved {} messages to {arg})", self.messages.len());
+            }
+            "load" => {
+                if arg.is_empty() {
+                    bail!("give a file: /load FILE");
+                }
+                let saved = load_conversation(Path::new(arg))?;
+                self.system = saved.system;
+                self.messages = saved.messages;
+                println!("(loaded {} messages from {arg})", self.messages.len());
+            }
+            "stats" => match &self.last {
+                None => println!("(no turn yet)"),
+                Some(s) => println!(
+                    "prompt {} tokens: {} reused from the cache, {} prefilled | first token {:.0} ms | generated {} tokens, {:.1} tok/s",
+                    s.prompt_tokens,
+                    s.reused_tokens,
+                    s.prompt_tokens - s.reused_tokens,
+                    s.time_to_first_token.as_secs_f64() * 1e3,
+                    s.generated_tokens,
+                    s.decode_tokens_per_second()
+                ),
+            },
+            _ => bail!("unknown command /{name}; /help lists them"),
+        }
+        Ok(true)
+    }
+
+    /// One user message and the streamed answer.
+    fn turn(&mut self, text: &str) -> Result<()> {
+        let mut messages: Vec<serde_json::Value> =
+            self.system.iter().map(|s| Message::system(s)).collect();
+        messages.extend(self.messages.iter().cloned());
+        messages.push(Message::user(text));
+        let prompt = self.sched.engine().encode_chat(&messages, None)?;
+        let (tx, rx) = mpsc::channel();
+        let interrupted = self.interrupted.clone();
+        let sink = Box::new(StdoutSink { tx, interrupted });
+        let req = Request::new(prompt, self.max_tokens, self.sampling.clone());
+        self.sched.submit(req, sink)?;
+        self.sched.run_until_idle()?;
+        println!();
+        let mut answer = String::new();
+        for e in rx.try_iter() {
+            match e {
+                Event::Token { text, .. } => answer.push_str(&text),
+                Event::Done { text, stats, .. } => {
+                    answer.push_str(&text);
+                    self.last = Some(stats);
+                }
+                Event::Error(msg) => bail!("{msg}"),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        if self.interrupted.swap(false, Ordering::Relaxed) {
+            println!("(stopped)");
+        }
+        // An answer cut short still happened: the next turn sees what was said.
+        self.messages.push(Message::user(text));
+        self.messages.push(Message::assistant(&answer));
+        self.sampling.seed = self.sampling.seed.wrapping_add(1);
+        Ok(())
+    }
+}
+
+/// Streams a turn's text to stdout; Ctrl-C or a closed stdout ends the answer.
+struct StdoutSink {
+    tx: mpsc::Sender<Event>,
+    interrupted: Arc<AtomicBool>,
+}
+
+impl edgelm_engine::Sink for StdoutSink {
+    fn send(&mut self, event: Event) -> bool {
+        if let Event::Token { text, .. } | Event::Done { text, .. } = &event {
+            let mut out = std::io::stdout().lock();
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                return false;
+            }
+        }
+        self.tx.send(event).is_ok() && !self.is_closed()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+}
+
+fn load_conversation(path: &Path) -> Result<Saved> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: Saved = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a conversation saved by /save", path.display()))?;
+    for (i, m) in saved.messages.iter().enumerate() {
+        let role = m.get("role").and_then(|r| r.as_str());
+        if !matches!(role, Some("user" | "assistant" | "system" | "tool")) {
+            bail!("{}: message {i} has no valid role", path.display());
+        }
+    }
+    Ok(saved)
+}
+
+/// The next message: one line, lines joined by a trailing `\`, or a `"""` block. None at the
+/// end of input.
+fn read_message(input: &mut impl BufRead, interactive: bool) -> Result<Option<String>> {
+    let prompt = |p: &str| {
+        if interactive {
+            print!("{p}");
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let mut line = String::new();
+    loop {
+        prompt("> ");
+        line.clear();
+        if input.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let first = line.trim_end_matches(['\n', '\r']);
+        if first.trim().is_empty() {
+            continue;
+        }
+        if first.trim() == "\"\"\"" {
+            let mut block = Vec::new();
+            loop {
+                prompt("... ");
+                line.clear();
+                if input.read_line(&mut line)? == 0 {
+                    break;
+                }
+                let l = line.trim_end_matches(['\n', '\r']);
+                if l.trim() == "\"\"\"" {
+                    break;
+                }
+                block.push(l.to_owned());
+            }
+            return Ok(Some(block.join("\n")));
+        }
+        let mut text = first.to_owned();
+        while text.ends_with('\\') {
+            text.pop();
+            text.push('\n');
+            prompt("... ");
+            line.clear();
+            if input.read_line(&mut line)? == 0 {
+                break;
+            }
+            text.push_str(line.trim_end_matches(['\n', '\r']));
+        }
+        return Ok(Some(text.trim().to_owned()));
+    }
+}
