@@ -305,10 +305,17 @@ fn resolve(model: &str) -> Result<PathBuf> {
 fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
     let path = resolve(&args.model)?;
     let isa = Isa::from_env()?;
-    let threads = args
-        .threads
-        .unwrap_or_else(edgelm_kernels::physical_cores)
-        .max(1);
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match args.threads {
+        // More threads than cores only queue behind each other: cap at what the process may use
+        // (its affinity mask and CPU quota).
+        Some(t) if t > usable => {
+            eprintln!("edgelm: --threads {t} is more than the {usable} cores this process may use; using {usable}");
+            usable
+        }
+        Some(t) => t.max(1),
+        None => edgelm_kernels::physical_cores(),
+    };
     let t0 = Instant::now();
     let precision = if args.precise {
         Precision::Precise

@@ -1,19 +1,29 @@
 //! A persistent fork/join pool: `run(n, f)` calls `f(0..n)` across the workers and the caller,
 //! returning when all calls are done. Decoding a small model dispatches a few hundred jobs per
 //! token, so wake-up latency matters as much as the kernels: idle workers spin on an atomic
-//! generation counter for a while (a new job starts within nanoseconds) and only then park on a
-//! condvar; the caller spins for the last worker to finish instead of sleeping.
+//! generation counter for a while (a new job starts within nanoseconds), then yield their time
+//! slice, then park on a condvar; the caller spins for the last task to finish.
+//!
+//! The caller never waits for a worker that has not joined the job: it takes tasks itself, and
+//! once every task is done it closes the job, so a worker the OS has not scheduled (more threads
+//! than free cores: another process, or a server's own threads) costs nothing. A job waits only
+//! for workers that are inside it.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 type Task<'a> = dyn Fn(usize) + Sync + 'a;
 
-/// Spin iterations before an idle worker parks (a few milliseconds: longer than the gap between
-/// two jobs of one token, shorter than a user's think time).
-const SPIN_BEFORE_PARK: u32 = 1 << 16;
+/// How long an idle worker spins (a new job starts within nanoseconds) before it yields its
+/// time slice to whatever else wants the core: longer than the gap between two jobs of one
+/// token.
+const SPIN: Duration = Duration::from_micros(50);
+/// How long an idle worker keeps yielding before it parks (longer than the gap between two
+/// tokens, shorter than a user's think time).
+const YIELD: Duration = Duration::from_millis(3);
 /// Spin iterations of the waiting caller before it starts yielding its time slice.
 const SPIN_BEFORE_YIELD: u32 = 1 << 12;
 
@@ -28,7 +38,11 @@ struct Shared {
     /// new generation (release/acquire on `generation` orders the two).
     job: UnsafeCell<Option<Job>>,
     next_task: AtomicUsize,
+    done_tasks: AtomicUsize,
     generation: AtomicU64,
+    /// Whether workers may still join the current job (false once all its tasks are done).
+    open: AtomicBool,
+    /// Workers inside the current job.
     busy_workers: AtomicUsize,
     sleepers: AtomicUsize,
     shutdown: AtomicBool,
@@ -54,7 +68,9 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(None),
             next_task: AtomicUsize::new(0),
+            done_tasks: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            open: AtomicBool::new(false),
             busy_workers: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
@@ -92,7 +108,8 @@ impl ThreadPool {
         }
         let _one_job = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        // SAFETY: no worker is busy (the previous `run` waited for all of them), so nobody reads
+        // SAFETY: no worker is inside a job (the previous `run` closed its job and waited for
+        // the workers in it; a late one sees it closed and never reads `job`), so nobody reads
         // `job` now. Erasing the task's lifetime is sound because this function waits below until
         // every worker is done with it.
         unsafe {
@@ -102,39 +119,53 @@ impl ThreadPool {
             });
         }
         s.next_task.store(0, Ordering::Relaxed);
-        s.busy_workers.store(self.workers.len(), Ordering::Relaxed);
+        s.done_tasks.store(0, Ordering::Relaxed);
+        s.open.store(true, Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        drain(task, n_tasks, &s.next_task);
-        let mut spins = 0u32;
-        while s.busy_workers.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < SPIN_BEFORE_YIELD {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        drain(task, n_tasks, s);
+        // Tasks other workers took; their outputs are visible once counted (release/acquire).
+        wait_until(|| s.done_tasks.load(Ordering::Acquire) == n_tasks);
+        // Close the job, then wait only for the workers that joined it (Dekker-style with the
+        // worker's `busy_workers` increment and `open` check, both SeqCst).
+        s.open.store(false, Ordering::SeqCst);
+        wait_until(|| s.busy_workers.load(Ordering::SeqCst) == 0);
+    }
+}
+
+/// Spin, then yield the time slice, until `done`.
+fn wait_until(done: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        spins += 1;
+        if spins < SPIN_BEFORE_YIELD {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
         }
     }
 }
 
-fn drain(task: &Task<'_>, n_tasks: usize, next: &AtomicUsize) {
+fn drain(task: &Task<'_>, n_tasks: usize, s: &Shared) {
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
+        let i = s.next_task.fetch_add(1, Ordering::Relaxed);
         if i >= n_tasks {
             break;
         }
         task(i);
+        s.done_tasks.fetch_add(1, Ordering::Release);
     }
 }
 
 fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {
+        let idle_since = Instant::now();
         let mut spins = 0u32;
+        let mut idle = Duration::ZERO;
         loop {
             if s.shutdown.load(Ordering::Acquire) {
                 return;
@@ -142,9 +173,17 @@ fn worker(s: &Shared) {
             if s.generation.load(Ordering::Acquire) != seen {
                 break;
             }
-            spins += 1;
-            if spins < SPIN_BEFORE_PARK {
+            spins = spins.wrapping_add(1);
+            // The clock is read once per 64 spins: a job still starts within nanoseconds.
+            if spins % 64 == 0 {
+                idle = idle_since.elapsed();
+            }
+            if idle < SPIN {
                 std::hint::spin_loop();
+                continue;
+            }
+            if idle < YIELD {
+                std::thread::yield_now();
                 continue;
             }
             let mut guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,16 +195,28 @@ fn worker(s: &Shared) {
                 guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
             s.sleepers.fetch_sub(1, Ordering::SeqCst);
-            spins = 0;
+            break;
         }
-        seen = s.generation.load(Ordering::Acquire);
-        // SAFETY: `run` wrote the job before publishing this generation and keeps it (and the
-        // task it points to) alive until `busy_workers` drops to zero.
-        if let Some(job) = unsafe { &*s.job.get() } {
-            // SAFETY: as above.
-            drain(unsafe { &*job.task }, job.n_tasks, &s.next_task);
+        if s.shutdown.load(Ordering::Acquire) {
+            return;
         }
-        s.busy_workers.fetch_sub(1, Ordering::Release);
+        let generation = s.generation.load(Ordering::Acquire);
+        if generation == seen {
+            continue;
+        }
+        seen = generation;
+        s.busy_workers.fetch_add(1, Ordering::SeqCst);
+        // Joined only if the job is still this one and open; otherwise `run` may already be
+        // writing the next job and `job` must not be read.
+        if s.open.load(Ordering::SeqCst) && s.generation.load(Ordering::SeqCst) == seen {
+            // SAFETY: `run` wrote the job before publishing this generation, and keeps it (and
+            // the task it points to) alive until the workers inside the job have left.
+            if let Some(job) = unsafe { &*s.job.get() } {
+                // SAFETY: as above.
+                drain(unsafe { &*job.task }, job.n_tasks, s);
+            }
+        }
+        s.busy_workers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -208,6 +259,33 @@ mod tests {
             });
         }
         assert_eq!(total.load(Ordering::Relaxed), 20_000 * 6);
+    }
+
+    /// More threads than cores, beside a thread that keeps a core busy: every task still runs
+    /// exactly once, job after job.
+    #[test]
+    fn oversubscribed_pool_runs_every_task_once() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let hog = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let pool = ThreadPool::new(16);
+        for n in [2, 5, 64] {
+            for _ in 0..200 {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        hog.join().unwrap();
     }
 
     #[test]
