@@ -3,6 +3,8 @@
 //! teacher-forced scoring and perplexity. Clients (CLI, server) call this crate, never the
 //! kernels.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 mod eval;
 mod sampler;

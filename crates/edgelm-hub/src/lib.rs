@@ -8,6 +8,8 @@
 //! A small `*.verified` stamp (size, mtime, sha256) lets later runs trust the
 //! file without re-hashing it.
 
+#![forbid(unsafe_code)]
+
 mod catalog;
 mod error;
 mod fetch;

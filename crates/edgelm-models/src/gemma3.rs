@@ -30,7 +30,6 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
     let local = Rope::new(RopeStyle::Neox, head_dim, LOCAL_ROPE_BASE, 1.0, None);
     let global = Rope::new(RopeStyle::Neox, head_dim, global_base, global_scale, None);
     let variant = Variant {
-        rope_style: RopeStyle::Neox,
         activation: Activation::GeluTanh,
         qk_norm: true,
         post_norms: true,

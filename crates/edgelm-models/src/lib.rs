@@ -2,6 +2,8 @@
 //! batched forward pass. A loaded model is immutable and shared; the KV cache and the scratch
 //! belong to whoever runs it. The arithmetic (fast or precise path) is the `Compute`'s.
 
+#![forbid(unsafe_code)]
+
 mod batch;
 mod error;
 pub mod gemma3;

@@ -34,7 +34,6 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
         factors.as_deref(),
     );
     let variant = Variant {
-        rope_style: RopeStyle::Normal,
         activation: Activation::Silu,
         qk_norm: false,
         post_norms: false,

@@ -22,7 +22,6 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
     let freq_scale = 1.0 / meta.f64_or("rope.scaling.factor", 1.0).max(1e-9);
     let rope = Rope::new(RopeStyle::Neox, n_rot, base, freq_scale, None);
     let variant = Variant {
-        rope_style: RopeStyle::Neox,
         activation: Activation::Silu,
         qk_norm: false,
         post_norms: false,

@@ -4,7 +4,7 @@
 use crate::batch::{Batch, Logits};
 use crate::hparams::{HParams, LayerShape, Meta};
 use crate::kv::KvCache;
-use crate::layers::{rms_norm, Activation, Rope, RopeStyle};
+use crate::layers::{rms_norm, Activation, Rope};
 use crate::linear::{load_vector, Linear, WeightRef};
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
@@ -18,7 +18,6 @@ pub const MAX_CHUNK: usize = 512;
 /// What distinguishes one architecture's block from another's.
 #[derive(Debug, Clone)]
 pub struct Variant {
-    pub rope_style: RopeStyle,
     pub activation: Activation,
     /// Gemma: RMSNorm over each head of q and k before RoPE.
     pub qk_norm: bool,
@@ -55,7 +54,6 @@ struct Block {
 /// state: a [`KvCache`] and a [`Scratch`].
 pub struct Transformer {
     pub hp: HParams,
-    variant: Variant,
     tok_embd: WeightRef,
     blocks: Vec<Block>,
     output_norm: Vec<f32>,
@@ -238,7 +236,6 @@ impl Transformer {
             .collect();
         Ok(Transformer {
             hp,
-            variant,
             tok_embd,
             blocks,
             output_norm,
@@ -384,7 +381,7 @@ impl Transformer {
         } = scratch;
         let x = fit(x, n * d);
         self.tok_embd.rows(tokens, x)?;
-        if let Some(s) = self.variant.embed_scale {
+        if let Some(s) = hp.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }
 
@@ -503,19 +500,14 @@ impl Transformer {
             1
         };
         let tasks_per_token = n_head / per_task;
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        c.pool().run(positions.len() * tasks_per_token, &|task| {
+        // `out` is (token, head, head_dim): task i's heads are its i-th chunk.
+        c.par_chunks_mut(out, per_task * hd, &|task, o| {
             let (t, first_head) = (task / tasks_per_token, task % tasks_per_token * per_task);
             let pos = positions[t];
             let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let kv_h = first_head / group;
             let cols = kv_h * hd..(kv_h + 1) * hd;
             let heads = (t * n_head + first_head) * hd..(t * n_head + first_head + per_task) * hd;
-            // SAFETY: each task owns the disjoint head range `heads` of `out`; `run` joins
-            // before return.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.get().add(heads.start), heads.len())
-            };
             let kv = cache.view(seqs[t], layer, first, pos + 1 - first, cols);
             SCORES.with_borrow_mut(|scores| {
                 c.attend_heads(&q[heads.clone()], hd, &kv, scale, scores, o)
@@ -570,14 +562,3 @@ fn norm_rows(c: &Compute, x: &mut [f32], w: &[f32], eps: f32) {
     let group = w.len() * (x.len() / w.len()).div_ceil(4 * c.n_threads()).max(1);
     c.par_chunks_mut(x, group, &|_, rows| rms_norm(rows, w, eps));
 }
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-impl SharedOut {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint ranges and are joined before the borrow ends.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}

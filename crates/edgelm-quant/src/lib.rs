@@ -5,6 +5,8 @@
 //! arrays so SIMD kernels can be tested against them. [`int_dot`] holds the integer reference
 //! dot products of weight blocks with quantized activations, as llama.cpp computes them.
 
+#![forbid(unsafe_code)]
+
 // Index loops mirror the packed layouts; `!(a > b)` is deliberate so NaN takes the safe branch.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 

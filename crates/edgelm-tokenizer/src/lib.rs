@@ -11,6 +11,8 @@
 //! attributes, special ids and the end-of-generation set are derived the way llama.cpp's vocabulary
 //! loader derives them, including its text-based detection of tokens such as `<|im_end|>`.
 
+#![forbid(unsafe_code)]
+
 mod bpe;
 mod error;
 mod pretok;
