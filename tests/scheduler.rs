@@ -96,7 +96,27 @@ fn a_prefix_hit_gives_the_same_greedy_text_and_skips_its_prefill() {
     );
 }
 
-/// Each of eight concurrent requests gets the greedy tokens it gets alone.
+/// Generated tokens with their log-probabilities and those of the top alternatives.
+fn logprobs_of(rx: &Receiver<Event>) -> Vec<(u32, Vec<f32>)> {
+    rx.try_iter()
+        .filter_map(|e| match e {
+            Event::Token {
+                token,
+                logprob: Some(lp),
+                ..
+            } => Some((
+                token,
+                std::iter::once(lp.logprob)
+                    .chain(lp.top.iter().map(|t| t.1))
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each of eight concurrent requests gets the greedy tokens it gets alone; the largest
+/// log-probability difference between the two runs is printed (and bounded).
 #[test]
 fn concurrent_requests_get_what_they_get_alone() {
     let prompts = [
@@ -113,21 +133,38 @@ fn concurrent_requests_get_what_they_get_alone() {
     let mut s = scheduler(8, false);
     for p in prompts {
         let ids = encode(&s, p);
-        let rx = submit(&mut s, greedy_request(&ids, 32));
+        let mut req = greedy_request(&ids, 32);
+        req.logprobs = Some(4);
+        let rx = submit(&mut s, req);
         s.run_until_idle().unwrap();
-        alone.push(tokens_of(&rx));
+        alone.push(logprobs_of(&rx));
     }
     let rxs: Vec<_> = prompts
         .iter()
         .map(|p| {
             let ids = encode(&s, p);
-            submit(&mut s, greedy_request(&ids, 32))
+            let mut req = greedy_request(&ids, 32);
+            req.logprobs = Some(4);
+            submit(&mut s, req)
         })
         .collect();
     s.run_until_idle().unwrap();
+    let mut worst = 0f32;
     for ((p, rx), want) in prompts.iter().zip(rxs).zip(alone) {
-        assert_eq!(tokens_of(&rx), want, "{p:?} among seven others");
+        let got = logprobs_of(&rx);
+        let tokens = |v: &[(u32, Vec<f32>)]| v.iter().map(|t| t.0).collect::<Vec<_>>();
+        assert_eq!(tokens(&got), tokens(&want), "{p:?} among seven others");
+        for (g, w) in got.iter().zip(&want) {
+            for (a, b) in g.1.iter().zip(&w.1) {
+                worst = worst.max((a - b).abs());
+            }
+        }
     }
+    println!("largest log-probability difference, alone vs among eight: {worst:e}");
+    assert!(
+        worst < 0.05,
+        "log-probabilities moved by {worst} in a batch"
+    );
 }
 
 /// A long prompt arriving while another request decodes is prefilled in chunks; the decoding
