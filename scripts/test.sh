@@ -21,5 +21,14 @@ if ! "$py" -c 'import jinja2, sys; sys.exit(jinja2.__version__ != "3.1.6")' 2>/d
         python3 -m pip install --quiet --target "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" jinja2==3.1.6
     fi
 fi
+# The official openai client, which tests/serve.rs drives `edgelm serve` with, in the same venv.
+openai_version=2.54.0
+if ! "$py" -c "import openai, sys; sys.exit(openai.__version__ != '$openai_version')" 2>/dev/null; then
+    if "$py" -m pip --version >/dev/null 2>&1; then
+        "$py" -m pip install --quiet "openai==$openai_version"
+    else
+        python3 -m pip install --quiet --upgrade --target "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" "openai==$openai_version"
+    fi
+fi
 export EDGELM_PYTHON="$PWD/$py"
 cargo test --release --locked --workspace "$@"

@@ -29,6 +29,8 @@ enum Command {
     Run(RunArgs),
     /// Chat interactively (or answer piped stdin turn by turn), streaming the answers.
     Chat(ChatArgs),
+    /// Serve the OpenAI-compatible HTTP API (chat, completions, metrics).
+    Serve(ServeCmd),
     /// Print the token ids of a text as a JSON list.
     Tokenize(TokenizeArgs),
     /// Teacher-forced scoring: one JSON line per position with the log-probability of the next token.
@@ -254,6 +256,14 @@ struct InspectArgs {
     ctx: usize,
 }
 
+#[derive(Args)]
+struct ServeCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    serve: edgelm_server::ServeArgs,
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -272,6 +282,10 @@ fn real_main() -> Result<()> {
             };
             let sched = Scheduler::new(engine, cfg)?;
             chat::Chat::new(sched, a.sampling.params(), a.n_predict, a.system)?.run()
+        }
+        Command::Serve(a) => {
+            let (engine, _) = load(&a.model)?;
+            edgelm_server::serve(engine, a.model.model.clone(), a.serve)
         }
         Command::Tokenize(a) => tokenize(a),
         Command::Score(a) => score(a),

@@ -96,12 +96,7 @@ impl Engine {
         tools: Option<&[serde_json::Value]>,
     ) -> Result<Vec<u32>> {
         let text = self.chat_template()?.render(messages, tools, true)?;
-        let tok = &self.tokenizer;
-        let bos_written = tok
-            .bos()
-            .and_then(|b| tok.token_text(b))
-            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
-        Ok(tok.encode(&text, !bos_written, true)?)
+        Ok(encode_rendered_chat(&self.tokenizer, &text)?)
     }
 
     /// The KV settings of this engine's path for one sequence of up to `n_ctx` tokens (0 = the
@@ -131,4 +126,17 @@ impl Engine {
             requested
         }
     }
+}
+
+/// Tokens of a rendered chat prompt: special tokens parsed, BOS added where the model wants it
+/// and the template did not already write it.
+pub fn encode_rendered_chat(
+    tok: &Tokenizer,
+    text: &str,
+) -> std::result::Result<Vec<u32>, edgelm_tokenizer::TokenizerError> {
+    let bos_written = tok
+        .bos()
+        .and_then(|b| tok.token_text(b))
+        .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+    tok.encode(text, !bos_written, true)
 }

@@ -451,9 +451,9 @@ impl Scheduler {
                     // The other choices share the prompt's blocks and sample the same logits
                     // with their own seeds.
                     for choice in 1..job.req.n {
-                        let Ok(kv) = self.kv.fork(s.kv) else {
-                            continue;
-                        };
+                        // Forking shares blocks and allocates none: it fails only for a
+                        // sequence not allocated, which a running one always is.
+                        let kv = self.kv.fork(s.kv).expect("a running sequence is allocated");
                         let mut sampling = job.req.sampling.clone();
                         sampling.seed = sampling.seed.wrapping_add(choice as u64);
                         let mut f = Sequence {

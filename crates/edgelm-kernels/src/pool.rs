@@ -175,7 +175,7 @@ fn worker(s: &Shared) {
             }
             spins = spins.wrapping_add(1);
             // The clock is read once per 64 spins: a job still starts within nanoseconds.
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 idle = idle_since.elapsed();
             }
             if idle < SPIN {

@@ -1,0 +1,594 @@
+//! `edgelm serve`: an OpenAI-compatible HTTP API over the engine's step-wise scheduler.
+//!
+//! Threads: one engine thread owns the [`Scheduler`] (and through it the compute pool) and
+//! steps it; one tokio thread parses and validates requests, renders chat templates,
+//! tokenizes, and turns engine events into responses. A submission crosses to the engine over
+//! a channel and its acceptance (or a queue-full / too-long refusal) comes back through a
+//! oneshot, so refusals are ordinary HTTP statuses; events come back over a per-request
+//! channel, and dropping its receiver (a client that disconnects) cancels the request.
+
+mod api;
+mod engine_thread;
+mod error;
+mod metrics;
+mod openapi;
+mod response;
+
+use anyhow::{bail, Context as _};
+use api::{Kind, Params, Prompt};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use edgelm_chat::ChatTemplate;
+use edgelm_engine::{Engine, Request, Rng, Scheduler, SchedulerConfig};
+use edgelm_tokenizer::Tokenizer;
+use engine_thread::{Limits, Submission};
+use error::{ApiError, JsonBody, BODY_LIMIT};
+use metrics::Metrics;
+use response::{Assembler, Echo, Reply, SseBody};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// Tokens one step computes at most: a decode token per running sequence, the rest prefill.
+const STEP_TOKENS: usize = 512;
+
+/// Options of `edgelm serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (the default serves this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long = "api-key")]
+    pub api_key: Option<String>,
+    /// Requests generating at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Context positions per sequence (0: the model's trained length).
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Memory for the KV cache, as bytes or with a unit: 512M, 2G (default: --parallel × --ctx
+    /// positions).
+    #[arg(long = "kv-budget", value_parser = parse_size)]
+    pub kv_budget: Option<u64>,
+    /// Requests waiting for a place; more are refused with 429.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+}
+
+/// A size in bytes: a number with an optional binary unit (K, M, G, T; `KiB`, `MB` … alike).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a size; write bytes or a number with K, M, G or T (512M, 2G)")
+    })?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use K, M, G or T (512M, 2G)"
+            ))
+        }
+    };
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!(
+            "{s:?} is not a usable size; give at least one byte"
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+/// What handlers share.
+struct App {
+    /// The name the model is served under, and the names `model` may also give.
+    model: String,
+    aliases: Vec<String>,
+    created: u64,
+    api_key: Option<String>,
+    tokenizer: Arc<Tokenizer>,
+    /// The chat template, or why it cannot be used.
+    template: Result<Arc<ChatTemplate>, String>,
+    n_ctx: usize,
+    engine: std::sync::mpsc::Sender<Submission>,
+    metrics: Arc<Metrics>,
+    openapi: Value,
+    /// Mixed into request ids and default seeds.
+    salt: u64,
+    counter: AtomicU64,
+}
+
+impl App {
+    /// A fresh pseudo-random number (ids, seeds of requests that give none).
+    fn random(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        Rng::new(self.salt ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if m != self.model && !self.aliases.iter().any(|a| a == m) => {
+                Err(ApiError::model_not_found(m, &self.model))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn model_object(&self) -> Value {
+        json!({"id": self.model, "object": "model", "created": self.created, "owned_by": "edgelm"})
+    }
+
+    /// The conversation's prompt tokens. This is `Engine::encode_chat` done here, where
+    /// requests are parsed, because the engine itself belongs to the engine thread: the
+    /// template renders with the assistant turn opened, special tokens are parsed, and BOS is
+    /// added unless the template wrote it.
+    fn encode_chat(
+        &self,
+        messages: &[Value],
+        tools: Option<&[Value]>,
+    ) -> Result<Vec<u32>, ApiError> {
+        let template = self.template.as_ref().map_err(|reason| {
+            ApiError::internal(format!(
+                "this model's chat template cannot be used ({reason}); send the prompt as text \
+                 to /v1/completions"
+            ))
+        })?;
+        let text = template
+            .render(messages, tools, true)
+            .map_err(|e| ApiError::field("messages", e.to_string()))?;
+        edgelm_engine::encode_rendered_chat(&self.tokenizer, &text).map_err(|e| {
+            ApiError::field(
+                "messages",
+                format!("tokenizing the conversation failed: {e}"),
+            )
+        })
+    }
+}
+
+/// The name a model is served under: a path's file stem, or the name as given.
+fn served_name(given: &str) -> String {
+    let p = Path::new(given);
+    let gguf = p
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let is_path = gguf || given.contains(std::path::MAIN_SEPARATOR) || given.contains('/');
+    match p.file_stem().and_then(|s| s.to_str()) {
+        Some(stem) if is_path => stem.to_owned(),
+        _ => given.to_owned(),
+    }
+}
+
+/// Serve `engine` until SIGINT or SIGTERM; in-flight requests finish first (a second signal
+/// stops at once).
+pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Result<()> {
+    if args.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    let model = served_name(&model_name);
+    let aliases = if model == model_name {
+        Vec::new()
+    } else {
+        vec![model_name.clone()]
+    };
+    let tokenizer = engine.tokenizer.clone();
+    let template = engine.chat_template().map_err(|e| e.to_string());
+    if let Err(e) = &template {
+        eprintln!(
+            "edgelm: warning: the chat template is unusable, /v1/chat/completions will fail: {e}"
+        );
+    }
+    let sched = Scheduler::new(
+        engine,
+        SchedulerConfig {
+            n_ctx: args.ctx,
+            max_running: args.parallel,
+            // The engine thread enforces the queue (see `Limits`); this only bounds the
+            // scheduler's own list.
+            max_waiting: args.parallel.saturating_add(args.queue),
+            step_tokens: STEP_TOKENS,
+            kv_budget: args.kv_budget,
+            prefix_cache: true,
+        },
+    )
+    .context("setting up the scheduler (check --parallel, --ctx and --kv-budget)")?;
+    let n_ctx = sched.n_ctx();
+    let kv = sched.kv_stats();
+    eprintln!(
+        "edgelm: serving {model}: {} running at most, {} waiting, {n_ctx} positions per \
+         sequence, KV cache of {} positions",
+        args.parallel, args.queue, kv.capacity
+    );
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let limits = Limits {
+        parallel: args.parallel,
+        queue: args.queue,
+    };
+    let engine_metrics = metrics.clone();
+    let engine_thread = std::thread::Builder::new()
+        .name("edgelm-engine".into())
+        .spawn(move || engine_thread::run(sched, rx, limits, engine_metrics))
+        .context("starting the engine thread")?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let app = Arc::new(App {
+        openapi: openapi::document(&model, n_ctx, args.api_key.is_some()),
+        model,
+        aliases,
+        created: now.as_secs(),
+        api_key: args.api_key.clone(),
+        tokenizer,
+        template,
+        n_ctx,
+        engine: tx,
+        metrics,
+        salt: now.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32),
+        counter: AtomicU64::new(0),
+    });
+    // One thread: HTTP work is light, and the cores belong to compute.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the async runtime")?;
+    let served = rt.block_on(listen(app, &args.host, args.port));
+    // Dropping the runtime drops every handle to the engine's channel; the engine thread then
+    // finishes what it holds and returns.
+    drop(rt);
+    if engine_thread.join().is_err() {
+        bail!("the engine thread panicked (see the message above)");
+    }
+    served
+}
+
+async fn listen(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("listening on {host}:{port} (is the port taken? try --port)"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    eprintln!("edgelm: listening on http://{addr}");
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    eprintln!("edgelm: stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    eprintln!("edgelm: shutting down: finishing requests in flight (signal again to stop now)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("edgelm: stopping now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), authorize))
+        .layer(middleware::from_fn_with_state(app.clone(), count_response))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    let mut res = Response::new(Body::from(v.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// Label values of `edgelm_requests_total`: the served paths, everything else "other".
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/health" => "/health",
+        "/v1/models" => "/v1/models",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/metrics" => "/metrics",
+        "/openapi.json" => "/openapi.json",
+        p if p.starts_with("/v1/models/") => "/v1/models/{model}",
+        _ => "other",
+    }
+}
+
+async fn count_response(State(app): State<Arc<App>>, req: HttpRequest, next: Next) -> Response {
+    let endpoint = endpoint_label(req.uri().path());
+    let res = next.run(req).await;
+    app.metrics.count(endpoint, res.status().as_u16());
+    res
+}
+
+/// Byte comparison whose time does not depend on where the first difference is.
+fn same_key(given: &[u8], key: &[u8]) -> bool {
+    given.len() == key.len() && given.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn authorize(State(app): State<Arc<App>>, req: HttpRequest, next: Next) -> Response {
+    let Some(key) = &app.api_key else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        None => ApiError::unauthorized(
+            "no API key given: send the header `Authorization: Bearer <key>` with the key this \
+             server was started with (--api-key)",
+        )
+        .into_response(),
+        Some(k) if !same_key(k.as_bytes(), key.as_bytes()) => ApiError::unauthorized(
+            "the API key is not the one this server was started with (--api-key); check it",
+        )
+        .into_response(),
+        Some(_) => next.run(req).await,
+    }
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [app.model_object()]}),
+    )
+}
+
+async fn model(State(app): State<Arc<App>>, uri: Uri) -> Result<Response, ApiError> {
+    let name = uri.path().trim_start_matches("/v1/models/");
+    app.check_model(Some(name))?;
+    Ok(json_response(StatusCode::OK, &app.model_object()))
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    let mut res = Response::new(Body::from(app.metrics.render()));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+async fn openapi_json(State(app): State<Arc<App>>) -> Response {
+    json_response(StatusCode::OK, &app.openapi)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "there is no route {}; see /openapi.json for the routes served",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+async fn chat(State(app): State<Arc<App>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let p = api::parse_chat(&body)?;
+    generate(app, p).await
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let p = api::parse_completion(&body)?;
+    generate(app, p).await
+}
+
+/// Tokenize, submit, and answer with a stream or, once every choice is done, one object.
+async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    app.check_model(p.model.as_deref())?;
+    let tokens = match &p.prompt {
+        Prompt::Chat { messages, tools } => app.encode_chat(messages, tools.as_deref())?,
+        Prompt::Text(text) => app
+            .tokenizer
+            .encode(text, true, true)
+            .map_err(|e| ApiError::field("prompt", format!("tokenizing the prompt failed: {e}")))?,
+        Prompt::Tokens(ids) => ids.clone(),
+    };
+    let echo = match (&p.prompt, p.echo) {
+        (_, false) => None,
+        (Prompt::Text(text), true) => Some(Echo {
+            text: text.clone(),
+            tokens: tokens.clone(),
+        }),
+        (_, true) => Some(Echo {
+            text: app
+                .tokenizer
+                .decode(&tokens)
+                .map_err(|e| ApiError::field("prompt", format!("the prompt's token ids: {e}")))?,
+            tokens: tokens.clone(),
+        }),
+    };
+    let max_tokens = p.max_tokens.unwrap_or(match p.kind {
+        // Chat runs to the end of the answer or of the context, as OpenAI's does.
+        Kind::Chat => app.n_ctx,
+        Kind::Completion => 16,
+    });
+    let mut sampling = p.sampling.clone();
+    sampling.seed = p.seed.unwrap_or_else(|| app.random());
+    let mut request = Request::new(tokens, max_tokens, sampling);
+    request.stop = p.stop.clone();
+    request.ignore_eos = p.ignore_eos;
+    request.n = p.n;
+    request.logprobs = p.logprobs;
+    request.prompt_logprobs = echo.is_some() && p.logprobs.is_some();
+    request.logit_bias = p.logit_bias.clone();
+
+    let (events, mut rx) = mpsc::unbounded_channel();
+    let (reply, accepted) = oneshot::channel();
+    let stopped = || ApiError::unavailable("the engine is not running (the server is stopping)");
+    app.engine
+        .send(Submission {
+            request,
+            events,
+            arrived,
+            reply,
+        })
+        .map_err(|_| stopped())?;
+    accepted
+        .await
+        .map_err(|_| stopped())?
+        .map_err(|e| ApiError::from_submit(e, p.kind.prompt_param()))?;
+
+    let prefix = match p.kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    };
+    let reply = Reply {
+        kind: p.kind,
+        id: format!("{prefix}-{:016x}", app.random()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        model: app.model.clone(),
+        n: p.n,
+        logprobs: p.logprobs.is_some(),
+        echo,
+        include_usage: p.stream && p.include_usage,
+    };
+    let vocab: Arc<dyn response::Vocab> = app.tokenizer.clone();
+    if p.stream {
+        let body = SseBody::new(rx, Assembler::new(reply, vocab, true));
+        let mut res = Response::new(Body::new(body));
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(res);
+    }
+    let mut asm = Assembler::new(reply, vocab, false);
+    let mut unused = VecDeque::new();
+    loop {
+        match rx.recv().await {
+            Some(ev) => {
+                if asm.on_event(ev, &mut unused)? {
+                    break;
+                }
+            }
+            None => return Err(asm.on_closed(&mut unused)),
+        }
+    }
+    Ok(json_response(StatusCode::OK, &asm.response()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64 kb"), Ok(64 << 10));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("2X").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn served_names() {
+        assert_eq!(
+            served_name("qwen2.5-coder-0.5b-instruct"),
+            "qwen2.5-coder-0.5b-instruct"
+        );
+        assert_eq!(served_name("/models/tiny-q8_0.gguf"), "tiny-q8_0");
+        assert_eq!(served_name("tiny.GGUF"), "tiny");
+    }
+
+    #[test]
+    fn endpoint_labels_stay_few() {
+        assert_eq!(endpoint_label("/v1/completions"), "/v1/completions");
+        assert_eq!(endpoint_label("/v1/models/x"), "/v1/models/{model}");
+        assert_eq!(endpoint_label("/wp-admin"), "other");
+        for (_, path) in openapi::ROUTES {
+            assert_ne!(
+                endpoint_label(&path.replace("{model}", "m")),
+                "other",
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(same_key(b"abc", b"abc"));
+        assert!(!same_key(b"abd", b"abc"));
+        assert!(!same_key(b"ab", b"abc"));
+    }
+}

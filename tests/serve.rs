@@ -1,0 +1,319 @@
+//! `edgelm serve` end to end on Qwen2.5-Coder 0.5B: the official `openai` Python client against
+//! it (tests/serve_openai.py), a burst past `--parallel` + `--queue` (every accepted request
+//! completes, the rest are refused, memory comes back), then a graceful stop that lets a
+//! request in flight finish.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+const KEY: &str = "edgelm-test-key";
+const CTX: usize = 1024;
+const PARALLEL: usize = 4;
+const QUEUE: usize = 16;
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start() -> Server {
+        // Pull first, so the server's own load never waits on a download.
+        common::model_path(MODEL);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+            .args([
+                "serve",
+                "-m",
+                MODEL,
+                "-t",
+                "2",
+                "--port",
+                "0",
+                "--api-key",
+                KEY,
+            ])
+            .args([
+                "--ctx",
+                &CTX.to_string(),
+                "--parallel",
+                &PARALLEL.to_string(),
+            ])
+            .args(["--queue", &QUEUE.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting edgelm serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = server.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("edgelm: listening on http://") {
+                    let _ = tx.send(addr.to_owned());
+                }
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        server.addr = rx
+            .recv_timeout(Duration::from_secs(300))
+            .unwrap_or_else(|_| panic!("the server printed no address:\n{}", server.log()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http(&server.addr, "GET", "/health", None).0 != 200 {
+            assert!(Instant::now() < deadline, "/health never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading the server's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line")
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        metric(&self.addr, name)
+    }
+
+    fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.metric("edgelm_sequences_running") != 0.0
+            || self.metric("edgelm_requests_waiting") != 0.0
+            || self.metric("edgelm_kv_blocks_used") != 0.0
+        {
+            assert!(Instant::now() < deadline, "the server never went idle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Status, head and body of one request on its own connection.
+fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).expect("connecting to the server");
+    send(&mut stream, method, path, body);
+    read_response(stream)
+}
+
+fn send(stream: &mut TcpStream, method: &str, path: &str, body: Option<&str>) {
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).expect("sending a request");
+}
+
+fn read_response(mut stream: TcpStream) -> (u16, String, String) {
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("reading a response");
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let (status, _, body) = http(addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Every accepted request of the burst generates exactly this many tokens.
+const BURST_TOKENS: usize = 16;
+
+fn burst_body() -> String {
+    format!(
+        r#"{{"model": "{MODEL}", "prompt": "The capital of France is", "max_tokens": {BURST_TOKENS},
+            "temperature": 0, "ignore_eos": true}}"#
+    )
+}
+
+#[test]
+fn serve_openai_clients_burst_and_shutdown() {
+    let python = std::env::var("EDGELM_PYTHON").expect(
+        "EDGELM_PYTHON must name a Python with the openai package; scripts/test.sh makes one",
+    );
+    let server = Server::start();
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve_openai.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args([
+            &format!("http://{}", server.addr),
+            KEY,
+            MODEL,
+            &CTX.to_string(),
+        ])
+        .output()
+        .expect("running tests/serve_openai.py");
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("{report}");
+    assert!(
+        out.status.success(),
+        "the openai client checks failed:\n{report}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+
+    burst(&server);
+    graceful_shutdown(server);
+}
+
+/// 64 requests at once against 4 places and a queue of 16: 20 are accepted and complete, 44
+/// are refused with 429, and resident memory ends where it began.
+fn burst(server: &Server) {
+    const N: usize = 64;
+    let body = burst_body();
+    let (status, _, warm) = http(&server.addr, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200, "{warm}");
+    server.wait_idle();
+    let before = server.rss_kib();
+
+    // Connect everyone first, then send together, so the whole burst lands within a step.
+    let barrier = Arc::new(Barrier::new(N + 1));
+    let clients: Vec<_> = (0..N)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&server.addr).expect("connecting");
+            let (barrier, body) = (barrier.clone(), body.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                send(&mut stream, "POST", "/v1/completions", Some(&body));
+                read_response(stream)
+            })
+        })
+        .collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (addr, done) = (server.addr.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut running, mut waiting) = (0.0f64, 0.0f64);
+            while !done.load(Ordering::Relaxed) {
+                running = running.max(metric(&addr, "edgelm_sequences_running"));
+                waiting = waiting.max(metric(&addr, "edgelm_requests_waiting"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (running, waiting)
+        })
+    };
+    barrier.wait();
+    let responses: Vec<(u16, String, String)> =
+        clients.into_iter().map(|c| c.join().unwrap()).collect();
+    done.store(true, Ordering::Relaxed);
+    let (max_running, max_waiting) = monitor.join().unwrap();
+
+    let mut accepted = 0;
+    let mut refused = 0;
+    for (status, head, body) in &responses {
+        let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        match status {
+            200 => {
+                accepted += 1;
+                assert_eq!(v["choices"][0]["finish_reason"], "length", "{body}");
+                assert_eq!(v["usage"]["completion_tokens"], BURST_TOKENS, "{body}");
+            }
+            429 => {
+                refused += 1;
+                assert!(head.contains("\r\nretry-after: 1"), "{head}");
+                assert_eq!(v["error"]["code"], "queue_full", "{body}");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert_eq!(
+        (accepted, refused),
+        (PARALLEL + QUEUE, N - PARALLEL - QUEUE),
+        "accepted / refused; server log:\n{}",
+        server.log()
+    );
+    assert_eq!(max_running, PARALLEL as f64, "most sequences seen running");
+    assert_eq!(max_waiting, QUEUE as f64, "most requests seen waiting");
+
+    server.wait_idle();
+    let after = server.rss_kib();
+    let growth = after as f64 / before as f64 - 1.0;
+    println!("burst: {accepted} accepted, {refused} refused; VmRSS {before} → {after} KiB");
+    assert!(
+        growth.abs() <= 0.10,
+        "resident memory moved by {:.1}% over the burst ({before} → {after} KiB)",
+        growth * 100.0
+    );
+}
+
+/// SIGTERM lets an accepted request finish, then the server exits cleanly.
+fn graceful_shutdown(mut server: Server) {
+    let addr = server.addr.clone();
+    let body = burst_body();
+    let in_flight = std::thread::spawn(move || http(&addr, "POST", "/v1/completions", Some(&body)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("edgelm_sequences_running") == 0.0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(killed.success());
+    let (status, _, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], BURST_TOKENS, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(s) = server.child.try_wait().expect("waiting for the server") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", server.log());
+    // The log is read by another thread; give it the last lines.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(server.log().contains("edgelm: stopped"), "{}", server.log());
+}
