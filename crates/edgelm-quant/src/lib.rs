@@ -6,7 +6,6 @@
 //! dot products of weight blocks with quantized activations, as llama.cpp computes them.
 
 #![forbid(unsafe_code)]
-
 // Index loops mirror the packed layouts; `!(a > b)` is deliberate so NaN takes the safe branch.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
