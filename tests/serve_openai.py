@@ -381,6 +381,32 @@ def concurrent_greedy_streams_match_alone():
         assert a == t, f"{p!r}: alone {a!r}, concurrent {t!r}"
 
 
+@check
+def multi_turn_prefills_only_new_tokens():
+    """Six turns of one conversation: each prefills its new message plus at most one block of
+    the conversation so far (16 positions); the rest is reused, as usage and /metrics say."""
+    system = {"role": "system", "content": "You are terse. Answer in at most five words."}
+    messages = [system]
+    questions = ["Name a fruit.", "Name a city.", "Name a tree.", "Name a metal.",
+                 "Name a river.", "Say goodbye."]
+    before = metrics()["edgelm_reused_tokens_total"]
+    prev_total, reused_sum = None, 0
+    for i, q in enumerate(questions):
+        messages.append({"role": "user", "content": q})
+        r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                           max_tokens=12)
+        u = r.usage
+        cached = u.prompt_tokens_details.cached_tokens
+        if prev_total is not None:
+            new = u.prompt_tokens - prev_total
+            assert u.prompt_tokens - cached <= new + 16, (i, u, new)
+        reused_sum += cached
+        prev_total = u.prompt_tokens + u.completion_tokens
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+    after = metrics()["edgelm_reused_tokens_total"]
+    assert after - before == reused_sum, (before, after, reused_sum)
+
+
 def main():
     failed = 0
     for fn in CHECKS:
