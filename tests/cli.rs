@@ -322,7 +322,8 @@ fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
     }
 }
 
-/// The same through a terminal (a pty driven by Python): prompts, streaming, /stats.
+/// The same through a terminal (a pty driven by Python): prompts, streaming, /stats, and Ctrl-C
+/// stopping an answer but not the program.
 #[test]
 fn chat_works_in_a_terminal() {
     common::model_path(MODEL);
@@ -336,4 +337,8 @@ fn chat_works_in_a_terminal() {
     let stats = chat_stats(&out);
     assert_eq!(stats.len(), 2, "{out}");
     assert!(stats[1].1 > 0, "the second turn reused nothing: {out}");
+    assert!(
+        out.contains("(stopped)"),
+        "Ctrl-C did not stop the answer: {out}"
+    );
 }

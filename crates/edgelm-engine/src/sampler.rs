@@ -101,13 +101,17 @@ impl Sampler {
 
     /// Pick the next token from `logits`, given the tokens seen so far (for penalties).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let recent = &history[history.len().saturating_sub(self.params.penalty_last_n)..];
+        // Greedy without penalties needs no candidate list (a vocabulary-sized copy per token).
+        if self.params.temperature <= 0.0 && !penalties_apply(recent, &self.params) {
+            return first_max(logits);
+        }
         let mut cands = std::mem::take(&mut self.candidates);
         cands.clear();
         cands.extend(logits.iter().enumerate().map(|(i, &l)| Candidate {
             id: i as u32,
             logit: l,
         }));
-        let recent = &history[history.len().saturating_sub(self.params.penalty_last_n)..];
         apply_penalties(&mut cands, recent, &self.params);
         let id = if self.params.temperature <= 0.0 {
             argmax(&cands)
@@ -165,9 +169,7 @@ impl Sampler {
 /// Repetition penalty divides positive logits and multiplies negative ones of seen tokens;
 /// frequency and presence penalties subtract per occurrence and once.
 pub fn apply_penalties(cands: &mut [Candidate], recent: &[u32], p: &SamplingParams) {
-    if recent.is_empty()
-        || (p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0)
-    {
+    if !penalties_apply(recent, p) {
         return;
     }
     let mut counts: Vec<(u32, u32)> = Vec::new();
@@ -188,6 +190,22 @@ pub fn apply_penalties(cands: &mut [Candidate], recent: &[u32], p: &SamplingPara
             c.logit -= n as f32 * p.frequency_penalty + p.presence_penalty;
         }
     }
+}
+
+fn penalties_apply(recent: &[u32], p: &SamplingParams) -> bool {
+    !recent.is_empty()
+        && (p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0)
+}
+
+/// The first index of the largest logit (as `argmax` picks among candidates in id order).
+fn first_max(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 fn argmax(cands: &[Candidate]) -> u32 {
@@ -213,6 +231,22 @@ fn softmax(cands: &[Candidate]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn greedy_shortcut_picks_what_the_candidate_path_picks() {
+        let mut rng = Rng::new(3);
+        for n in [1, 2, 7, 1000] {
+            // Coarse values, so ties happen: both paths keep the first.
+            let logits: Vec<f32> = (0..n).map(|_| (rng.next_u64() % 5) as f32).collect();
+            let want = argmax(&cands(&logits));
+            assert_eq!(first_max(&logits), want);
+            let mut greedy = Sampler::new(SamplingParams {
+                temperature: 0.0,
+                ..params()
+            });
+            assert_eq!(greedy.sample(&logits, &[]), want);
+        }
+    }
 
     fn cands(logits: &[f32]) -> Vec<Candidate> {
         logits
