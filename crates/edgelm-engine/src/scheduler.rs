@@ -321,6 +321,7 @@ impl Scheduler {
         while let Some(&j) = self.waiting.front() {
             let running_jobs = {
                 let mut jobs: Vec<usize> = self.running.iter().map(|s| s.job).collect();
+                jobs.sort_unstable();
                 jobs.dedup();
                 jobs.len()
             };
