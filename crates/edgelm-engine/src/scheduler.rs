@@ -19,7 +19,7 @@ use std::time::Instant;
 pub struct SchedulerConfig {
     /// Positions one sequence may hold (0: the model's trained context).
     pub n_ctx: usize,
-    /// Requests running at once (each with its `n` choices).
+    /// Sequences running at once (a request's `n` choices count `n`).
     pub max_running: usize,
     /// Requests waiting for a place; more are refused.
     pub max_waiting: usize,
@@ -206,10 +206,10 @@ impl Scheduler {
                 "logit_bias names token {t}, outside the vocabulary of {n_vocab}"
             )));
         }
-        if req.n == 0 || req.n > self.cfg.max_running.max(16) {
+        if req.n == 0 || req.n > self.cfg.max_running {
             return Err(SubmitError::Invalid(format!(
-                "n must be between 1 and {}",
-                self.cfg.max_running.max(16)
+                "n must be between 1 and {}, the sequences this engine runs at once",
+                self.cfg.max_running
             )));
         }
         if self.waiting.len() >= self.cfg.max_waiting {
@@ -319,16 +319,11 @@ impl Scheduler {
     /// not fit waits (so none is overtaken for ever).
     fn admit(&mut self) {
         while let Some(&j) = self.waiting.front() {
-            let running_jobs = {
-                let mut jobs: Vec<usize> = self.running.iter().map(|s| s.job).collect();
-                jobs.sort_unstable();
-                jobs.dedup();
-                jobs.len()
-            };
-            if running_jobs >= self.cfg.max_running {
+            let job = self.jobs[j].as_ref().expect("waiting job");
+            // Every choice is a running sequence (and holds a sliding window's blocks).
+            if self.running.len() + job.req.n > self.cfg.max_running {
                 return;
             }
-            let job = self.jobs[j].as_ref().expect("waiting job");
             let need = (job.req.prompt.len() + job.req.max_tokens).min(self.cfg.n_ctx) * job.req.n;
             let free = self
                 .kv

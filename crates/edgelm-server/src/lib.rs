@@ -53,7 +53,7 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long = "api-key")]
     pub api_key: Option<String>,
-    /// Requests generating at once.
+    /// Sequences generating at once (a request with `n` choices counts `n`).
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Context positions per sequence (0: the model's trained length).
