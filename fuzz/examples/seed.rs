@@ -73,4 +73,108 @@ fn main() {
     let mut all = vec![0xFF, 0, 1];
     all.extend([0x7F, 0xC0, 0xFF, 0xFF, 0x00, 0x7C, 0x00, 0x00].repeat(64));
     put(&q, "all-nan-inf", &all);
+
+    // chat_template: template source, then optionally \0 and a JSON array of messages.
+    let c = root.join("chat_template");
+    let conversation = br#"[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"add","arguments":{"a":1}}}]},{"role":"tool","tool_call_id":"c1","content":"2"},{"role":"user","content":"\u00e9\n"}]"#;
+    let models = std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".cache/edgelm/models"))
+        .and_then(|d| std::fs::read_dir(d).ok());
+    for entry in models.into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "gguf") {
+            continue;
+        }
+        let Ok(file) = edgelm_gguf::GgufFile::open(&path) else {
+            continue;
+        };
+        if let Some(src) = file.get_str("tokenizer.chat_template") {
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            put(&c, &stem, src.as_bytes());
+            let mut with = src.as_bytes().to_vec();
+            with.push(0);
+            with.extend_from_slice(conversation);
+            put(&c, &format!("{stem}-conversation"), &with);
+        }
+    }
+    let templates: &[(&str, &str)] = &[
+        ("chatml", edgelm_chat::CHATML_TEMPLATE),
+        ("plain", "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"),
+        ("raise", "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}"),
+        ("tojson", "{{ tools | tojson(indent=2, sort_keys=true) }}{{ messages | map('tojson', ensure_ascii=True) | join(',') }}"),
+        ("macro", "{% macro f(x) %}{% if x > 0 %}{{ f(x - 1) }}{% endif %}{{ x }}{% endmacro %}{{ f(5) }}"),
+        ("namespace", "{% set ns = namespace(n=0) %}{% for m in messages|reverse %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}{{ strftime_now('%Y-%m-%d') }}"),
+        ("python", "{% for m in messages %}{{ m.content.strip().split('\n')|join('|') if m.content is string }}{% for k, v in m.items() %}{{ k }}{% endfor %}{% endfor %}"),
+        ("generation", "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% raw %}\n{{ x }}{% endraw %}{% endfor %}"),
+        ("loop", "{% for i in range(1000) %}{% for j in range(1000) %}{{ i * j }}{% endfor %}{% endfor %}"),
+        ("broken", "{% for m in messages %}{{ m.content "),
+    ];
+    for (name, src) in templates {
+        put(&c, name, src.as_bytes());
+    }
+    let mut with = b"{{ messages | tojson }}\0".to_vec();
+    with.extend_from_slice(conversation);
+    put(&c, "json-conversation", &with);
+
+    // serve_request: [endpoint selector: 0 chat, 1 completion] then the body.
+    let r = root.join("serve_request");
+    let bodies: &[(&str, u8, &str)] = &[
+        (
+            "chat-min",
+            0,
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+        (
+            "chat-full",
+            0,
+            r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true,"stream_options":{"include_usage":true},"n":2,"logprobs":true,"top_logprobs":5,"logit_bias":{"15":-100,"42":2.5},"stop":["\n","END"],"max_completion_tokens":64,"temperature":0.7,"top_p":0.9,"top_k":40,"min_p":0.05,"repeat_penalty":1.1,"frequency_penalty":0.5,"presence_penalty":-0.5,"seed":-1,"response_format":{"type":"text"}}"#,
+        ),
+        (
+            "chat-tools",
+            0,
+            r#"{"messages":[{"role":"user","content":"add"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"add","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"3"}],"tools":[{"type":"function","function":{"name":"add","parameters":{"type":"object"}}}],"max_tokens":8}"#,
+        ),
+        (
+            "completion-text",
+            1,
+            r#"{"prompt":"Once upon a time","max_tokens":16,"stop":"\n","echo":true,"logprobs":3,"best_of":1,"suffix":""}"#,
+        ),
+        (
+            "completion-tokens",
+            1,
+            r#"{"prompt":[[1,2,3]],"n":3,"stream":true,"seed":18446744073709551615}"#,
+        ),
+        (
+            "completion-list",
+            1,
+            r#"{"prompt":["one"],"temperature":0}"#,
+        ),
+        (
+            "bad-json",
+            0,
+            r#"{"messages":[{"role":"user","content":"hi"}"#,
+        ),
+        ("bad-not-object", 1, r#"["prompt"]"#),
+        ("bad-messages", 0, r#"{"messages":[1,"x"],"n":0}"#),
+        (
+            "bad-ranges",
+            0,
+            r#"{"messages":[{}],"temperature":3,"top_logprobs":50,"logit_bias":{"x":1000},"stop":["",""]}"#,
+        ),
+        (
+            "bad-prompt",
+            1,
+            r#"{"prompt":[-1,1e99],"suffix":"x","best_of":2}"#,
+        ),
+        (
+            "bad-format",
+            0,
+            r#"{"messages":[{"role":"user"}],"response_format":{"type":"json_object"},"stream_options":{"include_usage":1}}"#,
+        ),
+    ];
+    for (name, selector, body) in bodies {
+        let mut bytes = vec![*selector];
+        bytes.extend_from_slice(body.as_bytes());
+        put(&r, name, &bytes);
+    }
 }

@@ -56,6 +56,13 @@ pub const CHATML_TEMPLATE: &str = "\
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The work one render may do, in minijinja fuel (about one per instruction executed plus one
+/// per 64 bytes of data produced or visited). The template comes from a downloaded model file,
+/// so a loop like `{% for i in range(100000) %}{% for j in range(100000) %}` must fail rather
+/// than hang the server, and a string doubled in a loop must fail before it fills memory (the
+/// budget pays for at most 320 MB of produced data).
+pub const RENDER_FUEL: u64 = 5_000_000;
+
 /// Why a conversation could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -208,6 +215,7 @@ impl Message {
 /// The environment of transformers' `_compile_jinja_template`.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(RENDER_FUEL));
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)

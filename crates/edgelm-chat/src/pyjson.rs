@@ -5,6 +5,15 @@
 use minijinja::value::{Kwargs, Rest, Value, ValueKind};
 use minijinja::{Error, ErrorKind};
 
+/// Most bytes one `tojson` call may produce: templates come from downloaded model files, and
+/// `tojson(x, indent=…)` multiplies the indentation by the nesting depth on every line, a size
+/// the engine's fuel only sees after the text exists.
+pub const MAX_TOJSON_BYTES: usize = 16 << 20;
+
+/// Deepest nesting `tojson` serializes (Python's recursion limit is 1000; JSON from requests is
+/// at most 128 deep).
+const MAX_TOJSON_DEPTH: usize = 256;
+
 /// The options of `json.dumps` that HF's `tojson` filter passes through.
 struct Options {
     ensure_ascii: bool,
@@ -77,6 +86,11 @@ pub fn tojson_filter(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result
     };
     let mut out = String::new();
     encode(&mut out, value, &opts, 0)?;
+    if out.len() > MAX_TOJSON_BYTES {
+        return Err(invalid(format!(
+            "tojson: the output would exceed {MAX_TOJSON_BYTES} bytes"
+        )));
+    }
     Ok(Value::from(out))
 }
 
@@ -86,7 +100,12 @@ fn indent_unit(v: &Value) -> Result<String, Error> {
         return Ok(s.to_owned());
     }
     if v.kind() == ValueKind::Number && v.is_integer() {
-        let n = i64::try_from(v.clone()).unwrap_or(0);
+        let n = i64::try_from(v.clone()).unwrap_or(i64::MAX);
+        if n > 1024 {
+            return Err(invalid(format!(
+                "tojson indent {n} is too large (at most 1024 spaces)"
+            )));
+        }
         return Ok(" ".repeat(n.max(0) as usize));
     }
     Err(invalid(format!(
@@ -100,6 +119,16 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 fn encode(out: &mut String, v: &Value, opts: &Options, level: usize) -> Result<(), Error> {
+    if level > MAX_TOJSON_DEPTH {
+        return Err(invalid(format!(
+            "tojson: the value is nested more than {MAX_TOJSON_DEPTH} levels deep"
+        )));
+    }
+    if out.len() > MAX_TOJSON_BYTES {
+        return Err(invalid(format!(
+            "tojson: the output would exceed {MAX_TOJSON_BYTES} bytes"
+        )));
+    }
     match v.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -169,6 +198,10 @@ fn newline_indent(out: &mut String, opts: &Options, level: usize) {
     if let Some(unit) = &opts.indent {
         out.push('\n');
         for _ in 0..level {
+            // Stop growing; `encode` reports the overflow at its next value.
+            if out.len() > MAX_TOJSON_BYTES {
+                return;
+            }
             out.push_str(unit);
         }
     }

@@ -229,3 +229,59 @@ fn map_passes_keyword_arguments_to_the_filter() {
         "{\n \"a\": 1\n}|[2]|['X']"
     );
 }
+
+#[test]
+fn runaway_templates_fail_instead_of_hanging() {
+    // 10^10 iterations: stopped by the fuel limit, quickly.
+    let start = std::time::Instant::now();
+    let err = render(
+        Some("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"),
+        &[],
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ChatError::Render { .. }), "{err}");
+    assert!(err.to_string().contains("fuel"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    // Output that doubles each round.
+    let err = render(
+        Some("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"),
+        &[],
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ChatError::Render { .. }), "{err}");
+}
+
+#[test]
+fn tojson_output_is_bounded() {
+    // A huge indent used to allocate `indent` spaces up front (capacity overflow / OOM).
+    for src in [
+        "{{ [1] | tojson(indent=1000000000000000000) }}",
+        "{{ [1] | tojson(indent=9223372036854775807) }}",
+    ] {
+        let err = render(Some(src), &[], false).unwrap_err();
+        assert!(err.to_string().contains("indent"), "{src}: {err}");
+    }
+    // Indentation grows with the depth on every line: stopped at the output limit.
+    let err = render(
+        Some("{% set ns = namespace(x=[1,2,3,4,5,6,7,8]) %}{% for i in range(40) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}{{ ns.x | tojson(indent=1000) }}"),
+        &[],
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ChatError::Render { .. }), "{err}");
+    // Nesting deeper than the limit is an error, not a stack overflow.
+    let err = render(
+        Some("{% set ns = namespace(x=1) %}{% for i in range(5000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x | tojson }}"),
+        &[],
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("nested"), "{err}");
+    // Ordinary indentation still works.
+    assert_eq!(
+        render_str("{{ {'a': [1]} | tojson(indent=2) }}"),
+        "{\n  \"a\": [\n    1\n  ]\n}"
+    );
+}

@@ -161,6 +161,17 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Parse the bytes of a request body to `kind`'s endpoint: a JSON object (else a 400 saying
+/// where it is malformed), then [`parse_chat`] or [`parse_completion`]. The server's handlers do
+/// the same in two steps (the body extractor, then the endpoint's parser).
+pub fn parse_body(kind: Kind, bytes: &[u8]) -> Result<Params, ApiError> {
+    let body = crate::error::parse_object(bytes)?;
+    match kind {
+        Kind::Chat => parse_chat(&body),
+        Kind::Completion => parse_completion(&body),
+    }
+}
+
 /// Parse a `/v1/chat/completions` body.
 pub fn parse_chat(body: &Map<String, Value>) -> Result<Params, ApiError> {
     let f = Fields(body);

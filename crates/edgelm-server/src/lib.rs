@@ -7,7 +7,10 @@
 //! oneshot, so refusals are ordinary HTTP statuses; events come back over a per-request
 //! channel, and dropping its receiver (a client that disconnects) cancels the request.
 
-mod api;
+/// Request bodies of `/v1/chat/completions` and `/v1/completions` and their validation:
+/// [`api::parse_body`] is exactly what the server does with the bytes of a request before it
+/// tokenizes anything. Public for the fuzz targets in `fuzz/`; not a stable API.
+pub mod api;
 mod engine_thread;
 mod error;
 mod metrics;
@@ -27,7 +30,8 @@ use edgelm_chat::ChatTemplate;
 use edgelm_engine::{Engine, Request, Rng, Scheduler, SchedulerConfig};
 use edgelm_tokenizer::Tokenizer;
 use engine_thread::{Limits, Submission};
-use error::{ApiError, JsonBody, BODY_LIMIT};
+pub use error::ApiError;
+use error::{JsonBody, BODY_LIMIT};
 use metrics::Metrics;
 use response::{Assembler, Echo, Reply, SseBody};
 use serde_json::{json, Value};
