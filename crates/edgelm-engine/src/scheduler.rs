@@ -367,7 +367,7 @@ impl Scheduler {
     /// Decode tokens first (one per decoding sequence), then prefill chunks in admission order
     /// within what is left of the step's token budget.
     fn form_batch(&mut self) {
-        self.batch = Batch::new();
+        self.batch.clear();
         self.spans.clear();
         self.spans.resize(self.running.len(), None);
         let mut budget = self.cfg.step_tokens;

@@ -30,6 +30,14 @@ impl Batch {
         b
     }
 
+    /// Empty the batch, keeping its memory (a decoding loop forms one per step).
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.positions.clear();
+        self.seqs.clear();
+        self.want_logits.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.tokens.len()
     }

@@ -317,10 +317,9 @@ impl KvCache {
 
     /// Drop `seq`; its blocks go back to the pool (or stay cached, if indexed).
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        let s = self.seq(seq)?;
-        let tables = s.tables.clone();
-        self.seqs[seq] = None;
-        for (group, table) in self.groups.iter_mut().zip(&tables) {
+        self.seq(seq)?;
+        let s = self.seqs[seq].take().expect("checked above");
+        for (group, table) in self.groups.iter_mut().zip(&s.tables) {
             // Last blocks first, so the longest prefixes are the first evicted and a chain is
             // not cut above blocks that stay.
             for &b in table.iter().rev().filter(|&&b| b != HOLE) {
