@@ -21,14 +21,33 @@ if ! "$py" -c 'import jinja2, sys; sys.exit(jinja2.__version__ != "3.1.6")' 2>/d
         python3 -m pip install --quiet --target "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" jinja2==3.1.6
     fi
 fi
-# The official openai client, which tests/serve.rs drives `edgelm serve` with, in the same venv.
+# The official openai client, which tests/serve.rs drives `edgelm serve` with, and jsonschema,
+# which validates its structured output, in the same venv.
 openai_version=2.54.0
-if ! "$py" -c "import openai, sys; sys.exit(openai.__version__ != '$openai_version')" 2>/dev/null; then
+jsonschema_version=4.23.0
+if ! "$py" -c "import openai, jsonschema, importlib.metadata as m, sys; sys.exit(openai.__version__ != '$openai_version' or m.version('jsonschema') != '$jsonschema_version')" 2>/dev/null; then
     if "$py" -m pip --version >/dev/null 2>&1; then
-        "$py" -m pip install --quiet "openai==$openai_version"
+        "$py" -m pip install --quiet "openai==$openai_version" "jsonschema==$jsonschema_version"
     else
-        python3 -m pip install --quiet --upgrade --target "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" "openai==$openai_version"
+        python3 -m pip install --quiet --upgrade --target "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" "openai==$openai_version" "jsonschema==$jsonschema_version"
     fi
 fi
 export EDGELM_PYTHON="$PWD/$py"
+# The chat page's real-browser test (tests/web_page.rs): Debian's Chromium, driven by
+# playwright-core (pinned in tests/web/package-lock.json) under Node.js.
+if [ ! -x /usr/bin/chromium ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "scripts/test.sh: tests/web_page.rs needs Node.js 20 or newer with npm (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+playwright_version=$(node -p "require('./tests/web/package.json').dependencies['playwright-core']")
+installed=$(node -p "try { require('./tests/web/node_modules/playwright-core/package.json').version } catch { '' }")
+if [ "$installed" != "$playwright_version" ]; then
+    npm ci --prefix tests/web --no-audit --no-fund
+fi
 cargo test --release --locked --workspace "$@"

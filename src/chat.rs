@@ -2,8 +2,11 @@
 //! cache across turns, so each turn prefills only what is new since the last one.
 
 use anyhow::{bail, Context, Result};
+use edgelm_chat::tools::{parse_tool_calls, ToolCallFormat};
 use edgelm_chat::Message;
 use edgelm_engine::{Event, Request, SamplingParams, Scheduler, SequenceStats};
+use edgelm_grammar::{tool_call_grammar, GrammarCompiler, Guide, ToolChoice};
+use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +20,7 @@ their own around a multi-line message. Ctrl-C stops an answer (twice at the prom
   /save FILE      save the conversation as JSON
   /load FILE      load a conversation saved by /save
   /stats          tokens prefilled and reused in the last turn, and its speed
+  /tool TEXT      answer the model's pending tool call with TEXT (with --tools)
   /help           this text
   /exit           leave (so does Ctrl-D)";
 
@@ -35,6 +39,51 @@ pub struct Chat {
     messages: Vec<serde_json::Value>,
     last: Option<SequenceStats>,
     interrupted: Arc<AtomicBool>,
+    tools: Option<Tools>,
+}
+
+/// What `--tools` sets up: the list shown to the model, the syntax its calls are parsed from,
+/// and the grammar that holds a call it opens to the tools' parameter schemas.
+pub struct Tools {
+    list: Vec<Value>,
+    format: ToolCallFormat,
+    guide: Option<Guide>,
+    /// Calls of the last answer not yet answered by /tool, oldest first.
+    pending: Vec<String>,
+    /// Calls made so far (their ids count them).
+    made: usize,
+}
+
+impl Tools {
+    /// Reads an OpenAI `tools` list (a JSON array of `{"type": "function", "function": …}`).
+    pub fn load(path: &Path, sched: &Scheduler) -> Result<Tools> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let list: Vec<Value> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a JSON list of OpenAI tool objects",
+                path.display()
+            )
+        })?;
+        let engine = sched.engine();
+        let format = ToolCallFormat::detect(engine.tokenizer.chat_template().unwrap_or(""));
+        let guide = match tool_call_grammar(format, &list, &ToolChoice::Auto)
+            .with_context(|| format!("the tools in {}", path.display()))?
+        {
+            Some(g) => {
+                let compiler = GrammarCompiler::new(engine.tokenizer.clone())?;
+                Some(Guide::new(compiler.compile(&g.spec)?, g.trigger))
+            }
+            None => None,
+        };
+        Ok(Tools {
+            list,
+            format,
+            guide,
+            pending: Vec::new(),
+            made: 0,
+        })
+    }
 }
 
 impl Chat {
@@ -43,6 +92,7 @@ impl Chat {
         sampling: SamplingParams,
         max_tokens: usize,
         system: Option<String>,
+        tools: Option<Tools>,
     ) -> Result<Chat> {
         let interrupted = Arc::new(AtomicBool::new(false));
         // A second Ctrl-C before the first was handled (at the prompt) quits.
@@ -62,6 +112,7 @@ impl Chat {
             messages: Vec::new(),
             last: None,
             interrupted,
+            tools,
         })
     }
 
@@ -85,7 +136,7 @@ impl Chat {
                     }
                 }
             }
-            if let Err(e) = self.turn(&text) {
+            if let Err(e) = self.turn(Some(&text)) {
                 eprintln!("error: {e:#}");
             }
         }
@@ -128,6 +179,19 @@ impl Chat {
                 self.messages = saved.messages;
                 println!("(loaded {} messages from {arg})", self.messages.len());
             }
+            "tool" => {
+                let Some(tools) = self.tools.as_mut() else {
+                    bail!("/tool answers tool calls, and this chat has no tools (--tools FILE)");
+                };
+                if tools.pending.is_empty() {
+                    bail!("no tool call is waiting for an answer");
+                }
+                let id = tools.pending.remove(0);
+                self.messages.push(Message::tool(&id, arg));
+                if self.tools.as_ref().is_some_and(|t| t.pending.is_empty()) {
+                    self.turn(None)?;
+                }
+            }
             "stats" => match &self.last {
                 None => println!("(no turn yet)"),
                 Some(s) => println!(
@@ -145,17 +209,19 @@ impl Chat {
         Ok(true)
     }
 
-    /// One user message and the streamed answer.
-    fn turn(&mut self, text: &str) -> Result<()> {
+    /// One user message (or none, after tool results) and the streamed answer.
+    fn turn(&mut self, text: Option<&str>) -> Result<()> {
         let mut messages: Vec<serde_json::Value> =
             self.system.iter().map(|s| Message::system(s)).collect();
         messages.extend(self.messages.iter().cloned());
-        messages.push(Message::user(text));
-        let prompt = self.sched.engine().encode_chat(&messages, None)?;
+        messages.extend(text.map(Message::user));
+        let tools = self.tools.as_ref().map(|t| t.list.as_slice());
+        let prompt = self.sched.engine().encode_chat(&messages, tools)?;
         let (tx, rx) = mpsc::channel();
         let interrupted = self.interrupted.clone();
         let sink = Box::new(StdoutSink { tx, interrupted });
-        let req = Request::new(prompt, self.max_tokens, self.sampling.clone());
+        let mut req = Request::new(prompt, self.max_tokens, self.sampling.clone());
+        req.guide = self.tools.as_ref().and_then(|t| t.guide.clone());
         self.sched.submit(req, sink)?;
         self.sched.run_until_idle()?;
         println!();
@@ -168,17 +234,47 @@ impl Chat {
                     self.last = Some(stats);
                 }
                 Event::Error(msg) => bail!("{msg}"),
-                Event::PromptLogprobs(_) => {}
+                Event::PromptLogprobs(_) | Event::Embedding(_) => {}
             }
         }
         if self.interrupted.swap(false, Ordering::Relaxed) {
             println!("(stopped)");
         }
         // An answer cut short still happened: the next turn sees what was said.
-        self.messages.push(Message::user(text));
-        self.messages.push(Message::assistant(&answer));
+        self.messages.extend(text.map(Message::user));
+        let reply = self.assistant_message(&answer);
+        self.messages.push(reply);
         self.sampling.seed = self.sampling.seed.wrapping_add(1);
         Ok(())
+    }
+
+    /// The answer as the conversation keeps it: with tools, its calls parsed out (templates
+    /// show them in their own syntax, arguments as objects) and announced for /tool.
+    fn assistant_message(&mut self, answer: &str) -> Value {
+        let Some(tools) = self.tools.as_mut() else {
+            return Message::assistant(answer);
+        };
+        let parsed = parse_tool_calls(tools.format, answer);
+        if parsed.calls.is_empty() {
+            return Message::assistant(answer);
+        }
+        let mut calls = Vec::new();
+        for call in &parsed.calls {
+            let id = call
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("call_{}", tools.made));
+            tools.made += 1;
+            let args: Value = serde_json::from_str(&call.arguments).unwrap_or(json!({}));
+            println!(
+                "(tool call {id}: {}({}); answer with /tool RESULT)",
+                call.name, call.arguments
+            );
+            tools.pending.push(id.clone());
+            calls.push(json!({"id": id, "type": "function",
+                              "function": {"name": call.name, "arguments": args}}));
+        }
+        json!({"role": "assistant", "content": parsed.content, "tool_calls": calls})
     }
 }
 

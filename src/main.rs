@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgelm_chat::Message;
 use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler, SchedulerConfig};
+use edgelm_grammar::{GrammarCompiler, GrammarSpec, Guide};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
 use edgelm_kernels::{Compute, Isa, Precision};
 use std::io::Write;
@@ -33,6 +34,9 @@ enum Command {
     Serve(ServeCmd),
     /// Print the token ids of a text as a JSON list.
     Tokenize(TokenizeArgs),
+    /// Print embeddings (pooled final hidden states, unit length) as JSON arrays, one line per
+    /// input; with -f each non-empty line of the file is an input.
+    Embed(EmbedArgs),
     /// Teacher-forced scoring: one JSON line per position with the log-probability of the next token.
     Score(ScoreArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
@@ -147,6 +151,10 @@ struct ChatArgs {
     /// Context length of the conversation (default: the model's).
     #[arg(short = 'c', long = "ctx", default_value_t = 0)]
     ctx: usize,
+    /// Tools the model may call: a JSON file holding an OpenAI `tools` list. Calls are printed;
+    /// answer them with /tool RESULT.
+    #[arg(long, value_name = "FILE.json")]
+    tools: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -175,6 +183,33 @@ struct RunArgs {
     /// A system message before the prompt (with the chat template).
     #[arg(long, conflicts_with = "raw")]
     system: Option<String>,
+    /// Constrain the output to JSON valid under this JSON schema (a file).
+    #[arg(long = "json-schema", value_name = "FILE")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to any JSON object.
+    #[arg(long, conflicts_with = "json_schema")]
+    json: bool,
+    /// Constrain the output to this grammar (a file in llguidance's Lark syntax).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json_schema", "json"])]
+    grammar: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The grammar the output must follow, if any was asked for.
+    fn grammar_spec(&self) -> Result<Option<GrammarSpec>> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        if let Some(path) = &self.json_schema {
+            let schema: serde_json::Value = serde_json::from_str(&read(path)?)
+                .with_context(|| format!("{} is not valid JSON", path.display()))?;
+            return Ok(Some(GrammarSpec::JsonSchema(schema)));
+        }
+        if let Some(path) = &self.grammar {
+            return Ok(Some(GrammarSpec::Lark(read(path)?)));
+        }
+        Ok(self.json.then_some(GrammarSpec::JsonObject))
+    }
 }
 
 #[derive(Args)]
@@ -189,6 +224,17 @@ struct TokenizeArgs {
     /// Treat special-token text as plain text.
     #[arg(long = "no-special")]
     no_special: bool,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Context length (default: room for the longest input).
+    #[arg(short = 'c', long = "ctx", default_value_t = 0)]
+    ctx: usize,
 }
 
 #[derive(Args)]
@@ -281,13 +327,18 @@ fn real_main() -> Result<()> {
                 ..SchedulerConfig::single(a.ctx)
             };
             let sched = Scheduler::new(engine, cfg)?;
-            chat::Chat::new(sched, a.sampling.params(), a.n_predict, a.system)?.run()
+            let tools = match &a.tools {
+                Some(path) => Some(chat::Tools::load(path, &sched)?),
+                None => None,
+            };
+            chat::Chat::new(sched, a.sampling.params(), a.n_predict, a.system, tools)?.run()
         }
         Command::Serve(a) => {
             let (engine, _) = load(&a.model)?;
             edgelm_server::serve(engine, a.model.model.clone(), a.serve)
         }
         Command::Tokenize(a) => tokenize(a),
+        Command::Embed(a) => embed(a),
         Command::Score(a) => score(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect(a) => inspect(a),
@@ -343,7 +394,15 @@ fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
 
 fn run(a: RunArgs) -> Result<()> {
     let text = a.text.read()?;
+    let grammar = a.grammar_spec()?;
     let (engine, load_ms) = load(&a.model)?;
+    let guide = match &grammar {
+        Some(spec) => {
+            let compiler = GrammarCompiler::new(engine.tokenizer.clone())?;
+            Some(Guide::new(compiler.compile(spec)?, None))
+        }
+        None => None,
+    };
     // Instruct models answer a message; a model without a template continues the text.
     let prompt = if a.raw || !engine.has_chat_template() {
         if a.system.is_some() {
@@ -362,6 +421,7 @@ fn run(a: RunArgs) -> Result<()> {
     let req = Request {
         stop: a.stop,
         ignore_eos: a.ignore_eos,
+        guide,
         ..Request::new(prompt, a.n_predict, sampling)
     };
     let mut sched = Scheduler::new(engine, SchedulerConfig::single(a.ctx))?;
@@ -412,6 +472,90 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = edgelm_tokenizer::Tokenizer::from_gguf(&file)?;
     let ids = tok.encode(&text, !a.no_bos, !a.no_special)?;
     println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+/// Inputs `embed` batches together; short ones fit many to a step.
+const EMBED_PARALLEL: usize = 16;
+
+fn embed(a: EmbedArgs) -> Result<()> {
+    // (where the input came from, for messages; its text)
+    let inputs: Vec<(String, String)> = match (&a.text.prompt, &a.text.file) {
+        (Some(p), _) if p.is_empty() => {
+            bail!("the text given with -p is empty; give text to embed")
+        }
+        (Some(p), _) => vec![("the text".into(), p.clone())],
+        (None, Some(f)) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let lines: Vec<_> = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| (format!("line {} of {}", i + 1, f.display()), l.to_owned()))
+                .collect();
+            if lines.is_empty() {
+                bail!(
+                    "{} has no text to embed; write one input per line",
+                    f.display()
+                );
+            }
+            lines
+        }
+        (None, None) => bail!("give the text with -p TEXT or -f FILE (one input per line)"),
+    };
+    let (engine, _) = load(&a.model)?;
+    let t0 = Instant::now();
+    let prompts = inputs
+        .iter()
+        .map(|(_, text)| engine.tokenizer.encode(text, true, true))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // The KV cache holds --ctx positions per running input: by default no more than needed.
+    let n_ctx = match a.ctx {
+        0 => (longest + 1).min(engine.context_length(0)),
+        c => c,
+    };
+    let cfg = SchedulerConfig {
+        n_ctx,
+        max_running: EMBED_PARALLEL,
+        max_waiting: prompts.len(),
+        step_tokens: edgelm_models::MAX_CHUNK,
+        kv_budget: None,
+        prefix_cache: false,
+    };
+    let mut sched = Scheduler::new(engine, cfg)?;
+    let n_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let tx = tx.clone();
+        let sink = move |e: Event| tx.send((i, e)).is_ok();
+        sched
+            .submit(Request::embedding(prompt), Box::new(sink))
+            .with_context(|| format!("embedding {}", inputs[i].0))?;
+    }
+    sched.run_until_idle()?;
+    let mut vectors = vec![None; inputs.len()];
+    for (i, e) in rx.try_iter() {
+        match e {
+            Event::Embedding(v) => vectors[i] = Some(v),
+            Event::Error(msg) => bail!("embedding {}: {msg}", inputs[i].0),
+            _ => {}
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (v, (what, _)) in vectors.iter().zip(&inputs) {
+        let v = v
+            .as_ref()
+            .with_context(|| format!("the engine gave no embedding for {what}"))?;
+        writeln!(out, "{}", serde_json::to_string(v)?).context("writing to stdout")?;
+    }
+    out.flush().context("writing to stdout")?;
+    eprintln!(
+        "embedded {} inputs ({n_tokens} tokens) in {:.0} ms",
+        inputs.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

@@ -156,6 +156,59 @@ fn score_prints_one_json_line_per_position() {
     assert_eq!(lines[1]["top"].as_array().unwrap().len(), 3);
 }
 
+/// `embed` prints one JSON array per input (each non-empty line of -f, batched together), of
+/// the model's width and unit length; a line gets the vector it gets alone with -p.
+#[test]
+fn embed_prints_one_unit_vector_per_input() {
+    let dir = std::env::temp_dir().join(format!("edgelm-embed-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("inputs.txt");
+    std::fs::write(
+        &file,
+        "The cat sat on the mat.\n\n  \nA cat was sitting on the mat.\r\n\
+         Quarterly revenue rose 5% on strong sales.\n",
+    )
+    .unwrap();
+    let parse = |out: String| -> Vec<Vec<f32>> {
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let v = parse(stdout(&edgelm(&[
+        "embed",
+        "-m",
+        MODEL,
+        "-f",
+        file.to_str().unwrap(),
+    ])));
+    assert_eq!(v.len(), 3, "one line per non-empty input line");
+    let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    for e in &v {
+        assert_eq!(e.len(), 576, "SmolLM2-135M's hidden width");
+        assert!((dot(e, e) - 1.0).abs() < 1e-4, "norm² {}", dot(e, e));
+    }
+    assert!(dot(&v[0], &v[1]) > dot(&v[0], &v[2]) + 0.05);
+    let alone = parse(stdout(&edgelm(&[
+        "embed",
+        "-m",
+        MODEL,
+        "-p",
+        "A cat was sitting on the mat.",
+    ])));
+    assert_eq!(alone.len(), 1);
+    assert!(dot(&alone[0], &v[1]) > 1.0 - 1e-4);
+
+    let o = edgelm(&["embed", "-m", MODEL, "-p", ""]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
+    std::fs::write(&file, "\n  \n").unwrap();
+    let o = edgelm(&["embed", "-m", MODEL, "-f", file.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no text to embed"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn prompt_longer_than_context_is_an_error_naming_both_numbers() {
     let o = edgelm(&[
@@ -320,6 +373,65 @@ fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
             prompt - reused
         );
     }
+}
+
+/// `chat --tools`: the model's call is printed, `/tool` answers it, and the model goes on with
+/// the result in its context; the saved conversation holds the call in OpenAI's shape.
+#[test]
+fn chat_calls_tools_and_takes_their_results() {
+    let model = "qwen2.5-coder-0.5b-instruct";
+    common::model_path(model);
+    let dir = std::env::temp_dir().join(format!("edgelm-chat-tools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tools = dir.join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}}]"#,
+    )
+    .unwrap();
+    let saved = dir.join("conversation.json");
+    let input = format!(
+        "/tool early\nWhat is the weather in Paris?\n/tool {{\"temperature\": 18}}\n/save {}\n",
+        saved.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args(["chat", "-m", model, "--temp", "0", "-n", "48", "--tools"])
+        .arg(&tools)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let out = stdout(&output);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(out.contains("(tool call call_0: get_weather("), "{out}");
+    // A /tool before any call has nothing to answer.
+    assert!(err.contains("no tool call is waiting"), "{err}");
+    let conv: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    let messages = conv["messages"].as_array().unwrap();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    // The model's next answer (this 0.5B model tends to call again) follows the result.
+    assert_eq!(roles, ["user", "assistant", "tool", "assistant"], "{conv}");
+    let call = &messages[1]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(call["function"]["arguments"]["city"], "Paris");
+    assert_eq!(messages[2]["tool_call_id"], "call_0");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The same through a terminal (a pty driven by Python): prompts, streaming, /stats, and Ctrl-C

@@ -1,9 +1,9 @@
 //! The step-wise scheduler on the smallest real model: prefix reuse, batch invariance, chunked
-//! prefill that never stalls decoding, several choices, cancellation freeing blocks.
+//! prefill that never stalls decoding, several choices, cancellation freeing blocks, embeddings.
 
 mod common;
 
-use edgelm_engine::{Event, Request, SamplingParams, Scheduler, SchedulerConfig};
+use edgelm_engine::{Event, FinishReason, Request, SamplingParams, Scheduler, SchedulerConfig};
 use edgelm_kernels::Isa;
 use std::sync::mpsc::{channel, Receiver};
 
@@ -245,4 +245,115 @@ fn choices_share_the_prompt_and_cancelled_requests_free_their_blocks() {
         "the cancelled request's blocks were not freed"
     );
     assert!(tokens_of(&rx).concat().len() <= 2);
+}
+
+/// The vector of a finished embedding request, which sends it and then `Done` (nothing else).
+fn embedding_of(rx: &Receiver<Event>) -> Vec<f32> {
+    let events: Vec<Event> = rx.try_iter().collect();
+    match events.as_slice() {
+        [Event::Embedding(v), Event::Done {
+            reason: FinishReason::Stop,
+            stats,
+            ..
+        }] => {
+            assert_eq!(stats.generated_tokens, 0);
+            assert_eq!(stats.reused_tokens, 0);
+            v.clone()
+        }
+        other => panic!("an embedding request sent {other:?}"),
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// An embedding is the same alone as beside generation requests in the same batches, even when
+/// the prefix cache holds its prompt (reused positions have no hidden states: it must not
+/// reuse them); it has unit length, and similar sentences are closer than unrelated ones.
+#[test]
+fn embeddings_are_batch_invariant_unit_length_and_meaningful() {
+    let texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the mat.",
+        "Quarterly revenue rose 5% on strong sales.",
+        "The lighthouse keeper climbed the spiral stairs every evening to light the lamp, \
+         watching the ships pass the rocks of the northern cape while the storm gathered \
+         over the grey and restless sea.",
+    ];
+    let mut s = scheduler(6, true);
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| encode(&s, t)).collect();
+    assert!(ids[3].len() > 32, "the long text fills full blocks");
+    let alone: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|p| {
+            let rx = submit(&mut s, Request::embedding(p.clone()));
+            s.run_until_idle().unwrap();
+            embedding_of(&rx)
+        })
+        .collect();
+    assert_eq!(s.kv_stats().used, 0, "finished embeddings keep no blocks");
+
+    // One request decodes while another prefills the long text into the prefix cache.
+    let counting = encode(&s, "Count: one, two, three,");
+    let rx_gen = submit(&mut s, greedy_request(&counting, 24));
+    let rx_long = submit(&mut s, greedy_request(&ids[3], 16));
+    while tokens_of(&rx_long).is_empty() {
+        s.step().unwrap();
+    }
+    let reused = s.counters().reused_tokens;
+    let rxs: Vec<_> = ids
+        .iter()
+        .map(|p| submit(&mut s, Request::embedding(p.clone())))
+        .collect();
+    let n = s.step().unwrap();
+    assert!(
+        n > ids.iter().map(Vec::len).sum::<usize>(),
+        "the embeddings prefilled in one batch with the decode tokens ({n} tokens)"
+    );
+    assert_eq!(s.counters().reused_tokens, reused, "an embedding reused KV");
+    s.run_until_idle().unwrap();
+    assert!(tokens_of(&rx_gen).concat().len() > 1, "generation went on");
+
+    let mut worst = (1f32, 0f32); // (lowest cosine, largest difference)
+    for ((rx, want), text) in rxs.iter().zip(&alone).zip(texts) {
+        let got = embedding_of(rx);
+        assert_eq!(got.len(), s.engine().model.hp.n_embd);
+        for v in [&got, want] {
+            assert!(
+                (dot(v, v).sqrt() - 1.0).abs() < 1e-4,
+                "norm {}",
+                dot(v, v).sqrt()
+            );
+        }
+        let cosine = dot(&got, want);
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        worst = (worst.0.min(cosine), worst.1.max(diff));
+        assert!(
+            cosine > 1.0 - 1e-4 && diff < 1e-3,
+            "{text:?} beside other requests: cosine {cosine}, max difference {diff}"
+        );
+    }
+    println!(
+        "embedding alone vs batched: cosine ≥ {}, max difference {:e}",
+        worst.0, worst.1
+    );
+    let (similar, unrelated) = (dot(&alone[0], &alone[1]), dot(&alone[0], &alone[2]));
+    println!("cosine: similar sentences {similar}, unrelated {unrelated}");
+    assert!(
+        similar > unrelated + 0.05,
+        "similar {similar} vs unrelated {unrelated}"
+    );
+    assert!(dot(&alone[1], &alone[2]) < similar);
+
+    // The cache did hold the long text: a generation request reuses it.
+    let before = s.counters().reused_tokens;
+    let rx = submit(&mut s, greedy_request(&ids[3], 1));
+    s.run_until_idle().unwrap();
+    tokens_of(&rx);
+    assert!(s.counters().reused_tokens > before, "nothing was cached");
 }

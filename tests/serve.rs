@@ -1,5 +1,5 @@
 //! `edgelm serve` end to end on Qwen2.5-Coder 0.5B: the official `openai` Python client against
-//! it (tests/serve_openai.py), a burst past `--parallel` + `--queue` (every accepted request
+//! it (tests/serve_openai.py; tool calls and structured output in tests/serve_tools.py), a burst past `--parallel` + `--queue` (every accepted request
 //! completes, the rest are refused, memory comes back), then a graceful stop that lets a
 //! request in flight finish.
 
@@ -194,6 +194,22 @@ fn serve_openai_clients_burst_and_shutdown() {
     assert!(
         out.status.success(),
         "the openai client checks failed:\n{report}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+
+    // Tool calls and structured output, validated with `jsonschema`.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve_tools.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args([&format!("http://{}", server.addr), KEY, MODEL])
+        .output()
+        .expect("running tests/serve_tools.py");
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("{report}");
+    assert!(
+        out.status.success(),
+        "the tool-call and structured-output checks failed:\n{report}\n{}\nserver log:\n{}",
         String::from_utf8_lossy(&out.stderr),
         server.log()
     );

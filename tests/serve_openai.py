@@ -6,8 +6,11 @@ cannot express the request). Run by tests/serve.rs:
 Exits non-zero if any check fails; prints one line per check.
 """
 
+import base64
 import http.client
 import json
+import math
+import struct
 import sys
 import threading
 import time
@@ -405,6 +408,69 @@ def multi_turn_prefills_only_new_tokens():
         messages.append({"role": "assistant", "content": r.choices[0].message.content})
     after = metrics()["edgelm_reused_tokens_total"]
     assert after - before == reused_sum, (before, after, reused_sum)
+
+
+EMBED_TEXTS = ["The cat sat on the mat.", "A cat was sitting on the mat.",
+               "Quarterly revenue rose 5% on strong sales."]
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def max_diff(a, b):
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+@check
+def embeddings_vectors():
+    """Three texts: unit vectors of the model's width, similar sentences closer than unrelated;
+    the client's default (base64, decoded by the client), explicit floats, explicit base64 and a
+    single string all give the same vectors."""
+    r = client.embeddings.create(model=MODEL, input=EMBED_TEXTS)
+    assert r.object == "list" and r.model == MODEL, r
+    assert [d.index for d in r.data] == [0, 1, 2] and all(d.object == "embedding" for d in r.data)
+    vs = [d.embedding for d in r.data]
+    assert [len(v) for v in vs] == [896] * 3, [len(v) for v in vs]
+    for v in vs:
+        assert abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4, v[:4]
+    similar, unrelated = cosine(vs[0], vs[1]), cosine(vs[0], vs[2])
+    print(f"     embeddings: cosine similar {similar:.4f}, unrelated {unrelated:.4f}")
+    assert similar > unrelated + 0.05, (similar, unrelated)
+    assert 0 < r.usage.prompt_tokens == r.usage.total_tokens, r.usage
+
+    floats = client.embeddings.create(model=MODEL, input=EMBED_TEXTS, encoding_format="float")
+    for a, b in zip(floats.data, vs):
+        assert isinstance(a.embedding, list) and max_diff(a.embedding, b) < 1e-5
+    b64 = client.embeddings.create(model=MODEL, input=EMBED_TEXTS, encoding_format="base64")
+    for a, b in zip(b64.data, floats.data):
+        assert isinstance(a.embedding, str), type(a.embedding)
+        raw_bytes = base64.b64decode(a.embedding)
+        decoded = struct.unpack(f"<{len(raw_bytes) // 4}f", raw_bytes)
+        assert len(decoded) == 896 and max_diff(decoded, b.embedding) < 1e-5
+    one = client.embeddings.create(model=MODEL, input=EMBED_TEXTS[0], encoding_format="float")
+    assert len(one.data) == 1 and max_diff(one.data[0].embedding, vs[0]) < 1e-5
+    ids = client.embeddings.create(model=MODEL, input=[[785, 8251], [785]],
+                                   encoding_format="float")
+    assert len(ids.data) == 2 and ids.usage.prompt_tokens == 3, ids.usage
+
+
+@check
+def embeddings_mistakes():
+    e = expect_error(openai.BadRequestError, 400, None,
+                     lambda: client.embeddings.create(model=MODEL, input=[]))
+    assert e.param == "input", e.body
+    e = expect_error(openai.BadRequestError, 400, None,
+                     lambda: client.embeddings.create(model=MODEL, input=["a", ""]))
+    assert e.param == "input", e.body
+    e = expect_error(openai.BadRequestError, 400, None,
+                     lambda: client.embeddings.create(model=MODEL, input="x", dimensions=64))
+    assert e.param == "dimensions", e.body
+    expect_error(openai.BadRequestError, 400, "context_length_exceeded",
+                 lambda: client.embeddings.create(model=MODEL, input="hello " * (N_CTX + 100)))
+    expect_error(openai.NotFoundError, 404, "model_not_found",
+                 lambda: client.embeddings.create(model="text-embedding-3-small", input="x"))
 
 
 def main():

@@ -33,6 +33,11 @@
 
 mod clock;
 mod pyjson;
+pub mod tools;
+
+pub use tools::{
+    parse_tool_calls, ParsedOutput, ToolCall, ToolCallFormat, ToolCallParser, ToolEvent,
+};
 
 use minijinja::value::{Rest, Value, ValueKind, ValueOrKwargs};
 use minijinja::{Environment, ErrorKind};

@@ -1,14 +1,16 @@
 //! The step-wise engine. Requests wait in a queue, are admitted while sequences and KV memory
 //! allow (adopting the longest cached prefix of their prompt), prefill in chunks, then decode
-//! one token per step. Every [`Scheduler::step`] is one forward pass over one batch: a token of
-//! every decoding sequence plus prefill chunks of the others within a per-step token budget, so
-//! a long prompt never stalls the rest. `run`, `chat` and `serve` all drive this one loop.
+//! one token per step (an embedding request ends with its prefill: its pooled hidden state).
+//! Every [`Scheduler::step`] is one forward pass over one batch: a token of every decoding
+//! sequence plus prefill chunks of the others within a per-step token budget, so a long prompt
+//! never stalls the rest. `run`, `chat`, `embed` and `serve` all drive this one loop.
 
 use crate::sampler::Sampler;
 use crate::sequence::{Event, FinishReason, Request, SequenceStats, Sink, TokenLogprob};
 use crate::stop::StopMatcher;
 use crate::{Engine, Result};
-use edgelm_models::{Batch, KvCache, KvConfig, KvStats, Logits, Scratch, SeqId};
+use edgelm_grammar::Guide;
+use edgelm_models::{Batch, KvCache, KvConfig, KvStats, Logits, Pooling, Scratch, SeqId};
 use edgelm_tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -73,6 +75,8 @@ struct Job {
     /// Choices still running (0: the job is over).
     open: usize,
     cancelled: bool,
+    /// How an embedding request pools its hidden states (None: a generation request).
+    pooling: Option<Pooling>,
 }
 
 enum Phase {
@@ -92,11 +96,14 @@ struct Sequence {
     tokens: Vec<u32>,
     generated: usize,
     sampler: Sampler,
+    guide: Option<Guide>,
     decoder: StreamDecoder<Arc<Tokenizer>>,
     stops: StopMatcher,
     reused: usize,
     /// A stop string ended it (what the matcher holds is then dropped, not sent).
     stop_hit: bool,
+    /// An embedding request's sum of the hidden states pooled so far (else empty).
+    pooled: Vec<f32>,
     admitted: Instant,
     prefilled: Option<Instant>,
     first_token: Option<Instant>,
@@ -212,6 +219,19 @@ impl Scheduler {
                 self.cfg.max_running
             )));
         }
+        let pooling = if req.embed {
+            if req.n != 1 || req.prompt_logprobs {
+                return Err(SubmitError::Invalid(
+                    "an embedding request has one result and no log-probabilities: set n to 1 \
+                     and prompt_logprobs off"
+                        .into(),
+                ));
+            }
+            let pooling = self.engine.model.hp.pooling;
+            Some(pooling.map_err(|e| SubmitError::Invalid(e.to_string()))?)
+        } else {
+            None
+        };
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(SubmitError::QueueFull(self.waiting.len()));
         }
@@ -221,6 +241,7 @@ impl Scheduler {
             sink,
             submitted: Instant::now(),
             cancelled: false,
+            pooling,
         };
         let id = match self.jobs.iter().position(Option::is_none) {
             Some(i) => {
@@ -335,7 +356,8 @@ impl Scheduler {
                 return;
             }
             self.waiting.pop_front();
-            let (kv, reused) = if job.req.prompt_logprobs {
+            // Reused positions have no logits, nor hidden states.
+            let (kv, reused) = if job.req.prompt_logprobs || job.pooling.is_some() {
                 (self.kv.alloc(), 0)
             } else {
                 self.kv.alloc_with_prefix(&job.req.prompt)
@@ -353,10 +375,15 @@ impl Scheduler {
                 tokens,
                 generated: 0,
                 sampler: Sampler::new(sampling),
+                guide: job.req.guide.clone(),
                 decoder: StreamDecoder::new(self.engine.tokenizer.clone()),
                 stops,
                 reused,
                 stop_hit: false,
+                pooled: match job.pooling {
+                    Some(_) => vec![0.0; self.engine.model.hp.n_embd],
+                    None => Vec::new(),
+                },
                 admitted: Instant::now(),
                 prefilled: None,
                 first_token: None,
@@ -381,7 +408,8 @@ impl Scheduler {
         }
         for (i, s) in self.running.iter().enumerate() {
             if let Phase::Prefill { done } = s.phase {
-                let req = &self.jobs[s.job].as_ref().expect("running job").req;
+                let job = self.jobs[s.job].as_ref().expect("running job");
+                let req = &job.req;
                 let take = (req.prompt.len() - done).min(budget);
                 if take == 0 {
                     continue;
@@ -389,7 +417,13 @@ impl Scheduler {
                 let at = self.batch.len();
                 for (pos, &t) in req.prompt.iter().enumerate().skip(done).take(take) {
                     let last = pos + 1 == req.prompt.len();
-                    self.batch.push(t, pos, s.kv, last || req.prompt_logprobs);
+                    match job.pooling {
+                        Some(p) => {
+                            let pooled = p.includes(pos, req.prompt.len());
+                            self.batch.push_embd(t, pos, s.kv, pooled);
+                        }
+                        None => self.batch.push(t, pos, s.kv, last || req.prompt_logprobs),
+                    }
                 }
                 self.spans[i] = Some(at..at + take);
                 budget -= take;
@@ -413,6 +447,7 @@ impl Scheduler {
         };
         let mut kept = Vec::with_capacity(self.running.len());
         let mut ended = Vec::new();
+        let mut failed = Vec::new();
         let spans = std::mem::take(&mut self.spans);
         let running = std::mem::take(&mut self.running);
         for (mut s, span) in running.into_iter().zip(spans.iter().cloned()) {
@@ -421,6 +456,37 @@ impl Scheduler {
                 continue;
             };
             let job = self.jobs[s.job].as_mut().expect("running job");
+            if let (Some(pooling), Phase::Prefill { done }) = (job.pooling, &s.phase) {
+                let len = job.req.prompt.len();
+                for (pos, b) in (*done..).zip(span.clone()) {
+                    if pooling.includes(pos, len) {
+                        let r = logits
+                            .embd_index
+                            .binary_search(&b)
+                            .expect("hidden state wanted for this batch position");
+                        let row = logits.embd_row(r);
+                        s.pooled.iter_mut().zip(row).for_each(|(p, x)| *p += x);
+                    }
+                }
+                let done = done + span.len();
+                if done < len {
+                    s.phase = Phase::Prefill { done };
+                    kept.push(s);
+                    continue;
+                }
+                s.prefilled = Some(now);
+                // Scaled to unit length, the sum points where the mean does: no count needed.
+                let mut embedding = std::mem::take(&mut s.pooled);
+                let norm = embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    embedding.iter_mut().for_each(|x| *x /= norm);
+                }
+                if !job.sink.send(Event::Embedding(embedding)) {
+                    job.cancelled = true;
+                }
+                ended.push((s, FinishReason::Stop));
+                continue;
+            }
             let row = match s.phase {
                 Phase::Decode { .. } => row_of(span.start),
                 Phase::Prefill { done } => {
@@ -460,10 +526,12 @@ impl Scheduler {
                             tokens: s.tokens.clone(),
                             generated: 0,
                             sampler: Sampler::new(sampling),
+                            guide: job.req.guide.clone(),
                             decoder: StreamDecoder::new(tokenizer.clone()),
                             stops: StopMatcher::new(job.req.stop.clone()),
                             reused: s.reused,
                             stop_hit: false,
+                            pooled: Vec::new(),
                             admitted: s.admitted,
                             prefilled: s.prefilled,
                             first_token: None,
@@ -478,22 +546,27 @@ impl Scheduler {
                             now,
                         );
                         match end {
-                            Some(reason) => ended.push((f, reason)),
-                            None => kept.push(f),
+                            Ok(Some(reason)) => ended.push((f, reason)),
+                            Ok(None) => kept.push(f),
+                            Err(msg) => failed.push((f, msg)),
                         }
                     }
                     row
                 }
             };
             match sample_and_emit(&tokenizer, n_ctx, &mut self.counters, &mut s, job, row, now) {
-                Some(reason) => ended.push((s, reason)),
-                None => kept.push(s),
+                Ok(Some(reason)) => ended.push((s, reason)),
+                Ok(None) => kept.push(s),
+                Err(msg) => failed.push((s, msg)),
             }
         }
         self.spans = spans;
         self.running = kept;
         for (s, reason) in ended {
             self.finish(s, reason);
+        }
+        for (s, msg) in failed {
+            self.fail(s, &msg);
         }
     }
 
@@ -585,7 +658,7 @@ fn sample_and_emit(
     job: &mut Job,
     logits: &[f32],
     now: Instant,
-) -> Option<FinishReason> {
+) -> std::result::Result<Option<FinishReason>, String> {
     let biased;
     let logits = if job.req.logit_bias.is_empty() {
         logits
@@ -597,14 +670,35 @@ fn sample_and_emit(
         biased = b;
         &biased[..]
     };
-    let token = s.sampler.sample(logits, &s.tokens);
+    let mut token = s.sampler.sample(logits, &s.tokens);
+    if let Some(guide) = s.guide.as_mut() {
+        // Only a draw the grammar refuses pays for a mask (see `Constraint::allows`).
+        if !guide.allows(token) {
+            let mut masked = logits.to_vec();
+            match guide.mask(&mut masked) {
+                Ok(n) if n > 0 => token = s.sampler.sample(&masked, &s.tokens),
+                Ok(_) => return Ok(Some(FinishReason::Stop)),
+                Err(e) => return Err(format!("constrained decoding failed: {e}")),
+            }
+        }
+    }
     s.first_token.get_or_insert(now);
     if !job.req.ignore_eos && tokenizer.is_eog(token) {
-        return Some(FinishReason::Stop);
+        return Ok(Some(FinishReason::Stop));
     }
     s.generated += 1;
     counters.generated_tokens += 1;
     s.tokens.push(token);
+    let mut grammar_done = false;
+    if let Some(guide) = s.guide.as_mut() {
+        let piece = tokenizer
+            .token_piece_bytes_special(token)
+            .unwrap_or_default();
+        if let Err(e) = guide.commit(token, piece) {
+            return Err(format!("constrained decoding failed: {e}"));
+        }
+        grammar_done = guide.is_complete();
+    }
     let logprob = job
         .req
         .logprobs
@@ -620,14 +714,17 @@ fn sample_and_emit(
     }
     if hit {
         s.stop_hit = true;
-        return Some(FinishReason::Stop);
+        return Ok(Some(FinishReason::Stop));
+    }
+    if grammar_done {
+        return Ok(Some(FinishReason::Stop));
     }
     if s.generated >= job.req.max_tokens {
-        return Some(FinishReason::Length);
+        return Ok(Some(FinishReason::Length));
     }
     if s.tokens.len() >= n_ctx {
-        return Some(FinishReason::ContextFull);
+        return Ok(Some(FinishReason::ContextFull));
     }
     s.phase = Phase::Decode { next: token };
-    None
+    Ok(None)
 }

@@ -1,9 +1,10 @@
 //! What a client asks of the engine and what it hears back.
 
 use crate::sampler::SamplingParams;
+use edgelm_grammar::Guide;
 use std::time::Duration;
 
-/// One generation request: a prompt and how to continue it.
+/// One request: a prompt and how to continue it (or, with `embed`, to embed it).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: Vec<u32>,
@@ -22,6 +23,12 @@ pub struct Request {
     pub prompt_logprobs: bool,
     /// Added to the logits of these tokens before sampling.
     pub logit_bias: Vec<(u32, f32)>,
+    /// A grammar the output must follow (JSON schema, tool calls); each choice gets its own
+    /// copy of its state.
+    pub guide: Option<Guide>,
+    /// Embed the prompt instead of continuing it: the model's pooled final hidden state comes
+    /// back as one [`Event::Embedding`] (then `Done`); nothing is sampled.
+    pub embed: bool,
 }
 
 impl Request {
@@ -36,6 +43,16 @@ impl Request {
             logprobs: None,
             prompt_logprobs: false,
             logit_bias: Vec::new(),
+            guide: None,
+            embed: false,
+        }
+    }
+
+    /// An embedding of `prompt` (see [`Request::embed`]).
+    pub fn embedding(prompt: Vec<u32>) -> Request {
+        Request {
+            embed: true,
+            ..Request::new(prompt, 0, SamplingParams::default())
         }
     }
 }
@@ -107,6 +124,8 @@ pub enum Event {
         reason: FinishReason,
         stats: SequenceStats,
     },
+    /// The embedding of an embedding request's prompt: pooled as the model says, unit length.
+    Embedding(Vec<f32>),
     /// The request failed after it was accepted; no more events follow.
     Error(String),
 }

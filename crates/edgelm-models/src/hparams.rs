@@ -28,6 +28,55 @@ pub struct HParams {
     /// Multiplies q·k (1/√head_dim unless the architecture says otherwise).
     pub attn_scale: f32,
     pub layers: Vec<LayerShape>,
+    /// How an embedding pools the final hidden states (`{arch}.pooling_type`), or why this
+    /// model gives none. Generation never reads it.
+    pub pooling: std::result::Result<Pooling, UnsupportedPooling>,
+}
+
+/// Which final hidden states (after the output norm) make a sequence's embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The average over every token.
+    Mean,
+    /// The first token's.
+    Cls,
+    /// The last token's.
+    Last,
+}
+
+/// A `pooling_type` that gives no embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this model's `pooling_type` is {0} ({name}), which gives no embedding; edgelm embeds with mean (1), cls (2) or last (3) pooling: use an embedding model or a generative one", name = pooling_name(*.0))]
+pub struct UnsupportedPooling(pub u64);
+
+fn pooling_name(v: u64) -> &'static str {
+    match v {
+        4 => "rank: a reranker's score head",
+        _ => "unknown",
+    }
+}
+
+impl Pooling {
+    /// From llama.cpp's `pooling_type` enum (0 none, 1 mean, 2 cls, 3 last, 4 rank). Absent
+    /// means mean, and so does "none": llama.cpp then returns a state per token, but an
+    /// embedding is one vector per input, and mean is what absent already means.
+    pub fn from_gguf(value: Option<u64>) -> std::result::Result<Pooling, UnsupportedPooling> {
+        match value {
+            None | Some(0 | 1) => Ok(Pooling::Mean),
+            Some(2) => Ok(Pooling::Cls),
+            Some(3) => Ok(Pooling::Last),
+            Some(v) => Err(UnsupportedPooling(v)),
+        }
+    }
+
+    /// Whether position `pos` of a `len`-token input goes into its embedding.
+    pub fn includes(self, pos: usize, len: usize) -> bool {
+        match self {
+            Pooling::Mean => true,
+            Pooling::Cls => pos == 0,
+            Pooling::Last => pos + 1 == len,
+        }
+    }
 }
 
 /// Typed access to `{arch}.*` metadata with errors naming the key.
@@ -62,5 +111,33 @@ impl Meta<'_> {
 
     pub fn f64_or(&self, k: &str, default: f64) -> f64 {
         self.opt_f64(k).unwrap_or(default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_follows_llama_cpp_values() {
+        assert_eq!(Pooling::from_gguf(None), Ok(Pooling::Mean));
+        assert_eq!(Pooling::from_gguf(Some(0)), Ok(Pooling::Mean));
+        assert_eq!(Pooling::from_gguf(Some(1)), Ok(Pooling::Mean));
+        assert_eq!(Pooling::from_gguf(Some(2)), Ok(Pooling::Cls));
+        assert_eq!(Pooling::from_gguf(Some(3)), Ok(Pooling::Last));
+        let rank = Pooling::from_gguf(Some(4)).unwrap_err().to_string();
+        assert!(
+            rank.contains("4 (rank") && rank.contains("embedding model"),
+            "{rank}"
+        );
+        assert!(Pooling::from_gguf(Some(9)).is_err());
+    }
+
+    #[test]
+    fn pooling_picks_positions() {
+        let picked = |p: Pooling| (0..4).filter(|&i| p.includes(i, 4)).collect::<Vec<_>>();
+        assert_eq!(picked(Pooling::Mean), [0, 1, 2, 3]);
+        assert_eq!(picked(Pooling::Cls), [0]);
+        assert_eq!(picked(Pooling::Last), [3]);
     }
 }

@@ -17,7 +17,7 @@ mod transformer;
 
 pub use batch::{Batch, Logits};
 pub use error::{ModelError, Result};
-pub use hparams::HParams;
+pub use hparams::{HParams, Pooling, UnsupportedPooling};
 pub use kv::{KvCache, KvConfig, KvStats, KvType, SeqId, DEFAULT_BLOCK_LEN};
 pub use linear::{Linear, WeightRef};
 pub use transformer::{Scratch, Transformer, MAX_CHUNK};

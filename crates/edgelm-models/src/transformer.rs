@@ -2,7 +2,7 @@
 //! choose the variant (`Variant`); this file holds the shared loading and the batched forward.
 
 use crate::batch::{Batch, Logits};
-use crate::hparams::{HParams, LayerShape, Meta};
+use crate::hparams::{HParams, LayerShape, Meta, Pooling};
 use crate::kv::KvCache;
 use crate::layers::{rms_norm, Activation, Rope};
 use crate::linear::{load_vector, Linear, WeightRef};
@@ -226,6 +226,7 @@ impl Transformer {
             embed_scale: variant.embed_scale,
             attn_scale: variant.attn_scale.unwrap_or(1.0 / (head_dim as f32).sqrt()),
             layers,
+            pooling: Pooling::from_gguf(file.get_u64(&meta.key("pooling_type"))),
         };
         let rope_table_of = (0..hp.layers.len())
             .map(|l| {
@@ -264,8 +265,8 @@ impl Transformer {
     }
 
     /// Run a batch through the model, appending its keys and values to `cache`, and return the
-    /// logits of the tokens that asked for them. Every sequence of the batch must be allocated
-    /// in `cache`, and its tokens continue it.
+    /// logits (and final hidden states) of the tokens that asked for them. Every sequence of the
+    /// batch must be allocated in `cache`, and its tokens continue it.
     pub fn forward(
         &self,
         c: &Compute,
@@ -273,11 +274,7 @@ impl Transformer {
         cache: &mut KvCache,
         scratch: &mut Scratch,
     ) -> Result<Logits> {
-        let mut logits = Logits {
-            batch_index: Vec::new(),
-            n_vocab: self.hp.n_vocab,
-            data: Vec::new(),
-        };
+        let mut logits = Logits::default();
         self.forward_into(c, batch, cache, scratch, &mut logits)?;
         Ok(logits)
     }
@@ -295,10 +292,22 @@ impl Transformer {
         logits.batch_index.clear();
         logits.data.clear();
         logits.n_vocab = self.hp.n_vocab;
+        logits.embd_index.clear();
+        logits.embd.clear();
+        logits.n_embd = self.hp.n_embd;
         let n = batch.len();
-        if batch.positions.len() != n || batch.seqs.len() != n || batch.want_logits.len() != n {
+        if [
+            batch.positions.len(),
+            batch.seqs.len(),
+            batch.want_logits.len(),
+            batch.want_embd.len(),
+        ]
+        .iter()
+        .any(|&l| l != n)
+        {
             return Err(ModelError::Batch(
-                "tokens, positions, sequences and logit flags differ in length".into(),
+                "tokens, positions, sequences, logit and hidden-state flags differ in length"
+                    .into(),
             ));
         }
         if let Some(&t) = batch
@@ -451,6 +460,16 @@ impl Transformer {
             run_tokens.clear();
             run_tokens.extend((from..n).filter(|&t| seqs[t] == s).map(|t| tokens[t]));
             cache.append_tokens(s, &run_tokens);
+        }
+
+        // Hidden states after the final norm (llama.cpp's `result_norm`), without the head.
+        let at = logits.embd.len();
+        for t in (0..n).filter(|&t| batch.want_embd[range.start + t]) {
+            logits.embd.extend_from_slice(&x[t * d..(t + 1) * d]);
+            logits.embd_index.push(range.start + t);
+        }
+        if logits.embd.len() > at {
+            norm_rows(c, &mut logits.embd[at..], &self.output_norm, hp.rms_eps);
         }
 
         // Final norm and output head only for the rows that want logits.

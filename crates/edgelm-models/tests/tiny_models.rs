@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{reference_logits, Arch, Flaw, Rng, Spec, TinyModel};
+use common::{reference_hidden, reference_logits, Arch, Flaw, Rng, Spec, TinyModel};
 use edgelm_gguf::{GgmlType, Value};
 use edgelm_kernels::{Compute, Isa};
 use edgelm_models::{Batch, KvCache, KvConfig, KvType, Model, ModelError, Scratch};
@@ -198,6 +198,56 @@ fn qwen2_matches_reference() {
 #[test]
 fn gemma3_matches_reference() {
     check_against_reference(Arch::Gemma3);
+}
+
+/// One batch where sequence 0 wants every final hidden state (embeddings) and sequence 1 its
+/// logits: each gets exactly its rows, and they match the reference.
+#[test]
+fn hidden_states_and_logits_in_one_batch() {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
+        let spec = Spec::tiny(arch);
+        let m = TinyModel::random(&spec, 7 + arch as u64);
+        let model = load(&m);
+        let mut rng = Rng::new(5);
+        let a = rng.tokens(SEQ_LEN, spec.n_vocab);
+        let b = rng.tokens(SEQ_LEN - 4, spec.n_vocab);
+        let hidden_a = reference_hidden(&m, &a, Flaw::None);
+        let logits_b = reference_logits(&m, &b, Flaw::None);
+        let mut batch = Batch::new();
+        for i in 0..SEQ_LEN {
+            batch.push_embd(a[i], i, 0, true);
+            if i < b.len() {
+                batch.push(b[i], i, 1, true);
+            }
+        }
+        for c in computes() {
+            let what = format!("{} {}", arch.name(), c.isa());
+            let mut cache = new_cache(&model, 32, 16);
+            let out = model
+                .forward(&c, &batch, &mut cache, &mut Scratch::default())
+                .unwrap();
+            let rows = |seq: usize, hidden: bool| -> Vec<Vec<f32>> {
+                (0..batch.len())
+                    .filter(|&i| batch.seqs[i] == seq)
+                    .filter_map(|i| match hidden {
+                        true => out.embd_for_batch_index(i),
+                        false => out.for_batch_index(i),
+                    })
+                    .map(<[f32]>::to_vec)
+                    .collect()
+            };
+            assert_close(&rows(0, true), &hidden_a, &format!("{what}: hidden states"));
+            assert_close(
+                &rows(1, false),
+                &logits_b,
+                &format!("{what}: logits beside them"),
+            );
+            assert!(
+                rows(0, false).is_empty() && rows(1, true).is_empty(),
+                "{what}"
+            );
+        }
+    }
 }
 
 /// The comparison must be sharp enough to catch a plausible mistake: the reference with each

@@ -22,6 +22,26 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// What the output must be (`response_format`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A value valid under this schema (`strict` or not: edgelm always enforces it).
+    JsonSchema(Value),
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Tools are not offered (nor rendered into the prompt).
+    None,
+    Auto,
+    Required,
+    Function(String),
+}
+
 /// Which endpoint a request came to; it decides response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -61,6 +81,9 @@ pub struct Params {
     pub echo: bool,
     pub logit_bias: Vec<(u32, f32)>,
     pub ignore_eos: bool,
+    pub format: OutputFormat,
+    /// `Auto` unless the request said otherwise; meaningless without tools.
+    pub tool_choice: ToolChoice,
 }
 
 /// Typed access to a request object's fields; `null` counts as absent.
@@ -193,22 +216,13 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<Params, ApiError> {
             ),
         ));
     }
-    let tools = f.array("tools")?.cloned();
-    if let Some(rf) = f.object("response_format")? {
-        match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            other => {
-                return Err(ApiError::field(
-                    "response_format",
-                    format!(
-                        "response_format {} is not supported by this server; leave it out or \
-                         use {{\"type\": \"text\"}}",
-                        other.map_or("without a type".to_owned(), |t| format!("`{t}`"))
-                    ),
-                ))
-            }
-        }
-    }
+    let tools = match f.array("tools")? {
+        Some(list) => Some(parse_tools(list)?),
+        None => None,
+    };
+    let tool_choice = parse_tool_choice(&f, tools.as_deref())?;
+    // Tools a request declines are not shown to the model either.
+    let tools = tools.filter(|t| !t.is_empty() && tool_choice != ToolChoice::None);
     let logprobs = f.boolean("logprobs")?.unwrap_or(false);
     let top = f.integer("top_logprobs", 0, MAX_TOP_LOGPROBS as i64)?;
     if top.is_some() && !logprobs {
@@ -223,8 +237,19 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<Params, ApiError> {
         None => f.integer("max_tokens", 1, i64::MAX)?,
     };
     let mut p = common(&f, Kind::Chat)?;
+    if tools.is_some() && p.format != OutputFormat::Text && tool_choice != ToolChoice::Auto {
+        return Err(ApiError::field(
+            "response_format",
+            "a forced tool call (`tool_choice` required or a function) and `response_format` \
+             cannot both shape the output; drop one",
+        ));
+    }
+    p.tool_choice = tool_choice;
     p.prompt = Prompt::Chat {
-        messages: messages.clone(),
+        messages: messages
+            .iter()
+            .map(tool_call_arguments_as_objects)
+            .collect(),
         tools,
     };
     p.max_tokens = max_tokens.map(|m| m as usize);
@@ -434,7 +459,169 @@ fn common(f: &Fields, kind: Kind) -> Result<Params, ApiError> {
         echo: false,
         logit_bias,
         ignore_eos: f.boolean("ignore_eos")?.unwrap_or(false),
+        format: parse_response_format(f)?,
+        tool_choice: ToolChoice::Auto,
     })
+}
+
+/// `response_format`: `{"type": "text" | "json_object"}` or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+fn parse_response_format(f: &Fields) -> Result<OutputFormat, ApiError> {
+    const P: &str = "response_format";
+    let Some(rf) = f.object(P)? else {
+        return Ok(OutputFormat::Text);
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(OutputFormat::Text),
+        Some("json_object") => Ok(OutputFormat::JsonObject),
+        Some("json_schema") => {
+            let js = rf
+                .get("json_schema")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    ApiError::field(
+                    P,
+                    "`response_format.json_schema` is required for type json_schema: an object \
+                     with `name` and `schema`",
+                )
+                })?;
+            match js.get("schema") {
+                // A schema-less json_schema asks for any JSON value shape: an object, as
+                // OpenAI's structured outputs always return.
+                None | Some(Value::Null) => Ok(OutputFormat::JsonObject),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(OutputFormat::JsonSchema(schema.clone()))
+                }
+                Some(other) => Err(ApiError::field(
+                    P,
+                    format!(
+                        "`response_format.json_schema.schema` must be a JSON schema object; got {}",
+                        type_name(other)
+                    ),
+                )),
+            }
+        }
+        other => Err(ApiError::field(
+            P,
+            format!(
+                "response_format {} is not supported; use {{\"type\": \"text\"}}, \
+                 {{\"type\": \"json_object\"}} or {{\"type\": \"json_schema\", …}}",
+                other.map_or("without a type".to_owned(), |t| format!("`{t}`"))
+            ),
+        )),
+    }
+}
+
+/// `tools`: function tools, each with a name (and optionally a parameter schema).
+fn parse_tools(list: &[Value]) -> Result<Vec<Value>, ApiError> {
+    for (i, t) in list.iter().enumerate() {
+        let bad = |what: &str| ApiError::field("tools", format!("tool {i} {what}"));
+        let kind = t.get("type").and_then(Value::as_str);
+        if kind != Some("function") {
+            return Err(bad(
+                "must be {\"type\": \"function\", \"function\": {\"name\": …, \"parameters\": …}}",
+            ));
+        }
+        let func = t
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("has no `function` object"))?;
+        match func.get("name").and_then(Value::as_str) {
+            Some(n) if !n.is_empty() => {}
+            _ => return Err(bad("has no `function.name`")),
+        }
+        match func.get("parameters") {
+            None | Some(Value::Null | Value::Object(_)) => {}
+            Some(_) => {
+                return Err(bad(
+                    "has `function.parameters` that is not a JSON schema object",
+                ))
+            }
+        }
+    }
+    Ok(list.to_vec())
+}
+
+/// `tool_choice`: "none" | "auto" | "required" | {"type": "function", "function": {"name"}}.
+fn parse_tool_choice(f: &Fields, tools: Option<&[Value]>) -> Result<ToolChoice, ApiError> {
+    const P: &str = "tool_choice";
+    let choice = match f.get(P) {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::field(
+                    P,
+                    format!(
+                        "`tool_choice` {other:?} is not one of \"none\", \"auto\", \"required\" \
+                         or a function object"
+                    ),
+                ))
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        P,
+                        "a `tool_choice` object must be {\"type\": \"function\", \"function\": \
+                         {\"name\": …}}",
+                    )
+                })?;
+            ToolChoice::Function(name.to_owned())
+        }
+        Some(other) => {
+            return Err(ApiError::field(
+                P,
+                format!(
+                    "`tool_choice` must be a string or an object; got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    let names = || {
+        tools
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| t["function"]["name"].as_str())
+    };
+    match &choice {
+        ToolChoice::Required if names().next().is_none() => Err(ApiError::field(
+            P,
+            "`tool_choice` \"required\" needs at least one tool in `tools`",
+        )),
+        ToolChoice::Function(want) if !names().any(|n| n == want) => Err(ApiError::field(
+            P,
+            format!("`tool_choice` names the function {want:?}, which is not in `tools`"),
+        )),
+        _ => Ok(choice),
+    }
+}
+
+/// Assistant messages carry `tool_calls[].function.arguments` as a JSON string (OpenAI's
+/// shape); templates print them with `tojson`, so they get the object the string encodes.
+fn tool_call_arguments_as_objects(message: &Value) -> Value {
+    let mut m = message.clone();
+    if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
+        for call in calls {
+            if let Some(args) = call.pointer_mut("/function/arguments") {
+                if let Some(parsed) = args
+                    .as_str()
+                    .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                    .filter(Value::is_object)
+                {
+                    *args = parsed;
+                }
+            }
+        }
+    }
+    m
 }
 
 #[cfg(test)]
@@ -578,9 +765,32 @@ mod tests {
             "0 to 20",
         );
         rejects(
-            chat(json!({"messages": m, "response_format": {"type": "json_object"}})),
+            chat(json!({"messages": m, "response_format": {"type": "yaml"}})),
             "response_format",
-            "json_object",
+            "yaml",
+        );
+        rejects(
+            chat(json!({"messages": m, "response_format": {"type": "json_schema"}})),
+            "response_format",
+            "json_schema",
+        );
+        rejects(
+            chat(json!({"messages": m, "tools": [{"type": "function"}]})),
+            "tools",
+            "tool 0",
+        );
+        rejects(
+            chat(json!({"messages": m, "tool_choice": "required"})),
+            "tool_choice",
+            "at least one tool",
+        );
+        rejects(
+            chat(
+                json!({"messages": m, "tools": [{"type": "function", "function": {"name": "f"}}],
+                        "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            "tool_choice",
+            "\"g\"",
         );
         rejects(
             chat(json!({"messages": m, "stream_options": {"include_usage": 1}})),

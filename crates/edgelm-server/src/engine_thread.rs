@@ -51,6 +51,10 @@ struct EventSink {
 impl Sink for EventSink {
     fn send(&mut self, event: Event) -> bool {
         let now = Instant::now();
+        // An embedding has no first token: keep it out of the latency histograms.
+        if matches!(event, Event::Embedding(_)) {
+            self.first_seen = true;
+        }
         if let Event::Token { choice, .. } | Event::Done { choice, .. } = event {
             if !self.first_seen {
                 self.first_seen = true;

@@ -11,11 +11,13 @@
 /// [`api::parse_body`] is exactly what the server does with the bytes of a request before it
 /// tokenizes anything. Public for the fuzz targets in `fuzz/`; not a stable API.
 pub mod api;
+mod embeddings;
 mod engine_thread;
 mod error;
 mod metrics;
 mod openapi;
 mod response;
+mod shaping;
 
 use anyhow::{bail, Context as _};
 use api::{Kind, Params, Prompt};
@@ -26,8 +28,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use edgelm_chat::tools::ToolCallFormat;
 use edgelm_chat::ChatTemplate;
-use edgelm_engine::{Engine, Request, Rng, Scheduler, SchedulerConfig};
+use edgelm_engine::{Engine, Event, Request, Rng, Scheduler, SchedulerConfig};
+use edgelm_grammar::GrammarCompiler;
 use edgelm_tokenizer::Tokenizer;
 use engine_thread::{Limits, Submission};
 pub use error::ApiError;
@@ -42,6 +46,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
+/// The built-in chat page served at `/` (static; it talks to the /v1 routes like any client).
+const CHAT_PAGE: &str = include_str!("web/chat.html");
+
 /// Tokens one step computes at most: a decode token per running sequence, the rest prefill.
 const STEP_TOKENS: usize = 512;
 
@@ -54,7 +61,7 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on every route but /health.
+    /// Require `Authorization: Bearer KEY` on every route but /health and the chat page at /.
     #[arg(long = "api-key")]
     pub api_key: Option<String>,
     /// Sequences generating at once (a request with `n` choices counts `n`).
@@ -113,7 +120,15 @@ struct App {
     tokenizer: Arc<Tokenizer>,
     /// The chat template, or why it cannot be used.
     template: Result<Arc<ChatTemplate>, String>,
+    /// The syntax the model writes tool calls in, chosen from its template.
+    tool_format: ToolCallFormat,
+    /// Whether the template shows the model its `tools` (else edgelm describes them).
+    template_renders_tools: bool,
+    /// Grammars over this model's vocabulary, or why there are none.
+    grammar: Result<GrammarCompiler, String>,
     n_ctx: usize,
+    /// Sequences the engine runs at once (`--parallel`).
+    parallel: usize,
     engine: std::sync::mpsc::Sender<Submission>,
     metrics: Arc<Metrics>,
     openapi: Value,
@@ -196,6 +211,13 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
     };
     let tokenizer = engine.tokenizer.clone();
     let template = engine.chat_template().map_err(|e| e.to_string());
+    let template_source = tokenizer.chat_template().unwrap_or("");
+    let tool_format = ToolCallFormat::detect(template_source);
+    let template_renders_tools = template_source.contains("tools");
+    let grammar = GrammarCompiler::new(tokenizer.clone()).map_err(|e| e.to_string());
+    if let Err(e) = &grammar {
+        eprintln!("edgelm: warning: constrained decoding is unavailable: {e}");
+    }
     if let Err(e) = &template {
         eprintln!(
             "edgelm: warning: the chat template is unusable, /v1/chat/completions will fail: {e}"
@@ -244,7 +266,11 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
         api_key: args.api_key.clone(),
         tokenizer,
         template,
+        tool_format,
+        template_renders_tools,
+        grammar,
         n_ctx,
+        parallel: args.parallel,
         engine: tx,
         metrics,
         salt: now.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32),
@@ -315,11 +341,13 @@ async fn wait_for_signal() {
 
 fn router(app: Arc<App>) -> Router {
     Router::new()
+        .route("/", get(chat_page))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embed))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
@@ -343,10 +371,12 @@ fn json_response(status: StatusCode, v: &Value) -> Response {
 /// Label values of `edgelm_requests_total`: the served paths, everything else "other".
 fn endpoint_label(path: &str) -> &'static str {
     match path {
+        "/" => "/",
         "/health" => "/health",
         "/v1/models" => "/v1/models",
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
         p if p.starts_with("/v1/models/") => "/v1/models/{model}",
@@ -370,7 +400,8 @@ async fn authorize(State(app): State<Arc<App>>, req: HttpRequest, next: Next) ->
     let Some(key) = &app.api_key else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    // The chat page holds no data and asks for the key itself; /health is for probes.
+    if matches!(req.uri().path(), "/" | "/health") {
         return next.run(req).await;
     }
     let given = req
@@ -391,6 +422,26 @@ async fn authorize(State(app): State<Arc<App>>, req: HttpRequest, next: Next) ->
         .into_response(),
         Some(_) => next.run(req).await,
     }
+}
+
+async fn chat_page() -> Response {
+    let mut res = Response::new(Body::from(CHAT_PAGE));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Everything the page needs is inline; it may only talk to this server.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
 }
 
 async fn health() -> Response {
@@ -447,11 +498,107 @@ async fn completions(
     generate(app, p).await
 }
 
+/// Embed each input as its own engine request. At most `--parallel` inputs are in the engine
+/// at once, the next submitted as the oldest finishes, so a long list neither fills the queue
+/// nor stops other clients' requests from getting a place.
+async fn embed(
+    State(app): State<Arc<App>>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let p = embeddings::parse(&body)?;
+    app.check_model(p.model.as_deref())?;
+    let prompts = p
+        .inputs
+        .into_iter()
+        .map(|input| match input {
+            embeddings::Input::Text(text) => app
+                .tokenizer
+                .encode(&text, true, true)
+                .map_err(|e| ApiError::field("input", format!("tokenizing the input failed: {e}"))),
+            embeddings::Input::Tokens(ids) => Ok(ids),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    embeddings::check_lengths(&prompts, app.n_ctx)?;
+    let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    let mut vectors = Vec::with_capacity(prompts.len());
+    let mut prompts = prompts.into_iter();
+    let mut pending = VecDeque::new();
+    loop {
+        while pending.len() < app.parallel {
+            let Some(prompt) = prompts.next() else { break };
+            pending.push_back(submit(&app, Request::embedding(prompt), arrived, "input").await?);
+        }
+        let Some(mut rx) = pending.pop_front() else {
+            break;
+        };
+        let mut vector = None;
+        loop {
+            match rx.recv().await {
+                Some(Event::Embedding(v)) => vector = Some(v),
+                Some(Event::Done { .. }) => break,
+                Some(Event::Error(msg)) => {
+                    return Err(ApiError::internal(format!("embedding failed: {msg}")))
+                }
+                Some(_) => {}
+                None => {
+                    return Err(ApiError::unavailable(
+                        "the engine stopped before the embedding was computed",
+                    ))
+                }
+            }
+        }
+        vectors.push(vector.ok_or_else(|| {
+            ApiError::internal("the engine finished an embedding request without its vector")
+        })?);
+    }
+    let text = embeddings::response(&app.model, &vectors, p.encoding, prompt_tokens);
+    let mut res = Response::new(Body::from(text));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(res)
+}
+
+/// Hand `request` to the engine thread; its events, once the scheduler accepted it.
+async fn submit(
+    app: &App,
+    request: Request,
+    arrived: Instant,
+    prompt_param: &str,
+) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    let (events, rx) = mpsc::unbounded_channel();
+    let (reply, accepted) = oneshot::channel();
+    let stopped = || ApiError::unavailable("the engine is not running (the server is stopping)");
+    app.engine
+        .send(Submission {
+            request,
+            events,
+            arrived,
+            reply,
+        })
+        .map_err(|_| stopped())?;
+    accepted
+        .await
+        .map_err(|_| stopped())?
+        .map_err(|e| ApiError::from_submit(e, prompt_param))?;
+    Ok(rx)
+}
+
 /// Tokenize, submit, and answer with a stream or, once every choice is done, one object.
 async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     app.check_model(p.model.as_deref())?;
+    let shaping = shaping::shaping(&p, &app.grammar, app.tool_format)?;
     let tokens = match &p.prompt {
+        Prompt::Chat {
+            messages,
+            tools: Some(tools),
+        } if !app.template_renders_tools => {
+            let messages = shaping::describe_tools_in_system(messages, tools);
+            app.encode_chat(&messages, None)?
+        }
         Prompt::Chat { messages, tools } => app.encode_chat(messages, tools.as_deref())?,
         Prompt::Text(text) => app
             .tokenizer
@@ -487,22 +634,9 @@ async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
     request.logprobs = p.logprobs;
     request.prompt_logprobs = echo.is_some() && p.logprobs.is_some();
     request.logit_bias = p.logit_bias.clone();
+    request.guide = shaping.guide;
 
-    let (events, mut rx) = mpsc::unbounded_channel();
-    let (reply, accepted) = oneshot::channel();
-    let stopped = || ApiError::unavailable("the engine is not running (the server is stopping)");
-    app.engine
-        .send(Submission {
-            request,
-            events,
-            arrived,
-            reply,
-        })
-        .map_err(|_| stopped())?;
-    accepted
-        .await
-        .map_err(|_| stopped())?
-        .map_err(|e| ApiError::from_submit(e, p.kind.prompt_param()))?;
+    let mut rx = submit(&app, request, arrived, p.kind.prompt_param()).await?;
 
     let prefix = match p.kind {
         Kind::Chat => "chatcmpl",
@@ -520,6 +654,7 @@ async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
         logprobs: p.logprobs.is_some(),
         echo,
         include_usage: p.stream && p.include_usage,
+        tools: shaping.tools,
     };
     let vocab: Arc<dyn response::Vocab> = app.tokenizer.clone();
     if p.stream {
@@ -580,6 +715,7 @@ mod tests {
         assert_eq!(endpoint_label("/v1/completions"), "/v1/completions");
         assert_eq!(endpoint_label("/v1/models/x"), "/v1/models/{model}");
         assert_eq!(endpoint_label("/wp-admin"), "other");
+        assert_eq!(endpoint_label("/"), "/");
         for (_, path) in openapi::ROUTES {
             assert_ne!(
                 endpoint_label(&path.replace("{model}", "m")),

@@ -11,6 +11,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/models/{model}"),
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
+    ("post", "/v1/embeddings"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -73,6 +74,52 @@ fn sampling_properties() -> Value {
     })
 }
 
+fn embeddings() -> Value {
+    let ids = json!({"type": "array", "minItems": 1,
+                     "items": {"type": "integer", "minimum": 0}});
+    let schema = json!({"type": "object", "required": ["input"], "properties": {
+        "input": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "maxItems": crate::embeddings::MAX_INPUTS,
+             "items": {"type": "string", "minLength": 1}},
+            ids.clone(),
+            {"type": "array", "minItems": 1, "maxItems": crate::embeddings::MAX_INPUTS,
+             "items": ids}],
+            "description": "Text or token ids; a list embeds each item. Each must be shorter \
+                            than the context."},
+        "model": {"type": "string", "description": "The served model's name; others are 404."},
+        "encoding_format": {"enum": ["float", "base64"], "default": "float",
+            "description": "base64: the little-endian f32 bytes of each vector."},
+        "dimensions": {"not": {}, "description": "Not supported: the whole vector comes back."},
+        "user": {"type": "string", "description": "Ignored."},
+    }});
+    let mut responses = json!({"200": {"description": "A list of embeddings: the final hidden \
+        states pooled as the model's `pooling_type` says (mean when absent), unit length.",
+        "content": {"application/json": {"schema": {"type": "object"}}}}});
+    responses
+        .as_object_mut()
+        .expect("an object literal")
+        .extend(
+            error_responses(&["400", "401", "404", "413", "429", "500", "503"])
+                .as_object()
+                .expect("an object")
+                .clone(),
+        );
+    json!({"post": {"summary": "Embeddings (OpenAI's shape).",
+        "requestBody": {"required": true, "content": {"application/json": {"schema": schema}}},
+        "responses": responses}})
+}
+
+/// `response_format`, on both generation endpoints: enforced token by token.
+fn response_format() -> Value {
+    json!({"type": "object", "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {
+            "name": {"type": "string"}, "schema": {"type": "object"},
+            "strict": {"type": "boolean"}}}},
+        "required": ["type"]})
+}
+
 /// The document for a server of `model` whose sequences hold `n_ctx` positions.
 pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
     let mut chat = sampling_properties();
@@ -90,8 +137,23 @@ pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
         ),
         (
             "tools",
-            json!({"type": "array", "items": {"type": "object"},
-            "description": "Given to the chat template; tool calls come back as text."}),
+            json!({"type": "array", "items": {"type": "object", "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "description": {"type": "string"},
+                    "parameters": {"type": "object"}}, "required": ["name"]}},
+                "required": ["type", "function"]},
+            "description": "Rendered through the chat template (or described in the system \
+                message where the template has no tools); calls are parsed into `tool_calls`."}),
+        ),
+        (
+            "tool_choice",
+            json!({"oneOf": [{"enum": ["none", "auto", "required"]},
+                {"type": "object", "properties": {"type": {"const": "function"},
+                 "function": {"type": "object", "properties": {"name": {"type": "string"}},
+                 "required": ["name"]}}}],
+            "description": "`required` and a named function constrain the answer to calls \
+                whose arguments follow the tool's parameter schema."}),
         ),
         (
             "max_completion_tokens",
@@ -107,11 +169,7 @@ pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
             "top_logprobs",
             json!({"type": "integer", "minimum": 0, "maximum": 20}),
         ),
-        (
-            "response_format",
-            json!({"type": "object", "properties": {
-            "type": {"const": "text"}}}),
-        ),
+        ("response_format", response_format()),
     ] {
         chat_props.insert(k.to_owned(), v);
     }
@@ -142,6 +200,7 @@ pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
             "Return the prompt before the completion; with `logprobs`, its tokens' \
              log-probabilities too (the first one's is null)."}),
         ),
+        ("response_format", response_format()),
     ] {
         completion_props.insert(k.to_owned(), v);
     }
@@ -186,6 +245,7 @@ pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
             "/v1/completions": generation("Text completion (OpenAI's legacy shape).",
                 json!({"type": "object", "required": ["prompt"], "properties": completion}),
                 "A text_completion, or text_completion chunk events when streaming."),
+            "/v1/embeddings": embeddings(),
             "/metrics": {"get": {"summary": "Prometheus metrics: requests by status, tokens, \
                 queue, running sequences, KV blocks, time to first token and inter-token \
                 latency.", "responses": {"200": {"description": "Prometheus text format.",

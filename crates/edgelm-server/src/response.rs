@@ -5,6 +5,7 @@
 use crate::api::Kind;
 use crate::error::ApiError;
 use axum::body::Bytes;
+use edgelm_chat::tools::{ToolCall, ToolCallFormat, ToolCallParser, ToolEvent};
 use edgelm_engine::{Event, FinishReason, SequenceStats, TokenLogprob};
 use edgelm_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
@@ -67,6 +68,8 @@ pub struct Reply {
     pub logprobs: bool,
     pub echo: Option<Echo>,
     pub include_usage: bool,
+    /// Chat with tools: the syntax calls are parsed from.
+    pub tools: Option<ToolCallFormat>,
 }
 
 pub fn finish_reason(r: FinishReason) -> &'static str {
@@ -118,6 +121,11 @@ struct Choice {
     chat_logprobs: Vec<Value>,
     completion_logprobs: CompletionLogprobs,
     finish: Option<&'static str>,
+    /// Tool calls are parsed out of the text as it comes.
+    parser: Option<ToolCallParser>,
+    /// Calls found so far (kept when not streaming), and how many.
+    calls: Vec<ToolCall>,
+    n_calls: usize,
 }
 
 pub struct Assembler {
@@ -142,7 +150,12 @@ const DONE: &[u8] = b"data: [DONE]\n\n";
 
 impl Assembler {
     pub fn new(reply: Reply, vocab: Arc<dyn Vocab>, stream: bool) -> Assembler {
-        let choices = (0..reply.n).map(|_| Choice::default()).collect();
+        let choices = (0..reply.n)
+            .map(|_| Choice {
+                parser: reply.tools.map(ToolCallParser::new),
+                ..Choice::default()
+            })
+            .collect();
         Assembler {
             echo_pending: reply.echo.is_some(),
             reply,
@@ -315,6 +328,8 @@ impl Assembler {
                 self.flush_echo(out);
                 return Ok(self.on_done(choice, text, reason, &stats, out));
             }
+            // Only embedding requests hear these, and they are answered in `embeddings.rs`.
+            Event::Embedding(_) => {}
             Event::Error(msg) => {
                 let e = ApiError::internal(format!("generation failed: {msg}"));
                 if !self.stream {
@@ -355,21 +370,12 @@ impl Assembler {
         match self.reply.kind {
             Kind::Chat => {
                 let entry = lp.as_ref().map(|l| self.chat_entry(l));
-                if self.stream {
-                    if !text.is_empty() || entry.is_some() {
-                        let logprobs =
-                            entry.map_or(Value::Null, |e| json!({"content": [e], "refusal": null}));
-                        let chunk = self.chat_chunk(
-                            choice,
-                            json!({"content": text}),
-                            logprobs,
-                            Value::Null,
-                        );
-                        out.push_back(sse(&chunk));
+                match c.parser.as_mut() {
+                    Some(parser) => {
+                        let events = parser.push(&text);
+                        self.on_tool_events(choice, &mut c, events, entry, out);
                     }
-                } else {
-                    c.text.push_str(&text);
-                    c.chat_logprobs.extend(entry);
+                    None => self.chat_content(choice, &mut c, text, entry, out),
                 }
             }
             Kind::Completion => {
@@ -404,6 +410,84 @@ impl Assembler {
         self.choices[choice] = c;
     }
 
+    /// Content text of a chat choice: a delta when streaming, kept otherwise.
+    fn chat_content(
+        &self,
+        choice: usize,
+        c: &mut Choice,
+        text: String,
+        entry: Option<Value>,
+        out: &mut VecDeque<Bytes>,
+    ) {
+        if self.stream {
+            if !text.is_empty() || entry.is_some() {
+                let logprobs =
+                    entry.map_or(Value::Null, |e| json!({"content": [e], "refusal": null}));
+                let chunk =
+                    self.chat_chunk(choice, json!({"content": text}), logprobs, Value::Null);
+                out.push_back(sse(&chunk));
+            }
+        } else {
+            c.text.push_str(&text);
+            c.chat_logprobs.extend(entry);
+        }
+    }
+
+    /// What the tool-call parser released: content as content, each complete call as
+    /// `tool_calls` deltas — the first of an index with its id, type and name, then the
+    /// arguments as string fragments — which is what OpenAI's client accumulators expect.
+    fn on_tool_events(
+        &self,
+        choice: usize,
+        c: &mut Choice,
+        events: Vec<ToolEvent>,
+        mut entry: Option<Value>,
+        out: &mut VecDeque<Bytes>,
+    ) {
+        for ev in events {
+            match ev {
+                ToolEvent::Content(text) => self.chat_content(choice, c, text, entry.take(), out),
+                ToolEvent::Call { index, call } => {
+                    c.n_calls = c.n_calls.max(index + 1);
+                    let id = call
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| format!("call_{}_{choice}_{index}", self.reply.id));
+                    if self.stream {
+                        let head = json!({"tool_calls": [{"index": index, "id": id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": ""}}]});
+                        out.push_back(sse(&self.chat_chunk(
+                            choice,
+                            head,
+                            Value::Null,
+                            Value::Null,
+                        )));
+                        for fragment in argument_fragments(&call.arguments) {
+                            let delta = json!({"tool_calls": [{"index": index,
+                                "function": {"arguments": fragment}}]});
+                            out.push_back(sse(&self.chat_chunk(
+                                choice,
+                                delta,
+                                Value::Null,
+                                Value::Null,
+                            )));
+                        }
+                    } else {
+                        c.calls.push(ToolCall {
+                            id: Some(id),
+                            ..call
+                        });
+                    }
+                }
+            }
+        }
+        // Log-probabilities of tokens still held back by the parser go with the next content.
+        if let Some(e) = entry {
+            c.chat_logprobs.push(e);
+        }
+    }
+
     fn on_done(
         &mut self,
         choice: usize,
@@ -412,7 +496,20 @@ impl Assembler {
         stats: &SequenceStats,
         out: &mut VecDeque<Bytes>,
     ) -> bool {
-        let reason = finish_reason(reason);
+        let mut reason = finish_reason(reason);
+        let mut text = text;
+        if let Some(mut c) = self.choices.get_mut(choice).map(std::mem::take) {
+            if let Some(mut parser) = c.parser.take() {
+                let mut events = parser.push(&text);
+                events.extend(parser.finish());
+                text.clear();
+                self.on_tool_events(choice, &mut c, events, None, out);
+                if c.n_calls > 0 && reason == "stop" {
+                    reason = "tool_calls";
+                }
+            }
+            self.choices[choice] = c;
+        }
         if self.stream {
             let chunks = match self.reply.kind {
                 Kind::Chat => [
@@ -472,7 +569,7 @@ impl Assembler {
             .map(|(i, c)| match self.reply.kind {
                 Kind::Chat => json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": null},
+                    "message": chat_message(c),
                     "logprobs": if self.reply.logprobs {
                         json!({"content": c.chat_logprobs, "refusal": null})
                     } else {
@@ -504,6 +601,44 @@ impl Assembler {
             "usage": self.usage(),
         })
     }
+}
+
+/// A chat choice's message: its text, and its tool calls when it made any (content is then
+/// null unless the model also wrote text).
+fn chat_message(c: &Choice) -> Value {
+    if c.calls.is_empty() {
+        return json!({"role": "assistant", "content": c.text, "refusal": null});
+    }
+    let calls: Vec<Value> = c
+        .calls
+        .iter()
+        .map(|call| {
+            json!({"id": call.id, "type": "function",
+                   "function": {"name": call.name, "arguments": call.arguments}})
+        })
+        .collect();
+    let content = if c.text.trim().is_empty() {
+        Value::Null
+    } else {
+        json!(c.text)
+    };
+    json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls})
+}
+
+/// A call's arguments as streamed: pieces of about 16 characters split on character
+/// boundaries, as a model's tokens would come (clients must concatenate them).
+fn argument_fragments(arguments: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = arguments;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(16);
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    out
 }
 
 /// A streamed response: SSE chunks made from the request's events as they arrive. Dropping it
@@ -595,6 +730,7 @@ mod tests {
             logprobs,
             echo: None,
             include_usage,
+            tools: None,
         }
     }
 
@@ -821,5 +957,118 @@ mod tests {
             .on_event(Event::Error("boom".into()), &mut out)
             .unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    fn tool_events(text: &str, reason: FinishReason) -> Vec<Event> {
+        // Pieces of 5 characters, as tokens would split the text.
+        let chars: Vec<char> = text.chars().collect();
+        let mut events: Vec<Event> = chars
+            .chunks(5)
+            .map(|c| token(0, 0, &c.iter().collect::<String>(), None))
+            .collect();
+        events.push(done(0, "", reason, events.len()));
+        events
+    }
+
+    fn tool_reply() -> Reply {
+        let mut r = reply(Kind::Chat, 1, false, false);
+        r.tools = Some(ToolCallFormat::Hermes);
+        r
+    }
+
+    const TWO_CALLS: &str = "Let me check.<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {\"s\": \"é}\"}}\n</tool_call>";
+
+    #[test]
+    fn tool_calls_in_one_response() {
+        let mut a = Assembler::new(tool_reply(), Arc::new(Letters), false);
+        let mut out = VecDeque::new();
+        for ev in tool_events(TWO_CALLS, FinishReason::Stop) {
+            a.on_event(ev, &mut out).unwrap();
+        }
+        let v = a.response();
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], "Let me check.");
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["function"]["name"], "f");
+        assert_eq!(calls[0]["type"], "function");
+        let args: Value =
+            serde_json::from_str(calls[1]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"s": "é}"}));
+        assert_ne!(calls[0]["id"], calls[1]["id"]);
+    }
+
+    #[test]
+    fn streamed_tool_call_deltas_accumulate_to_the_response() {
+        let a = Assembler::new(tool_reply(), Arc::new(Letters), true);
+        let frames = stream(a, tool_events(TWO_CALLS, FinishReason::Stop));
+        let mut content = String::new();
+        let mut calls: Vec<(String, String, String)> = Vec::new();
+        let mut finish = Value::Null;
+        for f in &frames[..frames.len() - 1] {
+            let chunk = parse(f);
+            let c = &chunk["choices"][0];
+            if let Some(t) = c["delta"]["content"].as_str() {
+                content.push_str(t);
+            }
+            for d in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                let i = d["index"].as_u64().unwrap() as usize;
+                if i == calls.len() {
+                    // The first delta of an index names the call.
+                    calls.push((
+                        d["id"].as_str().unwrap().into(),
+                        d["function"]["name"].as_str().unwrap().into(),
+                        String::new(),
+                    ));
+                } else {
+                    assert!(d.get("id").is_none() && d["function"].get("name").is_none());
+                }
+                calls[i]
+                    .2
+                    .push_str(d["function"]["arguments"].as_str().unwrap());
+            }
+            if !c["finish_reason"].is_null() {
+                finish = c["finish_reason"].clone();
+            }
+        }
+        assert_eq!(content, "Let me check.");
+        assert_eq!(finish, "tool_calls");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].1, "f");
+        assert_eq!(
+            serde_json::from_str::<Value>(&calls[0].2).unwrap(),
+            json!({"x": 1})
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&calls[1].2).unwrap(),
+            json!({"s": "é}"})
+        );
+    }
+
+    #[test]
+    fn a_garbled_call_is_content_and_stop() {
+        let garbled = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": }\n</tool_call>";
+        let mut a = Assembler::new(tool_reply(), Arc::new(Letters), false);
+        let mut out = VecDeque::new();
+        for ev in tool_events(garbled, FinishReason::Stop) {
+            a.on_event(ev, &mut out).unwrap();
+        }
+        let v = a.response();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(v["choices"][0]["message"]["content"], garbled);
+        assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+
+        let a = Assembler::new(tool_reply(), Arc::new(Letters), true);
+        let frames = stream(a, tool_events(garbled, FinishReason::Stop));
+        let text: String = frames[..frames.len() - 1]
+            .iter()
+            .filter_map(|f| {
+                parse(f)["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(text, garbled);
     }
 }

@@ -28,6 +28,7 @@ fn hparams() -> HParams {
         embed_scale: None,
         attn_scale: 0.5,
         layers: vec![layer(1, None), layer(1, Some(6)), layer(2, None)],
+        pooling: Ok(crate::hparams::Pooling::Mean),
     }
 }
 

@@ -395,6 +395,21 @@ fn gelu_tanh(x: f64) -> f64 {
 
 /// Teacher-forced logits of every position of `tokens` (one sequence starting at position 0).
 pub fn reference_logits(m: &TinyModel, tokens: &[u32], flaw: Flaw) -> Vec<Vec<f64>> {
+    // Qwen2 has its own output head; Llama and Gemma 3 files here tie it to the embeddings.
+    let head = if m.has("output.weight") {
+        m.get("output.weight")
+    } else {
+        m.get("token_embd.weight")
+    };
+    reference_hidden(m, tokens, flaw)
+        .iter()
+        .map(|h| matvec(head, h))
+        .collect()
+}
+
+/// The final hidden state of every position after the output norm: what the head reads, and
+/// what embeddings pool.
+pub fn reference_hidden(m: &TinyModel, tokens: &[u32], flaw: Flaw) -> Vec<Vec<f64>> {
     let s = &m.spec;
     let gemma = s.arch == Arch::Gemma3;
     let (n, d, hd) = (tokens.len(), s.n_embd, s.head_dim);
@@ -513,13 +528,7 @@ pub fn reference_logits(m: &TinyModel, tokens: &[u32], flaw: Flaw) -> Vec<Vec<f6
         }
     }
 
-    // Qwen2 has its own output head; Llama and Gemma 3 files here tie it to the embeddings.
-    let head = if m.has("output.weight") {
-        m.get("output.weight")
-    } else {
-        embd
-    };
     x.iter()
-        .map(|xt| matvec(head, &rms_norm(xt, m.get("output_norm.weight"), eps)))
+        .map(|xt| rms_norm(xt, m.get("output_norm.weight"), eps))
         .collect()
 }
