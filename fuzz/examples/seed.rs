@@ -177,4 +177,22 @@ fn main() {
         bytes.extend_from_slice(body.as_bytes());
         put(&r, name, &bytes);
     }
+
+    // tool_calls: [chunk length selector] then model output in the syntaxes the parsers read.
+    let t = root.join("tool_calls");
+    let outputs: &[(&str, &str)] = &[
+        ("hermes", "Sure.<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>"),
+        ("hermes-fenced", "```json\n{\"name\": \"f\", \"arguments\": {\"s\": \"}\\\"{\"}}\n```"),
+        ("llama3", "{\"name\": \"f\", \"parameters\": {\"a\": [1, 2]}}; {\"name\": \"g\", \"parameters\": {}}"),
+        ("python-tag", "<|python_tag|>brave_search.call(query=\"rust\", n=3)"),
+        ("mistral", "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"x\": null}, \"id\": \"abc123def\"}]"),
+        ("mistral-args", "[TOOL_CALLS]f[CALL_ID]a1b2c3[ARGS]{\"x\": 1}[TOOL_CALLS]g[ARGS]{}"),
+        ("generic", "{\"tool_calls\": [{\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}]}"),
+        ("truncated", "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": "),
+    ];
+    for (i, (name, text)) in outputs.iter().enumerate() {
+        let mut bytes = vec![i as u8 * 3];
+        bytes.extend_from_slice(text.as_bytes());
+        put(&t, name, &bytes);
+    }
 }
