@@ -9,6 +9,7 @@ use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler, Scheduler
 use edgelm_grammar::{GrammarCompiler, GrammarSpec, Guide};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
 use edgelm_kernels::{Compute, Isa, Precision};
+use edgelm_tokenizer::Encode;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -408,7 +409,7 @@ fn run(a: RunArgs) -> Result<()> {
         if a.system.is_some() {
             bail!("--system needs a chat template, and this model has none; use --raw text");
         }
-        engine.tokenizer.encode(&text, true, true)?
+        engine.tokenizer.encode(&text, Encode::PROMPT)?
     } else {
         let mut messages = Vec::new();
         if let Some(sys) = &a.system {
@@ -470,7 +471,13 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let path = resolve(&a.model.model)?;
     let file = edgelm_gguf::GgufFile::open(&path)?;
     let tok = edgelm_tokenizer::Tokenizer::from_gguf(&file)?;
-    let ids = tok.encode(&text, !a.no_bos, !a.no_special)?;
+    let ids = tok.encode(
+        &text,
+        Encode {
+            add_special: !a.no_bos,
+            parse_special: !a.no_special,
+        },
+    )?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
 }
@@ -508,7 +515,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
     let t0 = Instant::now();
     let prompts = inputs
         .iter()
-        .map(|(_, text)| engine.tokenizer.encode(text, true, true))
+        .map(|(_, text)| engine.tokenizer.encode(text, Encode::PROMPT))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     // The KV cache holds --ctx positions per running input: by default no more than needed.
@@ -566,7 +573,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         (None, Some(f)) => {
             let text =
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            engine.tokenizer.encode(&text, true, true)?
+            engine.tokenizer.encode(&text, Encode::PROMPT)?
         }
         (None, None) => bail!("give the tokens with --ids 1,2,3 or a text with -f FILE"),
     };
@@ -599,7 +606,13 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
     let add_bos = engine.tokenizer.adds_bos();
-    let tokens = engine.tokenizer.encode(&text, add_bos, false)?;
+    let tokens = engine.tokenizer.encode(
+        &text,
+        Encode {
+            add_special: add_bos,
+            parse_special: false,
+        },
+    )?;
     eprintln!(
         "perplexity: {} tokens, {} chunks of {}",
         tokens.len(),

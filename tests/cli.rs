@@ -3,6 +3,7 @@
 
 mod common;
 
+use edgelm_tokenizer::Encode;
 use std::process::{Command, Output};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -246,7 +247,7 @@ fn run_applies_the_chat_template_unless_raw() {
     assert!(!template.is_fallback(), "{MODEL} carries a template");
     let count = |messages: &[serde_json::Value]| {
         let text = template.render(messages, None, true).unwrap();
-        tok.encode(&text, true, true).unwrap().len()
+        tok.encode(&text, Encode::PROMPT).unwrap().len()
     };
     let user = edgelm_chat::Message::user("Hello");
     let system = edgelm_chat::Message::system("Answer in French.");
@@ -264,7 +265,7 @@ fn run_applies_the_chat_template_unless_raw() {
     );
     assert_eq!(
         run(&["--raw"]),
-        tok.encode("Hello", true, true).unwrap().len()
+        tok.encode("Hello", Encode::PROMPT).unwrap().len()
     );
 }
 

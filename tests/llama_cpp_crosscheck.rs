@@ -7,6 +7,7 @@ mod common;
 
 use edgelm_engine::{Scheduler, SchedulerConfig};
 use edgelm_kernels::{Compute, Isa, Precision};
+use edgelm_tokenizer::Encode;
 
 #[test]
 fn tokenization_matches_llama_cpp() {
@@ -20,7 +21,7 @@ fn tokenization_matches_llama_cpp() {
         {
             let text = line["text"].as_str().unwrap();
             assert_eq!(
-                tok.encode(text, true, true).unwrap(),
+                tok.encode(text, Encode::PROMPT).unwrap(),
                 common::ids(&line["ids"]),
                 "{model}: {text:?}"
             );
@@ -32,7 +33,7 @@ fn tokenization_matches_llama_cpp() {
         {
             let prompt = line["prompt"].as_str().unwrap();
             assert_eq!(
-                tok.encode(prompt, true, true).unwrap(),
+                tok.encode(prompt, Encode::PROMPT).unwrap(),
                 common::ids(&line["prompt_ids"]),
                 "{model}: {prompt:?}"
             );
@@ -123,7 +124,13 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
         let engine = edgelm_engine::Engine::load(&path, fast).unwrap();
         let tokens = engine
             .tokenizer
-            .encode(&text, engine.tokenizer.adds_bos(), false)
+            .encode(
+                &text,
+                Encode {
+                    add_special: engine.tokenizer.adds_bos(),
+                    parse_special: false,
+                },
+            )
             .unwrap();
         // The fast path's 8-bit noise moves perplexity away from the exact figure no further
         // than llama.cpp's does, up to the spread of that noise: any change of summation order

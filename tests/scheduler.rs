@@ -5,6 +5,7 @@ mod common;
 
 use edgelm_engine::{Event, FinishReason, Request, SamplingParams, Scheduler, SchedulerConfig};
 use edgelm_kernels::Isa;
+use edgelm_tokenizer::Encode;
 use std::sync::mpsc::{channel, Receiver};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -51,7 +52,7 @@ fn tokens_of(rx: &Receiver<Event>) -> Vec<Vec<u32>> {
 }
 
 fn encode(s: &Scheduler, text: &str) -> Vec<u32> {
-    s.engine().tokenizer.encode(text, true, true).unwrap()
+    s.engine().tokenizer.encode(text, Encode::PROMPT).unwrap()
 }
 
 const SYSTEM: &str =

@@ -8,7 +8,7 @@
 #![no_main]
 
 use edgelm_gguf::GgufFile;
-use edgelm_tokenizer::{StreamDecoder, Tokenizer};
+use edgelm_tokenizer::{StreamDecoder, Tokenizer, Encode};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         let exact = !case.spm || !text.contains('\u{2581}');
         for parse_special in [false, true] {
             let ids = tok
-                .encode(text, false, parse_special)
+                .encode(text, Encode { add_special: false, parse_special: parse_special })
                 .unwrap_or_else(|e| panic!("{}: encode failed: {e}", case.name));
             for &id in &ids {
                 assert!((id as usize) < tok.vocab_size(), "{}: id {id}", case.name);
@@ -91,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
         }
         // BOS/EOS as the metadata says must not break anything either.
         let ids = tok
-            .encode(text, true, true)
+            .encode(text, Encode::PROMPT)
             .expect("encode with add_special");
         tok.decode(&ids).expect("decode with add_special");
     }

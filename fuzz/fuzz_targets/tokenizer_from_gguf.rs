@@ -3,13 +3,13 @@
 #![no_main]
 
 use edgelm_gguf::GgufFile;
-use edgelm_tokenizer::{StreamDecoder, Tokenizer};
+use edgelm_tokenizer::{StreamDecoder, Tokenizer, Encode};
 use libfuzzer_sys::fuzz_target;
 
 fn exercise(tok: &Tokenizer, text: &str) {
     for add_special in [false, true] {
         for parse_special in [false, true] {
-            let Ok(ids) = tok.encode(text, add_special, parse_special) else {
+            let Ok(ids) = tok.encode(text, Encode { add_special, parse_special }) else {
                 continue;
             };
             for &id in &ids {

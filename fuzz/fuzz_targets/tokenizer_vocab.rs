@@ -8,7 +8,7 @@
 #![no_main]
 
 use edgelm_gguf::{GgufFile, GgufWriter, Value, ValueType};
-use edgelm_tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
+use edgelm_tokenizer::{StreamDecoder, Tokenizer, TokenizerError, Encode};
 use libfuzzer_sys::fuzz_target;
 
 const PRES: &[&str] = &[
@@ -134,7 +134,7 @@ fuzz_target!(|data: &[u8]| {
     for t in [text, fixed[3], fixed[6], fixed[7]] {
         for add_special in [false, true] {
             for parse_special in [false, true] {
-                let ids = match tok.encode(t, add_special, parse_special) {
+                let ids = match tok.encode(t, Encode { add_special, parse_special }) {
                     Ok(ids) => ids,
                     // Possible for SentencePiece only without byte tokens.
                     Err(TokenizerError::NoByteToken { .. }) if !with_bytes => continue,

@@ -22,7 +22,7 @@ use edgelm_chat::ChatTemplate;
 use edgelm_gguf::GgufFile;
 use edgelm_kernels::{Compute, Precision};
 use edgelm_models::{KvCache, KvConfig, KvType, Model};
-use edgelm_tokenizer::Tokenizer;
+use edgelm_tokenizer::{Encode, Tokenizer};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -138,5 +138,11 @@ pub fn encode_rendered_chat(
         .bos()
         .and_then(|b| tok.token_text(b))
         .is_some_and(|b| !b.is_empty() && text.starts_with(b));
-    tok.encode(text, !bos_written, true)
+    tok.encode(
+        text,
+        Encode {
+            add_special: !bos_written,
+            parse_special: true,
+        },
+    )
 }

@@ -11,7 +11,7 @@ mod tools;
 
 pub use tools::{tool_call_grammar, ToolChoice};
 
-use edgelm_tokenizer::Tokenizer;
+use edgelm_tokenizer::{Encode, Tokenizer};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
@@ -83,7 +83,7 @@ impl TokenizerEnv for Vocabulary {
         };
         std::str::from_utf8(s)
             .ok()
-            .and_then(|text| self.tokenizer.encode(text, false, false).ok())
+            .and_then(|text| self.tokenizer.encode(text, Encode::TEXT).ok())
             .filter(|ids| spelled(ids))
             .unwrap_or_else(|| self.trie.greedy_tokenize(s))
     }

@@ -6,6 +6,7 @@
 use super::*;
 use edgelm_chat::tools::ToolCallFormat;
 use edgelm_gguf::{GgufFile, GgufWriter, Value as GValue, ValueType};
+use edgelm_tokenizer::Encode;
 
 const PIECES: &[&str] = &[
     "{\"",
@@ -211,7 +212,7 @@ fn a_triggered_grammar_holds_only_from_the_trigger_to_its_end() {
         .expect("hermes triggers on its marker");
     let c = compiler.compile(&tg.spec).expect("compiles");
     let mut g = Guide::new(c, tg.trigger);
-    for t in tok.encode("Hi <tool_call>", false, false).expect("encode") {
+    for t in tok.encode("Hi <tool_call>", Encode::TEXT).expect("encode") {
         assert!(!g.is_active());
         assert!(g.allows(t));
         g.commit(t, tok.token_piece_bytes_special(t).expect("in vocab"))

@@ -32,7 +32,7 @@ use edgelm_chat::tools::ToolCallFormat;
 use edgelm_chat::ChatTemplate;
 use edgelm_engine::{Engine, Event, Request, Rng, Scheduler, SchedulerConfig};
 use edgelm_grammar::GrammarCompiler;
-use edgelm_tokenizer::Tokenizer;
+use edgelm_tokenizer::{Encode, Tokenizer};
 use engine_thread::{Limits, Submission};
 pub use error::ApiError;
 use error::{JsonBody, BODY_LIMIT};
@@ -514,7 +514,7 @@ async fn embed(
         .map(|input| match input {
             embeddings::Input::Text(text) => app
                 .tokenizer
-                .encode(&text, true, true)
+                .encode(&text, Encode::PROMPT)
                 .map_err(|e| ApiError::field("input", format!("tokenizing the input failed: {e}"))),
             embeddings::Input::Tokens(ids) => Ok(ids),
         })
@@ -602,7 +602,7 @@ async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
         Prompt::Chat { messages, tools } => app.encode_chat(messages, tools.as_deref())?,
         Prompt::Text(text) => app
             .tokenizer
-            .encode(text, true, true)
+            .encode(text, Encode::PROMPT)
             .map_err(|e| ApiError::field("prompt", format!("tokenizing the prompt failed: {e}")))?,
         Prompt::Tokens(ids) => ids.clone(),
     };

@@ -178,6 +178,30 @@ pub enum VocabType {
     BytePairEncoding,
 }
 
+/// How [`Tokenizer::encode`] treats the text's edges and special-token text (llama.cpp's
+/// `add_special` and `parse_special`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encode {
+    /// Add BOS / EOS where the model's metadata says to.
+    pub add_special: bool,
+    /// Control-token texts written in the text (`<|im_start|>`) become those single tokens;
+    /// user-defined tokens always do.
+    pub parse_special: bool,
+}
+
+impl Encode {
+    /// A whole prompt, as llama.cpp's tools take one: BOS / EOS added, special-token text parsed.
+    pub const PROMPT: Encode = Encode {
+        add_special: true,
+        parse_special: true,
+    };
+    /// A piece of text: nothing added, special-token text kept as text.
+    pub const TEXT: Encode = Encode {
+        add_special: false,
+        parse_special: false,
+    };
+}
+
 /// A model's tokenizer, built from its GGUF metadata. Cheap to share (`&Tokenizer` is all
 /// encoding and decoding need).
 pub struct Tokenizer {
@@ -572,15 +596,12 @@ impl Tokenizer {
         self.piece_offsets = offsets;
     }
 
-    /// Encode `text`. `add_special`: add BOS/EOS as the model's metadata says (llama.cpp's
-    /// `add_special`). `parse_special`: control-token texts written in `text` (e.g.
-    /// `<|im_start|>`) become those single tokens; user-defined tokens always do.
-    pub fn encode(
-        &self,
-        text: &str,
-        add_special: bool,
-        parse_special: bool,
-    ) -> Result<Vec<u32>, TokenizerError> {
+    /// Encode `text` as `how` says (see [`Encode`]).
+    pub fn encode(&self, text: &str, how: Encode) -> Result<Vec<u32>, TokenizerError> {
+        let Encode {
+            add_special,
+            parse_special,
+        } = how;
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.push(self.bos.ok_or(TokenizerError::MissingSpecialToken {
@@ -711,12 +732,12 @@ impl Tokenizer {
         self.eos
     }
 
-    /// Whether `encode(.., add_special = true, ..)` starts with BOS.
+    /// Whether `encode` with `add_special` starts with BOS.
     pub fn adds_bos(&self) -> bool {
         self.add_bos
     }
 
-    /// Whether `encode(.., add_special = true, ..)` ends with EOS.
+    /// Whether `encode` with `add_special` ends with EOS.
     pub fn adds_eos(&self) -> bool {
         self.add_eos
     }

@@ -1,7 +1,7 @@
 //! Behaviour on tiny vocabularies written with GgufWriter.
 
 use edgelm_gguf::{GgufFile, GgufWriter, Value, ValueType};
-use edgelm_tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
+use edgelm_tokenizer::{Encode, StreamDecoder, Tokenizer, TokenizerError};
 
 fn strs(v: &[&str]) -> Value {
     array(
@@ -82,18 +82,18 @@ fn spm_merges_highest_score_first() {
     };
     let tok = vocab(-1.0, -0.5);
     assert_eq!(
-        tok.encode("abc", false, false).unwrap(),
+        tok.encode("abc", Encode::TEXT).unwrap(),
         ids_of(&tok, &["a", "bc"])
     );
     let tok = vocab(-0.5, -1.0);
     assert_eq!(
-        tok.encode("abc", false, false).unwrap(),
+        tok.encode("abc", Encode::TEXT).unwrap(),
         ids_of(&tok, &["ab", "c"])
     );
     // Equal scores: the leftmost pair wins.
     let tok = vocab(-1.0, -1.0);
     assert_eq!(
-        tok.encode("abc", false, false).unwrap(),
+        tok.encode("abc", Encode::TEXT).unwrap(),
         ids_of(&tok, &["ab", "c"])
     );
 }
@@ -111,7 +111,15 @@ fn spm_space_prefix_bos_and_decode() {
     // SentencePiece defaults: add BOS (<s> = 1) and a space prefix.
     assert!(tok.adds_bos());
     assert_eq!(tok.bos(), Some(1));
-    let ids = tok.encode("ab b", true, false).unwrap();
+    let ids = tok
+        .encode(
+            "ab b",
+            Encode {
+                add_special: true,
+                parse_special: false,
+            },
+        )
+        .unwrap();
     let mut want = vec![1];
     want.extend(ids_of(&tok, &["\u{2581}ab", "\u{2581}", "b"]));
     assert_eq!(ids, want);
@@ -125,7 +133,7 @@ fn spm_byte_fallback_for_unknown_characters() {
     let mut w = spm_writer(&[("a", -1.0, NORMAL)]);
     w.set("tokenizer.ggml.add_space_prefix", Value::Bool(false));
     let tok = load(&w).unwrap();
-    let ids = tok.encode("aé", false, false).unwrap();
+    let ids = tok.encode("aé", Encode::TEXT).unwrap();
     assert_eq!(ids, ids_of(&tok, &["a", "<0xC3>", "<0xA9>"]));
     assert_eq!(tok.token_piece_bytes(ids[1]), Some(&[0xC3u8][..]));
     assert_eq!(tok.decode(&ids).unwrap(), "aé");
@@ -144,7 +152,14 @@ fn spm_special_tokens_cut_out_first() {
     let start = tok.token_id("<start>").unwrap();
     let nl2 = tok.token_id("\n\n").unwrap();
     assert_eq!(
-        tok.encode("x<start>y\n\nx", false, true).unwrap(),
+        tok.encode(
+            "x<start>y\n\nx",
+            Encode {
+                add_special: false,
+                parse_special: true
+            }
+        )
+        .unwrap(),
         vec![
             tok.token_id("x").unwrap(),
             start,
@@ -155,7 +170,7 @@ fn spm_special_tokens_cut_out_first() {
     );
     // Without parse_special the control token is plain text (bytes here); the user-defined
     // token is still cut out.
-    let ids = tok.encode("x<start>y\n\nx", false, false).unwrap();
+    let ids = tok.encode("x<start>y\n\nx", Encode::TEXT).unwrap();
     assert!(!ids.contains(&start));
     assert!(ids.contains(&nl2));
     // Control tokens render as nothing unless asked for.
@@ -210,22 +225,22 @@ fn bpe_merges_by_rank() {
     let tok = load(&bpe_writer(BPE_TOKENS, &["b c", "a b", "ab c"], "qwen2")).unwrap();
     // "b c" ranks first, and no merge joins "a" with "bc".
     assert_eq!(
-        tok.encode("abc", false, false).unwrap(),
+        tok.encode("abc", Encode::TEXT).unwrap(),
         ids_of(&tok, &["a", "bc"])
     );
     let tok = load(&bpe_writer(BPE_TOKENS, &["a b", "b c", "ab c"], "qwen2")).unwrap();
     assert_eq!(
-        tok.encode("abc", false, false).unwrap(),
+        tok.encode("abc", Encode::TEXT).unwrap(),
         ids_of(&tok, &["abc"])
     );
     // Pre-tokens are merged separately: " a" is its own word.
     assert_eq!(
-        tok.encode("abc a", false, false).unwrap(),
+        tok.encode("abc a", Encode::TEXT).unwrap(),
         ids_of(&tok, &["abc", "Ġ", "a"])
     );
     let tok = load(&bpe_writer(BPE_TOKENS, &["Ġ a", "a b"], "qwen2")).unwrap();
     assert_eq!(
-        tok.encode("ab a", false, false).unwrap(),
+        tok.encode("ab a", Encode::TEXT).unwrap(),
         ids_of(&tok, &["ab", "Ġa"])
     );
     assert_eq!(tok.decode(&ids_of(&tok, &["ab", "Ġa"])).unwrap(), "ab a");
@@ -238,7 +253,14 @@ fn bpe_special_tokens_longest_first_and_only_when_parsing() {
     let xc = tok.token_id("<|x|>c").unwrap();
     let tool = tok.token_id("<tool>").unwrap();
     assert_eq!(
-        tok.encode("ab<|x|>a<|x|>c", false, true).unwrap(),
+        tok.encode(
+            "ab<|x|>a<|x|>c",
+            Encode {
+                add_special: false,
+                parse_special: true
+            }
+        )
+        .unwrap(),
         vec![
             tok.token_id("ab").unwrap(),
             x,
@@ -248,12 +270,12 @@ fn bpe_special_tokens_longest_first_and_only_when_parsing() {
     );
     // Not parsed: spelled out from ordinary tokens.
     assert_eq!(
-        tok.encode("<|x|>", false, false).unwrap(),
+        tok.encode("<|x|>", Encode::TEXT).unwrap(),
         ids_of(&tok, &["<", "|", "x", "|", ">"])
     );
     // User-defined tokens are always cut out.
     assert_eq!(
-        tok.encode("a<tool>", false, false).unwrap(),
+        tok.encode("a<tool>", Encode::TEXT).unwrap(),
         vec![tok.token_id("a").unwrap(), tool]
     );
     // No BOS for this vocabulary unless the metadata asks.
@@ -287,7 +309,7 @@ fn stream_decoder_holds_back_split_characters() {
         tok.token_id("<|x|>").unwrap(),
     ];
     // "é" is 0xC3 0xA9, one byte per token here.
-    assert_eq!(tok.encode("é", false, false).unwrap(), vec![c3, a9]);
+    assert_eq!(tok.encode("é", Encode::TEXT).unwrap(), vec![c3, a9]);
     let mut s = StreamDecoder::new(&tok);
     assert_eq!(s.push(a), "a");
     assert_eq!(s.push(c3), "");
