@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use edgelm_chat::tools::{parse_tool_calls, ToolCallFormat};
 use edgelm_chat::Message;
 use edgelm_engine::{Event, Request, SamplingParams, Scheduler, SequenceStats};
-use edgelm_grammar::{tool_call_grammar, GrammarCompiler, Guide, ToolChoice};
+use edgelm_grammar::{control_marker, tool_call_grammar, GrammarCompiler, Guide, ToolChoice};
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
@@ -67,7 +67,8 @@ impl Tools {
         })?;
         let engine = sched.engine();
         let format = ToolCallFormat::detect(engine.tokenizer.chat_template().unwrap_or(""));
-        let guide = match tool_call_grammar(format, &list, &ToolChoice::Auto)
+        let marker = control_marker(&engine.tokenizer, format);
+        let guide = match tool_call_grammar(format, &list, &ToolChoice::Auto, marker)
             .with_context(|| format!("the tools in {}", path.display()))?
         {
             Some(g) => {

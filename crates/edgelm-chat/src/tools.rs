@@ -100,6 +100,17 @@ impl ToolCallFormat {
         }
     }
 
+    /// Every literal of the syntax that a vocabulary may hold as one control token (which
+    /// detokenizes to nothing): a front end feeds these tokens' text to the parser.
+    pub fn syntax_tokens(self) -> &'static [&'static str] {
+        match self {
+            ToolCallFormat::Hermes => &[HERMES_OPEN, HERMES_CLOSE],
+            ToolCallFormat::Mistral => &[MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID],
+            ToolCallFormat::Llama3 => &[PYTHON_TAG],
+            ToolCallFormat::Generic => &[],
+        }
+    }
+
     fn marker(self) -> Option<&'static str> {
         self.markers().first().copied()
     }

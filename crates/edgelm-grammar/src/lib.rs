@@ -9,7 +9,7 @@
 
 mod tools;
 
-pub use tools::{tool_call_grammar, ToolChoice};
+pub use tools::{control_marker, tool_call_grammar, ToolChoice, ToolGrammar};
 
 use edgelm_tokenizer::{Encode, Tokenizer};
 use llguidance::api::TopLevelGrammar;

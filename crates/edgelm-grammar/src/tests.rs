@@ -20,6 +20,7 @@ const PIECES: &[&str] = &[
     "<tool_call>",
     "name",
     "}\n",
+    "[TOOL_CALLS]",
 ];
 
 fn tokenizer() -> Arc<Tokenizer> {
@@ -31,7 +32,11 @@ fn tokenizer() -> Arc<Tokenizer> {
     }
     for p in PIECES {
         texts.push((*p).to_owned());
-        types.push(if *p == "<tool_call>" { 4 } else { 1 });
+        types.push(match *p {
+            "<tool_call>" => 4,
+            "[TOOL_CALLS]" => 3,
+            _ => 1,
+        });
     }
     let scores = vec![0.0f32; texts.len()];
     let array = |ty, values| GValue::array(ty, values).expect("one element type");
@@ -207,7 +212,7 @@ fn a_triggered_grammar_holds_only_from_the_trigger_to_its_end() {
         "type": "object", "properties": {"x": {"type": "integer", "maximum": 1000}},
         "required": ["x"], "additionalProperties": false}}}),
     ];
-    let tg = tool_call_grammar(ToolCallFormat::Hermes, &tools, &ToolChoice::Auto)
+    let tg = tool_call_grammar(ToolCallFormat::Hermes, &tools, &ToolChoice::Auto, None)
         .expect("builds")
         .expect("hermes triggers on its marker");
     let c = compiler.compile(&tg.spec).expect("compiles");
@@ -249,7 +254,7 @@ fn tool_grammars_compile_for_every_syntax_and_choice() {
             ToolChoice::Required,
             ToolChoice::Function("now".into()),
         ] {
-            if let Some(g) = tool_call_grammar(format, &tools, &choice).expect("builds") {
+            if let Some(g) = tool_call_grammar(format, &tools, &choice, None).expect("builds") {
                 compiler
                     .compile(&g.spec)
                     .unwrap_or_else(|e| panic!("{format:?} {choice:?}: {e}"));
@@ -260,6 +265,7 @@ fn tool_grammars_compile_for_every_syntax_and_choice() {
         ToolCallFormat::Hermes,
         &tools,
         &ToolChoice::Function("missing".into()),
+        None,
     );
     assert!(matches!(err, Err(GrammarError::Compile(m)) if m.contains("missing")));
 }
@@ -277,6 +283,7 @@ fn a_named_call_in_the_generic_syntax_is_valid_json() {
         ToolCallFormat::Generic,
         &tools,
         &ToolChoice::Function("now".into()),
+        None,
     )
     .expect("builds")
     .expect("generic has a grammar when forced");
@@ -286,4 +293,42 @@ fn a_named_call_in_the_generic_syntax_is_valid_json() {
     let v: Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(v["tool_calls"][0]["name"], "now", "{text}");
     assert!(v["tool_calls"][0]["arguments"].is_object(), "{text}");
+}
+
+#[test]
+fn a_marker_held_as_a_control_token_is_named_by_the_grammar() {
+    let tok = tokenizer();
+    let marker = control_marker(&tok, ToolCallFormat::Mistral).expect("[TOOL_CALLS] is control");
+    assert_eq!(
+        control_marker(&tok, ToolCallFormat::Hermes),
+        None,
+        "<tool_call> is text"
+    );
+    let compiler = GrammarCompiler::new(tok.clone()).expect("compiler");
+    let tools = [
+        json!({"type": "function", "function": {"name": "now", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": false}}}),
+    ];
+    let g = tool_call_grammar(
+        ToolCallFormat::Mistral,
+        &tools,
+        &ToolChoice::Required,
+        Some(marker),
+    )
+    .expect("builds")
+    .expect("forced calls have a grammar");
+    let mut c = compiler.compile(&g.spec).expect("compiles");
+    let mut logits = vec![0.0; tok.vocab_size()];
+    assert_eq!(
+        c.mask(&mut logits).expect("mask"),
+        1,
+        "only the marker may open"
+    );
+    assert!(logits[marker as usize].is_finite());
+    c.commit(marker).expect("the marker commits");
+    let mut g = Guide::new(c, None);
+    let (text, ended) = generate(&tok, &mut g, 5, 100);
+    assert!(ended, "{text:?}");
+    let v: Value = serde_json::from_str(&text).expect("a JSON array of calls");
+    assert_eq!(v[0]["name"], "now", "{text}");
 }

@@ -5,6 +5,7 @@
 
 use crate::{with_layout, GrammarError, GrammarSpec};
 use edgelm_chat::tools::ToolCallFormat;
+use edgelm_tokenizer::Tokenizer;
 use serde_json::{json, Value};
 
 /// OpenAI's `tool_choice`, less `none` (no grammar, no tools).
@@ -26,14 +27,29 @@ pub struct ToolGrammar {
     pub trigger: Option<String>,
 }
 
+/// The id of `format`'s opening marker where `tokenizer` holds it as a control token (Mistral's
+/// `[TOOL_CALLS]`, usually), for [`tool_call_grammar`].
+pub fn control_marker(tokenizer: &Tokenizer, format: ToolCallFormat) -> Option<u32> {
+    let id = tokenizer.token_id(format.call_marker()?)?;
+    tokenizer.is_control(id).then_some(id)
+}
+
 /// `tools` are OpenAI tool objects (`{"type": "function", "function": {"name", "parameters"}}`).
-/// `None` for `Auto` where the syntax has no opening marker to trigger on (the model's calls
-/// are then parsed, not constrained).
+/// `marker_token`: the id of the syntax's opening marker where the vocabulary holds it as a
+/// control token (a grammar must then name the token, as text never spells it). `None` for
+/// `Auto` where the syntax has no opening marker to trigger on (the model's calls are then
+/// parsed, not constrained).
 pub fn tool_call_grammar(
     format: ToolCallFormat,
     tools: &[Value],
     choice: &ToolChoice,
+    marker_token: Option<u32>,
 ) -> Result<Option<ToolGrammar>, GrammarError> {
+    // The opening marker in Lark: the control token by id, or the literal text.
+    let open = |text: &str| match marker_token {
+        Some(id) => format!("<[{id}]>"),
+        None => format!("{text:?}"),
+    };
     let args_key = match format {
         ToolCallFormat::Llama3 => "parameters",
         _ => "arguments",
@@ -89,7 +105,8 @@ pub fn tool_call_grammar(
             let repeat = if single { "" } else { " (\"\\n\" call)*" };
             ToolGrammar {
                 spec: lark(format!(
-                    "start: call{repeat}\ncall: \"<tool_call>\\n\" {} \"\\n</tool_call>\"\n",
+                    "start: call{repeat}\ncall: {} \"\\n\" {} \"\\n</tool_call>\"\n",
+                    open("<tool_call>"),
                     json(&one_call)
                 )),
                 trigger: None,
@@ -106,7 +123,11 @@ pub fn tool_call_grammar(
                     trigger: Some("[TOOL_CALLS]".to_owned()),
                 },
                 _ => ToolGrammar {
-                    spec: lark(format!("start: \"[TOOL_CALLS]\" {}\n", json(&array))),
+                    spec: lark(format!(
+                        "start: {} {}\n",
+                        open("[TOOL_CALLS]"),
+                        json(&array)
+                    )),
                     trigger: None,
                 },
             }

@@ -122,6 +122,8 @@ struct App {
     template: Result<Arc<ChatTemplate>, String>,
     /// The syntax the model writes tool calls in, chosen from its template.
     tool_format: ToolCallFormat,
+    /// Its opening marker's id where that is a control token (grammars name it by id).
+    tool_marker: Option<u32>,
     /// Whether the template shows the model its `tools` (else edgelm describes them).
     template_renders_tools: bool,
     /// Grammars over this model's vocabulary, or why there are none.
@@ -213,6 +215,7 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
     let template = engine.chat_template().map_err(|e| e.to_string());
     let template_source = tokenizer.chat_template().unwrap_or("");
     let tool_format = ToolCallFormat::detect(template_source);
+    let tool_marker = edgelm_grammar::control_marker(&tokenizer, tool_format);
     let template_renders_tools = template_source.contains("tools");
     let grammar = GrammarCompiler::new(tokenizer.clone()).map_err(|e| e.to_string());
     if let Err(e) = &grammar {
@@ -267,6 +270,7 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
         tokenizer,
         template,
         tool_format,
+        tool_marker,
         template_renders_tools,
         grammar,
         n_ctx,
@@ -590,7 +594,7 @@ async fn submit(
 async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     app.check_model(p.model.as_deref())?;
-    let shaping = shaping::shaping(&p, &app.grammar, app.tool_format)?;
+    let shaping = shaping::shaping(&p, &app.grammar, app.tool_format, app.tool_marker)?;
     let tokens = match &p.prompt {
         Prompt::Chat {
             messages,

@@ -372,6 +372,21 @@ impl Assembler {
                 let entry = lp.as_ref().map(|l| self.chat_entry(l));
                 match c.parser.as_mut() {
                     Some(parser) => {
+                        // A call marker that is a control token renders as nothing; the parser
+                        // needs its text.
+                        let marker = self.vocab.piece(token).is_empty().then(|| {
+                            let shown = String::from_utf8_lossy(self.vocab.display(token));
+                            parser
+                                .format()
+                                .syntax_tokens()
+                                .iter()
+                                .find(|&&m| m == shown)
+                                .copied()
+                        });
+                        let text = match marker.flatten() {
+                            Some(m) => text + m,
+                            None => text,
+                        };
                         let events = parser.push(&text);
                         self.on_tool_events(choice, &mut c, events, entry, out);
                     }
@@ -715,6 +730,7 @@ mod tests {
         fn display(&self, id: u32) -> &[u8] {
             match id {
                 9 => b"<end>",
+                10 => b"[TOOL_CALLS]",
                 _ => self.piece(id),
             }
         }
@@ -1070,5 +1086,28 @@ mod tests {
             })
             .collect();
         assert_eq!(text, garbled);
+    }
+
+    #[test]
+    fn a_call_marker_that_is_a_control_token_reaches_the_parser() {
+        let mut r = reply(Kind::Chat, 1, false, false);
+        r.tools = Some(ToolCallFormat::Mistral);
+        let mut a = Assembler::new(r, Arc::new(Letters), false);
+        let mut out = VecDeque::new();
+        // Token 10 is `[TOOL_CALLS]`, a control token: its text piece is empty.
+        for ev in [
+            token(0, 10, "", None),
+            token(0, 0, "[{\"name\": \"f\", \"arguments\": {\"x\": 1}}]", None),
+            done(0, "", FinishReason::Stop, 2),
+        ] {
+            a.on_event(ev, &mut out).unwrap();
+        }
+        let v = a.response();
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+            "f"
+        );
+        assert!(v["choices"][0]["message"]["content"].is_null(), "{v}");
     }
 }

@@ -23,6 +23,7 @@ pub fn shaping(
     p: &Params,
     compiler: &Result<GrammarCompiler, String>,
     format: ToolCallFormat,
+    marker_token: Option<u32>,
 ) -> Result<Shaping, ApiError> {
     let compiler = || {
         compiler.as_ref().map_err(|reason| {
@@ -67,7 +68,7 @@ pub fn shaping(
         ToolChoice::Function(name) => Forced::Function(name.clone()),
         ToolChoice::Auto | ToolChoice::None => Forced::Auto,
     };
-    let grammar = tool_call_grammar(format, tools, &forced)
+    let grammar = tool_call_grammar(format, tools, &forced, marker_token)
         .map_err(|e| ApiError::field("tools", e.to_string()))?;
     let guide = match grammar {
         Some(g) => Some(Guide::new(compile(&g.spec, "tools")?, g.trigger)),
