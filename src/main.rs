@@ -9,6 +9,7 @@ use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler, Scheduler
 use edgelm_grammar::{GrammarCompiler, GrammarSpec, Guide};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
 use edgelm_kernels::{Compute, Isa, Precision};
+use edgelm_models::{KvConfig, MemoryPlan};
 use edgelm_tokenizer::Encode;
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,6 +70,10 @@ struct ModelArgs {
     /// Use the precise path: f32 activations against dequantized weights (slower; the reference).
     #[arg(long)]
     precise: bool,
+    /// Refuse a run the memory planner says needs more than this (e.g. 2G, 300M), saying what
+    /// would fit (default: the memory available when it starts).
+    #[arg(long = "mem-limit", value_name = "SIZE", value_parser = edgelm_server::parse_size)]
+    mem_limit: Option<u64>,
 }
 
 #[derive(Args)]
@@ -298,9 +303,18 @@ struct BenchArgs {
 struct InspectArgs {
     /// Model name or GGUF path.
     model: String,
-    /// Context length for the memory estimate (default: the model's).
+    /// Context length for the memory plan (default: the model's).
     #[arg(short = 'c', long = "ctx", default_value_t = 0)]
     ctx: usize,
+    /// Sequences held at once (as `serve --parallel`).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Plan for the precise path (f32 KV cache) instead of the fast path (f16).
+    #[arg(long)]
+    precise: bool,
+    /// Judge the plan against this much memory (default: the memory available now).
+    #[arg(long = "mem-limit", value_name = "SIZE", value_parser = edgelm_server::parse_size)]
+    mem_limit: Option<u64>,
 }
 
 #[derive(Args)]
@@ -323,6 +337,7 @@ fn real_main() -> Result<()> {
         Command::Run(a) => run(a),
         Command::Chat(a) => {
             let (engine, _) = load(&a.model)?;
+            plan_memory(&a.model, &engine, &engine.kv_config(a.ctx))?;
             let cfg = SchedulerConfig {
                 prefix_cache: true,
                 ..SchedulerConfig::single(a.ctx)
@@ -334,8 +349,9 @@ fn real_main() -> Result<()> {
             };
             chat::Chat::new(sched, a.sampling.params(), a.n_predict, a.system, tools)?.run()
         }
-        Command::Serve(a) => {
+        Command::Serve(mut a) => {
             let (engine, _) = load(&a.model)?;
+            a.serve.kv_budget = serve_kv_budget(&a.model, &engine, &a.serve)?;
             edgelm_server::serve(engine, a.model.model.clone(), a.serve)
         }
         Command::Tokenize(a) => tokenize(a),
@@ -368,6 +384,71 @@ fn resolve(model: &str) -> Result<PathBuf> {
     Ok(Hub::from_env()?.resolve(model)?)
 }
 
+/// The memory limit of a run: `--mem-limit`, else what the system has available now (None:
+/// unknown, no check).
+fn memory_limit(args: &ModelArgs) -> Option<(u64, &'static str)> {
+    match args.mem_limit {
+        Some(l) => Some((l, "--mem-limit")),
+        None => edgelm_models::available_memory().map(|a| (a, "the memory available now")),
+    }
+}
+
+/// The memory planner's verdict on a run with `kv`: an error that says what would fit if it
+/// needs more than the limit.
+fn plan_memory(args: &ModelArgs, engine: &Engine, kv: &KvConfig) -> Result<MemoryPlan> {
+    let runtime = edgelm_models::resident_memory().unwrap_or(0);
+    let Some((limit, source)) = memory_limit(args) else {
+        return Ok(edgelm_models::memory_plan(&engine.model, kv, runtime)?);
+    };
+    match edgelm_models::check_fits(&engine.model, kv, runtime, limit)? {
+        Ok(plan) => Ok(plan),
+        Err(e) => bail!("{e} ({source})"),
+    }
+}
+
+/// `serve`'s KV budget: as given; else every sequence's full context where that fits the
+/// memory limit, else the KV memory the limit leaves (sequences then share it, and admission
+/// waits for room), or a refusal saying what fits when not even one sequence's context does.
+fn serve_kv_budget(
+    args: &ModelArgs,
+    engine: &Engine,
+    serve: &edgelm_server::ServeArgs,
+) -> Result<Option<u64>> {
+    let kv = KvConfig {
+        max_seqs: serve.parallel.max(1),
+        budget: serve.kv_budget,
+        ..engine.kv_config(serve.ctx)
+    };
+    let Some((limit, source)) = memory_limit(args) else {
+        return Ok(serve.kv_budget);
+    };
+    let runtime = edgelm_models::resident_memory().unwrap_or(0);
+    let full = match edgelm_models::check_fits(&engine.model, &kv, runtime, limit)? {
+        Ok(_) => return Ok(serve.kv_budget),
+        Err(e) => e,
+    };
+    if serve.kv_budget.is_some() {
+        bail!("{full} ({source}); lower --kv-budget");
+    }
+    let one = KvConfig {
+        max_seqs: 1,
+        ..kv.clone()
+    };
+    if let Err(e) = edgelm_models::check_fits(&engine.model, &one, runtime, limit)? {
+        bail!("{e} ({source})");
+    }
+    let room = limit - full.plan.weights - full.plan.scratch - full.plan.runtime;
+    eprintln!(
+        "edgelm: {} sequences × {} positions would need a KV cache of {:.1} MiB; sized to \
+         {:.1} MiB to fit {source} (sequences share it; --kv-budget sets it)",
+        kv.max_seqs,
+        kv.n_ctx,
+        full.plan.kv_cache as f64 / (1u64 << 20) as f64,
+        room as f64 / (1u64 << 20) as f64
+    );
+    Ok(Some(room))
+}
+
 fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
     let path = resolve(&args.model)?;
     let isa = Isa::from_env()?;
@@ -397,6 +478,7 @@ fn run(a: RunArgs) -> Result<()> {
     let text = a.text.read()?;
     let grammar = a.grammar_spec()?;
     let (engine, load_ms) = load(&a.model)?;
+    plan_memory(&a.model, &engine, &engine.kv_config(a.ctx))?;
     let guide = match &grammar {
         Some(spec) => {
             let compiler = GrammarCompiler::new(engine.tokenizer.clone())?;
@@ -523,6 +605,14 @@ fn embed(a: EmbedArgs) -> Result<()> {
         0 => (longest + 1).min(engine.context_length(0)),
         c => c,
     };
+    plan_memory(
+        &a.model,
+        &engine,
+        &KvConfig {
+            max_seqs: EMBED_PARALLEL,
+            ..engine.kv_config(n_ctx)
+        },
+    )?;
     let cfg = SchedulerConfig {
         n_ctx,
         max_running: EMBED_PARALLEL,
@@ -690,8 +780,20 @@ fn inspect(a: InspectArgs) -> Result<()> {
             } else {
                 a.ctx
             };
-            let kv = edgelm_models::KvConfig::new(n_ctx, edgelm_models::KvType::F16);
-            let plan = edgelm_models::memory_plan(&model, &kv)?;
+            let ty = if a.precise {
+                edgelm_models::KvType::F32
+            } else {
+                edgelm_models::KvType::F16
+            };
+            let kv = KvConfig {
+                max_seqs: a.parallel.max(1),
+                ..KvConfig::new(n_ctx, ty)
+            };
+            // What a run holds before it starts: this process with the tokenizer loaded too.
+            let tokenizer = edgelm_tokenizer::Tokenizer::from_gguf(&file);
+            let runtime = edgelm_models::resident_memory().unwrap_or(0);
+            drop(tokenizer);
+            let plan = edgelm_models::memory_plan(&model, &kv, runtime)?;
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
             let hp = &model.hp;
             println!(
@@ -707,12 +809,35 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 hp.n_ctx_train
             );
             println!(
-                "memory at context {n_ctx} (fast path, f16 KV; --precise doubles the KV cache): weights {:.1} MiB (mapped) + KV cache {:.1} MiB + scratch {:.1} MiB = {:.1} MiB",
-                mib(plan.weights),
-                mib(plan.kv_cache),
-                mib(plan.scratch),
-                mib(plan.total())
+                "\nmemory plan: context {n_ctx} × {} sequences, {ty:?} KV cache ({} path)",
+                kv.max_seqs,
+                if a.precise { "precise" } else { "fast" }
             );
+            println!(
+                "  weights   {:>10.1} MiB (mapped; repacked copies replace the mapped pages)",
+                mib(plan.weights)
+            );
+            println!(
+                "  KV cache  {:>10.1} MiB ({:.1} KiB per position per sequence)",
+                mib(plan.kv_cache),
+                plan.kv_cache as f64 / 1024.0 / (n_ctx * kv.max_seqs) as f64
+            );
+            println!("  scratch   {:>10.1} MiB", mib(plan.scratch));
+            println!(
+                "  runtime   {:>10.1} MiB (code, tokenizer, metadata: measured)",
+                mib(plan.runtime)
+            );
+            println!("  total     {:>10.1} MiB", mib(plan.total()));
+            let limit = match a.mem_limit {
+                Some(l) => Some((l, "--mem-limit")),
+                None => edgelm_models::available_memory().map(|m| (m, "available now")),
+            };
+            if let Some((limit, source)) = limit {
+                match edgelm_models::check_fits(&model, &kv, runtime, limit)? {
+                    Ok(_) => println!("  fits in {:.1} MiB ({source})", mib(limit)),
+                    Err(e) => println!("  does not fit: {e} ({source})"),
+                }
+            }
         }
         Err(e) => println!("\nmodel: cannot be run by edgelm: {e}"),
     }

@@ -376,6 +376,80 @@ fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
     }
 }
 
+/// The memory planner refuses a run over `--mem-limit`, says what context would fit, and that
+/// context runs; `serve` sizes its KV cache to the limit instead of refusing.
+#[test]
+fn mem_limit_refuses_what_does_not_fit_and_says_what_does() {
+    let refused = edgelm(&[
+        "run",
+        "-m",
+        MODEL,
+        "-p",
+        "hi",
+        "--ctx",
+        "16384",
+        "--mem-limit",
+        "160M",
+    ]);
+    assert!(!refused.status.success(), "a 16k context in 160 MiB ran");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("more than the 160.0 MiB allowed"), "{err}");
+    let ctx: usize = err
+        .split("--ctx ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no context suggested: {err}"));
+    assert!((1024..16384).contains(&ctx), "{err}");
+    // A little under the suggestion leaves room for the runtime measured again.
+    let fits = edgelm(&[
+        "run",
+        "-m",
+        MODEL,
+        "-p",
+        "hi",
+        "-n",
+        "4",
+        "--ctx",
+        &(ctx - 512).to_string(),
+        "--mem-limit",
+        "160M",
+    ]);
+    stdout(&fits);
+
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args([
+            "serve",
+            "-m",
+            MODEL,
+            "--port",
+            "0",
+            "--parallel",
+            "4",
+            "--ctx",
+            "4096",
+        ])
+        .args(["--mem-limit", "250M"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut log = String::new();
+    let mut lines = std::io::BufReader::new(serve.stderr.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(log.contains("sized to"), "{log}");
+    assert!(log.contains("listening on"), "{log}");
+}
+
 /// `chat --tools`: the model's call is printed, `/tool` answers it, and the model goes on with
 /// the result in its context; the saved conversation holds the call in OpenAI's shape.
 #[test]

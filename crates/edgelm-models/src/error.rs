@@ -42,6 +42,9 @@ pub enum ModelError {
         needed: usize,
         n_ctx: usize,
     },
+    /// The memory planner's refusal, with what would fit (`DoesNotFit`'s message).
+    #[error("{0}")]
+    DoesNotFit(String),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -264,6 +264,20 @@ impl Transformer {
         total
     }
 
+    /// Bytes of weights resident after a run over `positions` tokens: every matrix the
+    /// forward pass multiplies by, and of an embedding table that is not also the output head
+    /// only the rows looked up — at most one page (4 KiB) per position, whole rows.
+    pub fn resident_weight_bytes(&self, positions: usize) -> u64 {
+        let all = self.weight_bytes();
+        if self.output.weight.name == self.tok_embd.name {
+            return all;
+        }
+        let table = self.tok_embd.n_bytes() as u64;
+        let row = table / self.tok_embd.rows.max(1) as u64;
+        let touched = positions as u64 * row.max(4096);
+        all - table + touched.min(table)
+    }
+
     /// Run a batch through the model, appending its keys and values to `cache`, and return the
     /// logits (and final hidden states) of the tokens that asked for them. Every sequence of the
     /// batch must be allocated in `cache`, and its tokens continue it.
@@ -566,6 +580,33 @@ pub struct Scratch {
     /// Rotary sin/cos tables of the chunk's positions, at the index of the first layer with
     /// each distinct rotation (`Transformer::rope_table_of`); the others stay empty.
     rope_tables: Vec<Vec<f32>>,
+}
+
+impl Scratch {
+    /// Bytes a runner's forward state holds at most for chunks of `n` tokens with `wanted`
+    /// rows of logits: these buffers, the logits, and the compute context's quantized
+    /// activations (8-bit with scales, twice for refined products) — the memory planner's
+    /// figure, kept beside the buffers it counts.
+    pub fn plan_bytes(hp: &HParams, n: usize, wanted: usize) -> u64 {
+        let d = hp.n_embd;
+        let widest = |f: &dyn Fn(&LayerShape) -> usize| hp.layers.iter().map(f).max().unwrap_or(0);
+        let q_dim = widest(&|l| l.n_head * hp.head_dim);
+        let kv_dim = widest(&|l| l.n_head_kv * hp.head_dim);
+        let n_ff = widest(&|l| l.n_ff);
+        // One sin/cos table per distinct rotation (Gemma 3: local and global).
+        let mut ropes: Vec<&Rope> = Vec::new();
+        for l in &hp.layers {
+            if !ropes.contains(&&l.rope) {
+                ropes.push(&l.rope);
+            }
+        }
+        let floats = n * (3 * d + 2 * q_dim + 2 * kv_dim + 2 * n_ff)
+            + wanted * d
+            + n * ropes.iter().map(|r| r.n_rot).sum::<usize>()
+            + wanted * hp.n_vocab;
+        let activations = 2 * n * d.max(q_dim).max(n_ff) * 9 / 8;
+        (4 * floats + activations) as u64
+    }
 }
 
 /// The first `n` elements of `buf`, growing it if needed. Callers overwrite what they use.

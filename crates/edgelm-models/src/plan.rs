@@ -1,0 +1,172 @@
+//! The memory planner: what a model will hold, from its metadata and the run's options alone,
+//! before anything is allocated — and, when that is more than the memory allowed, what would fit.
+
+use crate::kv::{KvCache, KvConfig, KvType};
+use crate::{ModelError, Result, Scratch, Transformer, MAX_CHUNK};
+
+/// Bytes a model run needs at most, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// What the process holds before the run: code, tokenizer, metadata (measured by the
+    /// caller, see [`resident_memory`]; 0 when unknown).
+    pub runtime: u64,
+    /// The weights: mapped from the file, or repacked on first use into a copy that replaces
+    /// the mapped pages (`Linear`'s interleaved layout); every matrix is resident once used, a
+    /// separate embedding table only in the rows looked up.
+    pub weights: u64,
+    /// Every KV block the cache may hold: the context × the sequences (windowed layers only
+    /// their window).
+    pub kv_cache: u64,
+    /// Activations of one forward chunk, and a row of logits per sequence.
+    pub scratch: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.runtime + self.weights + self.kv_cache + self.scratch
+    }
+}
+
+/// The plan for `model` run with `kv` (its context, sequence count, KV type and budget) by a
+/// process that holds `runtime` bytes before it starts.
+pub fn memory_plan(model: &Transformer, kv: &KvConfig, runtime: u64) -> Result<MemoryPlan> {
+    let chunk = MAX_CHUNK.min(kv.n_ctx.saturating_mul(kv.max_seqs));
+    Ok(MemoryPlan {
+        runtime,
+        weights: model.resident_weight_bytes(kv.n_ctx.saturating_mul(kv.max_seqs)),
+        kv_cache: KvCache::plan_bytes(&model.hp, kv)?,
+        scratch: Scratch::plan_bytes(&model.hp, chunk, kv.max_seqs.min(chunk)),
+    })
+}
+
+/// A run that does not fit, and what would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoesNotFit {
+    pub plan: MemoryPlan,
+    pub limit: u64,
+    /// The longest context (a multiple of the block length) that fits with the same sequences.
+    pub max_ctx: Option<usize>,
+    /// The most sequences that fit at the same context.
+    pub max_seqs: Option<usize>,
+    /// The same context and sequences with an f16 cache, where the plan used f32 and that fits.
+    pub f16_fits: bool,
+}
+
+impl std::fmt::Display for DoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = &self.plan;
+        write!(
+            f,
+            "this run needs {} (weights {} + KV cache {} + scratch {} + runtime {}), more than \
+             the {} allowed",
+            mib(p.total()),
+            mib(p.weights),
+            mib(p.kv_cache),
+            mib(p.scratch),
+            mib(p.runtime),
+            mib(self.limit)
+        )?;
+        let mut fits = Vec::new();
+        if let Some(n) = self.max_ctx {
+            fits.push(format!("a context of {n} tokens (--ctx {n})"));
+        }
+        if let Some(n) = self.max_seqs {
+            fits.push(format!("{n} parallel sequences (--parallel {n})"));
+        }
+        if self.f16_fits {
+            fits.push("the fast path's f16 KV cache (drop --precise)".to_owned());
+        }
+        if fits.is_empty() {
+            write!(
+                f,
+                "; the weights and one sequence's scratch alone do not fit: a smaller (more \
+                 quantized) model is needed"
+            )
+        } else {
+            write!(f, "; what would fit: {}", fits.join(", or "))
+        }
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// `Ok(plan)` if the run fits in `limit` bytes; otherwise what would.
+pub fn check_fits(
+    model: &Transformer,
+    kv: &KvConfig,
+    runtime: u64,
+    limit: u64,
+) -> Result<std::result::Result<MemoryPlan, DoesNotFit>> {
+    let plan = memory_plan(model, kv, runtime)?;
+    if plan.total() <= limit {
+        return Ok(Ok(plan));
+    }
+    let fits =
+        |cfg: &KvConfig| -> Result<bool> { Ok(memory_plan(model, cfg, runtime)?.total() <= limit) };
+    // Longest context at the same sequence count: plans grow with the context, so bisect over
+    // whole blocks.
+    let b = kv.block_len;
+    let (mut lo, mut hi) = (0usize, kv.n_ctx.div_ceil(b));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(&KvConfig {
+            n_ctx: mid * b,
+            ..kv.clone()
+        })? {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let max_ctx = (lo > 0).then_some(lo * b);
+    let (mut lo, mut hi) = (0usize, kv.max_seqs.saturating_sub(1));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(&KvConfig {
+            max_seqs: mid,
+            ..kv.clone()
+        })? {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let max_seqs = (lo > 0).then_some(lo);
+    let f16_fits = kv.ty == KvType::F32
+        && fits(&KvConfig {
+            ty: KvType::F16,
+            ..kv.clone()
+        })?;
+    Ok(Err(DoesNotFit {
+        plan,
+        limit,
+        max_ctx,
+        max_seqs,
+        f16_fits,
+    }))
+}
+
+/// What this process holds in memory now (`VmRSS`), if known: a plan's `runtime`.
+pub fn resident_memory() -> Option<u64> {
+    proc_kib("/proc/self/status", "VmRSS:")
+}
+
+fn proc_kib(file: &str, key: &str) -> Option<u64> {
+    let info = std::fs::read_to_string(file).ok()?;
+    let line = info.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Memory the system can give a new process now (`MemAvailable` of `/proc/meminfo`), if known.
+pub fn available_memory() -> Option<u64> {
+    proc_kib("/proc/meminfo", "MemAvailable:")
+}
+
+impl From<DoesNotFit> for ModelError {
+    fn from(e: DoesNotFit) -> ModelError {
+        ModelError::DoesNotFit(e.to_string())
+    }
+}
