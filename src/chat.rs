@@ -17,8 +17,8 @@ Type a message and press Enter; end a line with \\ to continue it, or put \"\"\"
 their own around a multi-line message. Ctrl-C stops an answer (twice at the prompt: quit).
   /reset          forget the conversation (the system message stays)
   /system TEXT    set the system message (empty TEXT removes it)
-  /save FILE      save the conversation as JSON
-  /load FILE      load a conversation saved by /save
+  /save FILE      save the conversation as JSON, and its KV state as FILE.kv
+  /load FILE      load a conversation saved by /save (its KV state too: not recomputed)
   /stats          tokens prefilled and reused in the last turn, and its speed
   /tool TEXT      answer the model's pending tool call with TEXT (with --tools)
   /help           this text
@@ -38,6 +38,8 @@ pub struct Chat {
     system: Option<String>,
     messages: Vec<serde_json::Value>,
     last: Option<SequenceStats>,
+    /// Tokens of the last turn's prompt and answer: what /save keeps the KV state of.
+    context: Vec<u32>,
     interrupted: Arc<AtomicBool>,
     tools: Option<Tools>,
 }
@@ -112,6 +114,7 @@ impl Chat {
             system,
             messages: Vec::new(),
             last: None,
+            context: Vec::new(),
             interrupted,
             tools,
         })
@@ -169,16 +172,37 @@ impl Chat {
                 };
                 std::fs::write(arg, serde_json::to_string_pretty(&saved)? + "\n")
                     .with_context(|| format!("writing {arg}"))?;
-                println!("(saved {} messages to {arg})", self.messages.len());
+                let kv = kv_path(arg);
+                let positions = self.sched.save_session(&kv, &self.context)?;
+                if positions == 0 {
+                    // Nothing cached to keep: no state file, and none left from before.
+                    let _ = std::fs::remove_file(&kv);
+                }
+                println!(
+                    "(saved {} messages to {arg}, the KV state of {positions} tokens to {})",
+                    self.messages.len(),
+                    kv.display()
+                );
             }
             "load" => {
                 if arg.is_empty() {
                     bail!("give a file: /load FILE");
                 }
                 let saved = load_conversation(Path::new(arg))?;
+                // The KV state is optional (a conversation saved with nothing said); a bad one
+                // refuses the whole load.
+                let kv = kv_path(arg);
+                let restored = if kv.exists() {
+                    self.sched.load_session(&kv)?.len()
+                } else {
+                    0
+                };
                 self.system = saved.system;
                 self.messages = saved.messages;
-                println!("(loaded {} messages from {arg})", self.messages.len());
+                println!(
+                    "(loaded {} messages from {arg}; {restored} tokens of KV state restored)",
+                    self.messages.len()
+                );
             }
             "tool" => {
                 let Some(tools) = self.tools.as_mut() else {
@@ -221,7 +245,7 @@ impl Chat {
         let (tx, rx) = mpsc::channel();
         let interrupted = self.interrupted.clone();
         let sink = Box::new(StdoutSink { tx, interrupted });
-        let mut req = Request::new(prompt, self.max_tokens, self.sampling.clone());
+        let mut req = Request::new(prompt.clone(), self.max_tokens, self.sampling.clone());
         req.guide = self.tools.as_ref().and_then(|t| t.guide.clone());
         self.sched.submit(req, sink)?;
         self.sched.run_until_idle()?;
@@ -232,6 +256,7 @@ impl Chat {
                 Event::Token { text, .. } => answer.push_str(&text),
                 Event::Done { text, stats, .. } => {
                     answer.push_str(&text);
+                    self.context = prompt.iter().chain(&stats.tokens).copied().collect();
                     self.last = Some(stats);
                 }
                 Event::Error(msg) => bail!("{msg}"),
@@ -303,6 +328,11 @@ impl edgelm_engine::Sink for StdoutSink {
     fn is_closed(&self) -> bool {
         self.interrupted.load(Ordering::Relaxed)
     }
+}
+
+/// Where /save keeps a conversation's KV state: beside it, `.kv` appended.
+fn kv_path(conversation: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{conversation}.kv"))
 }
 
 fn load_conversation(path: &Path) -> Result<Saved> {

@@ -198,6 +198,10 @@ struct RunArgs {
     /// Constrain the output to this grammar (a file in llguidance's Lark syntax).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["json_schema", "json"])]
     grammar: Option<PathBuf>,
+    /// Prompt cache: restore the keys and values saved in FILE (the prompt's common prefix with
+    /// them is not recomputed), and save this run's there afterwards.
+    #[arg(long, value_name = "FILE")]
+    session: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -505,9 +509,26 @@ fn run(a: RunArgs) -> Result<()> {
         stop: a.stop,
         ignore_eos: a.ignore_eos,
         guide,
-        ..Request::new(prompt, a.n_predict, sampling)
+        ..Request::new(prompt.clone(), a.n_predict, sampling)
     };
-    let mut sched = Scheduler::new(engine, SchedulerConfig::single(a.ctx))?;
+    let cfg = SchedulerConfig {
+        prefix_cache: a.session.is_some(),
+        ..SchedulerConfig::single(a.ctx)
+    };
+    let mut sched = Scheduler::new(engine, cfg)?;
+    if let Some(path) = a.session.as_deref().filter(|p| p.exists()) {
+        let saved = sched.load_session(path)?;
+        let common = saved
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "session: {} tokens restored from {}, {common} of them start this prompt",
+            saved.len(),
+            path.display()
+        );
+    }
     // Events come back on this thread (the sink runs inside `step`); text goes straight out.
     let (tx, rx) = std::sync::mpsc::channel();
     let sink = move |e: Event| {
@@ -531,6 +552,16 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     let stats = stats.context("writing to stdout failed; generation stopped")?;
+    if let Some(path) = &a.session {
+        let mut all = prompt;
+        all.extend_from_slice(&stats.tokens);
+        let saved = sched.save_session(path, &all)?;
+        eprintln!(
+            "session: {} prompt tokens reused; {saved} tokens saved to {}",
+            stats.reused_tokens,
+            path.display()
+        );
+    }
     let engine = sched.engine();
     println!();
     eprintln!(

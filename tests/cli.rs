@@ -450,6 +450,114 @@ fn mem_limit_refuses_what_does_not_fit_and_says_what_does() {
     assert!(log.contains("listening on"), "{log}");
 }
 
+/// `run --session`: the second run restores the prompt's keys and values (and answers the
+/// same, greedy); a damaged, foreign or other-KV-type session is refused, changing nothing.
+#[test]
+fn run_session_restores_the_prompt_and_refuses_bad_files() {
+    let dir = std::env::temp_dir().join(format!("edgelm-session-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let session = dir.join("s.kv");
+    let s = session.to_str().unwrap();
+    let prompt = "Write a long story about a lighthouse keeper and the sea, with many details.";
+    let run_with = |model: &str, extra: &[&str]| {
+        let mut args = vec!["run", "-m", model, "-p", prompt, "-n", "12", "--temp", "0"];
+        args.extend_from_slice(extra);
+        common::model_path(model);
+        edgelm(&args)
+    };
+    let run = |extra: &[&str]| run_with(MODEL, extra);
+    let first = run(&["--session", s]);
+    let first_text = stdout(&first);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(err.contains("0 prompt tokens reused"), "{err}");
+    let saved = std::fs::read(&session).unwrap();
+    let second = run(&["--session", s]);
+    assert_eq!(
+        stdout(&second),
+        first_text,
+        "a restored prompt answers differently"
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    let reused: usize = err
+        .split("session: ")
+        .filter_map(|l| l.split(" prompt tokens reused").next()?.parse().ok())
+        .next()
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(reused >= 16, "{err}");
+
+    let mut damaged = saved.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x40;
+    for (bytes, says, model, extra) in [
+        (&damaged[..], "damaged", MODEL, &[][..]),
+        (&saved[..saved.len() - 100], "damaged", MODEL, &[][..]),
+        (
+            &b"not a session at all, just some text"[..],
+            "not an edgelm session",
+            MODEL,
+            &[][..],
+        ),
+        (&saved[..], "another model", "gemma3-270m", &[][..]),
+        (&saved[..], "F32", MODEL, &["--precise"][..]),
+    ] {
+        std::fs::write(&session, bytes).unwrap();
+        let mut args = vec!["--session", s];
+        args.extend_from_slice(extra);
+        let out = run_with(model, &args);
+        assert!(!out.status.success(), "{says}: accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{says}: {err}");
+        assert_eq!(
+            std::fs::read(&session).unwrap(),
+            bytes,
+            "{says}: the file changed"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `chat`: /save keeps the KV state beside the conversation, and a new process that /loads it
+/// prefills only the new message.
+#[test]
+fn chat_save_and_load_keep_the_kv_state() {
+    let dir = std::env::temp_dir().join(format!("edgelm-chat-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conv = dir.join("c.json");
+    let chat = |input: String| {
+        common::model_path(MODEL);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+            .args(["chat", "-m", MODEL, "--temp", "0", "-n", "24"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        stdout(&child.wait_with_output().unwrap())
+    };
+    let out = chat(format!(
+        "Tell me about lighthouses and the people who kept them.\n/stats\n/save {}\n",
+        conv.display()
+    ));
+    let (first_prompt, _, first_generated) = chat_stats(&out)[0];
+    assert!(out.contains("the KV state of"), "{out}");
+    let out = chat(format!("/load {}\nAnd why?\n/stats\n", conv.display()));
+    assert!(out.contains("tokens of KV state restored"), "{out}");
+    let (prompt, reused, _) = chat_stats(&out)[0];
+    // Everything said before was restored, up to the last whole block of it.
+    assert!(
+        reused + 16 >= first_prompt + first_generated && prompt > reused,
+        "prompt {prompt}, reused {reused}, before {first_prompt}+{first_generated}\n{out}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `chat --tools`: the model's call is printed, `/tool` answers it, and the model goes on with
 /// the result in its context; the saved conversation holds the call in OpenAI's shape.
 #[test]

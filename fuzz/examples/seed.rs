@@ -195,4 +195,37 @@ fn main() {
         bytes.extend_from_slice(text.as_bytes());
         put(&t, name, &bytes);
     }
+
+    // kv_state: [type selector] then a state in `KvCache::save_state`'s layout for the fuzz
+    // target's model (block 4; a full layer of key width 8, a window-6 layer of width 4).
+    let k = root.join("kv_state");
+    let state = |ty: u8, n: usize, window_first: usize| {
+        let elem = if ty == 0 { 4 } else { 2 };
+        let mut s = vec![ty];
+        s.extend_from_slice(&4u32.to_le_bytes());
+        s.extend_from_slice(&(n as u64).to_le_bytes());
+        for t in 0..n as u32 {
+            s.extend_from_slice(&(t % 32).to_le_bytes());
+        }
+        s.extend_from_slice(&2u32.to_le_bytes());
+        for (window, dim, first) in [(u64::MAX, 8u32, 0usize), (6, 4, window_first)] {
+            s.extend_from_slice(&window.to_le_bytes());
+            s.extend_from_slice(&1u32.to_le_bytes());
+            s.extend_from_slice(&dim.to_le_bytes());
+            s.extend_from_slice(&(first as u64).to_le_bytes());
+        }
+        for (dim, first) in [(8usize, 0usize), (4, window_first)] {
+            for (i, _) in (first..n).enumerate() {
+                for j in 0..2 * dim * elem {
+                    s.push(((i * 7 + j) % 251) as u8 & if ty == 1 { 0x3b } else { 0x3f });
+                }
+            }
+        }
+        s
+    };
+    for (name, ty, n, first) in [("f32-short", 0u8, 5, 0), ("f16-long", 1, 21, 12), ("empty", 1, 0, 0)] {
+        let mut bytes = vec![ty];
+        bytes.extend_from_slice(&state(ty, n, first));
+        put(&k, name, &bytes);
+    }
 }

@@ -10,12 +10,14 @@ mod eval;
 mod sampler;
 mod scheduler;
 mod sequence;
+mod session;
 mod stop;
 
 pub use eval::{perplexity, score, PerplexityChunk, PerplexityResult, ScoredPosition};
 pub use sampler::{apply_penalties, Candidate, Rng, Sampler, SamplingParams};
 pub use scheduler::{Counters, Scheduler, SchedulerConfig, SubmitError};
 pub use sequence::{Event, FinishReason, Request, SequenceStats, Sink, TokenLogprob};
+pub use session::{model_fingerprint, SessionError};
 pub use stop::StopMatcher;
 
 use edgelm_chat::ChatTemplate;
@@ -38,6 +40,8 @@ pub enum EngineError {
     Submit(#[from] SubmitError),
     #[error(transparent)]
     Chat(#[from] edgelm_chat::ChatError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
     #[error("{0}")]
     Input(String),
 }

@@ -170,6 +170,14 @@ impl Scheduler {
         self.kv.stats()
     }
 
+    pub(crate) fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+
+    pub(crate) fn kv_mut(&mut self) -> &mut KvCache {
+        &mut self.kv
+    }
+
     pub fn counters(&self) -> Counters {
         self.counters
     }

@@ -42,6 +42,8 @@ pub enum ModelError {
         needed: usize,
         n_ctx: usize,
     },
+    #[error("the saved KV state cannot be restored here: {0}")]
+    KvState(String),
     /// The memory planner's refusal, with what would fit (`DoesNotFit`'s message).
     #[error("{0}")]
     DoesNotFit(String),

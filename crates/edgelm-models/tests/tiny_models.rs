@@ -629,3 +629,75 @@ fn full_context_is_reported() {
     assert!(e.to_string().contains("context full"), "{e}");
     assert_eq!(cache.seq_len(0), 8);
 }
+
+/// A sequence saved (`save_state`) and restored into another cache continues with the logits
+/// the original would give — sliding windows included, in both KV types — and a state that is
+/// cut short, altered in length, or of another KV type or block length is refused, leaving the
+/// cache as it was.
+#[test]
+fn saved_state_restores_and_bad_states_are_refused() {
+    for arch in [Arch::Qwen2, Arch::Gemma3] {
+        let m = TinyModel::random(&Spec::tiny(arch), 12);
+        let model = load(&m);
+        let c = Compute::new(Isa::detect(), 2);
+        let tokens = Rng::new(13).tokens(4 * SEQ_LEN, m.spec.n_vocab);
+        let split = 3 * SEQ_LEN + 1;
+        for ty in [KvType::F32, KvType::F16] {
+            let cfg = KvConfig {
+                block_len: 4,
+                max_seqs: 2,
+                ..KvConfig::new(64, ty)
+            };
+            let mut original = KvCache::new(&model.hp, cfg.clone()).unwrap();
+            let seq = original.alloc();
+            in_steps(&model, &c, &mut original, seq, &tokens[..split], 0, 5);
+            let state = original.save_state(seq).unwrap();
+            let want = in_steps(&model, &c, &mut original, seq, &tokens, split, 3);
+
+            let mut restored = KvCache::new(&model.hp, cfg.clone()).unwrap();
+            let before = restored.stats();
+            let what = format!("{} {ty:?}", arch.name());
+            for bad in [
+                &state[..state.len() - 1],
+                &state[..state.len() / 2],
+                &[state.as_slice(), &[0u8]].concat()[..],
+                &state[..3],
+            ] {
+                let e = restored.load_state(bad).expect_err("a damaged state loads");
+                assert!(matches!(e, ModelError::KvState(_)), "{what}: {e}");
+                assert_eq!(
+                    restored.stats(),
+                    before,
+                    "{what}: a refused state changed the cache"
+                );
+            }
+            let other = KvConfig {
+                ty: if ty == KvType::F32 {
+                    KvType::F16
+                } else {
+                    KvType::F32
+                },
+                ..cfg.clone()
+            };
+            let e = KvCache::new(&model.hp, other)
+                .unwrap()
+                .load_state(&state)
+                .unwrap_err();
+            assert!(e.to_string().contains("KV cache"), "{what}: {e}");
+            let blocks = KvConfig {
+                block_len: 8,
+                ..cfg.clone()
+            };
+            let e = KvCache::new(&model.hp, blocks)
+                .unwrap()
+                .load_state(&state)
+                .unwrap_err();
+            assert!(e.to_string().contains("blocks of 4"), "{what}: {e}");
+
+            let seq = restored.load_state(&state).unwrap();
+            assert_eq!(restored.tokens(seq), &tokens[..split], "{what}");
+            let got = in_steps(&model, &c, &mut restored, seq, &tokens, split, 3);
+            assert_eq!(got, want, "{what}: restored logits differ");
+        }
+    }
+}

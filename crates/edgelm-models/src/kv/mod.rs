@@ -14,6 +14,7 @@
 //! blocks (the forward pass calls [`KvCache::reserve`] before writing).
 
 mod prefix;
+mod state;
 mod store;
 
 use crate::hparams::HParams;

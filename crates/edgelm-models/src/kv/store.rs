@@ -67,6 +67,50 @@ impl Rows {
         }
     }
 
+    /// Appends `n` values of keys then `n` of values from `at`, little-endian in the cache's type.
+    fn save(&self, at: usize, n: usize, out: &mut Vec<u8>) {
+        match self {
+            Rows::F32 { k, v } => {
+                for x in k[at..at + n].iter().chain(&v[at..at + n]) {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            Rows::F16 { k, v } => {
+                for x in k[at..at + n].iter().chain(&v[at..at + n]) {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`Rows::save`]: `bytes` holds exactly `n` keys then `n` values.
+    fn load(&mut self, at: usize, n: usize, bytes: &[u8]) {
+        match self {
+            Rows::F32 { k, v } => {
+                let mut it = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                k[at..at + n]
+                    .iter_mut()
+                    .for_each(|d| *d = it.next().unwrap_or(0.0));
+                v[at..at + n]
+                    .iter_mut()
+                    .for_each(|d| *d = it.next().unwrap_or(0.0));
+            }
+            Rows::F16 { k, v } => {
+                let mut it = bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]));
+                k[at..at + n]
+                    .iter_mut()
+                    .for_each(|d| *d = it.next().unwrap_or(0));
+                v[at..at + n]
+                    .iter_mut()
+                    .for_each(|d| *d = it.next().unwrap_or(0));
+            }
+        }
+    }
+
     fn from(&self, at: usize) -> KvRow<'_> {
         match self {
             Rows::F32 { k, v } => KvRow::F32(&k[at..], &v[at..]),
@@ -205,6 +249,23 @@ impl Group {
         let l = &mut self.layers[layer];
         let d = l.kv_dim;
         l.rows.write(slot * d, &k[..d], &v[..d]);
+    }
+
+    /// Key widths of the group's layers.
+    pub fn kv_dims(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.iter().map(|l| l.kv_dim)
+    }
+
+    /// Appends slot `slot` of layer `layer`: its key, then its value, raw.
+    pub fn save_slot(&self, layer: usize, slot: usize, out: &mut Vec<u8>) {
+        let l = &self.layers[layer];
+        l.rows.save(slot * l.kv_dim, l.kv_dim, out);
+    }
+
+    /// Sets slot `slot` of layer `layer` from bytes [`Group::save_slot`] wrote.
+    pub fn load_slot(&mut self, layer: usize, slot: usize, bytes: &[u8]) {
+        let l = &mut self.layers[layer];
+        l.rows.load(slot * l.kv_dim, l.kv_dim, bytes);
     }
 
     /// Layer `layer`'s rows from column `col` of slot 0, and the stride between slots.
