@@ -18,6 +18,11 @@ const CTX: usize = 1024;
 const PARALLEL: usize = 4;
 const QUEUE: usize = 16;
 
+/// The server's `--session-dir`, which serve_openai.py also reads to damage a file.
+fn session_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("edgelm-serve-sessions-{}", std::process::id()))
+}
+
 struct Server {
     child: Child,
     addr: String,
@@ -54,6 +59,8 @@ impl Server {
                 &PARALLEL.to_string(),
             ])
             .args(["--queue", &QUEUE.to_string()])
+            .arg("--session-dir")
+            .arg(session_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -187,6 +194,7 @@ fn serve_openai_clients_burst_and_shutdown() {
             MODEL,
             &CTX.to_string(),
         ])
+        .arg(session_dir())
         .output()
         .expect("running tests/serve_openai.py");
     let report = String::from_utf8_lossy(&out.stdout);

@@ -1,7 +1,7 @@
 """`edgelm serve` through the official `openai` Python client (and raw HTTP where the client
 cannot express the request). Run by tests/serve.rs:
 
-    serve_openai.py BASE_URL API_KEY MODEL N_CTX
+    serve_openai.py BASE_URL API_KEY MODEL N_CTX SESSION_DIR
 
 Exits non-zero if any check fails; prints one line per check.
 """
@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import math
+import os
 import struct
 import sys
 import threading
@@ -21,6 +22,7 @@ import openai
 from openai import OpenAI
 
 BASE, KEY, MODEL, N_CTX = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+SESSION_DIR = sys.argv[5]
 URL = urllib.parse.urlparse(BASE)
 # No retries: a 429 must reach the test, not be retried away.
 client = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -471,6 +473,42 @@ def embeddings_mistakes():
                  lambda: client.embeddings.create(model=MODEL, input="hello " * (N_CTX + 100)))
     expect_error(openai.NotFoundError, 404, "model_not_found",
                  lambda: client.embeddings.create(model="text-embedding-3-small", input="x"))
+
+
+@check
+def sessions_save_and_restore():
+    conv = [{"role": "system", "content": "You are a patient teacher of programming. " * 12},
+            {"role": "user", "content": "Explain recursion in one sentence."}]
+    r = client.chat.completions.create(model=MODEL, messages=conv, max_tokens=8, temperature=0)
+    conv.append({"role": "assistant", "content": r.choices[0].message.content})
+    st, _, body = raw("POST", "/v1/sessions/teacher?action=save", json.dumps({"messages": conv}))
+    assert st == 200, body
+    saved = json.loads(body)
+    assert saved["action"] == "save" and saved["tokens"] >= r.usage.prompt_tokens - 16, saved
+    path = os.path.join(SESSION_DIR, "teacher.kv")
+    assert os.path.getsize(path) > 0
+    st, _, body = raw("POST", "/v1/sessions/teacher?action=restore")
+    assert st == 200 and json.loads(body)["tokens"] == saved["tokens"], body
+    # Mistakes and bad files: 4xx in OpenAI's shape, and a refused file is left as it was.
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x20
+    with open(os.path.join(SESSION_DIR, "damaged.kv"), "wb") as f:
+        f.write(data)
+    for path_q, body, status, needle in [
+        ("/v1/sessions/nobody?action=restore", None, 404, "no session"),
+        ("/v1/sessions/damaged?action=restore", None, 400, "damaged"),
+        ("/v1/sessions/teacher?action=fly", "{}", 400, "action"),
+        ("/v1/sessions/teacher", "{}", 400, "action"),
+        ("/v1/sessions/.hidden?action=save", json.dumps({"prompt": "x"}), 400, "name"),
+        ("/v1/sessions/teacher?action=save", "{}", 400, "messages"),
+        ("/v1/sessions/teacher?action=save", "not json", 400, ""),
+    ]:
+        st, _, b = raw("POST", path_q, body)
+        assert st == status, (path_q, st, b)
+        assert needle in error_of(b)["message"], (path_q, b)
+    with open(os.path.join(SESSION_DIR, "damaged.kv"), "rb") as f:
+        assert f.read() == bytes(data)
 
 
 def main():

@@ -4,7 +4,8 @@
 //! the handler (or its response stream) holds. Dropping that receiver cancels the request.
 
 use crate::metrics::{EngineSnapshot, Metrics};
-use edgelm_engine::{Event, Request, Scheduler, Sink, SubmitError};
+use edgelm_engine::{Event, Request, Scheduler, SessionError, Sink, SubmitError};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -18,6 +19,28 @@ pub struct Submission {
     /// When the HTTP request arrived (time to first token counts from here).
     pub arrived: Instant,
     pub reply: oneshot::Sender<Result<(), SubmitError>>,
+}
+
+/// What handlers ask of the engine thread.
+pub enum Job {
+    /// Boxed: a request is large, and a job waits in the channel by value.
+    Generate(Box<Submission>),
+    /// Saved or restored between two steps, never during one.
+    Session(SessionJob),
+}
+
+pub struct SessionJob {
+    pub action: SessionAction,
+    pub path: PathBuf,
+    /// Positions saved, or tokens restored.
+    pub reply: oneshot::Sender<Result<usize, SessionError>>,
+}
+
+pub enum SessionAction {
+    /// The cached prefix of these tokens.
+    Save(Vec<u32>),
+    /// Into the prefix cache.
+    Restore,
 }
 
 /// Counts a request as open from acceptance until the scheduler drops its sink (finished,
@@ -86,7 +109,7 @@ pub struct Limits {
 }
 
 /// Run the engine until every sender of `rx` is gone and the last request has finished.
-pub fn run(mut sched: Scheduler, rx: Receiver<Submission>, limits: Limits, metrics: Arc<Metrics>) {
+pub fn run(mut sched: Scheduler, rx: Receiver<Job>, limits: Limits, metrics: Arc<Metrics>) {
     let open = Arc::new(AtomicUsize::new(0));
     let max_open = limits.parallel.saturating_add(limits.queue);
     let publish = |s: &Scheduler| {
@@ -97,7 +120,18 @@ pub fn run(mut sched: Scheduler, rx: Receiver<Submission>, limits: Limits, metri
             counters: s.counters(),
         })
     };
-    let accept = |sched: &mut Scheduler, s: Submission| {
+    let accept = |sched: &mut Scheduler, job: Job| {
+        let s = match job {
+            Job::Generate(s) => *s,
+            Job::Session(j) => {
+                let result = match j.action {
+                    SessionAction::Save(tokens) => sched.save_session(&j.path, &tokens),
+                    SessionAction::Restore => sched.load_session(&j.path).map(|t| t.len()),
+                };
+                let _ = j.reply.send(result);
+                return;
+            }
+        };
         if s.events.is_closed() {
             return; // the client left while the submission was in the channel
         }

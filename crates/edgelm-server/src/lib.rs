@@ -33,7 +33,7 @@ use edgelm_chat::ChatTemplate;
 use edgelm_engine::{Engine, Event, Request, Rng, Scheduler, SchedulerConfig};
 use edgelm_grammar::GrammarCompiler;
 use edgelm_tokenizer::{Encode, Tokenizer};
-use engine_thread::{Limits, Submission};
+use engine_thread::{Job, Limits, SessionAction, SessionJob, Submission};
 pub use error::ApiError;
 use error::{JsonBody, BODY_LIMIT};
 use metrics::Metrics;
@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Requests waiting for a place; more are refused with 429.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
+    /// Directory of session files for `POST /v1/sessions/{name}?action=save|restore` (without
+    /// it, that route answers that sessions are off).
+    #[arg(long = "session-dir", value_name = "DIR")]
+    pub session_dir: Option<std::path::PathBuf>,
 }
 
 /// A size in bytes: a number with an optional binary unit (K, M, G, T; `KiB`, `MB` … alike).
@@ -131,7 +135,9 @@ struct App {
     n_ctx: usize,
     /// Sequences the engine runs at once (`--parallel`).
     parallel: usize,
-    engine: std::sync::mpsc::Sender<Submission>,
+    engine: std::sync::mpsc::Sender<Job>,
+    /// Where `/v1/sessions/{name}` keeps session files (None: sessions are off).
+    session_dir: Option<std::path::PathBuf>,
     metrics: Arc<Metrics>,
     openapi: Value,
     /// Mixed into request ids and default seeds.
@@ -205,6 +211,10 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
     if args.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
+    if let Some(dir) = &args.session_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the session directory {}", dir.display()))?;
+    }
     let model = served_name(&model_name);
     let aliases = if model == model_name {
         Vec::new()
@@ -276,6 +286,7 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
         n_ctx,
         parallel: args.parallel,
         engine: tx,
+        session_dir: args.session_dir.clone(),
         metrics,
         salt: now.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32),
         counter: AtomicU64::new(0),
@@ -352,6 +363,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embed))
+        .route("/v1/sessions/{name}", post(session))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
@@ -384,6 +396,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
         p if p.starts_with("/v1/models/") => "/v1/models/{model}",
+        p if p.starts_with("/v1/sessions/") => "/v1/sessions/{name}",
         _ => "other",
     }
 }
@@ -505,6 +518,95 @@ async fn completions(
 /// Embed each input as its own engine request. At most `--parallel` inputs are in the engine
 /// at once, the next submitted as the oldest finishes, so a long list neither fills the queue
 /// nor stops other clients' requests from getting a place.
+/// `POST /v1/sessions/{name}?action=save|restore`: save the KV state of a conversation (its
+/// cached prefix: body `{"messages": […], "tools"?: […]}` or `{"prompt": "…"}`) to
+/// `--session-dir/{name}.kv`, or restore such a file into the prefix cache, so a later request
+/// starting with that conversation is not recomputed.
+async fn session(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let dir = app.session_dir.as_ref().ok_or_else(|| {
+        ApiError::not_found("sessions are off; start edgelm serve with --session-dir DIR")
+    })?;
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid {
+        return Err(ApiError::field(
+            "name",
+            "a session name is 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
+        ));
+    }
+    let action = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("action="));
+    let path = dir.join(format!("{name}.kv"));
+    let action = match action {
+        Some("restore") => {
+            if !path.exists() {
+                return Err(ApiError::not_found(format!("there is no session {name:?}")));
+            }
+            SessionAction::Restore
+        }
+        Some("save") => {
+            let body = error::parse_object(&body)?;
+            let tokens = match (body.get("messages"), body.get("prompt")) {
+                (Some(_), _) => {
+                    let Prompt::Chat { messages, tools } = api::parse_chat(&body)?.prompt else {
+                        return Err(ApiError::internal("a chat body parsed as another prompt"));
+                    };
+                    app.encode_chat(&messages, tools.as_deref())?
+                }
+                (None, Some(Value::String(text))) => app
+                    .tokenizer
+                    .encode(text, Encode::PROMPT)
+                    .map_err(|e| ApiError::field("prompt", format!("tokenizing failed: {e}")))?,
+                _ => {
+                    return Err(ApiError::field(
+                        "messages",
+                        "give the conversation to save as `messages` (or a `prompt` string)",
+                    ))
+                }
+            };
+            SessionAction::Save(tokens)
+        }
+        _ => {
+            return Err(ApiError::field(
+                "action",
+                "add ?action=save or ?action=restore to the URL",
+            ))
+        }
+    };
+    let saving = matches!(action, SessionAction::Save(_));
+    let (reply, done) = oneshot::channel();
+    let stopped = || ApiError::unavailable("the engine is not running (the server is stopping)");
+    app.engine
+        .send(Job::Session(SessionJob {
+            action,
+            path,
+            reply,
+        }))
+        .map_err(|_| stopped())?;
+    let tokens = done.await.map_err(|_| stopped())?.map_err(|e| match e {
+        edgelm_engine::SessionError::Io { .. } => ApiError::internal(e.to_string()),
+        // A file that is damaged or of another model, KV type or shape: the client named it.
+        other => ApiError::field("name", other.to_string()),
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"name": name, "action": if saving { "save" } else { "restore" },
+                "tokens": tokens}),
+    ))
+}
+
 async fn embed(
     State(app): State<Arc<App>>,
     JsonBody(body): JsonBody,
@@ -576,12 +678,12 @@ async fn submit(
     let (reply, accepted) = oneshot::channel();
     let stopped = || ApiError::unavailable("the engine is not running (the server is stopping)");
     app.engine
-        .send(Submission {
+        .send(Job::Generate(Box::new(Submission {
             request,
             events,
             arrived,
             reply,
-        })
+        })))
         .map_err(|_| stopped())?;
     accepted
         .await
@@ -722,7 +824,7 @@ mod tests {
         assert_eq!(endpoint_label("/"), "/");
         for (_, path) in openapi::ROUTES {
             assert_ne!(
-                endpoint_label(&path.replace("{model}", "m")),
+                endpoint_label(&path.replace("{model}", "m").replace("{name}", "s")),
                 "other",
                 "{path}"
             );

@@ -12,6 +12,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("post", "/v1/embeddings"),
+    ("post", "/v1/sessions/{name}"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -118,6 +119,36 @@ fn response_format() -> Value {
             "name": {"type": "string"}, "schema": {"type": "object"},
             "strict": {"type": "boolean"}}}},
         "required": ["type"]})
+}
+
+/// `/v1/sessions/{name}`: save or restore a conversation's KV state.
+fn sessions() -> Value {
+    let mut responses = json!({"200": {"description": "`{\"name\", \"action\", \"tokens\"}`: \
+        positions saved, or tokens restored into the prefix cache.",
+        "content": {"application/json": {"schema": {"type": "object"}}}}});
+    responses
+        .as_object_mut()
+        .expect("an object literal")
+        .extend(
+            error_responses(&["400", "401", "404", "413", "500", "503"])
+                .as_object()
+                .expect("an object")
+                .clone(),
+        );
+    json!({"post": {
+        "summary": "Save a conversation's KV state to the server's --session-dir, or restore \
+            it into the prefix cache (a later request starting with it is not recomputed).",
+        "parameters": [
+            {"name": "name", "in": "path", "required": true,
+             "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"}},
+            {"name": "action", "in": "query", "required": true,
+             "schema": {"enum": ["save", "restore"]}}],
+        "requestBody": {"required": false, "content": {"application/json": {"schema": {
+            "type": "object", "description": "For save: the conversation, as a chat request's \
+                `messages` (and `tools`), or a `prompt` string.",
+            "properties": {"messages": {"type": "array"}, "tools": {"type": "array"},
+                           "prompt": {"type": "string"}}}}}},
+        "responses": responses}})
 }
 
 /// The document for a server of `model` whose sequences hold `n_ctx` positions.
@@ -246,6 +277,7 @@ pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
                 json!({"type": "object", "required": ["prompt"], "properties": completion}),
                 "A text_completion, or text_completion chunk events when streaming."),
             "/v1/embeddings": embeddings(),
+            "/v1/sessions/{name}": sessions(),
             "/metrics": {"get": {"summary": "Prometheus metrics: requests by status, tokens, \
                 queue, running sequences, KV blocks, time to first token and inter-token \
                 latency.", "responses": {"200": {"description": "Prometheus text format.",
