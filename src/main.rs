@@ -546,7 +546,17 @@ fn run(a: RunArgs) -> Result<()> {
     let mut stats = None;
     for e in rx.try_iter() {
         match e {
-            Event::Done { stats: s, .. } => stats = Some(s),
+            Event::Done {
+                stats: s, reason, ..
+            } => {
+                if reason == edgelm_engine::FinishReason::ContextFull {
+                    eprintln!(
+                        "\nedgelm: stopped: the context of {} tokens is full; raise --ctx",
+                        sched.n_ctx()
+                    );
+                }
+                stats = Some(s);
+            }
             Event::Error(msg) => bail!("{msg}"),
             _ => {}
         }

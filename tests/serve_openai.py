@@ -272,6 +272,10 @@ def client_mistakes():
     assert N_CTX in numbers and any(x > N_CTX for x in numbers), e.message
     e = expect_error(openai.BadRequestError, 400, "context_length_exceeded",
                      lambda: client.completions.create(model=MODEL, prompt=[1] * (N_CTX + 5)))
+    # A prompt that fits, with more to generate than the context leaves: refused, not cut.
+    e = expect_error(openai.BadRequestError, 400, "context_length_exceeded",
+                     lambda: chat("hi", max_tokens=N_CTX))
+    assert e.param == "max_tokens" and str(N_CTX) in e.message, e.body
     e = expect_error(openai.BadRequestError, 400, None, lambda: chat("hi", temperature="hot"))
     assert e.param == "temperature", e.body
     e = expect_error(openai.BadRequestError, 400, None, lambda: chat("hi", logit_bias={"x": 1}))
@@ -321,7 +325,7 @@ def openapi_matches_routes():
 @check
 def disconnect_frees_blocks():
     wait_until_idle()
-    stream = chat("Write a long story about a lighthouse.", max_tokens=1000, stream=True,
+    stream = chat("Write a long story about a lighthouse.", max_tokens=900, stream=True,
                   extra_body={"ignore_eos": True})
     got = 0
     for ch in stream:
@@ -342,7 +346,7 @@ def queue_full_is_429():
     429 and Retry-After; closing the streams cancels them all."""
     wait_until_idle()
     # ignore_eos (an extension) keeps every stream going until it is closed.
-    streams = [chat(f"Tell story number {i}.", max_tokens=1000, stream=True,
+    streams = [chat(f"Tell story number {i}.", max_tokens=900, stream=True,
                     extra_body={"ignore_eos": True}) for i in range(20)]
     try:
         # The engine publishes its figures after each step, so they may lag one step.

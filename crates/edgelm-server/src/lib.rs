@@ -726,6 +726,24 @@ async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
             tokens: tokens.clone(),
         }),
     };
+    // Asked for more than the context holds: refused, not cut short in silence (OpenAI's rule).
+    if let Some(m) = p.max_tokens {
+        // (A prompt alone too long is the scheduler's refusal, naming the prompt.)
+        if tokens.len() < app.n_ctx && tokens.len().saturating_add(m) > app.n_ctx {
+            return Err(ApiError::field(
+                "max_tokens",
+                format!(
+                    "this model's maximum context length is {} tokens, but {} were requested \
+                     ({} in the prompt, {m} for the completion); lower max_tokens, shorten the \
+                     prompt, or raise the server's --ctx",
+                    app.n_ctx,
+                    tokens.len() + m,
+                    tokens.len()
+                ),
+            )
+            .code("context_length_exceeded"));
+        }
+    }
     let max_tokens = p.max_tokens.unwrap_or(match p.kind {
         // Chat runs to the end of the answer or of the context, as OpenAI's does.
         Kind::Chat => app.n_ctx,
