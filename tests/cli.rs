@@ -299,7 +299,10 @@ fn inspect_reports_parameters_and_memory() {
     let out = stdout(&edgelm(&["inspect", MODEL, "--ctx", "2048"]));
     assert!(out.contains("llama.block_count = 30"), "{out}");
     assert!(out.contains("Q4_1") && out.contains("parameters"));
-    assert!(out.contains("memory plan: context 2048 × 1 sequences"), "{out}");
+    assert!(
+        out.contains("memory plan: context 2048 × 1 sequences"),
+        "{out}"
+    );
     for part in ["weights", "KV cache", "scratch", "runtime", "total"] {
         assert!(out.contains(part), "{part} missing: {out}");
     }
