@@ -886,7 +886,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    use edgelm_engine::bench::{mean_sd, peak_rss_bytes, time_generation, time_prompt};
+    use edgelm_engine::bench::{mean_sd, time_generation, time_prompt};
     let (engine, load_ms) = load(&a.model)?;
     let reps = a.repetitions.max(1);
     let base = std::path::Path::new(&a.model.model)
@@ -931,7 +931,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             "avg_ts": mean, "stddev_ts": sd, "samples_ts": tps, "avg_ms": mean_ms * 1e3,
         }));
     }
-    let peak = peak_rss_bytes().unwrap_or(0);
+    let peak = edgelm_models::peak_resident_memory().unwrap_or(0);
     if a.output == "json" {
         let doc = serde_json::json!({"load_ms": load_ms, "peak_rss_bytes": peak, "results": rows});
         println!("{}", serde_json::to_string_pretty(&doc)?);

@@ -17,6 +17,28 @@ fn edgelm(args: &[&str]) -> Output {
         .expect("running edgelm")
 }
 
+/// `edgelm chat ARGS…` (the model is cached first) answering `input` piped to its stdin.
+fn chat_piped<S: AsRef<std::ffi::OsStr>>(model: &str, args: &[S], input: &str) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    common::model_path(model);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args(["chat", "-m", model])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting edgelm chat");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("writing to edgelm chat");
+    child.wait_with_output().expect("waiting for edgelm chat")
+}
+
 fn stdout(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -330,7 +352,6 @@ fn chat_stats(out: &str) -> Vec<(usize, usize, usize)> {
 /// one block of the last answer (the rest comes from the prefix cache).
 #[test]
 fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
-    common::model_path("qwen2.5-coder-0.5b-instruct");
     let questions = [
         "What is 2 + 2?",
         "And 3 + 3?",
@@ -344,29 +365,11 @@ fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
         input.push_str(q);
         input.push_str("\n/stats\n");
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
-        .args([
-            "chat",
-            "-m",
-            "qwen2.5-coder-0.5b-instruct",
-            "--temp",
-            "0",
-            "-n",
-            "24",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = stdout(&child.wait_with_output().unwrap());
+    let out = stdout(&chat_piped(
+        "qwen2.5-coder-0.5b-instruct",
+        &["--temp", "0", "-n", "24"],
+        &input,
+    ));
     let stats = chat_stats(&out);
     assert_eq!(stats.len(), 6, "{out}");
     for k in 1..stats.len() {
@@ -423,37 +426,12 @@ fn mem_limit_refuses_what_does_not_fit_and_says_what_does() {
     ]);
     stdout(&fits);
 
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_edgelm"))
-        .args([
-            "serve",
-            "-m",
-            MODEL,
-            "--port",
-            "0",
-            "--parallel",
-            "4",
-            "--ctx",
-            "4096",
-        ])
-        .args(["--mem-limit", "250M"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut log = String::new();
-    let mut lines = std::io::BufReader::new(serve.stderr.take().unwrap()).lines();
-    while let Some(Ok(line)) = lines.next() {
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("listening on") {
-            break;
-        }
-    }
-    let _ = serve.kill();
-    let _ = serve.wait();
+    let serve = common::ServeProcess::start(
+        MODEL,
+        &["--parallel", "4", "--ctx", "4096", "--mem-limit", "250M"],
+    );
+    let log = serve.log();
     assert!(log.contains("sized to"), "{log}");
-    assert!(log.contains("listening on"), "{log}");
 }
 
 /// `run --session`: the second run restores the prompt's keys and values (and answers the
@@ -529,24 +507,7 @@ fn chat_save_and_load_keep_the_kv_state() {
     let dir = std::env::temp_dir().join(format!("edgelm-chat-kv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conv = dir.join("c.json");
-    let chat = |input: String| {
-        common::model_path(MODEL);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
-            .args(["chat", "-m", MODEL, "--temp", "0", "-n", "24"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        stdout(&child.wait_with_output().unwrap())
-    };
+    let chat = |input: String| stdout(&chat_piped(MODEL, &["--temp", "0", "-n", "24"], &input));
     let out = chat(format!(
         "Tell me about lighthouses and the people who kept them.\n/stats\n/save {}\n",
         conv.display()
@@ -569,7 +530,6 @@ fn chat_save_and_load_keep_the_kv_state() {
 #[test]
 fn chat_calls_tools_and_takes_their_results() {
     let model = "qwen2.5-coder-0.5b-instruct";
-    common::model_path(model);
     let dir = std::env::temp_dir().join(format!("edgelm-chat-tools-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let tools = dir.join("tools.json");
@@ -586,22 +546,8 @@ fn chat_calls_tools_and_takes_their_results() {
         "/tool early\nWhat is the weather in Paris?\n/tool {{\"temperature\": 18}}\n/save {}\n",
         saved.display()
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
-        .args(["chat", "-m", model, "--temp", "0", "-n", "48", "--tools"])
-        .arg(&tools)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let args = ["--temp", "0", "-n", "48", "--tools"].map(std::ffi::OsStr::new);
+    let output = chat_piped(model, &[&args[..], &[tools.as_os_str()]].concat(), &input);
     let out = stdout(&output);
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(out.contains("(tool call call_0: get_weather("), "{out}");

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
@@ -18,85 +18,72 @@ const CTX: usize = 1024;
 const PARALLEL: usize = 4;
 const QUEUE: usize = 16;
 
+/// Run a Python check script of tests/ against the server; its report is printed, and a failed
+/// check fails the test with the script's errors and the server's log.
+fn run_checks(python: &str, server: &Server, script: &str, args: &[&str]) {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {path}: {e}"));
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("{report}");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{report}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+}
+
 /// The server's `--session-dir`, which serve_openai.py also reads to damage a file.
 fn session_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("edgelm-serve-sessions-{}", std::process::id()))
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
+/// The server under test, and the figures the test reads off it.
+struct Server(common::ServeProcess);
+
+impl std::ops::Deref for Server {
+    type Target = common::ServeProcess;
+    fn deref(&self) -> &common::ServeProcess {
+        &self.0
+    }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut common::ServeProcess {
+        &mut self.0
     }
 }
 
 impl Server {
     fn start() -> Server {
-        // Pull first, so the server's own load never waits on a download.
-        common::model_path(MODEL);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
-            .args([
-                "serve",
-                "-m",
-                MODEL,
-                "-t",
-                "2",
-                "--port",
-                "0",
-                "--api-key",
-                KEY,
-            ])
-            .args([
-                "--ctx",
-                &CTX.to_string(),
-                "--parallel",
-                &PARALLEL.to_string(),
-            ])
-            .args(["--queue", &QUEUE.to_string()])
-            .arg("--session-dir")
-            .arg(session_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting edgelm serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut server = Server {
-            child,
-            addr: String::new(),
-            log: Arc::new(Mutex::new(String::new())),
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = server.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("edgelm: listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        server.addr = rx
-            .recv_timeout(Duration::from_secs(300))
-            .unwrap_or_else(|_| panic!("the server printed no address:\n{}", server.log()));
+        let (ctx, parallel, queue) = (CTX.to_string(), PARALLEL.to_string(), QUEUE.to_string());
+        let mut args: Vec<std::ffi::OsString> = [
+            "-t",
+            "2",
+            "--api-key",
+            KEY,
+            "--ctx",
+            &ctx,
+            "--parallel",
+            &parallel,
+            "--queue",
+            &queue,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        args.extend(["--session-dir".into(), session_dir().into()]);
+        let server = Server(common::ServeProcess::start(MODEL, &args));
         let deadline = Instant::now() + Duration::from_secs(60);
         while http(&server.addr, "GET", "/health", None).0 != 200 {
             assert!(Instant::now() < deadline, "/health never answered");
             std::thread::sleep(Duration::from_millis(100));
         }
         server
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
     }
 
     fn pid(&self) -> u32 {
@@ -134,7 +121,7 @@ impl Server {
 fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connecting to the server");
     send(&mut stream, method, path, body);
-    read_response(stream)
+    common::read_response(stream)
 }
 
 fn send(stream: &mut TcpStream, method: &str, path: &str, body: Option<&str>) {
@@ -145,19 +132,6 @@ fn send(stream: &mut TcpStream, method: &str, path: &str, body: Option<&str>) {
         body.len()
     );
     stream.write_all(req.as_bytes()).expect("sending a request");
-}
-
-fn read_response(mut stream: TcpStream) -> (u16, String, String) {
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("reading a response");
-    let text = String::from_utf8(raw).expect("a UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 fn metric(addr: &str, name: &str) -> f64 {
@@ -185,42 +159,17 @@ fn serve_openai_clients_burst_and_shutdown() {
     );
     let server = Server::start();
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve_openai.py");
-    let out = Command::new(&python)
-        .arg(script)
-        .args([
-            &format!("http://{}", server.addr),
-            KEY,
-            MODEL,
-            &CTX.to_string(),
-        ])
-        .arg(session_dir())
-        .output()
-        .expect("running tests/serve_openai.py");
-    let report = String::from_utf8_lossy(&out.stdout);
-    println!("{report}");
-    assert!(
-        out.status.success(),
-        "the openai client checks failed:\n{report}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
+    let base = format!("http://{}", server.addr);
+    let session_dir = session_dir();
+    let session_dir = session_dir.to_str().expect("a UTF-8 temporary directory");
+    run_checks(
+        &python,
+        &server,
+        "serve_openai.py",
+        &[&base, KEY, MODEL, &CTX.to_string(), session_dir],
     );
-
     // Tool calls and structured output, validated with `jsonschema`.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve_tools.py");
-    let out = Command::new(&python)
-        .arg(script)
-        .args([&format!("http://{}", server.addr), KEY, MODEL])
-        .output()
-        .expect("running tests/serve_tools.py");
-    let report = String::from_utf8_lossy(&out.stdout);
-    println!("{report}");
-    assert!(
-        out.status.success(),
-        "the tool-call and structured-output checks failed:\n{report}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
+    run_checks(&python, &server, "serve_tools.py", &[&base, KEY, MODEL]);
 
     burst(&server);
     graceful_shutdown(server);
@@ -245,7 +194,7 @@ fn burst(server: &Server) {
             std::thread::spawn(move || {
                 barrier.wait();
                 send(&mut stream, "POST", "/v1/completions", Some(&body));
-                read_response(stream)
+                common::read_response(stream)
             })
         })
         .collect();

@@ -15,25 +15,18 @@ import struct
 import sys
 import threading
 import time
-import traceback
 import urllib.parse
 
 import openai
 from openai import OpenAI
+
+from checks import check, main
 
 BASE, KEY, MODEL, N_CTX = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 SESSION_DIR = sys.argv[5]
 URL = urllib.parse.urlparse(BASE)
 # No retries: a 429 must reach the test, not be retried away.
 client = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=300)
-
-CHECKS = []
-
-
-def check(fn):
-    CHECKS.append(fn)
-    return fn
-
 
 def raw(method, path, body=None, headers=None, key=KEY):
     """One HTTP request on its own connection: (status, headers, body bytes)."""
@@ -513,20 +506,6 @@ def sessions_save_and_restore():
         assert needle in error_of(b)["message"], (path_q, b)
     with open(os.path.join(SESSION_DIR, "damaged.kv"), "rb") as f:
         assert f.read() == bytes(data)
-
-
-def main():
-    failed = 0
-    for fn in CHECKS:
-        t0 = time.time()
-        try:
-            fn()
-            print(f"ok   {fn.__name__} ({time.time() - t0:.1f}s)", flush=True)
-        except Exception:
-            failed += 1
-            print(f"FAIL {fn.__name__}:\n{traceback.format_exc()}", flush=True)
-    print(f"{len(CHECKS) - failed} passed, {failed} failed", flush=True)
-    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ Exits non-zero if any check fails; prints one line per check.
 
 import json
 import sys
-import time
-import traceback
 
 import jsonschema
 import openai
 from openai import OpenAI
+
+from checks import check, main
 
 BASE, KEY, MODEL = sys.argv[1], sys.argv[2], sys.argv[3]
 client = OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -43,14 +43,6 @@ TOOLS = [
 ]
 PARAMS = {"get_weather": WEATHER, "get_time": CLOCK}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-CHECKS = []
-
-
-def check(fn):
-    CHECKS.append(fn)
-    return fn
-
 
 def ask(messages, **kw):
     kw.setdefault("temperature", 0)
@@ -299,20 +291,6 @@ def bad_schemas_are_400():
             assert "grammar" in e.body["message"] or "schema" in e.body["message"], e.body
             continue
         raise AssertionError(f"accepted {schema}")
-
-
-def main():
-    failed = 0
-    for fn in CHECKS:
-        t0 = time.time()
-        try:
-            fn()
-            print(f"ok   {fn.__name__} ({time.time() - t0:.1f}s)", flush=True)
-        except Exception:
-            failed += 1
-            print(f"FAIL {fn.__name__}:\n{traceback.format_exc()}", flush=True)
-    print(f"{len(CHECKS) - failed} passed, {failed} failed", flush=True)
-    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

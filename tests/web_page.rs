@@ -13,7 +13,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,61 +72,6 @@ fn check_prerequisites() {
     );
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start() -> Server {
-        // Pull first, so the server's own load never waits on a download.
-        common::model_path(MODEL);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
-            .args(["serve", "-m", MODEL, "-t", "2", "--ctx", "1024"])
-            .args(["--port", "0", "--api-key", KEY])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting edgelm serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("edgelm: listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: String::new(),
-            log,
-        };
-        server.addr = rx
-            .recv_timeout(Duration::from_secs(300))
-            .unwrap_or_else(|_| panic!("the server printed no address:\n{}", server.log()));
-        server
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
 /// Status, lower-cased head and body of a GET without credentials.
 fn get(addr: &str, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connecting to the server");
@@ -135,16 +80,7 @@ fn get(addr: &str, path: &str) -> (u16, String, String) {
         "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
     )
     .expect("sending a request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("reading a response");
-    let text = String::from_utf8(raw).expect("a UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, head.to_ascii_lowercase(), body.to_owned())
+    common::read_response(stream)
 }
 
 /// Runs `cmd` to the end or `timeout`, returning success and its stdout + stderr.
@@ -200,7 +136,8 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String) {
 #[test]
 fn chat_page_in_a_real_browser() {
     check_prerequisites();
-    let server = Server::start();
+    let server =
+        common::ServeProcess::start(MODEL, &["-t", "2", "--ctx", "1024", "--api-key", KEY]);
 
     // The page itself needs no key; the API it calls does.
     let (status, head, body) = get(&server.addr, "/");

@@ -73,3 +73,87 @@ pub fn greedy(sched: &mut Scheduler, prompt: &[u32], max_tokens: usize) -> Vec<u
         })
         .expect("the request finished")
 }
+
+/// `edgelm serve -m MODEL --port 0 ARGS…`, started once the model is cached, with its stderr
+/// collected; `start` returns when it says where it listens. Killed on drop.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// `host:port`.
+    pub addr: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProcess {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(model: &str, args: &[S]) -> ServeProcess {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        // Pull first, so the server's own load never waits on a download.
+        model_path(model);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+            .args(["serve", "-m", model, "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting edgelm serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                // Logged before the address is handed over: `start`'s caller sees every line
+                // up to it.
+                {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                if let Some(addr) = line.strip_prefix("edgelm: listening on http://") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let mut server = ServeProcess {
+            child,
+            addr: String::new(),
+            log,
+        };
+        server.addr = rx
+            .recv_timeout(std::time::Duration::from_secs(300))
+            .unwrap_or_else(|_| panic!("the server printed no address:\n{}", server.log()));
+        server
+    }
+
+    /// What it printed to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status, lower-cased head and body of the one HTTP/1.1 response on `stream` (the request
+/// said `Connection: close`).
+pub fn read_response(mut stream: std::net::TcpStream) -> (u16, String, String) {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("reading a response");
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}

@@ -36,7 +36,8 @@ mod pyjson;
 pub mod tools;
 
 pub use tools::{
-    parse_tool_calls, ParsedOutput, ToolCall, ToolCallFormat, ToolCallParser, ToolEvent,
+    describe_tools_in_system, parse_tool_calls, ParsedOutput, ToolCall, ToolCallFormat,
+    ToolCallParser, ToolEvent,
 };
 
 use minijinja::value::{Rest, Value, ValueKind, ValueOrKwargs};
@@ -100,6 +101,8 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     fallback: bool,
+    /// Whether the template reads `tools` at all.
+    renders_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -123,6 +126,7 @@ impl ChatTemplate {
     ) -> Result<ChatTemplate, ChatError> {
         let fallback = source.is_none();
         let source = rewrite_tags(source.unwrap_or(CHATML_TEMPLATE)).into_owned();
+        let renders_tools = source.contains("tools");
         let mut env = environment();
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| ChatError::Compile {
@@ -133,12 +137,30 @@ impl ChatTemplate {
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
             fallback,
+            renders_tools,
         })
     }
 
     /// Whether this is the built-in ChatML template (the model has none of its own).
     pub fn is_fallback(&self) -> bool {
         self.fallback
+    }
+
+    /// The prompt of the assistant's next turn: [`ChatTemplate::render`] with the generation
+    /// prompt, where a template that does not read `tools` gets them described in the system
+    /// message instead (`tools::describe_tools_in_system`), so every model can be offered tools.
+    pub fn render_prompt(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, ChatError> {
+        match tools {
+            Some(list) if !self.renders_tools => {
+                let described = tools::describe_tools_in_system(messages, list);
+                self.render(&described, None, true)
+            }
+            _ => self.render(messages, tools, true),
+        }
     }
 
     /// Renders the conversation.

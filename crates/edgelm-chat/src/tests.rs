@@ -164,6 +164,41 @@ fn tools_and_key_order_reach_the_template() {
 }
 
 #[test]
+fn prompts_describe_tools_only_to_templates_that_do_not_show_them() {
+    let tools = [json!({"type": "function", "function": {"name": "get_weather"}})];
+    let user = [Message::user("hi")];
+    let plain = ChatTemplate::new(
+        Some("{% for m in messages %}{{ m.role }}:{{ m.content }}|{% endfor %}"),
+        "",
+        "",
+    )
+    .unwrap();
+    let described = plain.render_prompt(&user, Some(&tools)).unwrap();
+    assert!(
+        described.starts_with("system:You can call these tools"),
+        "{described}"
+    );
+    assert!(
+        described.contains("get_weather") && described.ends_with("user:hi|"),
+        "{described}"
+    );
+    assert_eq!(plain.render_prompt(&user, None).unwrap(), "user:hi|");
+    // A template that reads `tools` gets them as they are.
+    let aware = ChatTemplate::new(
+        Some(
+            "{% for t in tools or [] %}{{ t.function.name }};{% endfor %}{{ messages[0].content }}",
+        ),
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        aware.render_prompt(&user, Some(&tools)).unwrap(),
+        "get_weather;hi"
+    );
+}
+
+#[test]
 fn python_style_values_and_methods() {
     assert_eq!(
         render_str("{{ '  x y  '.strip().split(' ') | tojson }}"),

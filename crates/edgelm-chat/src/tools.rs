@@ -1128,3 +1128,28 @@ impl<'a> Py<'a> {
 #[cfg(test)]
 #[path = "tools_tests.rs"]
 mod tests;
+
+/// For templates that do not show the model its `tools`: a system message describing them and
+/// the generic JSON call syntax ([`ToolCallFormat::Generic`]), merged into the conversation's
+/// first system message.
+pub fn describe_tools_in_system(messages: &[Value], tools: &[Value]) -> Vec<Value> {
+    let listed: Vec<Value> = tools
+        .iter()
+        .map(|t| t.get("function").cloned().unwrap_or_else(|| t.clone()))
+        .collect();
+    let text = format!(
+        "You can call these tools:\n{}\n\nTo call tools, answer with only this JSON: \
+         {{\"tool_calls\": [{{\"name\": \"<tool name>\", \"arguments\": {{<arguments>}}}}]}}. \
+         Otherwise answer in plain text.",
+        serde_json::to_string_pretty(&listed).unwrap_or_default()
+    );
+    let mut out = messages.to_vec();
+    match out.first_mut() {
+        Some(m) if m.get("role").and_then(Value::as_str) == Some("system") => {
+            let prior = m.get("content").and_then(Value::as_str).unwrap_or("");
+            m["content"] = Value::from(format!("{prior}\n\n{text}").trim_start());
+        }
+        _ => out.insert(0, serde_json::json!({"role": "system", "content": text})),
+    }
+    out
+}

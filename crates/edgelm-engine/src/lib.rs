@@ -91,7 +91,8 @@ impl Engine {
     }
 
     /// The prompt tokens of a conversation (OpenAI-shaped messages, optional tools) rendered
-    /// through the chat template with the assistant's turn opened. Special tokens in the
+    /// through the chat template with the assistant's turn opened (`render_prompt`: tools a
+    /// template does not show are described in the system message). Special tokens in the
     /// rendered text are parsed; BOS is added where the model wants it and the template did
     /// not write it.
     pub fn encode_chat(
@@ -99,7 +100,7 @@ impl Engine {
         messages: &[serde_json::Value],
         tools: Option<&[serde_json::Value]>,
     ) -> Result<Vec<u32>> {
-        let text = self.chat_template()?.render(messages, tools, true)?;
+        let text = self.chat_template()?.render_prompt(messages, tools)?;
         Ok(encode_rendered_chat(&self.tokenizer, &text)?)
     }
 

@@ -22,7 +22,8 @@ pub use hparams::{HParams, Pooling, UnsupportedPooling};
 pub use kv::{KvCache, KvConfig, KvStats, KvType, SeqId, DEFAULT_BLOCK_LEN};
 pub use linear::{Linear, WeightRef};
 pub use plan::{
-    available_memory, check_fits, memory_plan, resident_memory, DoesNotFit, MemoryPlan,
+    available_memory, check_fits, memory_plan, peak_resident_memory, resident_memory, DoesNotFit,
+    MemoryPlan,
 };
 pub use transformer::{Scratch, Transformer, MAX_CHUNK};
 

@@ -153,6 +153,11 @@ pub fn resident_memory() -> Option<u64> {
     proc_kib("/proc/self/status", "VmRSS:")
 }
 
+/// The most this process has held in memory (`VmHWM`), if known.
+pub fn peak_resident_memory() -> Option<u64> {
+    proc_kib("/proc/self/status", "VmHWM:")
+}
+
 fn proc_kib(file: &str, key: &str) -> Option<u64> {
     let info = std::fs::read_to_string(file).ok()?;
     let line = info.lines().find(|l| l.starts_with(key))?;

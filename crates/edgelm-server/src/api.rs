@@ -627,7 +627,6 @@ fn tool_call_arguments_as_objects(message: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::StatusCode;
     use serde_json::json;
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -696,15 +695,9 @@ mod tests {
         assert!(p.stop.is_empty());
     }
 
+    #[track_caller]
     fn rejects(r: Result<Params, ApiError>, param: &str, needle: &str) {
-        let e = r.expect_err("should be refused");
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
-        assert!(
-            e.message.contains(needle),
-            "{:?} lacks {needle:?}",
-            e.message
-        );
+        crate::error::assert_refused(&r.expect_err("should be refused"), param, needle);
     }
 
     #[test]

@@ -232,7 +232,6 @@ pub fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::StatusCode;
     use serde_json::json;
 
     fn parse_json(v: Value) -> Result<EmbeddingParams, ApiError> {
@@ -248,14 +247,7 @@ mod tests {
 
     #[track_caller]
     fn rejects(body: Value, param: &str, needle: &str) {
-        let e = parse_json(body).unwrap_err();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
-        assert!(
-            e.message.contains(needle),
-            "{:?} lacks {needle:?}",
-            e.message
-        );
+        crate::error::assert_refused(&parse_json(body).unwrap_err(), param, needle);
     }
 
     #[test]

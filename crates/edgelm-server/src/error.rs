@@ -143,6 +143,19 @@ impl ApiError {
     }
 }
 
+/// Test helper: `e` is a 400 naming `param`, and its message says `needle`.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_refused(e: &ApiError, param: &str, needle: &str) {
+    assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+    assert!(
+        e.message.contains(needle),
+        "{:?} lacks {needle:?}",
+        e.message
+    );
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = Response::new(Body::from(self.body().to_string()));

@@ -128,8 +128,6 @@ struct App {
     tool_format: ToolCallFormat,
     /// Its opening marker's id where that is a control token (grammars name it by id).
     tool_marker: Option<u32>,
-    /// Whether the template shows the model its `tools` (else edgelm describes them).
-    template_renders_tools: bool,
     /// Grammars over this model's vocabulary, or why there are none.
     grammar: Result<GrammarCompiler, String>,
     n_ctx: usize,
@@ -181,7 +179,7 @@ impl App {
             ))
         })?;
         let text = template
-            .render(messages, tools, true)
+            .render_prompt(messages, tools)
             .map_err(|e| ApiError::field("messages", e.to_string()))?;
         edgelm_engine::encode_rendered_chat(&self.tokenizer, &text).map_err(|e| {
             ApiError::field(
@@ -226,7 +224,6 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
     let template_source = tokenizer.chat_template().unwrap_or("");
     let tool_format = ToolCallFormat::detect(template_source);
     let tool_marker = edgelm_grammar::control_marker(&tokenizer, tool_format);
-    let template_renders_tools = template_source.contains("tools");
     let grammar = GrammarCompiler::new(tokenizer.clone()).map_err(|e| e.to_string());
     if let Err(e) = &grammar {
         eprintln!("edgelm: warning: constrained decoding is unavailable: {e}");
@@ -281,7 +278,6 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
         template,
         tool_format,
         tool_marker,
-        template_renders_tools,
         grammar,
         n_ctx,
         parallel: args.parallel,
@@ -698,13 +694,6 @@ async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
     app.check_model(p.model.as_deref())?;
     let shaping = shaping::shaping(&p, &app.grammar, app.tool_format, app.tool_marker)?;
     let tokens = match &p.prompt {
-        Prompt::Chat {
-            messages,
-            tools: Some(tools),
-        } if !app.template_renders_tools => {
-            let messages = shaping::describe_tools_in_system(messages, tools);
-            app.encode_chat(&messages, None)?
-        }
         Prompt::Chat { messages, tools } => app.encode_chat(messages, tools.as_deref())?,
         Prompt::Text(text) => app
             .tokenizer

@@ -17,7 +17,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/openapi.json"),
 ];
 
-fn error_responses(codes: &[&str]) -> Value {
+/// `responses` of an operation: `ok` as 200, and the OpenAI-shaped errors of `codes`.
+fn responses(ok: Value, codes: &[&str]) -> Value {
     let text = |c: &str| match c {
         "400" => {
             "Malformed JSON, a field of the wrong type or range, or a prompt longer than \
@@ -31,15 +32,14 @@ fn error_responses(codes: &[&str]) -> Value {
         "503" => "The engine is not taking requests",
         _ => "Error",
     };
-    codes
-        .iter()
-        .map(|&c| {
+    std::iter::once(("200".to_owned(), ok))
+        .chain(codes.iter().map(|&c| {
             (
                 c.to_owned(),
                 json!({"description": text(c), "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}}),
             )
-        })
+        }))
         .collect::<serde_json::Map<_, _>>()
         .into()
 }
@@ -94,18 +94,12 @@ fn embeddings() -> Value {
         "dimensions": {"not": {}, "description": "Not supported: the whole vector comes back."},
         "user": {"type": "string", "description": "Ignored."},
     }});
-    let mut responses = json!({"200": {"description": "A list of embeddings: the final hidden \
+    let responses = responses(
+        json!({"description": "A list of embeddings: the final hidden \
         states pooled as the model's `pooling_type` says (mean when absent), unit length.",
-        "content": {"application/json": {"schema": {"type": "object"}}}}});
-    responses
-        .as_object_mut()
-        .expect("an object literal")
-        .extend(
-            error_responses(&["400", "401", "404", "413", "429", "500", "503"])
-                .as_object()
-                .expect("an object")
-                .clone(),
-        );
+        "content": {"application/json": {"schema": {"type": "object"}}}}),
+        &["400", "401", "404", "413", "429", "500", "503"],
+    );
     json!({"post": {"summary": "Embeddings (OpenAI's shape).",
         "requestBody": {"required": true, "content": {"application/json": {"schema": schema}}},
         "responses": responses}})
@@ -123,18 +117,12 @@ fn response_format() -> Value {
 
 /// `/v1/sessions/{name}`: save or restore a conversation's KV state.
 fn sessions() -> Value {
-    let mut responses = json!({"200": {"description": "`{\"name\", \"action\", \"tokens\"}`: \
+    let responses = responses(
+        json!({"description": "`{\"name\", \"action\", \"tokens\"}`: \
         positions saved, or tokens restored into the prefix cache.",
-        "content": {"application/json": {"schema": {"type": "object"}}}}});
-    responses
-        .as_object_mut()
-        .expect("an object literal")
-        .extend(
-            error_responses(&["400", "401", "404", "413", "500", "503"])
-                .as_object()
-                .expect("an object")
-                .clone(),
-        );
+        "content": {"application/json": {"schema": {"type": "object"}}}}),
+        &["400", "401", "404", "413", "500", "503"],
+    );
     json!({"post": {
         "summary": "Save a conversation's KV state to the server's --session-dir, or restore \
             it into the prefix cache (a later request starting with it is not recomputed).",
@@ -236,18 +224,12 @@ pub fn document(model: &str, n_ctx: usize, auth: bool) -> Value {
         completion_props.insert(k.to_owned(), v);
     }
     let generation = |summary: &str, schema: Value, response: &str| {
-        let mut responses = json!({"200": {"description": response, "content": {
+        let responses = responses(
+            json!({"description": response, "content": {
             "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {"type": "string"}}}}});
-        responses
-            .as_object_mut()
-            .expect("an object literal")
-            .extend(
-                error_responses(&["400", "401", "404", "413", "429", "500", "503"])
-                    .as_object()
-                    .expect("an object")
-                    .clone(),
-            );
+            "text/event-stream": {"schema": {"type": "string"}}}}),
+            &["400", "401", "404", "413", "429", "500", "503"],
+        );
         json!({"post": {"summary": summary,
             "requestBody": {"required": true, "content": {"application/json": {"schema": schema}}},
             "responses": responses}})

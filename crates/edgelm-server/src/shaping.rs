@@ -8,7 +8,6 @@ use edgelm_chat::tools::ToolCallFormat;
 use edgelm_grammar::{
     tool_call_grammar, GrammarCompiler, GrammarSpec, Guide, ToolChoice as Forced,
 };
-use serde_json::{json, Value};
 
 /// How one request's output is shaped.
 pub struct Shaping {
@@ -78,28 +77,4 @@ pub fn shaping(
         guide,
         tools: Some(format),
     })
-}
-
-/// For templates that do not render `tools` themselves: a system message describing them and
-/// the generic JSON call syntax, merged into the conversation's first system message.
-pub fn describe_tools_in_system(messages: &[Value], tools: &[Value]) -> Vec<Value> {
-    let listed: Vec<Value> = tools
-        .iter()
-        .map(|t| t.get("function").cloned().unwrap_or_else(|| t.clone()))
-        .collect();
-    let text = format!(
-        "You can call these tools:\n{}\n\nTo call tools, answer with only this JSON: \
-         {{\"tool_calls\": [{{\"name\": \"<tool name>\", \"arguments\": {{<arguments>}}}}]}}. \
-         Otherwise answer in plain text.",
-        serde_json::to_string_pretty(&listed).unwrap_or_default()
-    );
-    let mut out = messages.to_vec();
-    match out.first_mut() {
-        Some(m) if m.get("role").and_then(Value::as_str) == Some("system") => {
-            let prior = m.get("content").and_then(Value::as_str).unwrap_or("");
-            m["content"] = json!(format!("{prior}\n\n{text}").trim_start().to_owned());
-        }
-        _ => out.insert(0, json!({"role": "system", "content": text})),
-    }
-    out
 }
