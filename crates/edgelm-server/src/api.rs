@@ -288,6 +288,27 @@ pub fn parse_completion(body: &Map<String, Value>) -> Result<Params, ApiError> {
     Ok(p)
 }
 
+/// Token ids a request gives in field `param` (`what` names the list in the message):
+/// non-negative integers that fit in 32 bits (the vocabulary is checked when the engine
+/// accepts the request).
+pub(crate) fn token_ids(list: &[Value], param: &str, what: &str) -> Result<Vec<u32>, ApiError> {
+    list.iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .ok_or_else(|| {
+                    ApiError::field(
+                        param,
+                        format!(
+                            "{what} must hold non-negative integer token ids; got {}",
+                            shown(t)
+                        ),
+                    )
+                })
+        })
+        .collect()
+}
+
 /// A completions prompt: a string or a list of token ids, alone or as a one-element list.
 fn completion_prompt(v: &Value) -> Result<Prompt, ApiError> {
     let several = || {
@@ -296,24 +317,8 @@ fn completion_prompt(v: &Value) -> Result<Prompt, ApiError> {
             "this server takes one prompt per request; send the prompts as separate requests",
         )
     };
-    let tokens = |list: &[Value]| -> Result<Prompt, ApiError> {
-        list.iter()
-            .map(|t| {
-                t.as_u64()
-                    .and_then(|t| u32::try_from(t).ok())
-                    .ok_or_else(|| {
-                        ApiError::field(
-                            "prompt",
-                            format!(
-                                "a token-id prompt must hold non-negative integers; got {}",
-                                shown(t)
-                            ),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<u32>, ApiError>>()
-            .map(Prompt::Tokens)
-    };
+    let tokens =
+        |list: &[Value]| token_ids(list, "prompt", "a token-id prompt").map(Prompt::Tokens);
     match v {
         Value::String(s) => Ok(Prompt::Text(s.clone())),
         Value::Array(list) => match list.first() {

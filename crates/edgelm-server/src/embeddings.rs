@@ -2,6 +2,7 @@
 //! ids; `encoding_format`) checked field by field, and the response in OpenAI's shape with the
 //! vectors as JSON floats or base64 of little-endian f32.
 
+use crate::api::token_ids;
 use crate::error::{type_name, ApiError};
 use serde_json::{Map, Value};
 
@@ -102,7 +103,7 @@ fn inputs(v: &Value) -> Result<Vec<Input>, ApiError> {
         ));
     };
     if first.is_number() {
-        return tokens(list, "`input`").map(|t| vec![Input::Tokens(t)]);
+        return token_ids(list, "input", "`input`").map(|t| vec![Input::Tokens(t)]);
     }
     if list.len() > MAX_INPUTS {
         return Err(bad(format!(
@@ -122,7 +123,7 @@ fn inputs(v: &Value) -> Result<Vec<Input>, ApiError> {
                 "`input[{i}]` is an empty list; give at least one token id"
             ))),
             (Value::Array(_), Value::Array(ids)) => {
-                tokens(ids, &format!("`input[{i}]`")).map(Input::Tokens)
+                token_ids(ids, "input", &format!("`input[{i}]`")).map(Input::Tokens)
             }
             (Value::String(_) | Value::Array(_), other) => Err(bad(format!(
                 "`input[{i}]` is {}, but `input[0]` is {}: every item must be of one kind, \
@@ -134,23 +135,6 @@ fn inputs(v: &Value) -> Result<Vec<Input>, ApiError> {
                 "`input` must be {INPUT_SHAPES}; got a list of {}",
                 type_name(other)
             ))),
-        })
-        .collect()
-}
-
-/// Token ids: non-negative integers that fit in 32 bits (the vocabulary is checked when the
-/// engine accepts the request).
-fn tokens(list: &[Value], what: &str) -> Result<Vec<u32>, ApiError> {
-    list.iter()
-        .map(|t| {
-            t.as_u64()
-                .and_then(|t| u32::try_from(t).ok())
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "input",
-                        format!("{what} must hold non-negative integer token ids; got {t}"),
-                    )
-                })
         })
         .collect()
 }
