@@ -9,7 +9,7 @@ use edgelm_engine::{Engine, Event, Request, SamplingParams, Scheduler, Scheduler
 use edgelm_grammar::{GrammarCompiler, GrammarSpec, Guide};
 use edgelm_hub::{Hub, DEFAULT_MODEL};
 use edgelm_kernels::{Compute, Isa, Precision};
-use edgelm_models::{KvConfig, MemoryPlan};
+use edgelm_models::{KvConfig, KvTypes, MemoryPlan};
 use edgelm_tokenizer::Encode;
 use std::io::Write;
 use std::path::PathBuf;
@@ -74,6 +74,37 @@ struct ModelArgs {
     /// would fit (default: the memory available when it starts).
     #[arg(long = "mem-limit", value_name = "SIZE", value_parser = edgelm_server::parse_size)]
     mem_limit: Option<u64>,
+    #[command(flatten)]
+    kv: KvArgs,
+}
+
+/// How the KV cache stores keys and values.
+#[derive(Args, Clone, Copy)]
+struct KvArgs {
+    /// Type of cached keys: f16 (default), q8_0, q4_0 or f32 (precise path: f32 only).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", value_name = "TYPE")]
+    cache_type_k: Option<edgelm_models::KvType>,
+    /// Type of cached values: f16 (default), q8_0, q4_0 or f32.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", value_name = "TYPE")]
+    cache_type_v: Option<edgelm_models::KvType>,
+    /// Rotate keys (and queries alike) by a Hadamard matrix before caching, so quantized keys
+    /// lose less; scores are unchanged.
+    #[arg(long = "rotate-keys")]
+    rotate_keys: bool,
+}
+
+impl KvArgs {
+    /// The types asked for over `default` (the path's), None if nothing was asked.
+    fn types(&self, default: KvTypes) -> Option<KvTypes> {
+        if self.cache_type_k.is_none() && self.cache_type_v.is_none() && !self.rotate_keys {
+            return None;
+        }
+        Some(KvTypes {
+            k: self.cache_type_k.unwrap_or(default.k),
+            v: self.cache_type_v.unwrap_or(default.v),
+            rotate_keys: self.rotate_keys,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -157,10 +188,30 @@ struct ChatArgs {
     /// Context length of the conversation (default: the model's).
     #[arg(short = 'c', long = "ctx", default_value_t = 0)]
     ctx: usize,
+    #[command(flatten)]
+    shift: ShiftArgs,
     /// Tools the model may call: a JSON file holding an OpenAI `tools` list. Calls are printed;
     /// answer them with /tool RESULT.
     #[arg(long, value_name = "FILE.json")]
     tools: Option<PathBuf>,
+}
+
+/// What happens when generation fills the context.
+#[derive(Args)]
+struct ShiftArgs {
+    /// Go on when the context fills: keep the first --keep tokens, drop the oldest half of the
+    /// rest and re-rotate the kept keys to their new positions (default: stop there).
+    #[arg(long = "context-shift")]
+    context_shift: bool,
+    /// Tokens at the start a context shift never drops (the system prompt, say).
+    #[arg(long, default_value_t = 0, requires = "context_shift")]
+    keep: usize,
+}
+
+impl ShiftArgs {
+    fn keep(&self) -> Option<usize> {
+        self.context_shift.then_some(self.keep)
+    }
 }
 
 #[derive(Args)]
@@ -183,6 +234,8 @@ struct RunArgs {
     /// Context length (default: the model's).
     #[arg(short = 'c', long = "ctx", default_value_t = 0)]
     ctx: usize,
+    #[command(flatten)]
+    shift: ShiftArgs,
     /// Send the text exactly as given, without the model's chat template.
     #[arg(long)]
     raw: bool,
@@ -273,6 +326,14 @@ struct PerplexityArgs {
     /// Chunk length in tokens.
     #[arg(short = 'c', long = "ctx", default_value_t = 512)]
     ctx: usize,
+    /// Write this run's log-probabilities of every scored position to FILE, the base of later
+    /// `--kl-divergence` runs (about 2 bytes per vocabulary entry per position).
+    #[arg(long = "kl-divergence-base", value_name = "FILE")]
+    kl_base: Option<PathBuf>,
+    /// Compare this run with the base in `--kl-divergence-base FILE`: KL divergence, Δp and
+    /// same-top statistics as llama-perplexity prints them.
+    #[arg(long = "kl-divergence", requires = "kl_base")]
+    kl_divergence: bool,
 }
 
 #[derive(Args)]
@@ -295,6 +356,14 @@ struct BenchArgs {
         default_value = "128"
     )]
     n_gen: Vec<usize>,
+    /// Tokens already in the cache before each test (as llama-bench's -d): attention at depth.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    n_depth: Vec<usize>,
     /// Repetitions per test (after one warm-up run).
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     repetitions: usize,
@@ -319,6 +388,8 @@ struct InspectArgs {
     /// Judge the plan against this much memory (default: the memory available now).
     #[arg(long = "mem-limit", value_name = "SIZE", value_parser = edgelm_server::parse_size)]
     mem_limit: Option<u64>,
+    #[command(flatten)]
+    kv: KvArgs,
 }
 
 #[derive(Args)]
@@ -344,6 +415,7 @@ fn real_main() -> Result<()> {
             plan_memory(&a.model, &engine, &engine.kv_config(a.ctx))?;
             let cfg = SchedulerConfig {
                 prefix_cache: true,
+                context_shift: a.shift.keep(),
                 ..SchedulerConfig::single(a.ctx)
             };
             let sched = Scheduler::new(engine, cfg)?;
@@ -473,8 +545,11 @@ fn load(args: &ModelArgs) -> Result<(Engine, f64)> {
     } else {
         Precision::Fast
     };
-    let engine = Engine::load(&path, Compute::with_precision(isa, threads, precision))
+    let mut engine = Engine::load(&path, Compute::with_precision(isa, threads, precision))
         .with_context(|| format!("loading {}", path.display()))?;
+    if let Some(types) = args.kv.types(engine.kv_types()) {
+        engine.set_kv_types(types)?;
+    }
     Ok((engine, t0.elapsed().as_secs_f64() * 1e3))
 }
 
@@ -513,6 +588,7 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let cfg = SchedulerConfig {
         prefix_cache: a.session.is_some(),
+        context_shift: a.shift.keep(),
         ..SchedulerConfig::single(a.ctx)
     };
     let mut sched = Scheduler::new(engine, cfg)?;
@@ -551,7 +627,7 @@ fn run(a: RunArgs) -> Result<()> {
             } => {
                 if reason == edgelm_engine::FinishReason::ContextFull {
                     eprintln!(
-                        "\nedgelm: stopped: the context of {} tokens is full; raise --ctx",
+                        "\nedgelm: stopped: the context of {} tokens is full; raise --ctx, or go on with --context-shift",
                         sched.n_ctx()
                     );
                 }
@@ -661,6 +737,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         step_tokens: edgelm_models::MAX_CHUNK,
         kv_budget: None,
         prefix_cache: false,
+        context_shift: None,
     };
     let mut sched = Scheduler::new(engine, cfg)?;
     let n_tokens: usize = prompts.iter().map(Vec::len).sum();
@@ -751,15 +828,55 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         a.ctx
     );
     let t0 = Instant::now();
-    let r = edgelm_engine::perplexity(&engine, &tokens, a.ctx, &mut |c| {
-        eprint!("[{}]{:.4},", c.index + 1, c.ppl);
-    })?;
+    let n_vocab = engine.model.hp.n_vocab;
+    let mut writer = None;
+    let mut reader = None;
+    match (&a.kl_base, a.kl_divergence) {
+        (Some(path), false) => {
+            writer = Some(edgelm_engine::BaseWriter::create(
+                path, a.ctx, n_vocab, &tokens,
+            )?)
+        }
+        (Some(path), true) => {
+            reader = Some(edgelm_engine::BaseReader::open(
+                path, a.ctx, n_vocab, &tokens,
+            )?)
+        }
+        (None, _) => {}
+    }
+    let mut stats = edgelm_engine::KlStats::default();
+    let mut base = Vec::new();
+    let r = edgelm_engine::perplexity_rows(
+        &engine,
+        &tokens,
+        a.ctx,
+        &mut |c| eprint!("[{}]{:.4},", c.index + 1, c.ppl),
+        &mut |logits, next| {
+            if let Some(w) = writer.as_mut() {
+                w.row(logits)?;
+            }
+            if let Some(r) = reader.as_mut() {
+                r.next_row(&mut base)?;
+                stats.add(&base, logits, next);
+            }
+            Ok(())
+        },
+    )?;
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    if let Some(r) = reader {
+        r.finish()?;
+    }
     eprintln!(
         "\n{:.1} s, {:.1} tokens/s",
         t0.elapsed().as_secs_f64(),
         (r.n_chunks * a.ctx) as f64 / t0.elapsed().as_secs_f64()
     );
     println!("PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_err);
+    if let Some(summary) = stats.summary() {
+        println!("\n{summary}");
+    }
     Ok(())
 }
 
@@ -821,11 +938,15 @@ fn inspect(a: InspectArgs) -> Result<()> {
             } else {
                 a.ctx
             };
-            let ty = if a.precise {
+            let path_types = KvTypes::from(if a.precise {
                 edgelm_models::KvType::F32
             } else {
                 edgelm_models::KvType::F16
-            };
+            });
+            let ty = a.kv.types(path_types).unwrap_or(path_types);
+            if a.precise && ty != path_types {
+                bail!("the precise path keeps an f32 KV cache; drop --precise or the cache-type options");
+            }
             let kv = KvConfig {
                 max_seqs: a.parallel.max(1),
                 ..KvConfig::new(n_ctx, ty)
@@ -850,7 +971,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 hp.n_ctx_train
             );
             println!(
-                "\nmemory plan: context {n_ctx} × {} sequences, {ty:?} KV cache ({} path)",
+                "\nmemory plan: context {n_ctx} × {} sequences, {ty} KV cache ({} path)",
                 kv.max_seqs,
                 if a.precise { "precise" } else { "fast" }
             );
@@ -886,7 +1007,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    use edgelm_engine::bench::{mean_sd, time_generation, time_prompt};
+    use edgelm_engine::bench::{fill_depth, mean_sd, time_generation, time_prompt};
     let (engine, load_ms) = load(&a.model)?;
     let reps = a.repetitions.max(1);
     let base = std::path::Path::new(&a.model.model)
@@ -909,12 +1030,18 @@ fn bench(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|&n| ("pp", n))
         .chain(a.n_gen.iter().map(|&n| ("tg", n)));
-    for (kind, n) in tests.filter(|t| t.1 > 0) {
-        let mut cache = engine.new_cache(n + 1)?;
+    let tests: Vec<(&str, usize)> = tests.filter(|t| t.1 > 0).collect();
+    for (depth, (kind, n)) in a
+        .n_depth
+        .iter()
+        .flat_map(|&d| tests.iter().map(move |&t| (d, t)))
+    {
+        let mut cache = engine.new_cache(depth + n + 1)?;
         let mut scratch = edgelm_models::Scratch::default();
+        let seq = fill_depth(&engine, &mut cache, &mut scratch, depth)?;
         let mut run = |seed| match kind {
-            "pp" => time_prompt(&engine, &mut cache, &mut scratch, n, seed),
-            _ => time_generation(&engine, &mut cache, &mut scratch, n, seed),
+            "pp" => time_prompt(&engine, &mut cache, &mut scratch, seq, depth, n, seed),
+            _ => time_generation(&engine, &mut cache, &mut scratch, seq, depth, n, seed),
         };
         run(0)?; // warm-up: page in the weights, size the buffers and the KV cache
         let mut secs = Vec::with_capacity(reps);
@@ -926,7 +1053,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         let (mean_ms, _) = mean_sd(&secs);
         rows.push(serde_json::json!({
             "model": name, "size_bytes": engine.model.file().bytes().len(), "params": params,
-            "isa": isa.to_string(), "precision": format!("{:?}", engine.compute.precision()).to_lowercase(), "threads": threads, "test": format!("{kind}{n}"),
+            "isa": isa.to_string(), "precision": format!("{:?}", engine.compute.precision()).to_lowercase(), "threads": threads, "kv_types": engine.kv_types().to_string(),
+            "test": if depth > 0 { format!("{kind}{n} @ d{depth}") } else { format!("{kind}{n}") }, "n_depth": depth,
             "n_prompt": if kind == "pp" { n } else { 0 }, "n_gen": if kind == "tg" { n } else { 0 },
             "avg_ts": mean, "stddev_ts": sd, "samples_ts": tps, "avg_ms": mean_ms * 1e3,
         }));

@@ -251,6 +251,60 @@ fn prompt_longer_than_context_is_an_error_naming_both_numbers() {
     );
 }
 
+/// A full context stops generation, saying so; `--context-shift` goes on past it (here over a
+/// quantized cache with rotated keys, re-rotated at every shift).
+#[test]
+fn context_shift_generates_past_a_full_context() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "-m",
+            MODEL,
+            "-p",
+            "Count from one onwards:",
+            "--raw",
+            "--temp",
+            "0",
+            "--ignore-eos",
+            "-n",
+            "150",
+            "--ctx",
+            "64",
+        ];
+        args.extend_from_slice(extra);
+        edgelm(&args)
+    };
+    let generated = |o: &Output| -> usize {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let at = err.find("generated ").expect("timing line") + "generated ".len();
+        err[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let stopped = run(&[]);
+    stdout(&stopped);
+    let err = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        err.contains("is full") && err.contains("--context-shift"),
+        "{err}"
+    );
+    assert!(generated(&stopped) < 64, "{err}");
+    for extra in [
+        &["--context-shift", "--keep", "4"][..],
+        &[
+            "--context-shift",
+            "--ctk",
+            "q8_0",
+            "--ctv",
+            "q4_0",
+            "--rotate-keys",
+        ][..],
+    ] {
+        let shifted = run(extra);
+        let text = stdout(&shifted);
+        assert_eq!(generated(&shifted), 150, "{extra:?}: {text}");
+        assert!(!String::from_utf8_lossy(&shifted.stderr).contains("is full"));
+    }
+}
+
 /// Prompt tokens `run` reports on its timing line.
 fn prompt_tokens(o: &Output) -> usize {
     let err = String::from_utf8_lossy(&o.stderr);
@@ -482,7 +536,13 @@ fn run_session_restores_the_prompt_and_refuses_bad_files() {
             &[][..],
         ),
         (&saved[..], "another model", "gemma3-270m", &[][..]),
-        (&saved[..], "F32", MODEL, &["--precise"][..]),
+        (&saved[..], "keeps f32", MODEL, &["--precise"][..]),
+        (
+            &saved[..],
+            "keeps q8_0 keys, f16 values",
+            MODEL,
+            &["--cache-type-k", "q8_0"][..],
+        ),
     ] {
         std::fs::write(&session, bytes).unwrap();
         let mut args = vec!["--session", s];

@@ -18,6 +18,7 @@ fn scheduler(max_running: usize, prefix_cache: bool) -> Scheduler {
         step_tokens: 256,
         kv_budget: None,
         prefix_cache,
+        context_shift: None,
     };
     Scheduler::new(common::engine(MODEL, Isa::detect()), cfg).unwrap()
 }

@@ -1,8 +1,9 @@
 //! Timed runs in the manner of llama-bench: prompt processing of `n` random tokens in one batch
-//! (pp), and generation of `n` tokens one at a time from an empty context (tg).
+//! (pp), and generation of `n` tokens one at a time (tg), from an empty context or after `depth`
+//! tokens already in the cache (llama-bench's `-d`).
 
 use crate::{Engine, Result, Rng};
-use edgelm_models::{Batch, KvCache, Logits, Scratch};
+use edgelm_models::{Batch, KvCache, Logits, Scratch, SeqId};
 use std::time::{Duration, Instant};
 
 /// Random token ids (llama-bench feeds random tokens too), never a control token at 0.
@@ -14,46 +15,71 @@ fn random_tokens(engine: &Engine, n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Time one batched forward of `n` tokens from an emptied `cache` (logits for the last only).
-/// The cache and scratch are reused across runs, as llama-bench reuses its context: their
-/// memory is allocated once, not inside the timed region.
+/// A new sequence in an emptied `cache` holding `depth` random tokens (prefilled in chunks,
+/// untimed): the context later timed runs continue from, as llama-bench's `-d`.
+pub fn fill_depth(
+    engine: &Engine,
+    cache: &mut KvCache,
+    scratch: &mut Scratch,
+    depth: usize,
+) -> Result<SeqId> {
+    cache.clear();
+    let seq = cache.alloc();
+    let tokens = random_tokens(engine, depth, u64::MAX);
+    for (i, chunk) in tokens.chunks(512).enumerate() {
+        engine.model.forward(
+            &engine.compute,
+            &Batch::from_tokens(chunk, i * 512, seq, false),
+            cache,
+            scratch,
+        )?;
+    }
+    Ok(seq)
+}
+
+/// Time one batched forward of `n` tokens after the `depth` tokens `seq` holds (what it holds
+/// beyond them is dropped first; logits for the last token only). The cache and scratch are
+/// reused across runs, as llama-bench reuses its context: their memory is allocated once, not
+/// inside the timed region.
 pub fn time_prompt(
     engine: &Engine,
     cache: &mut KvCache,
     scratch: &mut Scratch,
+    seq: SeqId,
+    depth: usize,
     n: usize,
     seed: u64,
 ) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
-    cache.clear();
-    let seq = cache.alloc();
+    cache.truncate(seq, depth)?;
     let t0 = Instant::now();
     engine.model.forward(
         &engine.compute,
-        &Batch::from_tokens(&tokens, 0, seq, false),
+        &Batch::from_tokens(&tokens, depth, seq, false),
         cache,
         scratch,
     )?;
     Ok(t0.elapsed())
 }
 
-/// Time `n` single-token forwards from an emptied `cache` (reused as in [`time_prompt`]).
+/// Time `n` single-token forwards after the `depth` tokens `seq` holds (as [`time_prompt`]).
 pub fn time_generation(
     engine: &Engine,
     cache: &mut KvCache,
     scratch: &mut Scratch,
+    seq: SeqId,
+    depth: usize,
     n: usize,
     seed: u64,
 ) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
-    cache.clear();
-    let seq = cache.alloc();
+    cache.truncate(seq, depth)?;
     let mut logits = Logits::default();
     let t0 = Instant::now();
-    for (pos, &t) in tokens.iter().enumerate() {
+    for (i, &t) in tokens.iter().enumerate() {
         engine.model.forward_into(
             &engine.compute,
-            &Batch::from_tokens(&[t], pos, seq, true),
+            &Batch::from_tokens(&[t], depth + i, seq, true),
             cache,
             scratch,
             &mut logits,

@@ -109,6 +109,18 @@ pub fn perplexity(
     n_ctx: usize,
     progress: &mut dyn FnMut(PerplexityChunk),
 ) -> Result<PerplexityResult> {
+    perplexity_rows(engine, tokens, n_ctx, progress, &mut |_, _| Ok(()))
+}
+
+/// [`perplexity`], handing every scored position's logits and right next token to `row` in
+/// order (for KL divergence against a base run).
+pub fn perplexity_rows(
+    engine: &Engine,
+    tokens: &[u32],
+    n_ctx: usize,
+    progress: &mut dyn FnMut(PerplexityChunk),
+    row: &mut dyn FnMut(&[f32], u32) -> Result<()>,
+) -> Result<PerplexityResult> {
     if n_ctx < 4 {
         return Err(EngineError::Input(format!(
             "context {n_ctx} is too small for perplexity"
@@ -145,9 +157,10 @@ pub fn perplexity(
         let logits = engine
             .model
             .forward(&engine.compute, &batch, &mut cache, &mut scratch)?;
-        for (row, &bi) in logits.batch_index.iter().enumerate() {
+        for (r, &bi) in logits.batch_index.iter().enumerate() {
             let next = tokens[ci * n_ctx + bi + 1];
-            let v = -log_softmax_at(logits.row(row), next);
+            row(logits.row(r), next)?;
+            let v = -log_softmax_at(logits.row(r), next);
             nll += v;
             nll2 += v * v;
             count += 1;

@@ -7,13 +7,17 @@
 
 pub mod bench;
 mod eval;
+mod kld;
 mod sampler;
 mod scheduler;
 mod sequence;
 mod session;
 mod stop;
 
-pub use eval::{perplexity, score, PerplexityChunk, PerplexityResult, ScoredPosition};
+pub use eval::{
+    perplexity, perplexity_rows, score, PerplexityChunk, PerplexityResult, ScoredPosition,
+};
+pub use kld::{BaseReader, BaseWriter, KlStats, KlSummary, Percentiles};
 pub use sampler::{apply_penalties, Candidate, Rng, Sampler, SamplingParams};
 pub use scheduler::{Counters, Scheduler, SchedulerConfig, SubmitError};
 pub use sequence::{Event, FinishReason, Request, SequenceStats, Sink, TokenLogprob};
@@ -23,7 +27,7 @@ pub use stop::StopMatcher;
 use edgelm_chat::ChatTemplate;
 use edgelm_gguf::GgufFile;
 use edgelm_kernels::{Compute, Precision};
-use edgelm_models::{KvCache, KvConfig, KvType, Model};
+use edgelm_models::{KvCache, KvConfig, KvType, KvTypes, Model};
 use edgelm_tokenizer::{Encode, Tokenizer};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -56,6 +60,8 @@ pub struct Engine {
     pub compute: Compute,
     /// The model's chat template, compiled on first use.
     chat: OnceLock<std::result::Result<Arc<ChatTemplate>, String>>,
+    /// Cache types chosen for this engine's caches; None keeps the path's default.
+    kv_types: Option<KvTypes>,
 }
 
 impl Engine {
@@ -68,6 +74,7 @@ impl Engine {
             tokenizer: Arc::new(tokenizer),
             compute,
             chat: OnceLock::new(),
+            kv_types: None,
         })
     }
 
@@ -107,7 +114,7 @@ impl Engine {
     /// The KV settings of this engine's path for one sequence of up to `n_ctx` tokens (0 = the
     /// model's trained length).
     pub fn kv_config(&self, n_ctx: usize) -> KvConfig {
-        KvConfig::new(self.context_length(n_ctx), self.kv_type())
+        KvConfig::new(self.context_length(n_ctx), self.kv_types())
     }
 
     /// A KV cache for one sequence of up to `n_ctx` tokens (0 = the model's trained length).
@@ -115,13 +122,27 @@ impl Engine {
         Ok(KvCache::new(&self.model.hp, self.kv_config(n_ctx))?)
     }
 
-    /// The KV cache type of this engine's path: f16 on the fast path (as llama.cpp), f32 on the
-    /// precise one.
-    pub fn kv_type(&self) -> KvType {
-        match self.compute.precision() {
-            Precision::Fast => KvType::F16,
-            Precision::Precise => KvType::F32,
+    /// The KV cache types of this engine: as set, else the path's — f16 on the fast path (as
+    /// llama.cpp), f32 on the precise one.
+    pub fn kv_types(&self) -> KvTypes {
+        self.kv_types.unwrap_or(match self.compute.precision() {
+            Precision::Fast => KvType::F16.into(),
+            Precision::Precise => KvType::F32.into(),
+        })
+    }
+
+    /// Cache keys and values as `types` from now on. The precise path is the f32 reference and
+    /// keeps f32.
+    pub fn set_kv_types(&mut self, types: KvTypes) -> Result<()> {
+        let exact = KvTypes::from(KvType::F32);
+        if self.compute.precision() == Precision::Precise && types != exact {
+            return Err(EngineError::Input(format!(
+                "the precise path keeps an f32 KV cache, and {types} was asked for; drop \
+                 --precise or the cache-type options"
+            )));
         }
+        self.kv_types = Some(types);
+        Ok(())
     }
 
     pub fn context_length(&self, requested: usize) -> usize {

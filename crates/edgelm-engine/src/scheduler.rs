@@ -30,6 +30,9 @@ pub struct SchedulerConfig {
     /// Bytes of KV blocks (None: `n_ctx` positions for each running sequence).
     pub kv_budget: Option<u64>,
     pub prefix_cache: bool,
+    /// When a generating sequence fills its context: None ends it (`ContextFull`); Some(keep)
+    /// keeps its first `keep` positions, drops half of the rest and goes on (context shift).
+    pub context_shift: Option<usize>,
 }
 
 impl SchedulerConfig {
@@ -42,6 +45,7 @@ impl SchedulerConfig {
             step_tokens: edgelm_models::MAX_CHUNK,
             kv_budget: None,
             prefix_cache: false,
+            context_shift: None,
         }
     }
 }
@@ -107,6 +111,8 @@ struct Sequence {
     admitted: Instant,
     prefilled: Option<Instant>,
     first_token: Option<Instant>,
+    /// Positions context shifts dropped (`tokens` keeps them for the penalties and the result).
+    dropped: usize,
 }
 
 pub struct Scheduler {
@@ -395,6 +401,7 @@ impl Scheduler {
                 admitted: Instant::now(),
                 prefilled: None,
                 first_token: None,
+                dropped: 0,
             });
         }
     }
@@ -543,6 +550,7 @@ impl Scheduler {
                             admitted: s.admitted,
                             prefilled: s.prefilled,
                             first_token: None,
+                            dropped: s.dropped,
                         };
                         let end = sample_and_emit(
                             &tokenizer,
@@ -569,13 +577,40 @@ impl Scheduler {
             }
         }
         self.spans = spans;
-        self.running = kept;
-        for (s, reason) in ended {
-            self.finish(s, reason);
+        for (mut s, reason) in ended {
+            match (reason, self.cfg.context_shift) {
+                (FinishReason::ContextFull, Some(keep)) => match self.shift_context(&mut s, keep) {
+                    Ok(()) => kept.push(s),
+                    Err(msg) => failed.push((s, msg)),
+                },
+                _ => self.finish(s, reason),
+            }
         }
+        self.running = kept;
         for (s, msg) in failed {
             self.fail(s, &msg);
         }
+    }
+
+    /// Make room in a full sequence: keep its first `keep` positions, drop half of the rest
+    /// (whole blocks), move the others down (see `Model::shift_context`).
+    fn shift_context(&mut self, s: &mut Sequence, keep: usize) -> std::result::Result<(), String> {
+        let held = self.kv.seq_len(s.kv);
+        let b = self.kv.block_len();
+        let keep = keep.min(held);
+        let discard = (held - keep) / 2 / b * b;
+        if discard == 0 {
+            return Err(format!(
+                "the context is full and keeping {keep} of its {held} positions leaves nothing \
+                 to drop; lower --keep or raise --ctx"
+            ));
+        }
+        self.engine
+            .model
+            .shift_context(&mut self.kv, s.kv, keep, discard)
+            .map_err(|e| e.to_string())?;
+        s.dropped += discard;
+        Ok(())
     }
 
     /// Tell the client a choice ended, and release its blocks.
@@ -730,9 +765,9 @@ fn sample_and_emit(
     if s.generated >= job.req.max_tokens {
         return Ok(Some(FinishReason::Length));
     }
-    if s.tokens.len() >= n_ctx {
+    s.phase = Phase::Decode { next: token };
+    if s.tokens.len() - s.dropped >= n_ctx {
         return Ok(Some(FinishReason::ContextFull));
     }
-    s.phase = Phase::Decode { next: token };
     Ok(None)
 }

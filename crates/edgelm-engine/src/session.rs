@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"EDGELMKV";
-const VERSION: u32 = 1;
+// 2: key and value types stored apart, and the key rotation.
+const VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 32 + 8;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,57 +1,149 @@
 //! Softmax attention of the query heads that share one key/value head (grouped-query
 //! attention): each key and value row is fetched once and used by every head of the group.
+//! Keys and values are read in the cache's own types — f32, f16, or Q8_0/Q4_0 blocks
+//! dequantized in registers — never through a widened copy of the cache.
 
 use crate::{Compute, Isa};
 
-/// One cached key and value row (one kv head's columns), as the cache stores them.
+/// 32 cached values as Q8_0 (f16 scale `d`, 32 i8; `x = q·d`), ggml's block layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct BlockQ8_0(pub [u8; 34]);
+
+/// 32 cached values as Q4_0 (f16 scale `d`, 16 bytes of nibbles; `x = (q − 8)·d`; byte `j`
+/// holds value `j` low and `j + 16` high), ggml's block layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct BlockQ4_0(pub [u8; 18]);
+
+/// Values per quantized block.
+pub const KV_BLOCK: usize = 32;
+
+/// Cached keys or values of one layer from one kv head's first column on, as the cache stores
+/// them.
 #[derive(Clone, Copy, Debug)]
-pub enum KvRow<'a> {
-    F32(&'a [f32], &'a [f32]),
+pub enum KvPlane<'a> {
+    F32(&'a [f32]),
     /// f16 bit patterns.
-    F16(&'a [u16], &'a [u16]),
+    F16(&'a [u16]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q4_0(&'a [BlockQ4_0]),
 }
 
-/// An element type of cached keys and values.
+/// An element type of cached keys and values: one value, or one block of [`KV_BLOCK`].
 trait KvElem: Copy + 'static {
-    fn to_f32(self) -> f32;
-    /// The row's key and value pointers if it holds this type.
-    fn of<'a>(row: KvRow<'a>) -> Option<(&'a [Self], &'a [Self])>;
-    /// Scalar dot product (the reference order).
-    fn dot(k: &[Self], q: &[f32]) -> f32 {
-        k.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum()
-    }
+    /// Values per element.
+    const PER: usize;
+    fn of(plane: KvPlane<'_>) -> Option<&[Self]>;
+    /// Scalar `k · q` over `q.len()` values (the reference order).
+    fn dot(k: &[Self], q: &[f32]) -> f32;
+    /// Scalar `out += w · v` over `out.len()` values.
+    fn add_scaled(v: &[Self], w: f32, out: &mut [f32]);
 }
 
 impl KvElem for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn of<'a>(row: KvRow<'a>) -> Option<(&'a [f32], &'a [f32])> {
-        match row {
-            KvRow::F32(k, v) => Some((k, v)),
-            KvRow::F16(..) => None,
+    const PER: usize = 1;
+    fn of(plane: KvPlane<'_>) -> Option<&[f32]> {
+        match plane {
+            KvPlane::F32(x) => Some(x),
+            _ => None,
         }
     }
     fn dot(k: &[f32], q: &[f32]) -> f32 {
-        crate::compute::scalar_dot(k, q)
+        crate::compute::scalar_dot(&k[..q.len()], q)
+    }
+    fn add_scaled(v: &[f32], w: f32, out: &mut [f32]) {
+        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
     }
 }
 
 impl KvElem for u16 {
-    fn to_f32(self) -> f32 {
-        half::f16::from_bits(self).to_f32()
-    }
-    fn of<'a>(row: KvRow<'a>) -> Option<(&'a [u16], &'a [u16])> {
-        match row {
-            KvRow::F16(k, v) => Some((k, v)),
-            KvRow::F32(..) => None,
+    const PER: usize = 1;
+    fn of(plane: KvPlane<'_>) -> Option<&[u16]> {
+        match plane {
+            KvPlane::F16(x) => Some(x),
+            _ => None,
         }
+    }
+    fn dot(k: &[u16], q: &[f32]) -> f32 {
+        k.iter().zip(q).map(|(k, q)| f16(*k) * q).sum()
+    }
+    fn add_scaled(v: &[u16], w: f32, out: &mut [f32]) {
+        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * f16(*v));
     }
 }
 
-/// Register-tiled primitives of one ISA for key/value rows of type `E`, resolved statically
-/// inside the attention loops.
-trait VecOps<E: KvElem> {
+fn f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// A block's scale and its 32 integer levels.
+fn levels<B: QuantBlock>(b: &B) -> (f32, [i8; KV_BLOCK]) {
+    let raw = b.bytes();
+    (
+        f16(u16::from_le_bytes([raw[0], raw[1]])),
+        B::levels(&raw[2..]),
+    )
+}
+
+trait QuantBlock {
+    fn bytes(&self) -> &[u8];
+    fn levels(qs: &[u8]) -> [i8; KV_BLOCK];
+}
+
+impl QuantBlock for BlockQ8_0 {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn levels(qs: &[u8]) -> [i8; KV_BLOCK] {
+        std::array::from_fn(|i| qs[i] as i8)
+    }
+}
+
+impl QuantBlock for BlockQ4_0 {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn levels(qs: &[u8]) -> [i8; KV_BLOCK] {
+        std::array::from_fn(|i| (if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 }) as i8 - 8)
+    }
+}
+
+macro_rules! quant_elem {
+    ($t:ty, $variant:ident) => {
+        impl KvElem for $t {
+            const PER: usize = KV_BLOCK;
+            fn of(plane: KvPlane<'_>) -> Option<&[$t]> {
+                match plane {
+                    KvPlane::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+            fn dot(k: &[$t], q: &[f32]) -> f32 {
+                k.iter()
+                    .zip(q.chunks_exact(KV_BLOCK))
+                    .map(|(b, q)| {
+                        let (d, l) = levels(b);
+                        d * l.iter().zip(q).map(|(l, q)| *l as f32 * q).sum::<f32>()
+                    })
+                    .sum()
+            }
+            fn add_scaled(v: &[$t], w: f32, out: &mut [f32]) {
+                for (b, o) in v.iter().zip(out.chunks_exact_mut(KV_BLOCK)) {
+                    let (d, l) = levels(b);
+                    o.iter_mut()
+                        .zip(l)
+                        .for_each(|(o, l)| *o += w * (l as f32 * d));
+                }
+            }
+        }
+    };
+}
+quant_elem!(BlockQ8_0, Q8_0);
+quant_elem!(BlockQ4_0, Q4_0);
+
+/// Scores of one ISA for key rows of type `E`, resolved statically inside the attention loops.
+trait KeyOps<E: KvElem> {
     /// Query heads per score tile (beside four keys): as many as the registers hold.
     const TILE_HEADS: usize = 3;
     /// `out[r][t] = k[r] · q[t]` over `hd` values, `R ≤ 4` keys by `T ≤ TILE_HEADS` query rows.
@@ -60,13 +152,6 @@ trait VecOps<E: KvElem> {
         q: &[*const f32; T],
         hd: usize,
         out: &mut [[f32; T]; R],
-    );
-    /// `out[r] += Σ_j p[r][j] · v[j]` over rows of `hd` values.
-    fn weighted_rows<const R: usize>(
-        p: &[*const f32; R],
-        v: &[*const E],
-        hd: usize,
-        out: &[*mut f32; R],
     );
     /// `row[i] ← e^(row[i] − shift)`, returning their sum.
     fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
@@ -79,8 +164,19 @@ trait VecOps<E: KvElem> {
     }
 }
 
+/// Weighted sums of one ISA over value rows of type `E`.
+trait ValueOps<E: KvElem> {
+    /// `out[r] += Σ_j p[r][j] · v[j]` over rows of `hd` values.
+    fn weighted_rows<const R: usize>(
+        p: &[*const f32; R],
+        v: &[*const E],
+        hd: usize,
+        out: &[*mut f32; R],
+    );
+}
+
 struct Scalar;
-impl<E: KvElem> VecOps<E> for Scalar {
+impl<E: KvElem> KeyOps<E> for Scalar {
     fn dots<const R: usize, const T: usize>(
         k: &[*const E; R],
         q: &[*const f32; T],
@@ -89,10 +185,10 @@ impl<E: KvElem> VecOps<E> for Scalar {
     ) {
         for r in 0..R {
             for t in 0..T {
-                // SAFETY: the caller passes rows of `hd` elements.
+                // SAFETY: the caller passes rows of `hd` values.
                 let (a, b) = unsafe {
                     (
-                        std::slice::from_raw_parts(k[r], hd),
+                        std::slice::from_raw_parts(k[r], hd / E::PER),
                         std::slice::from_raw_parts(q[t], hd),
                     )
                 };
@@ -100,6 +196,8 @@ impl<E: KvElem> VecOps<E> for Scalar {
             }
         }
     }
+}
+impl<E: KvElem> ValueOps<E> for Scalar {
     fn weighted_rows<const R: usize>(
         p: &[*const f32; R],
         v: &[*const E],
@@ -107,7 +205,7 @@ impl<E: KvElem> VecOps<E> for Scalar {
         out: &[*mut f32; R],
     ) {
         for r in 0..R {
-            // SAFETY: the caller passes `v.len()` weights per row and rows of `hd` elements.
+            // SAFETY: the caller passes `v.len()` weights per row and rows of `hd` values.
             let (w, o) = unsafe {
                 (
                     std::slice::from_raw_parts(p[r], v.len()),
@@ -116,84 +214,93 @@ impl<E: KvElem> VecOps<E> for Scalar {
             };
             for (wj, vj) in w.iter().zip(v) {
                 // SAFETY: as above.
-                let vj = unsafe { std::slice::from_raw_parts(*vj, hd) };
-                o.iter_mut()
-                    .zip(vj)
-                    .for_each(|(o, v)| *o += wj * v.to_f32());
+                let vj = unsafe { std::slice::from_raw_parts(*vj, hd / E::PER) };
+                E::add_scaled(vj, *wj, o);
             }
         }
     }
 }
 
+/// AVX2 + FMA + F16C kernels (also what the AVX-512 path runs where it has no wider one).
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
-#[cfg(target_arch = "x86_64")]
-impl VecOps<f32> for Avx2 {
-    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2 and FMA.
-        unsafe { crate::x86::avx2::exp_shifted(row, shift) }
-    }
-    fn dots<const R: usize, const T: usize>(
-        k: &[*const f32; R],
-        q: &[*const f32; T],
-        hd: usize,
-        out: &mut [[f32; T]; R],
-    ) {
-        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2, FMA and
-        // F16C; rows hold `hd` elements.
-        unsafe { crate::x86::avx2::tile::<R, T>(k, q, hd, out) }
-    }
-    fn weighted_rows<const R: usize>(
-        p: &[*const f32; R],
-        v: &[*const f32],
-        hd: usize,
-        out: &[*mut f32; R],
-    ) {
-        if !hd.is_multiple_of(16) {
-            return <Scalar as VecOps<f32>>::weighted_rows(p, v, hd, out);
-        }
-        // SAFETY: as above; `hd` is a multiple of 16.
-        unsafe { crate::x86::avx2::weighted_rows::<R>(p, v, hd, out) }
-    }
-}
 
+/// Implements [`KeyOps`] and [`ValueOps`] for `Avx2` with the given kernels; `$lanes` is the
+/// multiple of `hd` the value kernel needs (the scalar one takes other head sizes).
 #[cfg(target_arch = "x86_64")]
-impl VecOps<u16> for Avx2 {
-    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-        // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2 and FMA.
-        unsafe { crate::x86::avx2::exp_shifted(row, shift) }
-    }
-    fn dots<const R: usize, const T: usize>(
-        k: &[*const u16; R],
-        q: &[*const f32; T],
-        hd: usize,
-        out: &mut [[f32; T]; R],
-    ) {
-        // SAFETY: as for f32 rows.
-        unsafe { crate::x86::avx2::tile_f16::<R, T>(k, q, hd, out) }
-    }
-    fn weighted_rows<const R: usize>(
-        p: &[*const f32; R],
-        v: &[*const u16],
-        hd: usize,
-        out: &[*mut f32; R],
-    ) {
-        if !hd.is_multiple_of(16) {
-            return <Scalar as VecOps<u16>>::weighted_rows(p, v, hd, out);
+macro_rules! avx2_ops {
+    ($e:ty, $tile:path, $rows:path, $lanes:expr) => {
+        impl KeyOps<$e> for Avx2 {
+            fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+                // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2
+                // and FMA.
+                unsafe { crate::x86::avx2::exp_shifted(row, shift) }
+            }
+            fn dots<const R: usize, const T: usize>(
+                k: &[*const $e; R],
+                q: &[*const f32; T],
+                hd: usize,
+                out: &mut [[f32; T]; R],
+            ) {
+                // SAFETY: only instantiated when `Isa` is Avx2 or Avx512, which imply AVX2,
+                // FMA and F16C; rows hold `hd` values.
+                unsafe { $tile(k, q, hd, out) }
+            }
         }
-        // SAFETY: as for f32 rows.
-        unsafe { crate::x86::avx2::weighted_rows_f16::<R>(p, v, hd, out) }
-    }
+        impl ValueOps<$e> for Avx2 {
+            fn weighted_rows<const R: usize>(
+                p: &[*const f32; R],
+                v: &[*const $e],
+                hd: usize,
+                out: &[*mut f32; R],
+            ) {
+                if !hd.is_multiple_of($lanes) {
+                    return <Scalar as ValueOps<$e>>::weighted_rows(p, v, hd, out);
+                }
+                // SAFETY: as above; `hd` is a multiple of the kernel's width.
+                unsafe { $rows(p, v, hd, out) }
+            }
+        }
+    };
 }
+#[cfg(target_arch = "x86_64")]
+avx2_ops!(
+    f32,
+    crate::x86::avx2::tile::<R, T>,
+    crate::x86::avx2::weighted_rows::<R>,
+    16
+);
+#[cfg(target_arch = "x86_64")]
+avx2_ops!(
+    u16,
+    crate::x86::avx2::tile_f16::<R, T>,
+    crate::x86::avx2::weighted_rows_f16::<R>,
+    16
+);
+#[cfg(target_arch = "x86_64")]
+avx2_ops!(
+    BlockQ8_0,
+    crate::x86::avx2_kv::tile_q8_0::<R, T>,
+    crate::x86::avx2_kv::weighted_rows_q8_0::<R>,
+    KV_BLOCK
+);
+#[cfg(target_arch = "x86_64")]
+avx2_ops!(
+    BlockQ4_0,
+    crate::x86::avx2_kv::tile_q4_0::<R, T>,
+    crate::x86::avx2_kv::weighted_rows_q4_0::<R>,
+    KV_BLOCK
+);
 
+/// 512-bit tiles over f16 rows.
 #[cfg(target_arch = "x86_64")]
 struct Avx512;
 #[cfg(target_arch = "x86_64")]
-impl VecOps<u16> for Avx512 {
+impl KeyOps<u16> for Avx512 {
     // 16 accumulators, 4 query and 1 key register of 32.
     const TILE_HEADS: usize = 4;
     fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-        <Avx2 as VecOps<u16>>::exp_shifted(row, shift)
+        <Avx2 as KeyOps<u16>>::exp_shifted(row, shift)
     }
     fn dots<const R: usize, const T: usize>(
         k: &[*const u16; R],
@@ -205,6 +312,9 @@ impl VecOps<u16> for Avx512 {
         // rows hold `hd` elements.
         unsafe { crate::x86::avx512_attention::tile_f16::<R, T>(k, q, hd, out) }
     }
+}
+#[cfg(target_arch = "x86_64")]
+impl ValueOps<u16> for Avx512 {
     fn weighted_rows<const R: usize>(
         p: &[*const f32; R],
         v: &[*const u16],
@@ -212,7 +322,7 @@ impl VecOps<u16> for Avx512 {
         out: &[*mut f32; R],
     ) {
         if !hd.is_multiple_of(32) {
-            return <Avx2 as VecOps<u16>>::weighted_rows(p, v, hd, out);
+            return <Avx2 as ValueOps<u16>>::weighted_rows(p, v, hd, out);
         }
         // SAFETY: as above; `hd` is a multiple of 32.
         unsafe { crate::x86::avx512_attention::weighted_rows_f16::<R>(p, v, hd, out) }
@@ -226,12 +336,14 @@ thread_local! {
 
 /// The cached rows of one kv head that one attention call reads, as a KV cache of blocks holds
 /// them: position `p` lives in block `blocks[p / block_len]`, slot `p % block_len`, and slot `s`
-/// of the storage starts `s·stride` elements into `rows` (whose slices start at the kv head's
-/// first column). The keys read are positions `first .. first + n`; blocks before `first`'s are
-/// never touched (a sliding window may have released them).
+/// of the storage starts `s·stride` values into `keys` and `values` (whose slices start at the
+/// kv head's first column). The keys read are positions `first .. first + n`; blocks before
+/// `first`'s are never touched (a sliding window may have released them).
 #[derive(Clone, Copy, Debug)]
 pub struct KvBlocks<'a> {
-    pub rows: KvRow<'a>,
+    pub keys: KvPlane<'a>,
+    pub values: KvPlane<'a>,
+    /// Values per slot: a multiple of [`KV_BLOCK`] for quantized planes.
     pub stride: usize,
     /// Positions per block: a power of two.
     pub block_len: usize,
@@ -240,13 +352,41 @@ pub struct KvBlocks<'a> {
     pub n: usize,
 }
 
+/// Which element type a plane holds, for dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+fn kind(p: &KvPlane<'_>) -> Kind {
+    match p {
+        KvPlane::F32(_) => Kind::F32,
+        KvPlane::F16(_) => Kind::F16,
+        KvPlane::Q8_0(_) => Kind::Q8_0,
+        KvPlane::Q4_0(_) => Kind::Q4_0,
+    }
+}
+
+/// The arguments of one attention call, passed through the type dispatch.
+struct Call<'a, 'b> {
+    q: &'b [f32],
+    hd: usize,
+    kv: &'b KvBlocks<'a>,
+    scale: f32,
+    scores: &'b mut Vec<f32>,
+    out: &'b mut [f32],
+}
+
 impl Compute {
     /// `out[r] = Σ_j softmax_j(scale · q[r]·k_j) · v_j` for each query head `r` (rows of `hd`
     /// values in `q` and `out`), over the keys of `kv` in position order. `scores` is
     /// caller-owned scratch so the hot path allocates nothing.
     ///
-    /// Panics if `kv` names a block outside its rows or its block length is not a power of two
-    /// (the cache's bug, not input).
+    /// Panics if `kv` names a block outside its planes, its block length is not a power of two,
+    /// or a quantized plane's head size is not whole blocks (the cache's bug, not input).
     pub fn attend_heads(
         &self,
         q: &[f32],
@@ -260,62 +400,102 @@ impl Compute {
         if kv.n == 0 || hd == 0 {
             return;
         }
-        let f16 = matches!(kv.rows, KvRow::F16(..));
-        match (self.isa(), f16) {
+        let call = Call {
+            q,
+            hd,
+            kv,
+            scale,
+            scores,
+            out,
+        };
+        let isa = self.isa();
+        match (isa, kind(&kv.keys)) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512, false) => typed::<Avx2, f32>(q, hd, kv, scale, scores, out),
+            (Isa::Avx2 | Isa::Avx512, Kind::F32) => with_keys::<Avx2, f32>(isa, call),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, true) => typed::<Avx2, u16>(q, hd, kv, scale, scores, out),
+            (Isa::Avx2, Kind::F16) => with_keys::<Avx2, u16>(isa, call),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, true) => typed::<Avx512, u16>(q, hd, kv, scale, scores, out),
-            (_, false) => typed::<Scalar, f32>(q, hd, kv, scale, scores, out),
-            (_, true) => typed::<Scalar, u16>(q, hd, kv, scale, scores, out),
+            (Isa::Avx512, Kind::F16) => with_keys::<Avx512, u16>(isa, call),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2 | Isa::Avx512, Kind::Q8_0) => with_keys::<Avx2, BlockQ8_0>(isa, call),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2 | Isa::Avx512, Kind::Q4_0) => with_keys::<Avx2, BlockQ4_0>(isa, call),
+            (_, Kind::F32) => with_keys::<Scalar, f32>(isa, call),
+            (_, Kind::F16) => with_keys::<Scalar, u16>(isa, call),
+            (_, Kind::Q8_0) => with_keys::<Scalar, BlockQ8_0>(isa, call),
+            (_, Kind::Q4_0) => with_keys::<Scalar, BlockQ4_0>(isa, call),
         }
+    }
+}
+
+/// The value half of the dispatch, keys already chosen.
+fn with_keys<KO: KeyOps<K>, K: KvElem>(isa: Isa, c: Call<'_, '_>) {
+    match (isa, kind(&c.kv.values)) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2 | Isa::Avx512, Kind::F32) => typed::<KO, K, Avx2, f32>(c),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Kind::F16) => typed::<KO, K, Avx2, u16>(c),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Kind::F16) => typed::<KO, K, Avx512, u16>(c),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2 | Isa::Avx512, Kind::Q8_0) => typed::<KO, K, Avx2, BlockQ8_0>(c),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2 | Isa::Avx512, Kind::Q4_0) => typed::<KO, K, Avx2, BlockQ4_0>(c),
+        (_, Kind::F32) => typed::<KO, K, Scalar, f32>(c),
+        (_, Kind::F16) => typed::<KO, K, Scalar, u16>(c),
+        (_, Kind::Q8_0) => typed::<KO, K, Scalar, BlockQ8_0>(c),
+        (_, Kind::Q4_0) => typed::<KO, K, Scalar, BlockQ4_0>(c),
     }
 }
 
 /// Key and value addresses of a [`KvBlocks`], its block ids checked once per call.
 #[derive(Clone, Copy)]
-struct Keys<'a, E> {
-    k: *const E,
-    v: *const E,
-    stride: usize,
+struct Rows<'a, K, V> {
+    k: *const K,
+    v: *const V,
+    /// Elements between slots.
+    k_stride: usize,
+    v_stride: usize,
     shift: u32,
     blocks: &'a [u32],
     first: usize,
 }
 
-impl<E> Keys<'_, E> {
+impl<K, V> Rows<'_, K, V> {
     /// Key and value `j` (in range by construction).
     #[inline(always)]
-    fn get(&self, j: usize) -> (*const E, *const E) {
+    fn get(&self, j: usize) -> (*const K, *const V) {
         let p = self.first + j;
         let mask = (1usize << self.shift) - 1;
         let slot = ((self.blocks[p >> self.shift] as usize) << self.shift) | (p & mask);
-        // SAFETY (of later reads): `typed` checked every block read lies inside the rows.
+        // SAFETY (of later reads): `typed` checked every block read lies inside the planes.
         (
-            self.k.wrapping_add(slot * self.stride),
-            self.v.wrapping_add(slot * self.stride),
+            self.k.wrapping_add(slot * self.k_stride),
+            self.v.wrapping_add(slot * self.v_stride),
         )
     }
 }
 
-/// [`attend`] over rows of type `E`, the type and every block read checked once.
-fn typed<V: VecOps<E>, E: KvElem>(
-    q: &[f32],
-    hd: usize,
-    kv: &KvBlocks<'_>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let (k, v) = E::of(kv.rows).expect("attention: one call reads one cache type");
+/// [`attend`] over keys of type `K` and values of type `W`, the types, shapes and every block
+/// read checked once.
+fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) {
+    let kv = c.kv;
+    let hd = c.hd;
+    let k = K::of(kv.keys).expect("dispatched on the key type");
+    let v = W::of(kv.values).expect("dispatched on the value type");
     assert!(
         kv.block_len.is_power_of_two() && kv.stride >= hd,
         "attention: block length {} is not a power of two, or stride {} < head size {hd}",
         kv.block_len,
         kv.stride
     );
+    for per in [K::PER, W::PER] {
+        assert!(
+            hd.is_multiple_of(per) && kv.stride.is_multiple_of(per),
+            "attention: head size {hd} or stride {} is not whole blocks of {per}",
+            kv.stride
+        );
+    }
     let (b0, b1) = (
         kv.first / kv.block_len,
         (kv.first + kv.n - 1) / kv.block_len,
@@ -324,25 +504,26 @@ fn typed<V: VecOps<E>, E: KvElem>(
         .blocks
         .get(b0..=b1)
         .expect("attention: the block table is shorter than its keys");
-    let need = ids
+    let slots = ids
         .iter()
         .map(|&b| (b as usize + 1) * kv.block_len)
         .max()
         .unwrap_or(0);
-    let need = (need - 1) * kv.stride + hd;
+    let need = |per: usize| ((slots - 1) * kv.stride + hd) / per;
     assert!(
-        k.len() >= need && v.len() >= need,
-        "attention: a block outside the cache rows"
+        k.len() >= need(K::PER) && v.len() >= need(W::PER),
+        "attention: a block outside the cache planes"
     );
-    let keys = Keys {
+    let rows = Rows {
         k: k.as_ptr(),
         v: v.as_ptr(),
-        stride: kv.stride,
+        k_stride: kv.stride / K::PER,
+        v_stride: kv.stride / W::PER,
         shift: kv.block_len.trailing_zeros(),
         blocks: kv.blocks,
         first: kv.first,
     };
-    attend::<V, E>(q, hd, kv.n, &keys, scale, scores, out)
+    attend::<KO, K, VO, W>(c.q, hd, kv.n, &rows, c.scale, c.scores, c.out)
 }
 
 /// Keys per block of the online softmax: their scores stay in L1 between the two passes.
@@ -351,11 +532,11 @@ const KEY_BLOCK: usize = 64;
 /// Online softmax over blocks of [`KEY_BLOCK`] keys: each block's scores, then its weights
 /// against the running maximum (earlier output rescaled when the maximum grows), then its
 /// values added in; one division by the running sum at the end. `out` starts zeroed.
-fn attend<V: VecOps<E>, E: KvElem>(
+fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
     q: &[f32],
     hd: usize,
     n_keys: usize,
-    kv: &Keys<'_, E>,
+    kv: &Rows<'_, K, W>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -375,7 +556,7 @@ fn attend<V: VecOps<E>, E: KvElem>(
             let mut j0 = 0;
             while j0 < nb {
                 let nk = (nb - j0).min(4);
-                let mut keys = [std::ptr::null::<E>(); 4];
+                let mut keys = [std::ptr::null::<K>(); 4];
                 for (i, k) in keys[..nk].iter_mut().enumerate() {
                     let (kj, vj) = kv.get(b0 + j0 + i);
                     *k = kj;
@@ -383,13 +564,13 @@ fn attend<V: VecOps<E>, E: KvElem>(
                 }
                 let mut r0 = 0;
                 while r0 < heads {
-                    let nr = (heads - r0).min(V::TILE_HEADS);
+                    let nr = (heads - r0).min(KO::TILE_HEADS);
                     let rows: [*const f32; 4] =
                         std::array::from_fn(|t| q[(r0 + t.min(nr - 1)) * hd..].as_ptr());
                     let mut put = |r: usize, t: usize, v: f32| {
                         block[(r0 + t) * KEY_BLOCK + j0 + r] = v * scale;
                     };
-                    key_tile::<V, E>(&keys, nk, &rows, nr, hd, &mut put);
+                    key_tile::<KO, K>(&keys, nk, &rows, nr, hd, &mut put);
                     r0 += nr;
                 }
                 j0 += nk;
@@ -405,11 +586,11 @@ fn attend<V: VecOps<E>, E: KvElem>(
                         .for_each(|o| *o *= rescale);
                     sums[r] *= rescale;
                 }
-                sums[r] += V::exp_shifted(row, max);
+                sums[r] += KO::exp_shifted(row, max);
                 maxes[r] = max;
             }
-            let vptrs: &[*const E] =
-                // SAFETY: `usize` and `*const E` have the same size and alignment; the
+            let vptrs: &[*const W] =
+                // SAFETY: `usize` and `*const W` have the same size and alignment; the
                 // addresses came from live value rows.
                 unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) };
             let mut r0 = 0;
@@ -420,15 +601,17 @@ fn attend<V: VecOps<E>, E: KvElem>(
                 // SAFETY: row r0 + r < heads lies inside `out`.
                 let o = |r: usize| unsafe { base.add((r0 + r.min(nr - 1)) * hd) };
                 match nr {
-                    4 => V::weighted_rows::<4>(
+                    4 => VO::weighted_rows::<4>(
                         &[p(0), p(1), p(2), p(3)],
                         vptrs,
                         hd,
                         &[o(0), o(1), o(2), o(3)],
                     ),
-                    3 => V::weighted_rows::<3>(&[p(0), p(1), p(2)], vptrs, hd, &[o(0), o(1), o(2)]),
-                    2 => V::weighted_rows::<2>(&[p(0), p(1)], vptrs, hd, &[o(0), o(1)]),
-                    _ => V::weighted_rows::<1>(&[p(0)], vptrs, hd, &[o(0)]),
+                    3 => {
+                        VO::weighted_rows::<3>(&[p(0), p(1), p(2)], vptrs, hd, &[o(0), o(1), o(2)])
+                    }
+                    2 => VO::weighted_rows::<2>(&[p(0), p(1)], vptrs, hd, &[o(0), o(1)]),
+                    _ => VO::weighted_rows::<1>(&[p(0)], vptrs, hd, &[o(0)]),
                 }
                 r0 += nr;
             }
@@ -441,7 +624,7 @@ fn attend<V: VecOps<E>, E: KvElem>(
 }
 
 /// One tile of scores: `nk ≤ 4` keys by `nr ≤ 4` query rows, reported through `put(key, row, v)`.
-fn key_tile<V: VecOps<E>, E: KvElem>(
+fn key_tile<V: KeyOps<E>, E: KvElem>(
     keys: &[*const E; 4],
     nk: usize,
     rows: &[*const f32; 4],
@@ -449,7 +632,7 @@ fn key_tile<V: VecOps<E>, E: KvElem>(
     hd: usize,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
-    fn go<V: VecOps<E>, E: KvElem, const R: usize, const T: usize>(
+    fn go<V: KeyOps<E>, E: KvElem, const R: usize, const T: usize>(
         keys: &[*const E; 4],
         rows: &[*const f32; 4],
         hd: usize,
@@ -485,12 +668,137 @@ fn key_tile<V: VecOps<E>, E: KvElem>(
     }
 }
 
+/// Rotates each `hd`-value head of `rows` by the normalized Walsh–Hadamard matrix `H/√hd`
+/// (`hd` a power of two): orthogonal and its own inverse, so rotating queries and keys alike
+/// leaves every score unchanged while spreading a key's outlier channels over the whole head
+/// before it is quantized.
+pub fn hadamard_rotate(rows: &mut [f32], hd: usize) {
+    assert!(
+        hd.is_power_of_two(),
+        "Hadamard rotation of a head of {hd} values"
+    );
+    let norm = 1.0 / (hd as f32).sqrt();
+    for head in rows.chunks_exact_mut(hd) {
+        let mut h = 1;
+        while h < hd {
+            for i in (0..hd).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (head[j], head[j + h]);
+                    head[j] = a + b;
+                    head[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        head.iter_mut().for_each(|x| *x *= norm);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Cached rows of one type laid out as the cache lays them out.
+    enum Plane {
+        F32(Vec<f32>),
+        F16(Vec<u16>),
+        Q8(Vec<BlockQ8_0>),
+        Q4(Vec<BlockQ4_0>),
+    }
+
+    impl Plane {
+        fn view(&self) -> KvPlane<'_> {
+            match self {
+                Plane::F32(x) => KvPlane::F32(x),
+                Plane::F16(x) => KvPlane::F16(x),
+                Plane::Q8(x) => KvPlane::Q8_0(x),
+                Plane::Q4(x) => KvPlane::Q4_0(x),
+            }
+        }
+    }
+
+    /// `rows` stored in `kind` at `slot(j)` of `slots` slots of `stride` values, everything
+    /// else NaN (so a read of the wrong slot or past a head shows), and the rows as stored.
+    fn store(
+        kind: Kind,
+        rows: &[Vec<f32>],
+        slot: impl Fn(usize) -> usize,
+        slots: usize,
+        stride: usize,
+    ) -> (Plane, Vec<Vec<f32>>) {
+        let hd = rows[0].len();
+        let n = slots * stride;
+        let nan_half = 0x7E00u16;
+        let mut stored = Vec::new();
+        let plane = match kind {
+            Kind::F32 => {
+                let mut p = vec![f32::NAN; n];
+                for (j, r) in rows.iter().enumerate() {
+                    p[slot(j) * stride..][..hd].copy_from_slice(r);
+                    stored.push(r.clone());
+                }
+                Plane::F32(p)
+            }
+            Kind::F16 => {
+                let mut p = vec![nan_half; n];
+                for (j, r) in rows.iter().enumerate() {
+                    let h: Vec<u16> = r
+                        .iter()
+                        .map(|x| half::f16::from_f32(*x).to_bits())
+                        .collect();
+                    stored.push(h.iter().map(|b| f16(*b)).collect());
+                    p[slot(j) * stride..][..hd].copy_from_slice(&h);
+                }
+                Plane::F16(p)
+            }
+            Kind::Q8_0 | Kind::Q4_0 => {
+                let (nb, bs) = (n / KV_BLOCK, stride / KV_BLOCK);
+                let mut raw: Vec<Vec<u8>> = Vec::new();
+                let size = if kind == Kind::Q8_0 { 34 } else { 18 };
+                for _ in 0..nb {
+                    let mut b = vec![0u8; size];
+                    b[..2].copy_from_slice(&nan_half.to_le_bytes());
+                    raw.push(b);
+                }
+                for (j, r) in rows.iter().enumerate() {
+                    let mut back = Vec::new();
+                    for (i, x) in r.chunks_exact(KV_BLOCK).enumerate() {
+                        let x: &[f32; 32] = x.try_into().unwrap();
+                        let b = &mut raw[slot(j) * bs + i];
+                        let mut y = [0f32; 32];
+                        if kind == Kind::Q8_0 {
+                            let b: &mut [u8; 34] = b.as_mut_slice().try_into().unwrap();
+                            edgelm_quant::q8_0::quantize_block(x, b);
+                            edgelm_quant::q8_0::dequantize_block(b, &mut y);
+                        } else {
+                            let b: &mut [u8; 18] = b.as_mut_slice().try_into().unwrap();
+                            edgelm_quant::q4_0::quantize_block(x, b);
+                            edgelm_quant::q4_0::dequantize_block(b, &mut y);
+                        }
+                        back.extend_from_slice(&y);
+                    }
+                    stored.push(back);
+                }
+                if kind == Kind::Q8_0 {
+                    Plane::Q8(
+                        raw.iter()
+                            .map(|b| BlockQ8_0(b.as_slice().try_into().unwrap()))
+                            .collect(),
+                    )
+                } else {
+                    Plane::Q4(
+                        raw.iter()
+                            .map(|b| BlockQ4_0(b.as_slice().try_into().unwrap()))
+                            .collect(),
+                    )
+                }
+            }
+        };
+        (plane, stored)
+    }
+
     #[test]
-    fn grouped_attention_matches_plain_softmax_on_every_isa() {
+    fn grouped_attention_matches_plain_softmax_on_every_isa_and_type() {
         let mut seed = 0x5eed_u64;
         let mut rnd = || {
             seed ^= seed << 13;
@@ -498,9 +806,10 @@ mod tests {
             seed ^= seed << 17;
             (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
+        use Kind::*;
         // Head sizes off and on the 16-lane tile, head counts off and on the 3- and 4-row
-        // tiles, key counts off and on the 4-key tile.
-        // Key counts across several online-softmax blocks too.
+        // tiles, key counts off and on the 4-key tile and across several online-softmax
+        // blocks; quantized planes only where the head is whole blocks.
         for (hd, heads, n_keys) in [
             (24, 3, 17),
             (64, 4, 5),
@@ -510,15 +819,36 @@ mod tests {
             (256, 4, 300),
             (64, 2, 200),
             (16, 4, 129),
+            (96, 3, 70),
         ] {
-            check_attention(hd, heads, n_keys, &mut rnd);
+            for kinds in [
+                (F32, F32),
+                (F16, F16),
+                (Q8_0, Q8_0),
+                (Q4_0, Q4_0),
+                (Q8_0, F16),
+                (F16, Q4_0),
+                (Q4_0, Q8_0),
+            ] {
+                let quantized =
+                    kinds.0 != F32 && kinds.0 != F16 || kinds.1 == Q8_0 || kinds.1 == Q4_0;
+                if quantized && hd % KV_BLOCK != 0 {
+                    continue;
+                }
+                check_attention(hd, heads, n_keys, kinds, &mut rnd);
+            }
         }
     }
 
-    /// Against a float64 softmax, with f32 rows and with f16 rows (the reference then uses the
-    /// f16-rounded keys and values, so only the kernels' own rounding remains); NaN between the
-    /// rows shows any read past a head.
-    fn check_attention(hd: usize, heads: usize, n_keys: usize, rnd: &mut impl FnMut() -> f32) {
+    /// Against a float64 softmax over the keys and values as stored (so only the kernels' own
+    /// rounding remains).
+    fn check_attention(
+        hd: usize,
+        heads: usize,
+        n_keys: usize,
+        (kk, vk): (Kind, Kind),
+        rnd: &mut impl FnMut() -> f32,
+    ) {
         // Scores spread over tens of units, as real attention logits are.
         let q: Vec<f32> = (0..heads * hd).map(|_| rnd() * 4.0).collect();
         let mut rows = || -> Vec<Vec<f32>> {
@@ -527,92 +857,102 @@ mod tests {
                 .collect()
         };
         let (keys, values) = (rows(), rows());
-        let half = |rows: &[Vec<f32>]| -> Vec<Vec<u16>> {
-            rows.iter()
-                .map(|r| {
-                    r.iter()
-                        .map(|x| half::f16::from_f32(*x).to_bits())
-                        .collect()
-                })
-                .collect()
+        // Rows `stride` apart in blocks of four slots, as the cache lays them out; the blocks
+        // in reverse order with a spare block between, the keys starting one slot into the
+        // first block.
+        let quantized = [kk, vk]
+            .iter()
+            .any(|k| matches!(k, Kind::Q8_0 | Kind::Q4_0));
+        let stride = hd + if quantized { KV_BLOCK } else { 3 };
+        let (block_len, first) = (4, 1);
+        let n_blocks = (first + n_keys).div_ceil(block_len);
+        let blocks: Vec<u32> = (0..n_blocks).map(|b| (2 * (n_blocks - b)) as u32).collect();
+        let slots = (2 * n_blocks + 1) * block_len;
+        let slot = |j: usize| {
+            let p = first + j;
+            blocks[p / block_len] as usize * block_len + p % block_len
         };
-        let widen = |rows: &[Vec<u16>]| -> Vec<Vec<f32>> {
-            rows.iter()
-                .map(|r| {
-                    r.iter()
-                        .map(|x| half::f16::from_bits(*x).to_f32())
-                        .collect()
-                })
-                .collect()
+        let (kp, k_ref) = store(kk, &keys, slot, slots, stride);
+        let (vp, v_ref) = store(vk, &values, slot, slots, stride);
+        let kv = KvBlocks {
+            keys: kp.view(),
+            values: vp.view(),
+            stride,
+            block_len,
+            blocks: &blocks,
+            first,
+            n: n_keys,
         };
-        let (keys16, values16) = (half(&keys), half(&values));
         let scale = 0.3f32;
         for isa in Isa::available() {
             let c = Compute::new(isa, 1);
-            for f16 in [false, true] {
-                let mut out = vec![0f32; heads * hd];
-                // Rows `stride` apart in blocks of four slots, as the cache lays them out; the
-                // blocks in reverse order with a spare block between, the keys starting one
-                // slot into the first block, and NaN everywhere else, so a read of the wrong
-                // slot or past a head shows.
-                let (stride, block_len, first) = (hd + 3, 4, 1);
-                let n_blocks = (first + n_keys).div_ceil(block_len);
-                let blocks: Vec<u32> = (0..n_blocks).map(|b| (2 * (n_blocks - b)) as u32).collect();
-                let slots = (2 * n_blocks + 1) * block_len;
-                let mut k32 = vec![f32::NAN; slots * stride];
-                let mut v32 = k32.clone();
-                let mut k16 = vec![0x7E00u16; slots * stride];
-                let mut v16 = k16.clone();
-                for j in 0..n_keys {
-                    let p = first + j;
-                    let at = (blocks[p / block_len] as usize * block_len + p % block_len) * stride;
-                    k32[at..at + hd].copy_from_slice(&keys[j]);
-                    v32[at..at + hd].copy_from_slice(&values[j]);
-                    k16[at..at + hd].copy_from_slice(&keys16[j]);
-                    v16[at..at + hd].copy_from_slice(&values16[j]);
+            let mut out = vec![0f32; heads * hd];
+            c.attend_heads(&q, hd, &kv, scale, &mut Vec::new(), &mut out);
+            for r in 0..heads {
+                let s: Vec<f64> = k_ref
+                    .iter()
+                    .map(|k| {
+                        (0..hd)
+                            .map(|i| q[r * hd + i] as f64 * k[i] as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                for i in 0..hd {
+                    let want: f64 = (0..n_keys)
+                        .map(|j| (s[j] - max).exp() / z * v_ref[j][i] as f64)
+                        .sum();
+                    let got = out[r * hd + i] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "{isa} keys {kk:?} values {vk:?} hd {hd} heads {heads} keys {n_keys}: \
+                         head {r} dim {i}: {got} vs {want}"
+                    );
                 }
-                let kv = KvBlocks {
-                    rows: if f16 {
-                        KvRow::F16(&k16, &v16)
-                    } else {
-                        KvRow::F32(&k32, &v32)
-                    },
-                    stride,
-                    block_len,
-                    blocks: &blocks,
-                    first,
-                    n: n_keys,
-                };
-                c.attend_heads(&q, hd, &kv, scale, &mut Vec::new(), &mut out);
-                let (k_ref, v_ref) = if f16 {
-                    (widen(&keys16), widen(&values16))
-                } else {
-                    (keys.clone(), values.clone())
-                };
-                for r in 0..heads {
-                    let s: Vec<f64> = k_ref
+            }
+        }
+    }
+
+    #[test]
+    fn hadamard_rotation_is_orthogonal_and_its_own_inverse() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for hd in [1, 2, 8, 64, 256] {
+            let a: Vec<f32> = (0..3 * hd).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..3 * hd).map(|_| rnd()).collect();
+            let (mut ra, mut rb) = (a.clone(), b.clone());
+            hadamard_rotate(&mut ra, hd);
+            hadamard_rotate(&mut rb, hd);
+            for h in 0..3 {
+                let dot = |x: &[f32], y: &[f32]| -> f32 {
+                    x[h * hd..(h + 1) * hd]
                         .iter()
-                        .map(|k| {
-                            (0..hd)
-                                .map(|i| q[r * hd + i] as f64 * k[i] as f64)
-                                .sum::<f64>()
-                                * scale as f64
-                        })
-                        .collect();
-                    let max = s.iter().copied().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
-                    for i in 0..hd {
-                        let want: f64 = (0..n_keys)
-                            .map(|j| (s[j] - max).exp() / z * v_ref[j][i] as f64)
-                            .sum();
-                        let got = out[r * hd + i] as f64;
-                        assert!(
-                            (got - want).abs() < 1e-5,
-                            "{isa} f16 {f16} hd {hd} heads {heads} keys {n_keys}: head {r} \
-                             dim {i}: {got} vs {want}"
-                        );
-                    }
-                }
+                        .zip(&y[h * hd..(h + 1) * hd])
+                        .map(|(x, y)| x * y)
+                        .sum()
+                };
+                assert!(
+                    (dot(&a, &b) - dot(&ra, &rb)).abs() < 1e-4,
+                    "hd {hd}: a dot product changed"
+                );
+            }
+            // The first row of H is all ones: a constant head turns into one spike.
+            let mut ones = vec![1f32; hd];
+            hadamard_rotate(&mut ones, hd);
+            assert!((ones[0] - (hd as f32).sqrt()).abs() < 1e-4);
+            hadamard_rotate(&mut ra, hd);
+            for (x, y) in a.iter().zip(&ra) {
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "hd {hd}: rotating twice is not the identity"
+                );
             }
         }
     }

@@ -42,6 +42,12 @@ pub enum ModelError {
         needed: usize,
         n_ctx: usize,
     },
+    #[error("cannot shift the context (keep {keep}, drop {discard}): {reason}")]
+    ContextShift {
+        keep: usize,
+        discard: usize,
+        reason: String,
+    },
     #[error("the saved KV state cannot be restored here: {0}")]
     KvState(String),
     /// The memory planner's refusal, with what would fit (`DoesNotFit`'s message).

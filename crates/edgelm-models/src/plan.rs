@@ -1,7 +1,7 @@
 //! The memory planner: what a model will hold, from its metadata and the run's options alone,
 //! before anything is allocated — and, when that is more than the memory allowed, what would fit.
 
-use crate::kv::{KvCache, KvConfig, KvType};
+use crate::kv::{KvCache, KvConfig, KvType, KvTypes};
 use crate::{ModelError, Result, Scratch, Transformer, MAX_CHUNK};
 
 /// Bytes a model run needs at most, by kind.
@@ -48,8 +48,9 @@ pub struct DoesNotFit {
     pub max_ctx: Option<usize>,
     /// The most sequences that fit at the same context.
     pub max_seqs: Option<usize>,
-    /// The same context and sequences with an f16 cache, where the plan used f32 and that fits.
-    pub f16_fits: bool,
+    /// The largest KV type smaller than the plan's (keys and values alike) with which the same
+    /// context and sequences fit.
+    pub smaller_kv: Option<KvType>,
 }
 
 impl std::fmt::Display for DoesNotFit {
@@ -73,8 +74,14 @@ impl std::fmt::Display for DoesNotFit {
         if let Some(n) = self.max_seqs {
             fits.push(format!("{n} parallel sequences (--parallel {n})"));
         }
-        if self.f16_fits {
-            fits.push("the fast path's f16 KV cache (drop --precise)".to_owned());
+        match self.smaller_kv {
+            Some(KvType::F16) => {
+                fits.push("the fast path's f16 KV cache (drop --precise)".to_owned())
+            }
+            Some(t) => fits.push(format!(
+                "a {t} KV cache (--cache-type-k {t} --cache-type-v {t})"
+            )),
+            None => {}
         }
         if fits.is_empty() {
             write!(
@@ -134,17 +141,30 @@ pub fn check_fits(
         }
     }
     let max_seqs = (lo > 0).then_some(lo);
-    let f16_fits = kv.ty == KvType::F32
-        && fits(&KvConfig {
-            ty: KvType::F16,
+    // The largest KV type smaller than what was asked that fits, the same for keys and values.
+    let asked = kv.types.k.row_bytes(32) + kv.types.v.row_bytes(32);
+    let mut smaller_kv = None;
+    for ty in [KvType::F16, KvType::Q8_0, KvType::Q4_0] {
+        let cfg = KvConfig {
+            types: KvTypes {
+                k: ty,
+                v: ty,
+                ..kv.types
+            },
             ..kv.clone()
-        })?;
+        };
+        // A type this model's heads cannot hold is no suggestion.
+        if 2 * ty.row_bytes(32) < asked && matches!(fits(&cfg), Ok(true)) {
+            smaller_kv = Some(ty);
+            break;
+        }
+    }
     Ok(Err(DoesNotFit {
         plan,
         limit,
         max_ctx,
         max_seqs,
-        f16_fits,
+        smaller_kv,
     }))
 }
 

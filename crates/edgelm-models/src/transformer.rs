@@ -8,7 +8,7 @@ use crate::layers::{rms_norm, Activation, Rope};
 use crate::linear::{load_vector, Linear, WeightRef};
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
-use edgelm_kernels::{ActivationPrecision, Compute};
+use edgelm_kernels::{hadamard_rotate, ActivationPrecision, Compute};
 use std::sync::Arc;
 
 /// The largest chunk of a batch processed per layer pass; bounds the scratch and the blocks a
@@ -278,6 +278,41 @@ impl Transformer {
         all - table + touched.min(table)
     }
 
+    /// Context shift: drop positions `keep .. keep + discard` of `seq` (`discard` whole blocks)
+    /// and move the later ones down, re-rotating their keys to their new positions (undoing and
+    /// redoing the cache's Hadamard rotation around it). Their keys and values were computed
+    /// beside the dropped tokens, so later logits are an approximation llama.cpp's
+    /// `--context-shift` makes too; fails, changing nothing, where a sliding window already
+    /// released keys the shifted sequence reads.
+    pub fn shift_context(
+        &self,
+        cache: &mut KvCache,
+        seq: usize,
+        keep: usize,
+        discard: usize,
+    ) -> Result<()> {
+        cache.shift(seq, keep, discard)?;
+        let hd = self.hp.head_dim;
+        let rotated = cache.config().types.rotate_keys;
+        for (li, shape) in self.hp.layers.iter().enumerate() {
+            let rope = &shape.rope;
+            // The rotation by −discard: sin(−θ) = −sin θ, cos(−θ) = cos θ.
+            let mut back = vec![0f32; rope.n_rot];
+            rope.sin_cos(discard, &mut back);
+            back[..rope.n_rot / 2].iter_mut().for_each(|s| *s = -*s);
+            cache.update_keys(seq, li, keep, &mut |key| {
+                if rotated {
+                    hadamard_rotate(key, hd);
+                }
+                rope.rotate(key, hd, &back);
+                if rotated {
+                    hadamard_rotate(key, hd);
+                }
+            });
+        }
+        Ok(())
+    }
+
     /// Run a batch through the model, appending its keys and values to `cache`, and return the
     /// logits (and final hidden states) of the tokens that asked for them. Every sequence of the
     /// batch must be allocated in `cache`, and its tokens continue it.
@@ -436,6 +471,11 @@ impl Transformer {
             let sin_cos = |t: usize| &table[t * rope.n_rot..(t + 1) * rope.n_rot];
             c.par_chunks_mut(q, q_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
             c.par_chunks_mut(k, kv_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
+            if cache.config().types.rotate_keys {
+                // Queries turn with the keys, so every score is unchanged.
+                c.par_chunks_mut(q, q_dim, &|_, row| hadamard_rotate(row, hd));
+                c.par_chunks_mut(k, kv_dim, &|_, row| hadamard_rotate(row, hd));
+            }
             for t in 0..n {
                 cache.write(
                     seqs[t],

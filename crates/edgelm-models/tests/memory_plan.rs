@@ -58,8 +58,9 @@ fn a_run_over_the_limit_is_refused_with_what_fits() {
     let seqs = no.max_seqs.expect("fewer sequences fit");
     assert!((512..4096).contains(&ctx), "{ctx}");
     assert_eq!(seqs, 1, "{msg}");
-    // f16 halves the KV cache, still twice the room.
-    assert!(!no.f16_fits, "{msg}");
+    // f16 halves the KV cache, still twice the room; these heads (16 values) hold no
+    // quantized type.
+    assert_eq!(no.smaller_kv, None, "{msg}");
     // What it says fits does, and one block more does not.
     let at = kv(ctx, 4, KvType::F32);
     assert!(check_fits(&model, &at, 0, limit).unwrap().is_ok(), "{msg}");
@@ -76,8 +77,38 @@ fn a_run_over_the_limit_is_refused_with_what_fits() {
         .unwrap()
         .unwrap_err();
     assert_eq!(
-        (none.max_ctx, none.max_seqs, none.f16_fits),
-        (None, None, false)
+        (none.max_ctx, none.max_seqs, none.smaller_kv),
+        (None, None, None)
     );
     assert!(none.to_string().contains("smaller"), "{none}");
+}
+
+#[test]
+fn a_smaller_kv_type_is_offered_when_it_fits() {
+    let model = TinyModel::random(&Spec::k_quantizable(Arch::Qwen2), 2)
+        .load()
+        .unwrap();
+    let want = kv(4096, 4, KvType::F16);
+    let plan = memory_plan(&model, &want, 0).unwrap();
+    let q8 = memory_plan(&model, &kv(4096, 4, KvType::Q8_0), 0).unwrap();
+    let q4 = memory_plan(&model, &kv(4096, 4, KvType::Q4_0), 0).unwrap();
+    // q8_0 stores 34 bytes per 32 values, q4_0 18, f16 64.
+    assert_eq!(q8.kv_cache * 64, plan.kv_cache * 34);
+    assert_eq!(q4.kv_cache * 64, plan.kv_cache * 18);
+    for (limit, offered) in [
+        (q8.total(), Some(KvType::Q8_0)),
+        (q4.total(), Some(KvType::Q4_0)),
+        (q4.total() - 1, None),
+    ] {
+        let no = check_fits(&model, &want, 0, limit)
+            .unwrap()
+            .expect_err("over the limit");
+        assert_eq!(no.smaller_kv, offered, "{no}");
+        if let Some(t) = offered {
+            assert!(
+                no.to_string().contains(&format!("--cache-type-k {t}")),
+                "{no}"
+            );
+        }
+    }
 }

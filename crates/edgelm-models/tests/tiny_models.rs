@@ -8,7 +8,7 @@ mod common;
 use common::{reference_hidden, reference_logits, Arch, Flaw, Rng, Spec, TinyModel};
 use edgelm_gguf::{GgmlType, Value};
 use edgelm_kernels::{Compute, Isa};
-use edgelm_models::{Batch, KvCache, KvConfig, KvType, Model, ModelError, Scratch};
+use edgelm_models::{Batch, KvCache, KvConfig, KvType, KvTypes, Model, ModelError, Scratch};
 
 /// Absolute tolerance on logits of magnitude ~1 (f32 forward against the f64 reference).
 const TOL: f64 = 1e-4;
@@ -405,6 +405,154 @@ fn quantized_weights_match_reference() {
     }
 }
 
+/// Quantized caches stay near the reference, q8_0 nearer than q4_0; rotating keys changes no
+/// score (f16 keys rotated or not agree to rounding); and heads that are not whole blocks are
+/// refused by name.
+#[test]
+fn quantized_kv_caches_stay_near_reference() {
+    for arch in Arch::ALL {
+        let m = TinyModel::random(&Spec::k_quantizable(arch), 12);
+        let model = load(&m);
+        let tokens = Rng::new(13).tokens(SEQ_LEN, m.spec.n_vocab);
+        let want = reference_logits(&m, &tokens, Flaw::None);
+        for c in computes() {
+            let err = |k: KvType, v: KvType, rotate_keys: bool| {
+                let cfg = KvConfig::new(32, KvTypes { k, v, rotate_keys });
+                let mut cache = KvCache::new(&model.hp, cfg).unwrap();
+                let seq = cache.alloc();
+                let mut got = in_steps(&model, &c, &mut cache, seq, &tokens[..5], 0, 5);
+                got.extend(in_steps(&model, &c, &mut cache, seq, &tokens, 5, 1));
+                max_err(&got, &want)
+            };
+            let what = format!("{} {}", arch.name(), c.isa());
+            let f16 = err(KvType::F16, KvType::F16, false);
+            let f16_rotated = err(KvType::F16, KvType::F16, true);
+            let q8 = err(KvType::Q8_0, KvType::Q8_0, false);
+            let q8_rotated = err(KvType::Q8_0, KvType::Q8_0, true);
+            let q4 = err(KvType::Q4_0, KvType::Q4_0, false);
+            let q4_rotated = err(KvType::Q4_0, KvType::Q4_0, true);
+            let mixed = err(KvType::Q8_0, KvType::Q4_0, true);
+            eprintln!(
+                "{what}: largest logit error, f16 {f16:.1e} (keys rotated {f16_rotated:.1e}), \
+                 q8_0 {q8:.1e} ({q8_rotated:.1e}), q4_0 {q4:.1e} ({q4_rotated:.1e}), \
+                 q8_0 keys with q4_0 values {mixed:.1e}"
+            );
+            // A rotation of keys without queries (or the reverse) would move logits by units.
+            assert!(
+                f16 < 3e-3 && f16_rotated < 3e-3,
+                "{what}: f16 {f16} / {f16_rotated}"
+            );
+            assert!(
+                q8 < 0.1 && q8_rotated < 0.1,
+                "{what}: q8_0 {q8} / {q8_rotated}"
+            );
+            assert!(
+                q4 < 1.5 && q4_rotated < 1.5 && mixed < 1.5,
+                "{what}: q4_0 {q4}"
+            );
+            assert!(
+                q8 < q4 && q8_rotated < q4_rotated,
+                "{what}: q8_0 above q4_0"
+            );
+        }
+        let e = KvCache::new(
+            &load(&TinyModel::random(&Spec::tiny(arch), 12)).hp,
+            KvConfig::new(32, KvType::Q8_0),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("blocks of 32"), "{e}");
+    }
+}
+
+/// Context shift on one-layer models (whose keys depend only on their token and position, so a
+/// shifted cache is what a fresh run over the kept tokens makes): teacher-forced logits after the
+/// shift equal the fresh run's, for exact, f16 and quantized rotated caches.
+#[test]
+fn context_shift_equals_a_fresh_run_over_the_kept_tokens() {
+    let (keep, discard, held, next) = (3, 8, 24, 6);
+    for arch in Arch::ALL {
+        for (spec, types, tol) in [
+            (Spec::tiny(arch), KvTypes::from(KvType::F32), 1e-4),
+            (
+                Spec::k_quantizable(arch),
+                KvTypes {
+                    k: KvType::F16,
+                    v: KvType::F16,
+                    rotate_keys: true,
+                },
+                5e-3,
+            ),
+            (
+                Spec::k_quantizable(arch),
+                KvTypes {
+                    k: KvType::Q8_0,
+                    v: KvType::Q8_0,
+                    rotate_keys: true,
+                },
+                0.1,
+            ),
+        ] {
+            let m = TinyModel::random(&Spec { n_layer: 1, ..spec }, 21);
+            let model = load(&m);
+            let c = Compute::new(Isa::detect(), 2);
+            let tokens = Rng::new(5).tokens(held + next, m.spec.n_vocab);
+            let cfg = KvConfig {
+                block_len: 4,
+                ..KvConfig::new(32, types)
+            };
+            let mut cache = KvCache::new(&model.hp, cfg.clone()).unwrap();
+            let seq = cache.alloc();
+            in_steps(&model, &c, &mut cache, seq, &tokens[..held], 0, 5);
+            model.shift_context(&mut cache, seq, keep, discard).unwrap();
+            let kept: Vec<u32> = [&tokens[..keep], &tokens[keep + discard..]].concat();
+            assert_eq!(cache.tokens(seq), &kept[..held - discard]);
+            let got = in_steps(&model, &c, &mut cache, seq, &kept, held - discard, 1);
+
+            let mut fresh = KvCache::new(&model.hp, cfg).unwrap();
+            let f = fresh.alloc();
+            let want = in_steps(&model, &c, &mut fresh, f, &kept, 0, 4);
+            let want: Vec<Vec<f64>> = want[held - discard..]
+                .iter()
+                .map(|r| r.iter().map(|&x| x as f64).collect())
+                .collect();
+            let err = max_err(&got, &want);
+            assert!(
+                err <= tol,
+                "{} {types}: shifted logits off by {err:.2e}",
+                arch.name()
+            );
+        }
+    }
+}
+
+/// A shift whose window already released keys it would read is refused, changing nothing.
+#[test]
+fn context_shift_refuses_what_a_window_released() {
+    let m = TinyModel::random(&Spec::tiny(Arch::Gemma3), 3);
+    let model = load(&m);
+    let c = Compute::new(Isa::detect(), 2);
+    let tokens = Rng::new(5).tokens(28, m.spec.n_vocab);
+    let cfg = KvConfig {
+        block_len: 4,
+        ..KvConfig::new(32, KvType::F32)
+    };
+    let mut cache = KvCache::new(&model.hp, cfg).unwrap();
+    let seq = cache.alloc();
+    in_steps(&model, &c, &mut cache, seq, &tokens, 0, 4);
+    let before = cache.stats();
+    // Keeping 13 of 16 needs position 12 beside the moved ones, and the window (5) let it go.
+    let e = model.shift_context(&mut cache, seq, 13, 12).unwrap_err();
+    assert!(e.to_string().contains("sliding window"), "{e}");
+    let e = model.shift_context(&mut cache, seq, 4, 6).unwrap_err();
+    assert!(e.to_string().contains("whole blocks"), "{e}");
+    assert_eq!((cache.stats(), cache.tokens(seq)), (before, &tokens[..]));
+    // Keeping 12 (a block boundary) needs nothing released.
+    model.shift_context(&mut cache, seq, 12, 12).unwrap();
+    assert_eq!(cache.seq_len(seq), 16);
+    let kept = [&tokens[..12], &tokens[24..]].concat();
+    assert_eq!(cache.tokens(seq), &kept[..]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors: each names what is wrong.
 
@@ -637,16 +785,26 @@ fn full_context_is_reported() {
 #[test]
 fn saved_state_restores_and_bad_states_are_refused() {
     for arch in [Arch::Qwen2, Arch::Gemma3] {
-        let m = TinyModel::random(&Spec::tiny(arch), 12);
-        let model = load(&m);
-        let c = Compute::new(Isa::detect(), 2);
-        let tokens = Rng::new(13).tokens(4 * SEQ_LEN, m.spec.n_vocab);
-        let split = 3 * SEQ_LEN + 1;
-        for ty in [KvType::F32, KvType::F16] {
+        // Quantized caches need heads of whole 32-value blocks.
+        let quantized = KvTypes {
+            k: KvType::Q8_0,
+            v: KvType::Q4_0,
+            rotate_keys: true,
+        };
+        for (spec, types) in [
+            (Spec::tiny(arch), KvType::F32.into()),
+            (Spec::tiny(arch), KvType::F16.into()),
+            (Spec::k_quantizable(arch), quantized),
+        ] {
+            let m = TinyModel::random(&spec, 12);
+            let model = load(&m);
+            let c = Compute::new(Isa::detect(), 2);
+            let tokens = Rng::new(13).tokens(4 * SEQ_LEN, m.spec.n_vocab);
+            let split = 3 * SEQ_LEN + 1;
             let cfg = KvConfig {
                 block_len: 4,
                 max_seqs: 2,
-                ..KvConfig::new(64, ty)
+                ..KvConfig::new(64, types)
             };
             let mut original = KvCache::new(&model.hp, cfg.clone()).unwrap();
             let seq = original.alloc();
@@ -656,7 +814,7 @@ fn saved_state_restores_and_bad_states_are_refused() {
 
             let mut restored = KvCache::new(&model.hp, cfg.clone()).unwrap();
             let before = restored.stats();
-            let what = format!("{} {ty:?}", arch.name());
+            let what = format!("{} {types}", arch.name());
             for bad in [
                 &state[..state.len() - 1],
                 &state[..state.len() / 2],
@@ -671,19 +829,28 @@ fn saved_state_restores_and_bad_states_are_refused() {
                     "{what}: a refused state changed the cache"
                 );
             }
-            let other = KvConfig {
-                ty: if ty == KvType::F32 {
+            let others = [
+                KvTypes::from(if types.k == KvType::F32 {
                     KvType::F16
                 } else {
                     KvType::F32
+                }),
+                KvTypes {
+                    rotate_keys: !types.rotate_keys,
+                    ..types
                 },
-                ..cfg.clone()
-            };
-            let e = KvCache::new(&model.hp, other)
-                .unwrap()
-                .load_state(&state)
-                .unwrap_err();
-            assert!(e.to_string().contains("KV cache"), "{what}: {e}");
+            ];
+            for other in others {
+                let other_cfg = KvConfig {
+                    types: other,
+                    ..cfg.clone()
+                };
+                let e = KvCache::new(&model.hp, other_cfg)
+                    .unwrap()
+                    .load_state(&state)
+                    .unwrap_err();
+                assert!(e.to_string().contains("KV cache"), "{what} vs {other}: {e}");
+            }
             let blocks = KvConfig {
                 block_len: 8,
                 ..cfg.clone()

@@ -244,6 +244,7 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
             step_tokens: STEP_TOKENS,
             kv_budget: args.kv_budget,
             prefix_cache: true,
+            context_shift: None,
         },
     )
     .context("setting up the scheduler (check --parallel, --ctx and --kv-budget)")?;

@@ -1,6 +1,7 @@
 pub mod avx2;
 mod avx2_interleaved;
 mod avx2_kquants;
+pub mod avx2_kv;
 mod avx2_legacy;
 pub mod avx2_quant;
 pub mod avx512_attention;

@@ -14,6 +14,7 @@
 //! blocks (the forward pass calls [`KvCache::reserve`] before writing).
 
 mod prefix;
+mod shift;
 mod state;
 mod store;
 
@@ -30,21 +31,95 @@ pub(crate) const HOLE: u32 = u32::MAX;
 /// little, large enough that a block of a 64-wide kv head is 2 KiB of f16 rows per layer.
 pub const DEFAULT_BLOCK_LEN: usize = 16;
 
-/// How the cache stores keys and values.
+/// How the cache stores keys or values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvType {
     F32,
     F16,
+    /// Blocks of 32 values as an f16 scale and 32 signed bytes (34 bytes).
+    Q8_0,
+    /// Blocks of 32 values as an f16 scale and 32 nibbles (18 bytes).
+    Q4_0,
 }
 
 impl KvType {
-    /// Bytes of `n` cached values (one row of keys or values).
+    pub const ALL: [KvType; 4] = [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0];
+
+    /// Bytes of `n` cached values (one row of keys or values; whole blocks for the quantized
+    /// types).
     pub fn row_bytes(self, n: usize) -> u64 {
-        n as u64
-            * match self {
-                KvType::F32 => 4,
-                KvType::F16 => 2,
-            }
+        let n = n as u64;
+        match self {
+            KvType::F32 => 4 * n,
+            KvType::F16 => 2 * n,
+            KvType::Q8_0 => n.div_ceil(32) * 34,
+            KvType::Q4_0 => n.div_ceil(32) * 18,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        matches!(self, KvType::Q8_0 | KvType::Q4_0)
+    }
+
+    /// The name llama.cpp's `--cache-type-k` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<KvType, String> {
+        KvType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown KV cache type {s:?}: use f32, f16, q8_0 or q4_0"))
+    }
+}
+
+/// The types of the cached keys and values, and whether keys are rotated first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
+    /// Rotate every key head (and query head alike, so scores stay the same) by a normalized
+    /// Hadamard matrix before caching: outlier channels spread over the head, so quantized keys
+    /// lose less.
+    pub rotate_keys: bool,
+}
+
+impl From<KvType> for KvTypes {
+    fn from(ty: KvType) -> KvTypes {
+        KvTypes {
+            k: ty,
+            v: ty,
+            rotate_keys: false,
+        }
+    }
+}
+
+impl std::fmt::Display for KvTypes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.k == self.v {
+            write!(f, "{}", self.k)?;
+        } else {
+            write!(f, "{} keys, {} values", self.k, self.v)?;
+        }
+        if self.rotate_keys {
+            f.write_str(" (keys rotated)")?;
+        }
+        Ok(())
     }
 }
 
@@ -53,7 +128,7 @@ impl KvType {
 pub struct KvConfig {
     /// The most positions one sequence may hold.
     pub n_ctx: usize,
-    pub ty: KvType,
+    pub types: KvTypes,
     /// Positions per block (a power of two).
     pub block_len: usize,
     /// Sequences alive at once (forks included): sizes the sliding-window pools.
@@ -66,10 +141,10 @@ pub struct KvConfig {
 
 impl KvConfig {
     /// One sequence of up to `n_ctx` positions, no prefix cache.
-    pub fn new(n_ctx: usize, ty: KvType) -> KvConfig {
+    pub fn new(n_ctx: usize, types: impl Into<KvTypes>) -> KvConfig {
         KvConfig {
             n_ctx,
-            ty,
+            types: types.into(),
             block_len: DEFAULT_BLOCK_LEN,
             max_seqs: 1,
             budget: None,
@@ -103,6 +178,9 @@ struct Seq {
     tables: Vec<Vec<u32>>,
     /// Prefix-index keys of the full blocks (kept only with the prefix cache on).
     keys: Vec<u64>,
+    /// A context shift moved keys computed beside dropped tokens: blocks from `keys.len()` on
+    /// hold what no fresh run over the tokens would, so they are never indexed.
+    shifted: bool,
 }
 
 /// Sizes of one layer group, derived from the model and the config alone.
@@ -137,7 +215,7 @@ impl KvCache {
         }
         let groups = plans
             .iter()
-            .map(|p| Group::new(p.window, &p.kv_dims, p.n_blocks, cfg.block_len, cfg.ty))
+            .map(|p| Group::new(p.window, &p.kv_dims, p.n_blocks, cfg.block_len, cfg.types))
             .collect();
         Ok(KvCache {
             cfg,
@@ -165,6 +243,21 @@ impl KvCache {
                 cfg.n_ctx, cfg.max_seqs
             )));
         }
+        let t = cfg.types;
+        if (t.k.is_quantized() || t.v.is_quantized()) && !hp.head_dim.is_multiple_of(32) {
+            return Err(ModelError::KvConfig(format!(
+                "a {t} KV cache stores blocks of 32 values, and this model's heads have {}; \
+                 use f16",
+                hp.head_dim
+            )));
+        }
+        if t.rotate_keys && !hp.head_dim.is_power_of_two() {
+            return Err(ModelError::KvConfig(format!(
+                "keys are rotated by a Hadamard matrix of the head size, a power of two, and \
+                 this model's heads have {}; leave the rotation off",
+                hp.head_dim
+            )));
+        }
         let mut plans: Vec<GroupPlan> = Vec::new();
         for (l, shape) in hp.layers.iter().enumerate() {
             // A window as long as the context never releases anything: it is a full layer.
@@ -187,7 +280,11 @@ impl KvCache {
         let seq_blocks = cfg.n_ctx.div_ceil(b);
         let mut windowed_bytes = 0u64;
         for p in &mut plans {
-            p.block_bytes = 2 * cfg.ty.row_bytes(p.kv_dims.iter().sum::<usize>() * b);
+            p.block_bytes = p
+                .kv_dims
+                .iter()
+                .map(|&d| b as u64 * (t.k.row_bytes(d) + t.v.row_bytes(d)))
+                .sum();
             if let Some(w) = p.window {
                 // A forward chunk of at most MAX_CHUNK positions at p needs keys from
                 // p + 1 - window on, and one block of slack is kept (`reserve_blocks`), so a
@@ -244,6 +341,7 @@ impl KvCache {
             tokens: Vec::new(),
             tables: vec![Vec::new(); self.groups.len()],
             keys: Vec::new(),
+            shifted: false,
         };
         match self.seqs.iter().position(Option::is_none) {
             Some(id) => {
@@ -527,7 +625,7 @@ impl KvCache {
         let s = self.seqs[seq].as_mut().expect("reserved sequence");
         let before = s.tokens.len() / b;
         s.tokens.extend_from_slice(tokens);
-        if !self.cfg.prefix_cache {
+        if !self.cfg.prefix_cache || s.shifted {
             return;
         }
         for i in before..s.tokens.len() / b {
@@ -581,9 +679,10 @@ impl KvCache {
         cols: std::ops::Range<usize>,
     ) -> KvBlocks<'_> {
         let (g, i) = self.layer_slot[layer];
-        let (rows, stride) = self.groups[g].rows(i, cols.start);
+        let (keys, values, stride) = self.groups[g].planes(i, cols.start);
         KvBlocks {
-            rows,
+            keys,
+            values,
             stride,
             block_len: self.cfg.block_len,
             blocks: &self.seqs[seq].as_ref().expect("reserved sequence").tables[g],

@@ -3,12 +3,13 @@
 //! them instead of recomputing. The file around it (model identity, version, checksum) is the
 //! engine's session format.
 //!
-//! Layout, little-endian: KV type (u8: 0 f32, 1 f16), block length (u32), token count (u64), the tokens (u32 each),
+//! Layout, little-endian: key type, value type (u8 each: 0 f32, 1 f16, 2 q8_0, 3 q4_0), keys
+//! rotated (u8: 0 or 1), block length (u32), token count (u64), the tokens (u32 each),
 //! group count (u32); per group its window (u64, `u64::MAX` for none), layer count (u32), each
 //! layer's key width (u32), the first position kept (u64); then, per group, per position kept,
-//! per layer: the key, then the value, in the KV type.
+//! per layer: the key, then the value, as their types store them.
 
-use super::{KvCache, KvType, SeqId};
+use super::{KvCache, KvType, KvTypes, SeqId};
 use crate::{ModelError, Result, MAX_CHUNK};
 
 const NO_WINDOW: u64 = u64::MAX;
@@ -51,7 +52,32 @@ fn type_code(ty: KvType) -> u8 {
     match ty {
         KvType::F32 => 0,
         KvType::F16 => 1,
+        KvType::Q8_0 => 2,
+        KvType::Q4_0 => 3,
     }
+}
+
+fn read_types(r: &mut Reader<'_>) -> Result<KvTypes> {
+    let mut ty = || -> Result<KvType> {
+        let code = r.u8("the KV types")?;
+        KvType::ALL
+            .into_iter()
+            .find(|&t| type_code(t) == code)
+            .ok_or_else(|| bad(format!("its KV type code {code} is not known")))
+    };
+    let (k, v) = (ty()?, ty()?);
+    let rotate_keys = match r.u8("the key rotation")? {
+        0 => false,
+        1 => true,
+        x => return Err(bad(format!("its key-rotation flag is {x}, not 0 or 1"))),
+    };
+    Ok(KvTypes { k, v, rotate_keys })
+}
+
+/// Bytes of one position of `dims`-wide layers: each key, then its value.
+fn position_bytes(types: KvTypes, dims: impl Iterator<Item = usize>) -> usize {
+    dims.map(|d| (types.k.row_bytes(d) + types.v.row_bytes(d)) as usize)
+        .sum()
 }
 
 impl KvCache {
@@ -61,7 +87,8 @@ impl KvCache {
         let b = self.cfg.block_len;
         let len = s.tokens.len();
         let mut out = Vec::new();
-        out.push(type_code(self.cfg.ty));
+        let t = self.cfg.types;
+        out.extend_from_slice(&[type_code(t.k), type_code(t.v), t.rotate_keys as u8]);
         out.extend_from_slice(&(b as u32).to_le_bytes());
         out.extend_from_slice(&(len as u64).to_le_bytes());
         for t in &s.tokens {
@@ -102,13 +129,12 @@ impl KvCache {
     /// not match this cache, is longer than its context, or does not fit.
     pub fn load_state(&mut self, state: &[u8]) -> Result<SeqId> {
         let mut r = Reader(state);
-        let ty = r.u8("the KV type")?;
-        if ty != type_code(self.cfg.ty) {
+        let types = read_types(&mut r)?;
+        if types != self.cfg.types {
             return Err(bad(format!(
-                "it holds a {} KV cache and this run keeps {:?}; use the same cache type \
-                 (--precise keeps f32)",
-                if ty == 0 { "F32" } else { "F16" },
-                self.cfg.ty
+                "it holds a {types} KV cache and this run keeps {}; use the same \
+                 --cache-type-k/-v and --rotate-keys (--precise keeps f32)",
+                self.cfg.types
             )));
         }
         let block_len = r.u32("the block length")? as usize;
@@ -155,12 +181,11 @@ impl KvCache {
             }
             firsts.push(first);
         }
-        let elem = self.cfg.ty.row_bytes(1) as usize;
         let need: usize = self
             .groups
             .iter()
             .zip(&firsts)
-            .map(|(g, &first)| (len - first) * g.kv_dims().sum::<usize>() * 2 * elem)
+            .map(|(g, &first)| (len - first) * position_bytes(types, g.kv_dims()))
             .sum();
         if r.0.len() != need {
             return Err(bad(format!(
@@ -176,7 +201,7 @@ impl KvCache {
         let mut at = 0;
         for (g, &first) in self.groups.iter().zip(&firsts) {
             offsets.push(at);
-            at += (len - first) * g.kv_dims().sum::<usize>() * 2 * elem;
+            at += (len - first) * position_bytes(types, g.kv_dims());
         }
         let mut start = 0;
         while start < len {
@@ -188,13 +213,14 @@ impl KvCache {
             let mut s = self.seqs[seq].take().expect("allocated above");
             for (g, group) in self.groups.iter_mut().enumerate() {
                 let dims: Vec<usize> = group.kv_dims().collect();
-                let row_bytes = dims.iter().sum::<usize>() * 2 * elem;
+                let row_bytes = position_bytes(types, dims.iter().copied());
                 for pos in start.max(firsts[g])..start + count {
                     let slot = s.tables[g][pos / b] as usize * b + pos % b;
                     let mut from = offsets[g] + (pos - firsts[g]) * row_bytes;
                     for (layer, &d) in dims.iter().enumerate() {
-                        let n = d * 2 * elem;
-                        group.load_slot(layer, slot, &data[from..from + n]);
+                        let key = types.k.row_bytes(d) as usize;
+                        let n = key + types.v.row_bytes(d) as usize;
+                        group.load_slot(layer, slot, &data[from..from + n], key);
                         from += n;
                     }
                 }

@@ -1,120 +1,154 @@
 //! Block storage of one layer group: every layer's keys and values for `n_blocks` blocks of
 //! `block_len` positions, and the bookkeeping of which blocks are held, cached or free.
 
-use super::KvType;
-use edgelm_kernels::KvRow;
+use super::{KvType, KvTypes};
+use edgelm_kernels::{BlockQ4_0, BlockQ8_0, KvPlane, KV_BLOCK};
+use edgelm_quant::{q4_0, q8_0};
 use half::f16;
 use std::collections::BTreeSet;
+use std::ops::Range;
 
-/// Keys and values of one layer, slot after slot (`kv_dim` values each), in the cache's type.
+/// Keys or values of one layer, slot after slot (`kv_dim` values each), in the cache's type;
+/// quantized types hold whole blocks of [`KV_BLOCK`] values (the planner checks the widths).
 #[derive(Debug)]
-enum Rows {
-    F32 {
-        k: Vec<f32>,
-        v: Vec<f32>,
-    },
+enum Plane {
+    F32(Vec<f32>),
     /// f16 bit patterns.
-    F16 {
-        k: Vec<u16>,
-        v: Vec<u16>,
-    },
+    F16(Vec<u16>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q4_0(Vec<BlockQ4_0>),
 }
 
-impl Rows {
-    /// Zeroed rows: the allocator maps them lazily, so memory becomes resident only as blocks
-    /// are first written, and freed blocks are reused lowest-first.
-    fn zeroed(ty: KvType, n: usize) -> Rows {
+impl Plane {
+    /// `n` zeroed values: the allocator maps them lazily, so memory becomes resident only as
+    /// blocks are first written, and freed blocks are reused lowest-first.
+    fn zeroed(ty: KvType, n: usize) -> Plane {
+        let blocks = n / KV_BLOCK;
         match ty {
-            KvType::F32 => Rows::F32 {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
-            },
-            KvType::F16 => Rows::F16 {
-                k: vec![0; n],
-                v: vec![0; n],
-            },
+            KvType::F32 => Plane::F32(vec![0.0; n]),
+            KvType::F16 => Plane::F16(vec![0; n]),
+            KvType::Q8_0 => Plane::Q8_0(vec![BlockQ8_0([0; 34]); blocks]),
+            KvType::Q4_0 => Plane::Q4_0(vec![BlockQ4_0([0; 18]); blocks]),
         }
     }
 
-    fn write(&mut self, at: usize, key: &[f32], value: &[f32]) {
-        fn half(dst: &mut [u16], src: &[f32]) {
-            dst.iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = f16::from_f32(*s).to_bits());
-        }
+    /// Stores `x` from value `at` (quantized planes: a block boundary).
+    fn write(&mut self, at: usize, x: &[f32]) {
+        let block = |i: usize| -> &[f32; KV_BLOCK] {
+            x[i * KV_BLOCK..(i + 1) * KV_BLOCK]
+                .try_into()
+                .expect("whole blocks")
+        };
         match self {
-            Rows::F32 { k, v } => {
-                k[at..at + key.len()].copy_from_slice(key);
-                v[at..at + value.len()].copy_from_slice(value);
+            Plane::F32(p) => p[at..at + x.len()].copy_from_slice(x),
+            Plane::F16(p) => p[at..at + x.len()]
+                .iter_mut()
+                .zip(x)
+                .for_each(|(d, s)| *d = f16::from_f32(*s).to_bits()),
+            Plane::Q8_0(p) => {
+                for (i, b) in p[at / KV_BLOCK..][..x.len() / KV_BLOCK]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    q8_0::quantize_block(block(i), &mut b.0);
+                }
             }
-            Rows::F16 { k, v } => {
-                half(&mut k[at..at + key.len()], key);
-                half(&mut v[at..at + value.len()], value);
+            Plane::Q4_0(p) => {
+                for (i, b) in p[at / KV_BLOCK..][..x.len() / KV_BLOCK]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    q4_0::quantize_block(block(i), &mut b.0);
+                }
             }
         }
     }
 
-    fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+    /// Copies values `src` to value `dst` (block boundaries for quantized planes).
+    fn copy_within(&mut self, src: Range<usize>, dst: usize) {
+        let blocks = |r: &Range<usize>| r.start / KV_BLOCK..r.end / KV_BLOCK;
         match self {
-            Rows::F32 { k, v } => {
-                k.copy_within(src.clone(), dst);
-                v.copy_within(src, dst);
-            }
-            Rows::F16 { k, v } => {
-                k.copy_within(src.clone(), dst);
-                v.copy_within(src, dst);
-            }
+            Plane::F32(p) => p.copy_within(src, dst),
+            Plane::F16(p) => p.copy_within(src, dst),
+            Plane::Q8_0(p) => p.copy_within(blocks(&src), dst / KV_BLOCK),
+            Plane::Q4_0(p) => p.copy_within(blocks(&src), dst / KV_BLOCK),
         }
     }
 
-    /// Appends `n` values of keys then `n` of values from `at`, little-endian in the cache's type.
+    /// Appends `n` values from `at`, raw and little-endian, as the type stores them.
     fn save(&self, at: usize, n: usize, out: &mut Vec<u8>) {
         match self {
-            Rows::F32 { k, v } => {
-                for x in k[at..at + n].iter().chain(&v[at..at + n]) {
-                    out.extend_from_slice(&x.to_le_bytes());
-                }
-            }
-            Rows::F16 { k, v } => {
-                for x in k[at..at + n].iter().chain(&v[at..at + n]) {
-                    out.extend_from_slice(&x.to_le_bytes());
-                }
-            }
+            Plane::F32(p) => p[at..at + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Plane::F16(p) => p[at..at + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Plane::Q8_0(p) => p[at / KV_BLOCK..(at + n) / KV_BLOCK]
+                .iter()
+                .for_each(|b| out.extend_from_slice(&b.0)),
+            Plane::Q4_0(p) => p[at / KV_BLOCK..(at + n) / KV_BLOCK]
+                .iter()
+                .for_each(|b| out.extend_from_slice(&b.0)),
         }
     }
 
-    /// The inverse of [`Rows::save`]: `bytes` holds exactly `n` keys then `n` values.
+    /// The inverse of [`Plane::save`]: `bytes` holds exactly `n` values.
     fn load(&mut self, at: usize, n: usize, bytes: &[u8]) {
         match self {
-            Rows::F32 { k, v } => {
-                let mut it = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                k[at..at + n]
-                    .iter_mut()
-                    .for_each(|d| *d = it.next().unwrap_or(0.0));
-                v[at..at + n]
-                    .iter_mut()
-                    .for_each(|d| *d = it.next().unwrap_or(0.0));
+            Plane::F32(p) => p[at..at + n]
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Plane::F16(p) => p[at..at + n]
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(d, c)| *d = u16::from_le_bytes([c[0], c[1]])),
+            Plane::Q8_0(p) => p[at / KV_BLOCK..(at + n) / KV_BLOCK]
+                .iter_mut()
+                .zip(bytes.chunks_exact(34))
+                .for_each(|(d, c)| d.0.copy_from_slice(c)),
+            Plane::Q4_0(p) => p[at / KV_BLOCK..(at + n) / KV_BLOCK]
+                .iter_mut()
+                .zip(bytes.chunks_exact(18))
+                .for_each(|(d, c)| d.0.copy_from_slice(c)),
+        }
+    }
+
+    /// Widens `out.len()` values from `at` into `out`.
+    fn read(&self, at: usize, out: &mut [f32]) {
+        match self {
+            Plane::F32(p) => out.copy_from_slice(&p[at..at + out.len()]),
+            Plane::F16(p) => out
+                .iter_mut()
+                .zip(&p[at..])
+                .for_each(|(o, h)| *o = f16::from_bits(*h).to_f32()),
+            Plane::Q8_0(p) => {
+                for (b, o) in p[at / KV_BLOCK..]
+                    .iter()
+                    .zip(out.chunks_exact_mut(KV_BLOCK))
+                {
+                    q8_0::dequantize_block(&b.0, o.try_into().expect("whole blocks"));
+                }
             }
-            Rows::F16 { k, v } => {
-                let mut it = bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]));
-                k[at..at + n]
-                    .iter_mut()
-                    .for_each(|d| *d = it.next().unwrap_or(0));
-                v[at..at + n]
-                    .iter_mut()
-                    .for_each(|d| *d = it.next().unwrap_or(0));
+            Plane::Q4_0(p) => {
+                for (b, o) in p[at / KV_BLOCK..]
+                    .iter()
+                    .zip(out.chunks_exact_mut(KV_BLOCK))
+                {
+                    q4_0::dequantize_block(&b.0, o.try_into().expect("whole blocks"));
+                }
             }
         }
     }
 
-    fn from(&self, at: usize) -> KvRow<'_> {
+    /// The plane from value `at` on (a block boundary for quantized planes).
+    fn from(&self, at: usize) -> KvPlane<'_> {
         match self {
-            Rows::F32 { k, v } => KvRow::F32(&k[at..], &v[at..]),
-            Rows::F16 { k, v } => KvRow::F16(&k[at..], &v[at..]),
+            Plane::F32(p) => KvPlane::F32(&p[at..]),
+            Plane::F16(p) => KvPlane::F16(&p[at..]),
+            Plane::Q8_0(p) => KvPlane::Q8_0(&p[at / KV_BLOCK..]),
+            Plane::Q4_0(p) => KvPlane::Q4_0(&p[at / KV_BLOCK..]),
         }
     }
 }
@@ -122,7 +156,8 @@ impl Rows {
 #[derive(Debug)]
 struct LayerRows {
     kv_dim: usize,
-    rows: Rows,
+    keys: Plane,
+    values: Plane,
 }
 
 /// Layers that share a window (or none) share block tables: one block holds `block_len`
@@ -151,7 +186,7 @@ impl Group {
         kv_dims: &[usize],
         n_blocks: usize,
         block_len: usize,
-        ty: KvType,
+        types: KvTypes,
     ) -> Group {
         Group {
             window,
@@ -160,7 +195,8 @@ impl Group {
                 .iter()
                 .map(|&kv_dim| LayerRows {
                     kv_dim,
-                    rows: Rows::zeroed(ty, n_blocks * block_len * kv_dim),
+                    keys: Plane::zeroed(types.k, n_blocks * block_len * kv_dim),
+                    values: Plane::zeroed(types.v, n_blocks * block_len * kv_dim),
                 })
                 .collect(),
             refs: vec![0; n_blocks],
@@ -240,7 +276,9 @@ impl Group {
     pub fn copy_slots(&mut self, src: u32, dst: u32, n: usize) {
         for l in &mut self.layers {
             let at = |b: u32| b as usize * self.block_len * l.kv_dim;
-            l.rows.copy_within(at(src)..at(src) + n * l.kv_dim, at(dst));
+            let from = at(src)..at(src) + n * l.kv_dim;
+            l.keys.copy_within(from.clone(), at(dst));
+            l.values.copy_within(from, at(dst));
         }
     }
 
@@ -248,7 +286,24 @@ impl Group {
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let l = &mut self.layers[layer];
         let d = l.kv_dim;
-        l.rows.write(slot * d, &k[..d], &v[..d]);
+        l.keys.write(slot * d, &k[..d]);
+        l.values.write(slot * d, &v[..d]);
+    }
+
+    /// Passes the key of slot `slot` of layer `layer`, widened into `row`, through `f` and
+    /// stores it back.
+    pub fn update_key(
+        &mut self,
+        layer: usize,
+        slot: usize,
+        row: &mut Vec<f32>,
+        f: &mut dyn FnMut(&mut [f32]),
+    ) {
+        let l = &mut self.layers[layer];
+        row.resize(l.kv_dim, 0.0);
+        l.keys.read(slot * l.kv_dim, row);
+        f(row);
+        l.keys.write(slot * l.kv_dim, row);
     }
 
     /// Key widths of the group's layers.
@@ -259,19 +314,24 @@ impl Group {
     /// Appends slot `slot` of layer `layer`: its key, then its value, raw.
     pub fn save_slot(&self, layer: usize, slot: usize, out: &mut Vec<u8>) {
         let l = &self.layers[layer];
-        l.rows.save(slot * l.kv_dim, l.kv_dim, out);
+        l.keys.save(slot * l.kv_dim, l.kv_dim, out);
+        l.values.save(slot * l.kv_dim, l.kv_dim, out);
     }
 
-    /// Sets slot `slot` of layer `layer` from bytes [`Group::save_slot`] wrote.
-    pub fn load_slot(&mut self, layer: usize, slot: usize, bytes: &[u8]) {
+    /// Sets slot `slot` of layer `layer` from bytes [`Group::save_slot`] wrote: `key_bytes`
+    /// of key, then the value.
+    pub fn load_slot(&mut self, layer: usize, slot: usize, bytes: &[u8], key_bytes: usize) {
         let l = &mut self.layers[layer];
-        l.rows.load(slot * l.kv_dim, l.kv_dim, bytes);
+        let (k, v) = bytes.split_at(key_bytes);
+        l.keys.load(slot * l.kv_dim, l.kv_dim, k);
+        l.values.load(slot * l.kv_dim, l.kv_dim, v);
     }
 
-    /// Layer `layer`'s rows from column `col` of slot 0, and the stride between slots.
-    pub fn rows(&self, layer: usize, col: usize) -> (KvRow<'_>, usize) {
+    /// Layer `layer`'s keys and values from column `col` of slot 0, and the values between
+    /// slots.
+    pub fn planes(&self, layer: usize, col: usize) -> (KvPlane<'_>, KvPlane<'_>, usize) {
         let l = &self.layers[layer];
-        (l.rows.from(col), l.kv_dim)
+        (l.keys.from(col), l.values.from(col), l.kv_dim)
     }
 
     #[cfg(test)]

@@ -5,7 +5,7 @@
 use super::*;
 use crate::hparams::LayerShape;
 use crate::layers::{Activation, Rope, RopeStyle};
-use edgelm_kernels::KvRow;
+use edgelm_kernels::KvPlane;
 
 /// Layers: a full one, a windowed one (window 6), another full one with a wider kv head.
 fn hparams() -> HParams {
@@ -74,6 +74,18 @@ fn append(cache: &mut KvCache, hp: &HParams, seq: SeqId, tokens: &[u32]) -> Resu
     Ok(())
 }
 
+/// `d` values of an exact (f32 or f16) plane from value `at`.
+fn widen(plane: KvPlane<'_>, at: usize, d: usize) -> Vec<f32> {
+    match plane {
+        KvPlane::F32(x) => x[at..at + d].to_vec(),
+        KvPlane::F16(x) => x[at..at + d]
+            .iter()
+            .map(|b| half::f16::from_bits(*b).to_f32())
+            .collect(),
+        _ => panic!("these tests keep exact caches"),
+    }
+}
+
 /// Every key and value the next position of `seq` would read, against `value`.
 fn check(cache: &KvCache, hp: &HParams, seq: SeqId, want: &[u32], what: &str) {
     assert_eq!(cache.tokens(seq), want, "{what}: tokens of sequence {seq}");
@@ -89,17 +101,7 @@ fn check(cache: &KvCache, hp: &HParams, seq: SeqId, want: &[u32], what: &str) {
             let slot =
                 view.blocks[p / view.block_len] as usize * view.block_len + p % view.block_len;
             let at = slot * view.stride;
-            let (k, v): (Vec<f32>, Vec<f32>) = match view.rows {
-                KvRow::F32(k, v) => (k[at..at + d].to_vec(), v[at..at + d].to_vec()),
-                KvRow::F16(k, v) => {
-                    let w = |x: &[u16]| {
-                        x.iter()
-                            .map(|b| half::f16::from_bits(*b).to_f32())
-                            .collect()
-                    };
-                    (w(&k[at..at + d]), w(&v[at..at + d]))
-                }
-            };
+            let (k, v) = (widen(view.keys, at, d), widen(view.values, at, d));
             for j in 0..d {
                 assert_eq!(
                     k[j],
@@ -120,7 +122,7 @@ fn run(seed: u64, ty: KvType, prefix_cache: bool, budget: Option<u64>) {
     let hp = hparams();
     let cfg = KvConfig {
         n_ctx: 40,
-        ty,
+        types: ty.into(),
         block_len: 4,
         max_seqs: 4,
         budget,
