@@ -115,3 +115,8 @@ def llama_server():
 # llama-bench from the same build (same options, so one configure serves both tools).
 def llama_bench():
     return build_tool("build-server", "llama-bench", SERVER_CMAKE + no_amx_cmake())
+
+
+# llama-perplexity from the same build: perplexity and KL divergence beside edgelm's.
+def llama_perplexity():
+    return build_tool("build-server", "llama-perplexity", SERVER_CMAKE + no_amx_cmake())

@@ -87,22 +87,44 @@ struct KvArgs {
     /// Type of cached values: f16 (default), q8_0, q4_0 or f32.
     #[arg(long = "cache-type-v", visible_alias = "ctv", value_name = "TYPE")]
     cache_type_v: Option<edgelm_models::KvType>,
-    /// Rotate keys (and queries alike) by a Hadamard matrix before caching, so quantized keys
-    /// lose less; scores are unchanged.
-    #[arg(long = "rotate-keys")]
-    rotate_keys: bool,
+    /// Hadamard rotation before caching: auto (each quantized side), off, keys, values or all.
+    /// Keys turn with the queries and values with attention's output, so results are unchanged
+    /// but for rounding, and quantized rows lose less.
+    #[arg(long = "kv-rotation", value_name = "WHICH")]
+    kv_rotation: Option<KvRotation>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KvRotation {
+    Auto,
+    Off,
+    Keys,
+    Values,
+    All,
 }
 
 impl KvArgs {
     /// The types asked for over `default` (the path's), None if nothing was asked.
     fn types(&self, default: KvTypes) -> Option<KvTypes> {
-        if self.cache_type_k.is_none() && self.cache_type_v.is_none() && !self.rotate_keys {
+        if self.cache_type_k.is_none() && self.cache_type_v.is_none() && self.kv_rotation.is_none()
+        {
             return None;
         }
+        let t = KvTypes::new(
+            self.cache_type_k.unwrap_or(default.k),
+            self.cache_type_v.unwrap_or(default.v),
+        );
+        let (rotate_keys, rotate_values) = match self.kv_rotation.unwrap_or(KvRotation::Auto) {
+            KvRotation::Auto => (t.rotate_keys, t.rotate_values),
+            KvRotation::Off => (false, false),
+            KvRotation::Keys => (true, false),
+            KvRotation::Values => (false, true),
+            KvRotation::All => (true, true),
+        };
         Some(KvTypes {
-            k: self.cache_type_k.unwrap_or(default.k),
-            v: self.cache_type_v.unwrap_or(default.v),
-            rotate_keys: self.rotate_keys,
+            rotate_keys,
+            rotate_values,
+            ..t
         })
     }
 }

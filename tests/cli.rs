@@ -295,7 +295,8 @@ fn context_shift_generates_past_a_full_context() {
             "q8_0",
             "--ctv",
             "q4_0",
-            "--rotate-keys",
+            "--kv-rotation",
+            "all",
         ][..],
     ] {
         let shifted = run(extra);
@@ -539,7 +540,7 @@ fn run_session_restores_the_prompt_and_refuses_bad_files() {
         (&saved[..], "keeps f32", MODEL, &["--precise"][..]),
         (
             &saved[..],
-            "keeps q8_0 keys, f16 values",
+            "keeps q8_0 keys, f16 values (keys rotated)",
             MODEL,
             &["--cache-type-k", "q8_0"][..],
         ),

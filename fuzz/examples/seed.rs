@@ -197,35 +197,48 @@ fn main() {
     }
 
     // kv_state: [type selector] then a state in `KvCache::save_state`'s layout for the fuzz
-    // target's model (block 4; a full layer of key width 8, a window-6 layer of width 4).
+    // target's model (block 4; a full layer of 2 kv heads, a window-6 layer of 1; heads of 4
+    // values, or 32 for the quantized selector 2: q8_0 keys, q4_0 values, both rotated).
     let k = root.join("kv_state");
-    let state = |ty: u8, n: usize, window_first: usize| {
-        let elem = if ty == 0 { 4 } else { 2 };
-        let mut s = vec![ty];
+    let state = |sel: u8, n: usize, window_first: usize| {
+        let (codes, head) = if sel == 2 { ([2u8, 3, 3], 32) } else { ([sel, sel, 0], 4) };
+        // Bytes of `d` keys then `d` values.
+        let row = |d: usize| match sel {
+            0 => 8 * d,
+            1 => 4 * d,
+            _ => d / 32 * (34 + 18),
+        };
+        let mut s = codes.to_vec();
         s.extend_from_slice(&4u32.to_le_bytes());
         s.extend_from_slice(&(n as u64).to_le_bytes());
         for t in 0..n as u32 {
             s.extend_from_slice(&(t % 32).to_le_bytes());
         }
         s.extend_from_slice(&2u32.to_le_bytes());
-        for (window, dim, first) in [(u64::MAX, 8u32, 0usize), (6, 4, window_first)] {
+        let layers = [(u64::MAX, 2 * head, 0usize), (6, head, window_first)];
+        for (window, dim, first) in layers {
             s.extend_from_slice(&window.to_le_bytes());
             s.extend_from_slice(&1u32.to_le_bytes());
-            s.extend_from_slice(&dim.to_le_bytes());
+            s.extend_from_slice(&(dim as u32).to_le_bytes());
             s.extend_from_slice(&(first as u64).to_le_bytes());
         }
-        for (dim, first) in [(8usize, 0usize), (4, window_first)] {
+        for (_, dim, first) in layers {
             for (i, _) in (first..n).enumerate() {
-                for j in 0..2 * dim * elem {
-                    s.push(((i * 7 + j) % 251) as u8 & if ty == 1 { 0x3b } else { 0x3f });
+                for j in 0..row(dim) {
+                    s.push(((i * 7 + j) % 251) as u8 & if sel == 1 { 0x3b } else { 0x3f });
                 }
             }
         }
         s
     };
-    for (name, ty, n, first) in [("f32-short", 0u8, 5, 0), ("f16-long", 1, 21, 12), ("empty", 1, 0, 0)] {
-        let mut bytes = vec![ty];
-        bytes.extend_from_slice(&state(ty, n, first));
+    for (name, sel, n, first) in [
+        ("f32-short", 0u8, 5, 0),
+        ("f16-long", 1, 21, 12),
+        ("empty", 1, 0, 0),
+        ("quantized", 2, 13, 8),
+    ] {
+        let mut bytes = vec![sel];
+        bytes.extend_from_slice(&state(sel, n, first));
         put(&k, name, &bytes);
     }
 }

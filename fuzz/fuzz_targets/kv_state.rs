@@ -4,30 +4,33 @@
 //! never a panic or an allocation the state's lengths alone would ask for. On Err the cache
 //! holds what it held; on Ok the sequence saves and restores again to the same state.
 //!
-//! Input: one byte choosing the KV type (low bit: 0 f32, 1 f16), then the state.
+//! Input: one byte choosing the KV types (its value mod 3: f32; f16; q8_0 keys and q4_0 values,
+//! both rotated, on heads of 32), then the state.
 #![no_main]
 
 use edgelm_models::hparams::LayerShape;
 use edgelm_models::layers::{Activation, Rope, RopeStyle};
-use edgelm_models::{HParams, KvCache, KvConfig, KvType, Pooling};
+use edgelm_models::{HParams, KvCache, KvConfig, KvType, KvTypes, Pooling};
 use libfuzzer_sys::fuzz_target;
 
-/// Block length 4, context 64, two layers: full attention (2 kv heads × 4) and a window of 6
-/// (1 kv head × 4) — the shapes `examples/seed.rs` writes states for.
-fn cache(ty: KvType) -> KvCache {
+/// Block length 4, context 64, two layers: full attention (2 kv heads) and a window of 6
+/// (1 kv head); heads of 4 values — the shapes `examples/seed.rs` writes states for — or of 32
+/// for quantized types.
+fn cache(types: KvTypes) -> KvCache {
+    let head_dim = if types.k.is_quantized() { 32 } else { 4 };
     let layer = |n_head_kv, window| LayerShape {
         n_head: 2,
         n_head_kv,
         n_ff: 16,
         window,
-        rope: Rope::new(RopeStyle::Neox, 4, 10000.0, 1.0, None),
+        rope: Rope::new(RopeStyle::Neox, head_dim, 10000.0, 1.0, None),
     };
     let hp = HParams {
         arch: "fuzz".into(),
         n_embd: 8,
         n_vocab: 32,
         n_ctx_train: 64,
-        head_dim: 4,
+        head_dim,
         rms_eps: 1e-6,
         activation: Activation::Silu,
         embed_scale: None,
@@ -39,7 +42,7 @@ fn cache(ty: KvType) -> KvCache {
         block_len: 4,
         max_seqs: 2,
         prefix_cache: true,
-        ..KvConfig::new(64, ty)
+        ..KvConfig::new(64, types)
     };
     KvCache::new(&hp, cfg).expect("a valid configuration")
 }
@@ -48,7 +51,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, state)) = data.split_first() else {
         return;
     };
-    let ty = if selector & 1 == 0 { KvType::F32 } else { KvType::F16 };
+    let ty = match selector % 3 {
+        0 => KvType::F32.into(),
+        1 => KvType::F16.into(),
+        _ => KvTypes::new(KvType::Q8_0, KvType::Q4_0),
+    };
     let mut kv = cache(ty);
     let before = kv.stats();
     match kv.load_state(state) {

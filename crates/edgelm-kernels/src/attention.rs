@@ -378,6 +378,9 @@ struct Call<'a, 'b> {
     scale: f32,
     scores: &'b mut Vec<f32>,
     out: &'b mut [f32],
+    /// Where to leave each head's running maximum then sum, `out` unnormalized (a partial
+    /// over some of the keys, merged by [`merge_partials`]); None normalizes `out`.
+    stats: Option<&'b mut [f32]>,
 }
 
 impl Compute {
@@ -400,14 +403,52 @@ impl Compute {
         if kv.n == 0 || hd == 0 {
             return;
         }
-        let call = Call {
+        self.dispatch(Call {
             q,
             hd,
             kv,
             scale,
             scores,
             out,
-        };
+            stats: None,
+        })
+    }
+
+    /// [`Compute::attend_heads`] over a part of the keys, left unnormalized: `out[r]` is
+    /// `Σ_j e^(s_rj − m_r) · v_j` and `stats` holds every head's `m_r` (the largest scaled score),
+    /// then every head's `Σ_j e^(s_rj − m_r)`. Parts of one query's keys, attended in parallel,
+    /// combine exactly with [`merge_partials`] (flash decoding).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_heads_partial(
+        &self,
+        q: &[f32],
+        hd: usize,
+        kv: &KvBlocks<'_>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+        stats: &mut [f32],
+    ) {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        let heads = q.len() / hd.max(1);
+        stats[..heads].fill(f32::NEG_INFINITY);
+        stats[heads..2 * heads].fill(0.0);
+        if kv.n == 0 || hd == 0 {
+            return;
+        }
+        self.dispatch(Call {
+            q,
+            hd,
+            kv,
+            scale,
+            scores,
+            out,
+            stats: Some(stats),
+        })
+    }
+
+    fn dispatch(&self, call: Call<'_, '_>) {
+        let kv = call.kv;
         let isa = self.isa();
         match (isa, kind(&kv.keys)) {
             #[cfg(target_arch = "x86_64")]
@@ -523,7 +564,7 @@ fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) 
         blocks: kv.blocks,
         first: kv.first,
     };
-    attend::<KO, K, VO, W>(c.q, hd, kv.n, &rows, c.scale, c.scores, c.out)
+    attend::<KO, K, VO, W>(c.q, hd, kv.n, &rows, c.scale, c.scores, c.out, c.stats)
 }
 
 /// Keys per block of the online softmax: their scores stay in L1 between the two passes.
@@ -531,7 +572,9 @@ const KEY_BLOCK: usize = 64;
 
 /// Online softmax over blocks of [`KEY_BLOCK`] keys: each block's scores, then its weights
 /// against the running maximum (earlier output rescaled when the maximum grows), then its
-/// values added in; one division by the running sum at the end. `out` starts zeroed.
+/// values added in; one division by the running sum at the end (or the maxima and sums left
+/// in `partial`). `out` starts zeroed.
+#[allow(clippy::too_many_arguments)]
 fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
     q: &[f32],
     hd: usize,
@@ -540,6 +583,7 @@ fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    partial: Option<&mut [f32]>,
 ) {
     let heads = q.len() / hd;
     scores.clear();
@@ -617,9 +661,47 @@ fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
             }
         }
     });
+    if let Some(partial) = partial {
+        partial[..heads].copy_from_slice(maxes);
+        partial[heads..2 * heads].copy_from_slice(sums);
+        return;
+    }
     for (row, sum) in out.chunks_exact_mut(hd).zip(sums.iter()) {
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// Combines partial attentions of the same `heads` query heads over disjoint parts of their
+/// keys ([`Compute::attend_heads_partial`]: each part's unnormalized rows of `hd` values and its
+/// stats) into the normalized result in `out`: every part rescaled to the overall maximum, then
+/// one division by the rescaled sums.
+pub fn merge_partials<'a>(
+    parts: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone,
+    heads: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    for r in 0..heads {
+        let max = parts
+            .clone()
+            .map(|(_, s)| s[r])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[r * hd..(r + 1) * hd];
+        o.fill(0.0);
+        let mut sum = 0.0;
+        for (part, s) in parts.clone() {
+            if s[r] == f32::NEG_INFINITY {
+                continue; // a part with no keys
+            }
+            let w = (s[r] - max).exp();
+            sum += w * s[heads + r];
+            o.iter_mut()
+                .zip(&part[r * hd..(r + 1) * hd])
+                .for_each(|(o, p)| *o += w * p);
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -668,29 +750,29 @@ fn key_tile<V: KeyOps<E>, E: KvElem>(
     }
 }
 
-/// Rotates each `hd`-value head of `rows` by the normalized Walsh–Hadamard matrix `H/√hd`
-/// (`hd` a power of two): orthogonal and its own inverse, so rotating queries and keys alike
-/// leaves every score unchanged while spreading a key's outlier channels over the whole head
-/// before it is quantized.
-pub fn hadamard_rotate(rows: &mut [f32], hd: usize) {
+/// Rotates each `n`-value block of `rows` by the normalized Walsh–Hadamard matrix `H/√n` (`n` a
+/// power of two): orthogonal and its own inverse, so rotating queries and keys alike leaves
+/// every score unchanged while spreading a key's outlier channels over the block before it is
+/// quantized.
+pub fn hadamard_rotate(rows: &mut [f32], n: usize) {
     assert!(
-        hd.is_power_of_two(),
-        "Hadamard rotation of a head of {hd} values"
+        n.is_power_of_two(),
+        "Hadamard rotation of blocks of {n} values"
     );
-    let norm = 1.0 / (hd as f32).sqrt();
-    for head in rows.chunks_exact_mut(hd) {
+    let norm = 1.0 / (n as f32).sqrt();
+    for block in rows.chunks_exact_mut(n) {
         let mut h = 1;
-        while h < hd {
-            for i in (0..hd).step_by(2 * h) {
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
                 for j in i..i + h {
-                    let (a, b) = (head[j], head[j + h]);
-                    head[j] = a + b;
-                    head[j + h] = a - b;
+                    let (a, b) = (block[j], block[j + h]);
+                    block[j] = a + b;
+                    block[j + h] = a - b;
                 }
             }
             h *= 2;
         }
-        head.iter_mut().for_each(|x| *x *= norm);
+        block.iter_mut().for_each(|x| *x *= norm);
     }
 }
 
@@ -909,6 +991,68 @@ mod tests {
                         (got - want).abs() < 1e-5,
                         "{isa} keys {kk:?} values {vk:?} hd {hd} heads {heads} keys {n_keys}: \
                          head {r} dim {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Attention over three parts of the keys, merged, equals attention over all of them, on
+    /// every path and for exact and quantized types (an empty part included).
+    #[test]
+    fn partial_attentions_merge_into_the_whole() {
+        let mut seed = 0xfeed_u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let (hd, heads, n) = (64, 7, 300usize);
+        let q: Vec<f32> = (0..heads * hd).map(|_| rnd() * 4.0).collect();
+        let rows: Vec<Vec<f32>> = (0..n).map(|_| (0..hd).map(|_| rnd()).collect()).collect();
+        let vals: Vec<Vec<f32>> = (0..n).map(|_| (0..hd).map(|_| rnd()).collect()).collect();
+        let blocks: Vec<u32> = (0..n.div_ceil(4) as u32).collect();
+        for kinds in [
+            (Kind::F16, Kind::F16),
+            (Kind::Q8_0, Kind::Q4_0),
+            (Kind::F32, Kind::F32),
+        ] {
+            let (kp, _) = store(kinds.0, &rows, |j| j, n, hd);
+            let (vp, _) = store(kinds.1, &vals, |j| j, n, hd);
+            let view = |first: usize, len: usize| KvBlocks {
+                keys: kp.view(),
+                values: vp.view(),
+                stride: hd,
+                block_len: 4,
+                blocks: &blocks,
+                first,
+                n: len,
+            };
+            for isa in Isa::available() {
+                let c = Compute::new(isa, 1);
+                let mut whole = vec![0f32; heads * hd];
+                c.attend_heads(&q, hd, &view(0, n), 0.3, &mut Vec::new(), &mut whole);
+                let cuts = [(0, 0), (0, 123), (123, 100), (223, 77)];
+                let mut parts = vec![(vec![0f32; heads * hd], vec![0f32; 2 * heads]); cuts.len()];
+                for ((first, len), (o, st)) in cuts.iter().zip(&mut parts) {
+                    c.attend_heads_partial(
+                        &q,
+                        hd,
+                        &view(*first, *len),
+                        0.3,
+                        &mut Vec::new(),
+                        o,
+                        st,
+                    );
+                }
+                let mut merged = vec![0f32; heads * hd];
+                let it = parts.iter().map(|(o, s)| (o.as_slice(), s.as_slice()));
+                merge_partials(it, heads, hd, &mut merged);
+                for (i, (a, b)) in whole.iter().zip(&merged).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{isa} {kinds:?} value {i}: {a} vs {b}"
                     );
                 }
             }

@@ -12,7 +12,9 @@ pub mod qdot;
 mod x86;
 
 pub use activation::Activation;
-pub use attention::{hadamard_rotate, BlockQ4_0, BlockQ8_0, KvBlocks, KvPlane, KV_BLOCK};
+pub use attention::{
+    hadamard_rotate, merge_partials, BlockQ4_0, BlockQ8_0, KvBlocks, KvPlane, KV_BLOCK,
+};
 pub use compute::{
     ActivationPrecision, Compute, KernelError, Layout, Precision, Product, Weight, MAX_GROUP,
 };

@@ -19,7 +19,10 @@ mod transformer;
 pub use batch::{Batch, Logits};
 pub use error::{ModelError, Result};
 pub use hparams::{HParams, Pooling, UnsupportedPooling};
-pub use kv::{KvCache, KvConfig, KvStats, KvType, KvTypes, SeqId, DEFAULT_BLOCK_LEN};
+pub use kv::{
+    key_rotation, value_rotation, KvCache, KvConfig, KvStats, KvType, KvTypes, SeqId,
+    DEFAULT_BLOCK_LEN,
+};
 pub use linear::{Linear, WeightRef};
 pub use plan::{
     available_memory, check_fits, memory_plan, peak_resident_memory, resident_memory, DoesNotFit,

@@ -3,12 +3,12 @@
 
 use crate::batch::{Batch, Logits};
 use crate::hparams::{HParams, LayerShape, Meta, Pooling};
-use crate::kv::KvCache;
+use crate::kv::{key_rotation, value_rotation, KvCache};
 use crate::layers::{rms_norm, Activation, Rope};
 use crate::linear::{load_vector, Linear, WeightRef};
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
-use edgelm_kernels::{hadamard_rotate, ActivationPrecision, Compute};
+use edgelm_kernels::{hadamard_rotate, merge_partials, ActivationPrecision, Compute};
 use std::sync::Arc;
 
 /// The largest chunk of a batch processed per layer pass; bounds the scratch and the blocks a
@@ -294,6 +294,7 @@ impl Transformer {
         cache.shift(seq, keep, discard)?;
         let hd = self.hp.head_dim;
         let rotated = cache.config().types.rotate_keys;
+        let r = key_rotation(hd);
         for (li, shape) in self.hp.layers.iter().enumerate() {
             let rope = &shape.rope;
             // The rotation by −discard: sin(−θ) = −sin θ, cos(−θ) = cos θ.
@@ -302,11 +303,11 @@ impl Transformer {
             back[..rope.n_rot / 2].iter_mut().for_each(|s| *s = -*s);
             cache.update_keys(seq, li, keep, &mut |key| {
                 if rotated {
-                    hadamard_rotate(key, hd);
+                    hadamard_rotate(key, r);
                 }
                 rope.rotate(key, hd, &back);
                 if rotated {
-                    hadamard_rotate(key, hd);
+                    hadamard_rotate(key, r);
                 }
             });
         }
@@ -471,10 +472,17 @@ impl Transformer {
             let sin_cos = |t: usize| &table[t * rope.n_rot..(t + 1) * rope.n_rot];
             c.par_chunks_mut(q, q_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
             c.par_chunks_mut(k, kv_dim, &|t, row| rope.rotate(row, hd, sin_cos(t)));
-            if cache.config().types.rotate_keys {
+            let types = cache.config().types;
+            if types.rotate_keys {
                 // Queries turn with the keys, so every score is unchanged.
-                c.par_chunks_mut(q, q_dim, &|_, row| hadamard_rotate(row, hd));
-                c.par_chunks_mut(k, kv_dim, &|_, row| hadamard_rotate(row, hd));
+                let r = key_rotation(hd);
+                c.par_chunks_mut(q, q_dim, &|_, row| hadamard_rotate(row, r));
+                c.par_chunks_mut(k, kv_dim, &|_, row| hadamard_rotate(row, r));
+            }
+            if types.rotate_values {
+                // Turned back in attention's output (the rotation is its own inverse).
+                let r = value_rotation(hd);
+                c.par_chunks_mut(v, kv_dim, &|_, row| hadamard_rotate(row, r));
             }
             for t in 0..n {
                 cache.write(
@@ -488,6 +496,10 @@ impl Transformer {
 
             let att = fit(att, n * q_dim);
             self.attention(c, cache, li, shape, q, positions, seqs, att);
+            if types.rotate_values {
+                let r = value_rotation(hd);
+                c.par_chunks_mut(att, q_dim, &|_, row| hadamard_rotate(row, r));
+            }
             let o = fit(o, n * d);
             b.wo.forward(c, att, n, o)?;
             if let Some(w) = &b.post_attn_norm {
@@ -565,19 +577,26 @@ impl Transformer {
         let n_head = shape.n_head;
         let group = n_head / shape.n_head_kv;
         let scale = self.hp.attn_scale;
+        let first_of = |pos: usize| shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let longest = positions
+            .iter()
+            .map(|&p| p + 1 - first_of(p))
+            .max()
+            .unwrap_or(0);
+        let few_tasks = positions.len() * shape.n_head_kv < 4 * c.n_threads();
+        if few_tasks && longest >= 2 * SPLIT_KEYS {
+            return self.attention_split(c, cache, layer, shape, q, positions, seqs, out);
+        }
         // A task is one token's group of query heads sharing a kv head (each key and value is
-        // read once for the group) — or a single head when that leaves threads idle (decode).
-        let per_task = if positions.len() * shape.n_head_kv >= 4 * c.n_threads() {
-            group
-        } else {
-            1
-        };
+        // read once for the group) — or a single head when that leaves threads idle (a short
+        // decode).
+        let per_task = if few_tasks { 1 } else { group };
         let tasks_per_token = n_head / per_task;
         // `out` is (token, head, head_dim): task i's heads are its i-th chunk.
         c.par_chunks_mut(out, per_task * hd, &|task, o| {
             let (t, first_head) = (task / tasks_per_token, task % tasks_per_token * per_task);
             let pos = positions[t];
-            let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let first = first_of(pos);
             let kv_h = first_head / group;
             let cols = kv_h * hd..(kv_h + 1) * hd;
             let heads = (t * n_head + first_head) * hd..(t * n_head + first_head + per_task) * hd;
@@ -587,11 +606,73 @@ impl Transformer {
             });
         });
     }
+
+    /// Attention of a few tokens over long contexts (decoding at depth): each token's keys are
+    /// cut into parts attended in parallel, every part by all the query heads of a kv head
+    /// (each key read and widened once for the group), then merged exactly (flash decoding).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_split(
+        &self,
+        c: &Compute,
+        cache: &KvCache,
+        layer: usize,
+        shape: &LayerShape,
+        q: &[f32],
+        positions: &[usize],
+        seqs: &[usize],
+        out: &mut [f32],
+    ) {
+        let hd = self.hp.head_dim;
+        let (n_head, n_kv) = (shape.n_head, shape.n_head_kv);
+        let group = n_head / n_kv;
+        let scale = self.hp.attn_scale;
+        let first_of = |pos: usize| shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let longest = positions
+            .iter()
+            .map(|&p| p + 1 - first_of(p))
+            .max()
+            .unwrap_or(0);
+        // Enough parts to keep every thread busy twice over, none shorter than SPLIT_KEYS.
+        let groups = positions.len() * n_kv;
+        let parts = (2 * c.n_threads())
+            .div_ceil(groups)
+            .clamp(1, longest / SPLIT_KEYS);
+        let part_len = group * hd + 2 * group;
+        PARTIALS.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.resize(groups * parts * part_len, 0.0);
+            c.par_chunks_mut(buf, part_len, &|task, chunk| {
+                let (g, part) = (task / parts, task % parts);
+                let (t, kv_h) = (g / n_kv, g % n_kv);
+                let pos = positions[t];
+                let first = first_of(pos);
+                let n = pos + 1 - first;
+                let (from, to) = (first + part * n / parts, first + (part + 1) * n / parts);
+                let kv = cache.view(seqs[t], layer, from, to - from, kv_h * hd..(kv_h + 1) * hd);
+                let heads =
+                    (t * n_head + kv_h * group) * hd..(t * n_head + (kv_h + 1) * group) * hd;
+                let (o, stats) = chunk.split_at_mut(group * hd);
+                SCORES.with_borrow_mut(|scores| {
+                    c.attend_heads_partial(&q[heads.clone()], hd, &kv, scale, scores, o, stats)
+                });
+            });
+            for (g, o) in out.chunks_exact_mut(group * hd).enumerate() {
+                let mine = &buf[g * parts * part_len..(g + 1) * parts * part_len];
+                let it = mine.chunks_exact(part_len).map(|p| p.split_at(group * hd));
+                merge_partials(it, group, hd, o);
+            }
+        });
+    }
 }
+
+/// Keys per part, at least, when decoding attention is split along the keys.
+const SPLIT_KEYS: usize = 256;
 
 thread_local! {
     /// Attention scores of the query head a pool thread is working on.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Unmerged parts of a split attention (the calling thread's).
+    static PARTIALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Activation buffers of one forward chunk of `n ≤ MAX_CHUNK` tokens, owned by whoever runs

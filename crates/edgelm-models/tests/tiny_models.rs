@@ -405,9 +405,28 @@ fn quantized_weights_match_reference() {
     }
 }
 
-/// Quantized caches stay near the reference, q8_0 nearer than q4_0; rotating keys changes no
-/// score (f16 keys rotated or not agree to rounding); and heads that are not whole blocks are
-/// refused by name.
+/// Decoding at depth splits each token's keys into parts attended in parallel and merged: the
+/// logits of single steps after 600 positions still match the reference, on every path.
+#[test]
+fn decoding_at_depth_matches_reference() {
+    for arch in Arch::ALL {
+        let m = TinyModel::random(&Spec::tiny(arch), 31);
+        let model = load(&m);
+        let tokens = Rng::new(7).tokens(600, m.spec.n_vocab);
+        let want = reference_logits(&m, &tokens, Flaw::None);
+        for c in computes() {
+            let mut cache = new_cache(&model, 640, 16);
+            in_steps(&model, &c, &mut cache, 0, &tokens[..590], 0, 590);
+            let got = in_steps(&model, &c, &mut cache, 0, &tokens, 590, 1);
+            let what = format!("{} {}: decoding after 590 positions", arch.name(), c.isa());
+            assert_close(&got, &want[590..], &what);
+        }
+    }
+}
+
+/// Quantized caches stay near the reference, q8_0 nearer than q4_0; rotating keys or values
+/// changes no result (f16 caches rotated or not agree to rounding); and heads that are not whole
+/// blocks are refused by name.
 #[test]
 fn quantized_kv_caches_stay_near_reference() {
     for arch in Arch::ALL {
@@ -416,9 +435,14 @@ fn quantized_kv_caches_stay_near_reference() {
         let tokens = Rng::new(13).tokens(SEQ_LEN, m.spec.n_vocab);
         let want = reference_logits(&m, &tokens, Flaw::None);
         for c in computes() {
-            let err = |k: KvType, v: KvType, rotate_keys: bool| {
-                let cfg = KvConfig::new(32, KvTypes { k, v, rotate_keys });
-                let mut cache = KvCache::new(&model.hp, cfg).unwrap();
+            let err = |k: KvType, v: KvType, rotate: bool| {
+                let types = KvTypes {
+                    k,
+                    v,
+                    rotate_keys: rotate,
+                    rotate_values: rotate,
+                };
+                let mut cache = KvCache::new(&model.hp, KvConfig::new(32, types)).unwrap();
                 let seq = cache.alloc();
                 let mut got = in_steps(&model, &c, &mut cache, seq, &tokens[..5], 0, 5);
                 got.extend(in_steps(&model, &c, &mut cache, seq, &tokens, 5, 1));
@@ -433,11 +457,12 @@ fn quantized_kv_caches_stay_near_reference() {
             let q4_rotated = err(KvType::Q4_0, KvType::Q4_0, true);
             let mixed = err(KvType::Q8_0, KvType::Q4_0, true);
             eprintln!(
-                "{what}: largest logit error, f16 {f16:.1e} (keys rotated {f16_rotated:.1e}), \
+                "{what}: largest logit error, f16 {f16:.1e} (rotated {f16_rotated:.1e}), \
                  q8_0 {q8:.1e} ({q8_rotated:.1e}), q4_0 {q4:.1e} ({q4_rotated:.1e}), \
                  q8_0 keys with q4_0 values {mixed:.1e}"
             );
-            // A rotation of keys without queries (or the reverse) would move logits by units.
+            // A rotation of keys without queries, or of values without turning the output back,
+            // would move logits by units.
             assert!(
                 f16 < 3e-3 && f16_rotated < 3e-3,
                 "{what}: f16 {f16} / {f16_rotated}"
@@ -479,18 +504,11 @@ fn context_shift_equals_a_fresh_run_over_the_kept_tokens() {
                     k: KvType::F16,
                     v: KvType::F16,
                     rotate_keys: true,
+                    rotate_values: true,
                 },
                 5e-3,
             ),
-            (
-                Spec::k_quantizable(arch),
-                KvTypes {
-                    k: KvType::Q8_0,
-                    v: KvType::Q8_0,
-                    rotate_keys: true,
-                },
-                0.1,
-            ),
+            (Spec::k_quantizable(arch), KvType::Q8_0.into(), 0.1),
         ] {
             let m = TinyModel::random(&Spec { n_layer: 1, ..spec }, 21);
             let model = load(&m);
@@ -786,11 +804,7 @@ fn full_context_is_reported() {
 fn saved_state_restores_and_bad_states_are_refused() {
     for arch in [Arch::Qwen2, Arch::Gemma3] {
         // Quantized caches need heads of whole 32-value blocks.
-        let quantized = KvTypes {
-            k: KvType::Q8_0,
-            v: KvType::Q4_0,
-            rotate_keys: true,
-        };
+        let quantized = KvTypes::new(KvType::Q8_0, KvType::Q4_0);
         for (spec, types) in [
             (Spec::tiny(arch), KvType::F32.into()),
             (Spec::tiny(arch), KvType::F16.into()),
@@ -836,7 +850,7 @@ fn saved_state_restores_and_bad_states_are_refused() {
                     KvType::F32
                 }),
                 KvTypes {
-                    rotate_keys: !types.rotate_keys,
+                    rotate_values: !types.rotate_values,
                     ..types
                 },
             ];

@@ -88,25 +88,47 @@ impl std::str::FromStr for KvType {
     }
 }
 
-/// The types of the cached keys and values, and whether keys are rotated first.
+/// The types of the cached keys and values, and whether each is rotated first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvTypes {
     pub k: KvType,
     pub v: KvType,
     /// Rotate every key head (and query head alike, so scores stay the same) by a normalized
-    /// Hadamard matrix before caching: outlier channels spread over the head, so quantized keys
-    /// lose less.
+    /// Walsh–Hadamard matrix before caching ([`key_rotation`]): outlier channels spread over
+    /// the head, so quantized keys lose less.
     pub rotate_keys: bool,
+    /// Rotate values the same way ([`value_rotation`]), and attention's output back.
+    pub rotate_values: bool,
+}
+
+impl KvTypes {
+    /// `k` keys and `v` values, each rotated where it is quantized (llama.cpp's default too).
+    pub fn new(k: KvType, v: KvType) -> KvTypes {
+        KvTypes {
+            k,
+            v,
+            rotate_keys: k.is_quantized(),
+            rotate_values: v.is_quantized(),
+        }
+    }
 }
 
 impl From<KvType> for KvTypes {
     fn from(ty: KvType) -> KvTypes {
-        KvTypes {
-            k: ty,
-            v: ty,
-            rotate_keys: false,
-        }
+        KvTypes::new(ty, ty)
     }
+}
+
+/// The Hadamard block keys turn by: the largest power of two dividing the head size (the whole
+/// head for the usual 64 or 256).
+pub fn key_rotation(head_dim: usize) -> usize {
+    1 << head_dim.trailing_zeros()
+}
+
+/// The block values turn by: at most 64, which llama.cpp measured better for values than the
+/// whole head.
+pub fn value_rotation(head_dim: usize) -> usize {
+    key_rotation(head_dim).min(64)
 }
 
 impl std::fmt::Display for KvTypes {
@@ -116,10 +138,12 @@ impl std::fmt::Display for KvTypes {
         } else {
             write!(f, "{} keys, {} values", self.k, self.v)?;
         }
-        if self.rotate_keys {
-            f.write_str(" (keys rotated)")?;
+        match (self.rotate_keys, self.rotate_values) {
+            (true, true) => f.write_str(" (keys and values rotated)"),
+            (true, false) => f.write_str(" (keys rotated)"),
+            (false, true) => f.write_str(" (values rotated)"),
+            (false, false) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -248,13 +272,6 @@ impl KvCache {
             return Err(ModelError::KvConfig(format!(
                 "a {t} KV cache stores blocks of 32 values, and this model's heads have {}; \
                  use f16",
-                hp.head_dim
-            )));
-        }
-        if t.rotate_keys && !hp.head_dim.is_power_of_two() {
-            return Err(ModelError::KvConfig(format!(
-                "keys are rotated by a Hadamard matrix of the head size, a power of two, and \
-                 this model's heads have {}; leave the rotation off",
                 hp.head_dim
             )));
         }

@@ -3,8 +3,8 @@
 //! them instead of recomputing. The file around it (model identity, version, checksum) is the
 //! engine's session format.
 //!
-//! Layout, little-endian: key type, value type (u8 each: 0 f32, 1 f16, 2 q8_0, 3 q4_0), keys
-//! rotated (u8: 0 or 1), block length (u32), token count (u64), the tokens (u32 each),
+//! Layout, little-endian: key type, value type (u8 each: 0 f32, 1 f16, 2 q8_0, 3 q4_0),
+//! rotation (u8: 1 keys, 2 values, 3 both), block length (u32), token count (u64), the tokens (u32 each),
 //! group count (u32); per group its window (u64, `u64::MAX` for none), layer count (u32), each
 //! layer's key width (u32), the first position kept (u64); then, per group, per position kept,
 //! per layer: the key, then the value, as their types store them.
@@ -66,12 +66,18 @@ fn read_types(r: &mut Reader<'_>) -> Result<KvTypes> {
             .ok_or_else(|| bad(format!("its KV type code {code} is not known")))
     };
     let (k, v) = (ty()?, ty()?);
-    let rotate_keys = match r.u8("the key rotation")? {
-        0 => false,
-        1 => true,
-        x => return Err(bad(format!("its key-rotation flag is {x}, not 0 or 1"))),
-    };
-    Ok(KvTypes { k, v, rotate_keys })
+    let rotation = r.u8("the rotation flags")?;
+    if rotation > 3 {
+        return Err(bad(format!(
+            "its rotation flags are {rotation}, not 0 to 3"
+        )));
+    }
+    Ok(KvTypes {
+        k,
+        v,
+        rotate_keys: rotation & 1 != 0,
+        rotate_values: rotation & 2 != 0,
+    })
 }
 
 /// Bytes of one position of `dims`-wide layers: each key, then its value.
@@ -88,7 +94,8 @@ impl KvCache {
         let len = s.tokens.len();
         let mut out = Vec::new();
         let t = self.cfg.types;
-        out.extend_from_slice(&[type_code(t.k), type_code(t.v), t.rotate_keys as u8]);
+        let rotation = t.rotate_keys as u8 | (t.rotate_values as u8) << 1;
+        out.extend_from_slice(&[type_code(t.k), type_code(t.v), rotation]);
         out.extend_from_slice(&(b as u32).to_le_bytes());
         out.extend_from_slice(&(len as u64).to_le_bytes());
         for t in &s.tokens {
@@ -133,7 +140,7 @@ impl KvCache {
         if types != self.cfg.types {
             return Err(bad(format!(
                 "it holds a {types} KV cache and this run keeps {}; use the same \
-                 --cache-type-k/-v and --rotate-keys (--precise keeps f32)",
+                 --cache-type-k/-v and --kv-rotation (--precise keeps f32)",
                 self.cfg.types
             )));
         }
