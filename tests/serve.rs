@@ -117,6 +117,38 @@ impl Server {
     }
 }
 
+/// `--context-shift`: a completion asking for more tokens than the context holds is served in
+/// full (the context shifts), where without it the request is refused with 400.
+#[test]
+fn context_shift_serves_past_the_context() {
+    let server = common::ServeProcess::start(
+        MODEL,
+        &[
+            "-t",
+            "2",
+            "--ctx",
+            "64",
+            "--parallel",
+            "1",
+            "--context-shift",
+            "--keep",
+            "4",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(&server.addr, "GET", "/health", None).0 != 200 {
+        assert!(Instant::now() < deadline, "/health never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = r#"{"prompt": "Count from one onwards:", "max_tokens": 150, "temperature": 0,
+                   "ignore_eos": true}"#;
+    let (status, _, answer) = http(&server.addr, "POST", "/v1/completions", Some(body));
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 150, "{answer}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{answer}");
+}
+
 /// Status, head and body of one request on its own connection.
 fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connecting to the server");

@@ -514,17 +514,32 @@ fn context_shift_equals_a_fresh_run_over_the_kept_tokens() {
             let model = load(&m);
             let c = Compute::new(Isa::detect(), 2);
             let tokens = Rng::new(5).tokens(held + next, m.spec.n_vocab);
+            // With the prefix cache on and a fork sharing every block: the shift copies what
+            // the fork holds and unindexes the rest, and the fork goes on untouched.
             let cfg = KvConfig {
                 block_len: 4,
+                max_seqs: 2,
+                prefix_cache: true,
                 ..KvConfig::new(32, types)
             };
             let mut cache = KvCache::new(&model.hp, cfg.clone()).unwrap();
             let seq = cache.alloc();
             in_steps(&model, &c, &mut cache, seq, &tokens[..held], 0, 5);
+            let fork = cache.fork(seq).unwrap();
             model.shift_context(&mut cache, seq, keep, discard).unwrap();
             let kept: Vec<u32> = [&tokens[..keep], &tokens[keep + discard..]].concat();
             assert_eq!(cache.tokens(seq), &kept[..held - discard]);
             let got = in_steps(&model, &c, &mut cache, seq, &kept, held - discard, 1);
+            let forked = in_steps(&model, &c, &mut cache, fork, &tokens[..held + 2], held, 1);
+            let mut plain = KvCache::new(&model.hp, cfg.clone()).unwrap();
+            let p = plain.alloc();
+            let unshifted = in_steps(&model, &c, &mut plain, p, &tokens[..held + 2], 0, 5);
+            assert_eq!(
+                forked,
+                unshifted[held..],
+                "{}: the fork changed",
+                arch.name()
+            );
 
             let mut fresh = KvCache::new(&model.hp, cfg).unwrap();
             let f = fresh.alloc();

@@ -9,6 +9,7 @@
 // Index loops mirror the packed layouts; `!(a > b)` is deliberate so NaN takes the safe branch.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
+pub mod fit;
 pub mod float;
 pub mod int_dot;
 pub mod k_quants;

@@ -34,6 +34,17 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     }
 }
 
+/// [`quantize_block`] with least-squares rounding ([`crate::fit::fit_symmetric`]): never a
+/// larger error, what the KV cache writes.
+pub fn quantize_block_fitted(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
+    let mut q = [0i8; 32];
+    let d = crate::fit::fit_symmetric(x, -8, 7, &mut q);
+    put_f16(b, 0, d);
+    for j in 0..16 {
+        b[2 + j] = (q[j] + 8) as u8 | ((q[j + 16] + 8) as u8) << 4;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

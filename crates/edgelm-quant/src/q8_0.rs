@@ -24,6 +24,17 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     }
 }
 
+/// [`quantize_block`] with least-squares rounding ([`crate::fit::fit_symmetric`], levels
+/// −127..=127 as ggml's): never a larger error, what the KV cache writes.
+pub fn quantize_block_fitted(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
+    let mut q = [0i8; 32];
+    let d = crate::fit::fit_symmetric(x, -127, 127, &mut q);
+    put_f16(b, 0, d);
+    for j in 0..32 {
+        b[2 + j] = q[j] as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,14 @@ pub struct ServeArgs {
     /// it, that route answers that sessions are off).
     #[arg(long = "session-dir", value_name = "DIR")]
     pub session_dir: Option<std::path::PathBuf>,
+    /// When a request's generation fills its context: keep its first --keep tokens, drop the
+    /// older half of the rest, re-rotate the kept keys and go on (llama-server's
+    /// --context-shift). Without it, a max_tokens the context cannot hold is refused (400).
+    #[arg(long = "context-shift")]
+    pub context_shift: bool,
+    /// Tokens at the start of a request a context shift never drops.
+    #[arg(long, default_value_t = 0, requires = "context_shift")]
+    pub keep: usize,
 }
 
 /// A size in bytes: a number with an optional binary unit (K, M, G, T; `KiB`, `MB` … alike).
@@ -131,6 +139,8 @@ struct App {
     /// Grammars over this model's vocabulary, or why there are none.
     grammar: Result<GrammarCompiler, String>,
     n_ctx: usize,
+    /// A full context shifts instead of ending the request (`--context-shift`).
+    context_shift: bool,
     /// Sequences the engine runs at once (`--parallel`).
     parallel: usize,
     engine: std::sync::mpsc::Sender<Job>,
@@ -244,7 +254,7 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
             step_tokens: STEP_TOKENS,
             kv_budget: args.kv_budget,
             prefix_cache: true,
-            context_shift: None,
+            context_shift: args.context_shift.then_some(args.keep),
         },
     )
     .context("setting up the scheduler (check --parallel, --ctx and --kv-budget)")?;
@@ -281,6 +291,7 @@ pub fn serve(engine: Engine, model_name: String, args: ServeArgs) -> anyhow::Res
         tool_marker,
         grammar,
         n_ctx,
+        context_shift: args.context_shift,
         parallel: args.parallel,
         engine: tx,
         session_dir: args.session_dir.clone(),
@@ -716,8 +727,9 @@ async fn generate(app: Arc<App>, p: Params) -> Result<Response, ApiError> {
             tokens: tokens.clone(),
         }),
     };
-    // Asked for more than the context holds: refused, not cut short in silence (OpenAI's rule).
-    if let Some(m) = p.max_tokens {
+    // Asked for more than the context holds: refused, not cut short in silence (OpenAI's rule),
+    // unless the context shifts to make room.
+    if let Some(m) = p.max_tokens.filter(|_| !app.context_shift) {
         // (A prompt alone too long is the scheduler's refusal, naming the prompt.)
         if tokens.len() < app.n_ctx && tokens.len().saturating_add(m) > app.n_ctx {
             return Err(ApiError::field(

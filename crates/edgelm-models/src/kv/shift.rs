@@ -72,9 +72,10 @@ impl KvCache {
         result
     }
 
-    /// Install the new block tables of `s`: shared blocks from `k0` on (written by the merge
-    /// and the re-rotation) are copied to fresh ones first — taken before anything changes, so
-    /// a full pool fails cleanly — the kept head slots merged, and dropped blocks released.
+    /// Install the new block tables of `s`: blocks from `k0` on are written (the merge and the
+    /// re-rotation), so those other sequences hold are copied to fresh ones first — taken
+    /// before anything changes, so a full pool fails cleanly — and those only the prefix index
+    /// sees leave it; then the kept head slots are merged and dropped blocks released.
     fn apply_shift(
         &mut self,
         s: &mut super::Seq,
@@ -86,7 +87,7 @@ impl KvCache {
         let mut fresh = Vec::new();
         for (g, (new, _)) in plans.iter().enumerate() {
             for (i, &blk) in new.iter().enumerate().skip(k0) {
-                if blk != HOLE && self.groups[g].is_shared(blk) {
+                if blk != HOLE && self.groups[g].refs(blk) > 1 {
                     match take_block(&mut self.groups, &mut self.prefix, g, b) {
                         Ok(f) => fresh.push((g, i, f)),
                         Err(e) => {
@@ -103,6 +104,11 @@ impl KvCache {
             for &(_, i, f) in fresh.iter().filter(|x| x.0 == g) {
                 self.groups[g].copy_slots(new[i], f, b);
                 new[i] = f;
+            }
+            for &blk in new.iter().skip(k0).filter(|&&b| b != HOLE) {
+                if let Some(key) = self.groups[g].uncache(blk) {
+                    self.prefix.forget_block(key, g);
+                }
             }
             if let Some(h) = head.filter(|&h| h != HOLE) {
                 self.groups[g].copy_slots(h, new[k0], off);

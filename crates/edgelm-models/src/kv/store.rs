@@ -50,7 +50,7 @@ impl Plane {
                     .iter_mut()
                     .enumerate()
                 {
-                    q8_0::quantize_block(block(i), &mut b.0);
+                    q8_0::quantize_block_fitted(block(i), &mut b.0);
                 }
             }
             Plane::Q4_0(p) => {
@@ -58,7 +58,7 @@ impl Plane {
                     .iter_mut()
                     .enumerate()
                 {
-                    q4_0::quantize_block(block(i), &mut b.0);
+                    q4_0::quantize_block_fitted(block(i), &mut b.0);
                 }
             }
         }
@@ -334,8 +334,14 @@ impl Group {
         (l.keys.from(col), l.values.from(col), l.kv_dim)
     }
 
-    #[cfg(test)]
+    /// How many sequences hold `b`.
     pub fn refs(&self, b: u32) -> u32 {
         self.refs[b as usize]
+    }
+
+    /// The prefix index no longer sees `b` (about to be rewritten by its only holder); its key,
+    /// for the caller to drop from the index.
+    pub fn uncache(&mut self, b: u32) -> Option<u64> {
+        self.cached[b as usize].take()
     }
 }
