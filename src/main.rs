@@ -1058,7 +1058,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         .iter()
         .flat_map(|&d| tests.iter().map(move |&t| (d, t)))
     {
-        let mut cache = engine.new_cache(depth + n + 1)?;
+        // The filled context and one fork of it at a time.
+        let kv = KvConfig {
+            max_seqs: 2,
+            ..engine.kv_config(depth + n + 1)
+        };
+        let mut cache = edgelm_models::KvCache::new(&engine.model.hp, kv)?;
         let mut scratch = edgelm_models::Scratch::default();
         let seq = fill_depth(&engine, &mut cache, &mut scratch, depth)?;
         let mut run = |seed| match kind {

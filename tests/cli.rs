@@ -306,6 +306,38 @@ fn context_shift_generates_past_a_full_context() {
     }
 }
 
+/// `bench -d`: prompt and generation timed after tokens already in the cache, on a model whose
+/// sliding windows release keys as it goes (every run continues the same filled context).
+#[test]
+fn bench_times_tests_at_depth() {
+    let o = edgelm(&[
+        "bench",
+        "-m",
+        "gemma3-270m",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-d",
+        "0,600",
+        "-r",
+        "2",
+        "-o",
+        "json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let tests: Vec<&str> = doc["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp16", "tg8", "pp16 @ d600", "tg8 @ d600"]);
+    for r in doc["results"].as_array().unwrap() {
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
 /// Prompt tokens `run` reports on its timing line.
 fn prompt_tokens(o: &Output) -> usize {
     let err = String::from_utf8_lossy(&o.stderr);

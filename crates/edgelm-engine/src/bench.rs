@@ -37,21 +37,22 @@ pub fn fill_depth(
     Ok(seq)
 }
 
-/// Time one batched forward of `n` tokens after the `depth` tokens `seq` holds (what it holds
-/// beyond them is dropped first; logits for the last token only). The cache and scratch are
-/// reused across runs, as llama-bench reuses its context: their memory is allocated once, not
-/// inside the timed region.
+/// Time one batched forward of `n` tokens after the `depth` tokens `base` holds, in a fork of
+/// it (freed after, so `base` serves every run even where sliding windows release keys; the
+/// cache needs room for two sequences); logits for the last token only. The cache and scratch
+/// are reused across runs, as llama-bench reuses its context: their memory is allocated once,
+/// not inside the timed region.
 pub fn time_prompt(
     engine: &Engine,
     cache: &mut KvCache,
     scratch: &mut Scratch,
-    seq: SeqId,
+    base: SeqId,
     depth: usize,
     n: usize,
     seed: u64,
 ) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
-    cache.truncate(seq, depth)?;
+    let seq = cache.fork(base)?;
     let t0 = Instant::now();
     engine.model.forward(
         &engine.compute,
@@ -59,21 +60,24 @@ pub fn time_prompt(
         cache,
         scratch,
     )?;
-    Ok(t0.elapsed())
+    let elapsed = t0.elapsed();
+    cache.free(seq)?;
+    Ok(elapsed)
 }
 
-/// Time `n` single-token forwards after the `depth` tokens `seq` holds (as [`time_prompt`]).
+/// Time `n` single-token forwards after the `depth` tokens `base` holds (in a fork, as
+/// [`time_prompt`]).
 pub fn time_generation(
     engine: &Engine,
     cache: &mut KvCache,
     scratch: &mut Scratch,
-    seq: SeqId,
+    base: SeqId,
     depth: usize,
     n: usize,
     seed: u64,
 ) -> Result<Duration> {
     let tokens = random_tokens(engine, n, seed);
-    cache.truncate(seq, depth)?;
+    let seq = cache.fork(base)?;
     let mut logits = Logits::default();
     let t0 = Instant::now();
     for (i, &t) in tokens.iter().enumerate() {
@@ -85,7 +89,9 @@ pub fn time_generation(
             &mut logits,
         )?;
     }
-    Ok(t0.elapsed())
+    let elapsed = t0.elapsed();
+    cache.free(seq)?;
+    Ok(elapsed)
 }
 
 /// Mean and sample standard deviation.

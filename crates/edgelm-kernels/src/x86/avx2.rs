@@ -1,16 +1,7 @@
 //! AVX2 + FMA f32 kernels. Callers guarantee the CPU has both (checked once by `Isa`).
 
+use super::hsum;
 use std::arch::x86_64::*;
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
 
 /// Dot products of `R` weight rows with `T` activation rows, each of length `k`:
 /// `out[r][t] = Σ w[r][i]·x[t][i]`. Register tile of R×T accumulators; the tail past a multiple

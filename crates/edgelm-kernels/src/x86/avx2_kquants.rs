@@ -18,7 +18,7 @@
 //! registers. The integer sums are exactly those of `edgelm_quant::int_dot`; only the f32
 //! accumulation order differs (per lane across super-blocks, horizontal sum at the end).
 
-use super::{f32_at, u32_at};
+use super::{f32_at, hsum, u32_at};
 use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -157,16 +157,6 @@ static MIN_DUP: [u8; 32] = {
 #[inline(always)]
 unsafe fn scale16(bytes: __m256i, mask: &[u8; 32]) -> __m256i {
     _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(bytes, load(mask.as_ptr())))
-}
-
-/// # Safety
-/// The CPU has AVX2.
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// `sumi += madd(maddubs(w, act), scales)` for one 32-element group of every activation row.

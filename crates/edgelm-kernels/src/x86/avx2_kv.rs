@@ -2,6 +2,7 @@
 //! to f32 and scaled in registers, eight at a time, then used by every query head (or output
 //! row) of the tile, so the conversion is paid once per head group.
 
+use super::hsum;
 use crate::attention::{BlockQ4_0, BlockQ8_0};
 use std::arch::x86_64::*;
 
@@ -47,13 +48,6 @@ impl Chunks for BlockQ4_0 {
         let levels = _mm_sub_epi8(_mm_and_si128(raw, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
         widen(levels)
     }
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
 /// `out[r][t] = k[r] · q[t]` over `hd` values: `R` quantized key rows by `T` f32 query rows.

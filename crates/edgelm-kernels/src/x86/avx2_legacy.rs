@@ -13,7 +13,7 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
-use super::{T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
+use super::{hsum, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -235,14 +235,6 @@ unsafe fn high_bits(p: *const u8) -> __m256i {
     );
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, pick), bit), bit)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
 /// Quantize a row of f32 into Q8_0 blocks, byte-identical to `edgelm_quant::quantize_row`.

@@ -37,6 +37,18 @@ const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
     }
 }
 
+/// The sum of the eight lanes of `v`.
+///
+/// # Safety
+/// The CPU has AVX (inlined only into AVX2 kernels).
+#[inline(always)]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
 /// The little-endian f32 at `p`.
 ///
 /// # Safety
