@@ -881,13 +881,8 @@ mod tests {
 
     #[test]
     fn grouped_attention_matches_plain_softmax_on_every_isa_and_type() {
-        let mut seed = 0x5eed_u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::test_rng::Rng(0x5eed);
+        let mut rnd = || rng.unit();
         use Kind::*;
         // Head sizes off and on the 16-lane tile, head counts off and on the 3- and 4-row
         // tiles, key counts off and on the 4-key tile and across several online-softmax
@@ -1001,13 +996,8 @@ mod tests {
     /// every path and for exact and quantized types (an empty part included).
     #[test]
     fn partial_attentions_merge_into_the_whole() {
-        let mut seed = 0xfeed_u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::test_rng::Rng(0xfeed);
+        let mut rnd = || rng.unit();
         let (hd, heads, n) = (64, 7, 300usize);
         let q: Vec<f32> = (0..heads * hd).map(|_| rnd() * 4.0).collect();
         let rows: Vec<Vec<f32>> = (0..n).map(|_| (0..hd).map(|_| rnd()).collect()).collect();
@@ -1061,13 +1051,8 @@ mod tests {
 
     #[test]
     fn hadamard_rotation_is_orthogonal_and_its_own_inverse() {
-        let mut seed = 7u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::test_rng::Rng(7);
+        let mut rnd = || rng.unit();
         for hd in [1, 2, 8, 64, 256] {
             let a: Vec<f32> = (0..3 * hd).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..3 * hd).map(|_| rnd()).collect();

@@ -577,7 +577,7 @@ impl Transformer {
         let n_head = shape.n_head;
         let group = n_head / shape.n_head_kv;
         let scale = self.hp.attn_scale;
-        let first_of = |pos: usize| shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let first_of = |pos: usize| first_key(shape.window, pos);
         let longest = positions
             .iter()
             .map(|&p| p + 1 - first_of(p))
@@ -585,7 +585,12 @@ impl Transformer {
             .unwrap_or(0);
         let few_tasks = positions.len() * shape.n_head_kv < 4 * c.n_threads();
         if few_tasks && longest >= 2 * SPLIT_KEYS {
-            return self.attention_split(c, cache, layer, shape, q, positions, seqs, out);
+            let split = Split {
+                positions,
+                seqs,
+                longest,
+            };
+            return self.attention_split(c, cache, layer, shape, q, split, out);
         }
         // A task is one token's group of query heads sharing a kv head (each key and value is
         // read once for the group) — or a single head when that leaves threads idle (a short
@@ -610,7 +615,6 @@ impl Transformer {
     /// Attention of a few tokens over long contexts (decoding at depth): each token's keys are
     /// cut into parts attended in parallel, every part by all the query heads of a kv head
     /// (each key read and widened once for the group), then merged exactly (flash decoding).
-    #[allow(clippy::too_many_arguments)]
     fn attention_split(
         &self,
         c: &Compute,
@@ -618,20 +622,17 @@ impl Transformer {
         layer: usize,
         shape: &LayerShape,
         q: &[f32],
-        positions: &[usize],
-        seqs: &[usize],
+        Split {
+            positions,
+            seqs,
+            longest,
+        }: Split<'_>,
         out: &mut [f32],
     ) {
         let hd = self.hp.head_dim;
         let (n_head, n_kv) = (shape.n_head, shape.n_head_kv);
         let group = n_head / n_kv;
         let scale = self.hp.attn_scale;
-        let first_of = |pos: usize| shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let longest = positions
-            .iter()
-            .map(|&p| p + 1 - first_of(p))
-            .max()
-            .unwrap_or(0);
         // Enough parts to keep every thread busy twice over, none shorter than SPLIT_KEYS.
         let groups = positions.len() * n_kv;
         let parts = (2 * c.n_threads())
@@ -645,7 +646,7 @@ impl Transformer {
                 let (g, part) = (task / parts, task % parts);
                 let (t, kv_h) = (g / n_kv, g % n_kv);
                 let pos = positions[t];
-                let first = first_of(pos);
+                let first = first_key(shape.window, pos);
                 let n = pos + 1 - first;
                 let (from, to) = (first + part * n / parts, first + (part + 1) * n / parts);
                 let kv = cache.view(seqs[t], layer, from, to - from, kv_h * hd..(kv_h + 1) * hd);
@@ -667,6 +668,18 @@ impl Transformer {
 
 /// Keys per part, at least, when decoding attention is split along the keys.
 const SPLIT_KEYS: usize = 256;
+
+/// The first key position `pos` reads under an attention window (None: all of them).
+fn first_key(window: Option<usize>, pos: usize) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w))
+}
+
+/// The tokens of a split attention and their longest key span (computed once by the caller).
+struct Split<'a> {
+    positions: &'a [usize],
+    seqs: &'a [usize],
+    longest: usize,
+}
 
 thread_local! {
     /// Attention scores of the query head a pool thread is working on.
