@@ -615,6 +615,7 @@ impl Transformer {
     /// Attention of a few tokens over long contexts (decoding at depth): each token's keys are
     /// cut into parts attended in parallel, every part by all the query heads of a kv head
     /// (each key read and widened once for the group), then merged exactly (flash decoding).
+    #[allow(clippy::too_many_arguments)]
     fn attention_split(
         &self,
         c: &Compute,
