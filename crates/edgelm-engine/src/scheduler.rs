@@ -425,8 +425,15 @@ impl Scheduler {
             if let Phase::Prefill { done } = s.phase {
                 let job = self.jobs[s.job].as_ref().expect("running job");
                 let req = &job.req;
-                let take = (req.prompt.len() - done).min(budget);
-                if take == 0 {
+                let left = req.prompt.len() - done;
+                let mut take = left.min(budget);
+                // A prompt position never goes alone (lone positions take decoding's arithmetic,
+                // runs block attention's): a chunk leaves at least two behind, and a budget of
+                // one waits for the next step.
+                if take + 1 == left && take > 1 {
+                    take -= 1;
+                }
+                if take == 0 || take == 1 && left > 1 {
                     continue;
                 }
                 let at = self.batch.len();

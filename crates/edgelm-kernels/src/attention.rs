@@ -73,12 +73,12 @@ impl KvElem for u16 {
     }
 }
 
-fn f16(bits: u16) -> f32 {
+pub(crate) fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
 /// A block's scale and its 32 integer levels.
-fn levels<B: QuantBlock>(b: &B) -> (f32, [i8; KV_BLOCK]) {
+pub(crate) fn levels<B: QuantBlock>(b: &B) -> (f32, [i8; KV_BLOCK]) {
     let raw = b.bytes();
     (
         f16(u16::from_le_bytes([raw[0], raw[1]])),
@@ -86,7 +86,7 @@ fn levels<B: QuantBlock>(b: &B) -> (f32, [i8; KV_BLOCK]) {
     )
 }
 
-trait QuantBlock {
+pub(crate) trait QuantBlock {
     fn bytes(&self) -> &[u8];
     fn levels(qs: &[u8]) -> [i8; KV_BLOCK];
 }
@@ -354,14 +354,14 @@ pub struct KvBlocks<'a> {
 
 /// Which element type a plane holds, for dispatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     F32,
     F16,
     Q8_0,
     Q4_0,
 }
 
-fn kind(p: &KvPlane<'_>) -> Kind {
+pub(crate) fn kind(p: &KvPlane<'_>) -> Kind {
     match p {
         KvPlane::F32(_) => Kind::F32,
         KvPlane::F16(_) => Kind::F16,
@@ -517,26 +517,27 @@ impl<K, V> Rows<'_, K, V> {
     }
 }
 
-/// [`attend`] over keys of type `K` and values of type `W`, the types, shapes and every block
-/// read checked once.
-fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) {
-    let kv = c.kv;
-    let hd = c.hd;
-    let k = K::of(kv.keys).expect("dispatched on the key type");
-    let v = W::of(kv.values).expect("dispatched on the value type");
+impl KvPlane<'_> {
+    /// Elements the plane holds and values per element.
+    fn extent(&self) -> (usize, usize) {
+        match self {
+            KvPlane::F32(x) => (x.len(), 1),
+            KvPlane::F16(x) => (x.len(), 1),
+            KvPlane::Q8_0(x) => (x.len(), KV_BLOCK),
+            KvPlane::Q4_0(x) => (x.len(), KV_BLOCK),
+        }
+    }
+}
+
+/// Checks once per call that every block `kv` reads lies inside its planes and that heads and
+/// slots are whole elements; a failure is the cache's bug, not input, so it panics.
+pub(crate) fn check_view(kv: &KvBlocks<'_>, hd: usize) {
     assert!(
         kv.block_len.is_power_of_two() && kv.stride >= hd,
         "attention: block length {} is not a power of two, or stride {} < head size {hd}",
         kv.block_len,
         kv.stride
     );
-    for per in [K::PER, W::PER] {
-        assert!(
-            hd.is_multiple_of(per) && kv.stride.is_multiple_of(per),
-            "attention: head size {hd} or stride {} is not whole blocks of {per}",
-            kv.stride
-        );
-    }
     let (b0, b1) = (
         kv.first / kv.block_len,
         (kv.first + kv.n - 1) / kv.block_len,
@@ -550,11 +551,28 @@ fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) 
         .map(|&b| (b as usize + 1) * kv.block_len)
         .max()
         .unwrap_or(0);
-    let need = |per: usize| ((slots - 1) * kv.stride + hd) / per;
-    assert!(
-        k.len() >= need(K::PER) && v.len() >= need(W::PER),
-        "attention: a block outside the cache planes"
-    );
+    for plane in [kv.keys, kv.values] {
+        let (len, per) = plane.extent();
+        assert!(
+            hd.is_multiple_of(per) && kv.stride.is_multiple_of(per),
+            "attention: head size {hd} or stride {} is not whole blocks of {per}",
+            kv.stride
+        );
+        assert!(
+            len >= ((slots - 1) * kv.stride + hd) / per,
+            "attention: a block outside the cache planes"
+        );
+    }
+}
+
+/// [`attend`] over keys of type `K` and values of type `W`, the types, shapes and every block
+/// read checked once.
+fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) {
+    let kv = c.kv;
+    let hd = c.hd;
+    let k = K::of(kv.keys).expect("dispatched on the key type");
+    let v = W::of(kv.values).expect("dispatched on the value type");
+    check_view(kv, hd);
     let rows = Rows {
         k: k.as_ptr(),
         v: v.as_ptr(),
@@ -777,11 +795,11 @@ pub fn hadamard_rotate(rows: &mut [f32], n: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Cached rows of one type laid out as the cache lays them out.
-    enum Plane {
+    pub(crate) enum Plane {
         F32(Vec<f32>),
         F16(Vec<u16>),
         Q8(Vec<BlockQ8_0>),
@@ -789,7 +807,7 @@ mod tests {
     }
 
     impl Plane {
-        fn view(&self) -> KvPlane<'_> {
+        pub(crate) fn view(&self) -> KvPlane<'_> {
             match self {
                 Plane::F32(x) => KvPlane::F32(x),
                 Plane::F16(x) => KvPlane::F16(x),
@@ -801,7 +819,7 @@ mod tests {
 
     /// `rows` stored in `kind` at `slot(j)` of `slots` slots of `stride` values, everything
     /// else NaN (so a read of the wrong slot or past a head shows), and the rows as stored.
-    fn store(
+    pub(crate) fn store(
         kind: Kind,
         rows: &[Vec<f32>],
         slot: impl Fn(usize) -> usize,

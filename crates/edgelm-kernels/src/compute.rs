@@ -590,6 +590,35 @@ impl Compute {
         });
     }
 
+    /// Run `f(i, &mut data[ranges[i]])` for every range, spread over the pool: for work whose
+    /// pieces differ in size. Panics if the ranges are not in order and disjoint, or run past
+    /// `data`.
+    pub fn par_ranges_mut(
+        &self,
+        data: &mut [f32],
+        ranges: &[std::ops::Range<usize>],
+        f: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        let mut end = 0;
+        for r in ranges {
+            assert!(
+                end <= r.start && r.start <= r.end && r.end <= data.len(),
+                "par_ranges_mut: range {r:?} overlaps the one before or runs past {}",
+                data.len()
+            );
+            end = r.end;
+        }
+        let shared = SharedOut(data.as_mut_ptr());
+        self.pool.run(ranges.len(), &|i| {
+            let r = &ranges[i];
+            // SAFETY: the ranges are disjoint and inside `data` (checked above), and `run` joins
+            // all tasks before the borrow of `data` ends.
+            f(i, unsafe {
+                std::slice::from_raw_parts_mut(shared.get().add(r.start), r.len())
+            });
+        });
+    }
+
     /// `Σ a[i]·b[i]` over the shorter length.
     pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
         match self.isa {

@@ -4,6 +4,7 @@
 mod activation;
 mod attention;
 mod compute;
+mod flash;
 pub mod interleave;
 mod isa;
 mod pool;
@@ -18,6 +19,7 @@ pub use attention::{
 pub use compute::{
     ActivationPrecision, Compute, KernelError, Layout, Precision, Product, Weight, MAX_GROUP,
 };
+pub use flash::QueryBlock;
 pub use isa::{Isa, IsaError};
 pub use pool::ThreadPool;
 #[cfg(test)]

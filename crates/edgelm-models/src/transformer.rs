@@ -8,7 +8,7 @@ use crate::layers::{rms_norm, Activation, Rope};
 use crate::linear::{load_vector, Linear, WeightRef};
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
-use edgelm_kernels::{hadamard_rotate, merge_partials, ActivationPrecision, Compute};
+use edgelm_kernels::{hadamard_rotate, merge_partials, ActivationPrecision, Compute, QueryBlock};
 use std::sync::Arc;
 
 /// The largest chunk of a batch processed per layer pass; bounds the scratch and the blocks a
@@ -561,6 +561,9 @@ impl Transformer {
     }
 
     /// Causal (and, for windowed layers, sliding) attention of every query head of the chunk.
+    /// A token's arithmetic depends only on its position and on whether it is one of a run of
+    /// its sequence's consecutive positions (a prompt's chunk), never on what else the batch
+    /// holds, so a request's greedy output is the same alone or beside others.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -573,35 +576,31 @@ impl Transformer {
         seqs: &[usize],
         out: &mut [f32],
     ) {
+        let in_run = |t: usize| seqs[t] == seqs[t - 1] && positions[t] == positions[t - 1] + 1;
+        if (1..positions.len()).any(in_run) {
+            return self.attention_blocks(c, cache, layer, shape, q, positions, seqs, out);
+        }
+        if positions
+            .iter()
+            .any(|&p| parts(p + 1 - first_key(shape.window, p)) > 1)
+        {
+            return self.attention_split(c, cache, layer, shape, q, positions, seqs, out);
+        }
         let hd = self.hp.head_dim;
         let n_head = shape.n_head;
         let group = n_head / shape.n_head_kv;
         let scale = self.hp.attn_scale;
-        let first_of = |pos: usize| first_key(shape.window, pos);
-        let longest = positions
-            .iter()
-            .map(|&p| p + 1 - first_of(p))
-            .max()
-            .unwrap_or(0);
-        let few_tasks = positions.len() * shape.n_head_kv < 4 * c.n_threads();
-        if few_tasks && longest >= 2 * SPLIT_KEYS {
-            let split = Split {
-                positions,
-                seqs,
-                longest,
-            };
-            return self.attention_split(c, cache, layer, shape, q, split, out);
-        }
         // A task is one token's group of query heads sharing a kv head (each key and value is
         // read once for the group) — or a single head when that leaves threads idle (a short
         // decode).
+        let few_tasks = positions.len() * shape.n_head_kv < 4 * c.n_threads();
         let per_task = if few_tasks { 1 } else { group };
         let tasks_per_token = n_head / per_task;
         // `out` is (token, head, head_dim): task i's heads are its i-th chunk.
         c.par_chunks_mut(out, per_task * hd, &|task, o| {
             let (t, first_head) = (task / tasks_per_token, task % tasks_per_token * per_task);
             let pos = positions[t];
-            let first = first_of(pos);
+            let first = first_key(shape.window, pos);
             let kv_h = first_head / group;
             let cols = kv_h * hd..(kv_h + 1) * hd;
             let heads = (t * n_head + first_head) * hd..(t * n_head + first_head + per_task) * hd;
@@ -612,9 +611,126 @@ impl Transformer {
         });
     }
 
-    /// Attention of a few tokens over long contexts (decoding at depth): each token's keys are
-    /// cut into parts attended in parallel, every part by all the query heads of a kv head
-    /// (each key read and widened once for the group), then merged exactly (flash decoding).
+    /// Attention of runs of consecutive tokens (prefill): a task is a piece of a run, which
+    /// attends kv head by kv head with all the group's query heads of all its tokens at once ([`Compute::attend_block`]: every key widened once per block, not once per
+    /// token); a lone token attends as decoding does.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_blocks(
+        &self,
+        c: &Compute,
+        cache: &KvCache,
+        layer: usize,
+        shape: &LayerShape,
+        q: &[f32],
+        positions: &[usize],
+        seqs: &[usize],
+        out: &mut [f32],
+    ) {
+        let hd = self.hp.head_dim;
+        let (n_head, n_kv) = (shape.n_head, shape.n_head_kv);
+        let group = n_head / n_kv;
+        let q_dim = n_head * hd;
+        let scale = self.hp.attn_scale;
+        // About 64 query rows (tokens × group heads) per block: four 16-lane vectors. A run is
+        // cut into even pieces (never a lone token, whose arithmetic is decoding's), a lone
+        // token is a piece of its own.
+        let per_piece = (64 / group).max(2);
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < positions.len() {
+            let mut end = start + 1;
+            while end < positions.len()
+                && seqs[end] == seqs[start]
+                && positions[end] == positions[end - 1] + 1
+            {
+                end += 1;
+            }
+            let n = (end - start).div_ceil(per_piece);
+            pieces.extend(
+                (0..n).map(|i| start + i * (end - start) / n..start + (i + 1) * (end - start) / n),
+            );
+            start = end;
+        }
+        let rows: Vec<_> = pieces
+            .iter()
+            .map(|p| p.start * q_dim..p.end * q_dim)
+            .collect();
+        c.par_ranges_mut(out, &rows, &|i, o| {
+            let (start, end) = (pieces[i].start, pieces[i].end);
+            let seq = seqs[start];
+            let spans: Vec<(usize, usize)> = positions[start..end]
+                .iter()
+                .map(|&p| (first_key(shape.window, p), p + 1))
+                .collect();
+            let (from, to) = (spans[0].0, spans[spans.len() - 1].1);
+            for kv_h in 0..n_kv {
+                let at = kv_h * group * hd;
+                let q_run = &q[start * q_dim + at..end * q_dim];
+                let o_run = &mut o[at..];
+                if end - start == 1 {
+                    let heads = (&q_run[..group * hd], &mut o_run[..group * hd]);
+                    let token = (seq, positions[start]);
+                    self.attend_alone(c, cache, layer, shape, token, kv_h, heads);
+                    continue;
+                }
+                let cols = kv_h * hd..(kv_h + 1) * hd;
+                let kv = cache.view(seq, layer, from, to - from, cols);
+                let block = QueryBlock {
+                    q: q_run,
+                    stride: q_dim,
+                    heads: group,
+                    spans: &spans,
+                };
+                SCORES.with_borrow_mut(|scratch| {
+                    c.attend_block(&block, hd, &kv, scale, scratch, o_run)
+                });
+            }
+        });
+    }
+
+    /// One token's query heads of kv head `kv_h` on the calling thread, with the arithmetic of
+    /// [`Self::attention`] and [`Self::attention_split`] for a lone token: its keys in
+    /// [`parts`], each attended apart, merged in order.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_alone(
+        &self,
+        c: &Compute,
+        cache: &KvCache,
+        layer: usize,
+        shape: &LayerShape,
+        (seq, pos): (usize, usize),
+        kv_h: usize,
+        (q, out): (&[f32], &mut [f32]),
+    ) {
+        let hd = self.hp.head_dim;
+        let heads = q.len() / hd;
+        let scale = self.hp.attn_scale;
+        let first = first_key(shape.window, pos);
+        let n = pos + 1 - first;
+        let cols = kv_h * hd..(kv_h + 1) * hd;
+        let parts = parts(n);
+        if parts == 1 {
+            let kv = cache.view(seq, layer, first, n, cols);
+            return SCORES.with_borrow_mut(|scores| c.attend_heads(q, hd, &kv, scale, scores, out));
+        }
+        let part_len = heads * hd + 2 * heads;
+        let mut buf = vec![0f32; parts * part_len];
+        for (part, chunk) in buf.chunks_exact_mut(part_len).enumerate() {
+            let (from, to) = part_span(first, n, part, parts);
+            let kv = cache.view(seq, layer, from, to - from, cols.clone());
+            let (o, stats) = chunk.split_at_mut(heads * hd);
+            SCORES.with_borrow_mut(|scores| {
+                c.attend_heads_partial(q, hd, &kv, scale, scores, o, stats)
+            });
+        }
+        let it = buf.chunks_exact(part_len).map(|p| p.split_at(heads * hd));
+        merge_partials(it, heads, hd, out);
+    }
+
+    /// Attention of lone tokens (decoding) of which some read long contexts: each token's keys
+    /// are cut into [`parts`] attended in parallel, every part by all the query heads of a kv
+    /// head (each key read and widened once for the group), then merged exactly in order
+    /// (flash decoding).
     #[allow(clippy::too_many_arguments)]
     fn attention_split(
         &self,
@@ -623,33 +739,36 @@ impl Transformer {
         layer: usize,
         shape: &LayerShape,
         q: &[f32],
-        Split {
-            positions,
-            seqs,
-            longest,
-        }: Split<'_>,
+        positions: &[usize],
+        seqs: &[usize],
         out: &mut [f32],
     ) {
         let hd = self.hp.head_dim;
         let (n_head, n_kv) = (shape.n_head, shape.n_head_kv);
         let group = n_head / n_kv;
         let scale = self.hp.attn_scale;
-        // Enough parts to keep every thread busy twice over, none shorter than SPLIT_KEYS.
-        let groups = positions.len() * n_kv;
-        let parts = (2 * c.n_threads())
-            .div_ceil(groups)
-            .clamp(1, longest / SPLIT_KEYS);
         let part_len = group * hd + 2 * group;
-        PARTIALS.with_borrow_mut(|buf| {
+        let span = |t: usize| {
+            let first = first_key(shape.window, positions[t]);
+            (first, positions[t] + 1 - first)
+        };
+        SPLIT.with_borrow_mut(|(tasks, buf)| {
+            // Task i attends part `part` of `parts` of token t's keys for kv head kv_h; the
+            // parts of one (token, kv head) are adjacent.
+            tasks.clear();
+            for t in 0..positions.len() {
+                let parts = parts(span(t).1);
+                for kv_h in 0..n_kv {
+                    tasks.extend((0..parts).map(|part| (t, kv_h, part, parts)));
+                }
+            }
             buf.clear();
-            buf.resize(groups * parts * part_len, 0.0);
+            buf.resize(tasks.len() * part_len, 0.0);
+            let tasks = &*tasks;
             c.par_chunks_mut(buf, part_len, &|task, chunk| {
-                let (g, part) = (task / parts, task % parts);
-                let (t, kv_h) = (g / n_kv, g % n_kv);
-                let pos = positions[t];
-                let first = first_key(shape.window, pos);
-                let n = pos + 1 - first;
-                let (from, to) = (first + part * n / parts, first + (part + 1) * n / parts);
+                let (t, kv_h, part, parts) = tasks[task];
+                let (first, n) = span(t);
+                let (from, to) = part_span(first, n, part, parts);
                 let kv = cache.view(seqs[t], layer, from, to - from, kv_h * hd..(kv_h + 1) * hd);
                 let heads =
                     (t * n_head + kv_h * group) * hd..(t * n_head + (kv_h + 1) * group) * hd;
@@ -658,35 +777,48 @@ impl Transformer {
                     c.attend_heads_partial(&q[heads.clone()], hd, &kv, scale, scores, o, stats)
                 });
             });
-            for (g, o) in out.chunks_exact_mut(group * hd).enumerate() {
-                let mine = &buf[g * parts * part_len..(g + 1) * parts * part_len];
+            let mut at = 0;
+            for o in out.chunks_exact_mut(group * hd) {
+                let parts = tasks[at].3;
+                let mine = &buf[at * part_len..(at + parts) * part_len];
                 let it = mine.chunks_exact(part_len).map(|p| p.split_at(group * hd));
                 merge_partials(it, group, hd, o);
+                at += parts;
             }
         });
     }
 }
 
-/// Keys per part, at least, when decoding attention is split along the keys.
+/// Keys per part, at least, when a lone token's attention is split along its keys.
 const SPLIT_KEYS: usize = 256;
+
+/// How many parts a lone token's `n` keys are attended in: a function of `n` alone, so the
+/// arithmetic is the same whatever else is being decoded.
+fn parts(n: usize) -> usize {
+    if n >= 2 * SPLIT_KEYS {
+        n / SPLIT_KEYS
+    } else {
+        1
+    }
+}
+
+/// Part `part` of `parts` of the keys `first .. first + n`.
+fn part_span(first: usize, n: usize, part: usize, parts: usize) -> (usize, usize) {
+    (first + part * n / parts, first + (part + 1) * n / parts)
+}
 
 /// The first key position `pos` reads under an attention window (None: all of them).
 fn first_key(window: Option<usize>, pos: usize) -> usize {
     window.map_or(0, |w| (pos + 1).saturating_sub(w))
 }
 
-/// The tokens of a split attention and their longest key span (computed once by the caller).
-struct Split<'a> {
-    positions: &'a [usize],
-    seqs: &'a [usize],
-    longest: usize,
-}
-
 thread_local! {
     /// Attention scores of the query head a pool thread is working on.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Unmerged parts of a split attention (the calling thread's).
-    static PARTIALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The tasks and unmerged parts of a split attention (the calling thread's).
+    #[allow(clippy::type_complexity)]
+    static SPLIT: std::cell::RefCell<(Vec<(usize, usize, usize, usize)>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Activation buffers of one forward chunk of `n ≤ MAX_CHUNK` tokens, owned by whoever runs

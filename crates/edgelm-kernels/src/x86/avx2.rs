@@ -247,7 +247,7 @@ pub unsafe fn glu(act: crate::Activation, gate: &mut [f32], up: &[f32]) {
 /// `e^x` on eight lanes (see [`exp_shifted`]).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(
         _mm256_max_ps(x, _mm256_set1_ps(-87.33654)),
         _mm256_set1_ps(88.37626),

@@ -7,7 +7,7 @@ use crate::attention::{BlockQ4_0, BlockQ8_0};
 use std::arch::x86_64::*;
 
 /// A block format as its eight-value chunks.
-trait Chunks {
+pub(crate) trait Chunks {
     /// The block's scale in every lane.
     unsafe fn scale(b: *const Self) -> __m256;
     /// Levels `8c .. 8c + 8` (unscaled) as f32.

@@ -7,6 +7,7 @@ pub mod avx2_quant;
 pub mod avx512_attention;
 pub mod avx512_interleaved;
 pub mod avx512_quant;
+pub mod flash;
 
 /// Weight formats as const-generic tags, shared by every quantized kernel family.
 const T_Q4_0: u8 = 0;

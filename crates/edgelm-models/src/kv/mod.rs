@@ -373,7 +373,8 @@ impl KvCache {
     }
 
     /// A new sequence holding the longest cached prefix of `tokens` (whole blocks, and never
-    /// all of `tokens`: the last one must still be computed for its logits), and that length.
+    /// the last two of `tokens`: the last must still be computed for its logits, in a run),
+    /// and that length.
     pub fn alloc_with_prefix(&mut self, tokens: &[u32]) -> (SeqId, usize) {
         let id = self.alloc();
         if !self.cfg.prefix_cache || tokens.is_empty() {
@@ -382,7 +383,9 @@ impl KvCache {
         let b = self.cfg.block_len;
         let mut chain: Vec<(u64, Vec<u32>)> = Vec::new();
         let mut parent = ROOT;
-        for block in tokens[..tokens.len() - 1].chunks_exact(b) {
+        // At least two positions are left to compute: the prompt's last one must be attended
+        // in a run, as it was when the prompt was first prefilled (see `Transformer::attention`).
+        for block in tokens[..tokens.len().saturating_sub(2)].chunks_exact(b) {
             match self.prefix.get(parent, block) {
                 Some((key, node)) => {
                     chain.push((key, node.blocks.clone()));
