@@ -322,7 +322,7 @@ fn attend<O: Ops>(
     let (m, rest) = rest.split_at_mut(rp);
     let (l, alpha) = rest.split_at_mut(rp);
     // Query row r = t·heads + g, transposed (dimension-major) and scaled.
-    for (t, _) in spans.iter().enumerate() {
+    for t in 0..spans.len() {
         for g in 0..heads {
             let row = &block.q[t * stride + g * hd..][..hd];
             for (d, x) in row.iter().enumerate() {
