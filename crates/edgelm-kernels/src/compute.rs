@@ -876,6 +876,7 @@ mod tests {
             GgmlType::Q8_0,
             GgmlType::Q4_K,
             GgmlType::Q6_K,
+            GgmlType::IQ4_NL,
         ];
         for isa in Isa::available() {
             let c = Compute::with_precision(isa, 2, Precision::Fast);

@@ -182,6 +182,7 @@ fn scalar_row_dot_for(ty: GgmlType) -> RowDotFn {
         Q6_K => row_dot!(Q6_K),
         Q8_1 => row_dot!(Q8_1),
         Q8_K => row_dot!(Q8_K),
+        IQ4_NL => row_dot!(IQ4_NL),
     }
 }
 

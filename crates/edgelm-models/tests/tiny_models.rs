@@ -385,6 +385,7 @@ fn quantized_weights_match_reference() {
         _ if name.ends_with("attn_q.weight") || name.ends_with("ffn_gate.weight") => GgmlType::Q4_K,
         _ if name.ends_with("attn_k.weight") || name.ends_with("ffn_down.weight") => GgmlType::Q6_K,
         _ if name.ends_with("attn_v.weight") => GgmlType::F16,
+        _ if name.ends_with("ffn_up.weight") => GgmlType::IQ4_NL,
         _ => GgmlType::Q8_0,
     };
     for arch in Arch::ALL {

@@ -5,14 +5,14 @@
 //! those fields exactly as llama.cpp's do. Fast kernels are checked against these.
 
 use crate::k_quants::{get_scale_min_k4, q3_k, q4_k, q8_k};
-use crate::{f16_at, q2_k, q4_0, q4_1, q5_0, q5_1, q5_k, q6_k, q8_0, q8_1};
+use crate::{f16_at, iq4_nl, q2_k, q4_0, q4_1, q5_0, q5_1, q5_k, q6_k, q8_0, q8_1};
 use crate::{GgmlType, QuantError};
 
 /// The activation format llama.cpp pairs with a weight type (its `vec_dot_type`).
 pub fn activation_type(ty: GgmlType) -> GgmlType {
     use GgmlType::*;
     match ty {
-        Q4_0 | Q5_0 | Q8_0 => Q8_0,
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Q8_0,
         Q4_1 | Q5_1 | Q8_1 => Q8_1,
         Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => Q8_K,
         F32 => F32,
@@ -62,6 +62,7 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], a: &[u8]) -> Result<f32, QuantError> {
         Q5_0 => rows(w, a, q5_0_q8_0),
         Q5_1 => rows(w, a, q5_1_q8_1),
         Q8_0 => rows(w, a, q8_0_q8_0),
+        IQ4_NL => rows(w, a, iq4_nl_q8_0),
         Q2_K => rows(w, a, q2_k_q8_k),
         Q3_K => rows(w, a, q3_k_q8_k),
         Q4_K => rows(w, a, q4_k_q8_k),
@@ -105,6 +106,18 @@ fn floats<const B: usize>(mut w: &[u8], mut a: &[u8], conv: impl Fn(&[u8; B]) ->
 #[inline]
 fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
     b.iter().map(|&v| v as i8 as i32)
+}
+
+/// One IQ4_NL block times one Q8_0 block (`ggml_vec_dot_iq4_nl_q8_0`): the grid levels times
+/// the activations, summed in integers, scaled by both block scales.
+pub fn iq4_nl_q8_0(w: &[u8; iq4_nl::BLOCK_BYTES], a: &[u8; q8_0::BLOCK_BYTES]) -> f32 {
+    let mut sum = 0i32;
+    for j in 0..16 {
+        let q = w[2 + j];
+        sum += iq4_nl::GRID[(q & 0x0F) as usize] as i32 * a[2 + j] as i8 as i32;
+        sum += iq4_nl::GRID[(q >> 4) as usize] as i32 * a[18 + j] as i8 as i32;
+    }
+    f16_at(w, 0) * f16_at(a, 0) * sum as f32
 }
 
 /// One Q4_0 block times one Q8_0 block (`ggml_vec_dot_q4_0_q8_0`).

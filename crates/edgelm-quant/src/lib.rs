@@ -12,6 +12,7 @@
 pub mod fit;
 pub mod float;
 pub mod int_dot;
+pub mod iq4_nl;
 pub mod k_quants;
 pub mod q4_0;
 pub mod q4_1;
@@ -91,6 +92,7 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
             | Q5_K
             | Q6_K
             | Q8_K
+            | IQ4_NL
     )
 }
 
@@ -170,6 +172,7 @@ macro_rules! dispatch {
             Q5_K => $go!(q5_k),
             Q6_K => $go!(q6_k),
             Q8_K => $go!(q8_k),
+            IQ4_NL => $go!(iq4_nl),
         }
     }};
 }

@@ -3,7 +3,7 @@
 use crate::*;
 
 /// Tiny deterministic xorshift PRNG so tests need no extra dependency.
-struct Rng(u64);
+pub(crate) struct Rng(pub u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -16,7 +16,7 @@ impl Rng {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
     /// Roughly normal (sum of uniforms), mean 0, std 1.
-    fn normal(&mut self) -> f32 {
+    pub(crate) fn normal(&mut self) -> f32 {
         (0..12).map(|_| self.uniform()).sum::<f32>() - 6.0
     }
     fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
@@ -69,6 +69,7 @@ fn block_constants_match_gguf_geometry() {
         (Q5_K, q5_k::BLOCK_BYTES, q5_k::BLOCK_ELEMS),
         (Q6_K, q6_k::BLOCK_BYTES, q6_k::BLOCK_ELEMS),
         (Q8_K, q8_k::BLOCK_BYTES, q8_k::BLOCK_ELEMS),
+        (IQ4_NL, iq4_nl::BLOCK_BYTES, iq4_nl::BLOCK_ELEMS),
     ];
     assert_eq!(table.len(), GgmlType::ALL.len());
     for (ty, bytes, elems) in table {
@@ -124,6 +125,7 @@ fn round_trip_error_bounds() {
         (Q5_K, 0.039),
         (Q4_0, 0.093),
         (Q4_1, 0.083),
+        (IQ4_NL, 0.083),
         (Q4_K, 0.076),
         (Q3_K, 0.15),
         (Q2_K, 0.285),

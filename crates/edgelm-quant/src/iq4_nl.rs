@@ -1,0 +1,154 @@
+//! IQ4_NL: 32 elements as f16 `d` and 16 bytes of 4-bit indices into a fixed non-linear grid of
+//! 16 levels (denser near zero, where most weights are); `x = d · GRID[q]`. Byte `j` holds
+//! element `j` in its low nibble and element `j + 16` in its high nibble, as Q4_0.
+
+use crate::{f16_at, put_f16};
+
+pub const BLOCK_ELEMS: usize = 32;
+pub const BLOCK_BYTES: usize = 18;
+
+/// The 16 levels, ggml's `kvalues_iq4nl` (the format's definition).
+pub const GRID: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+pub fn dequantize_block(b: &[u8; BLOCK_BYTES], y: &mut [f32; BLOCK_ELEMS]) {
+    let d = f16_at(b, 0);
+    for j in 0..16 {
+        let q = b[2 + j];
+        y[j] = d * GRID[(q & 0x0F) as usize] as f32;
+        y[j + 16] = d * GRID[(q >> 4) as usize] as f32;
+    }
+}
+
+/// [`quantize_block_weighted`] with each value weighted by its square (the error that matters
+/// most is on the largest weights), as without an importance matrix.
+pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
+    let w: [f32; BLOCK_ELEMS] = std::array::from_fn(|i| x[i] * x[i]);
+    quantize_block_weighted(x, &w, b);
+}
+
+/// Index of the grid level nearest `v` (in units of `d`).
+fn nearest(v: f32) -> usize {
+    // The grid is sorted: count the midpoints below `v`.
+    let mut i = 0;
+    while i < 15 && v > (GRID[i] as f32 + GRID[i + 1] as f32) * 0.5 {
+        i += 1;
+    }
+    i
+}
+
+/// The scale minimizing `Σ w (x − d·GRID[q])²` and that error, for fixed indices `q`.
+fn fit(x: &[f32; BLOCK_ELEMS], w: &[f32; BLOCK_ELEMS], q: &[u8; BLOCK_ELEMS]) -> (f32, f32) {
+    let (mut sxq, mut sqq, mut sxx) = (0f64, 0f64, 0f64);
+    for i in 0..BLOCK_ELEMS {
+        let g = GRID[q[i] as usize] as f64;
+        sxq += (w[i] * x[i]) as f64 * g;
+        sqq += w[i] as f64 * g * g;
+        sxx += (w[i] * x[i]) as f64 * x[i] as f64;
+    }
+    if sqq == 0.0 {
+        return (0.0, sxx as f32);
+    }
+    let d = half::f16::from_f32((sxq / sqq) as f32).to_f32() as f64;
+    (d as f32, (sxx - 2.0 * d * sxq + d * d * sqq) as f32)
+}
+
+/// Weighted least-squares rounding: trial scales put the block's extreme on each end of the grid
+/// and on the 16 levels either side of it (ggml tries one end's), each rounded to the nearest
+/// levels and refit to its least-squares scale; the best is then improved by alternating
+/// nearest-level assignment and refitting until the error stops falling. `w` ≥ 0 weighs each
+/// value's error (an importance matrix's, or the value's square).
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let max = x
+        .iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let mut q = [0u8; BLOCK_ELEMS];
+    let mut best = (f32::INFINITY, 0f32, q);
+    if max != 0.0 {
+        let assign = |d: f32, q: &mut [u8; BLOCK_ELEMS]| {
+            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = nearest(v * inv) as u8;
+            }
+        };
+        for end in [GRID[0] as f32, GRID[15] as f32] {
+            for step in -8..=8 {
+                let d0 = max / (end + step as f32 * end.signum());
+                assign(d0, &mut q);
+                let (d, err) = fit(x, w, &q);
+                if err < best.0 {
+                    best = (err, d, q);
+                }
+            }
+        }
+        for _ in 0..8 {
+            assign(best.1, &mut q);
+            let (d, err) = fit(x, w, &q);
+            if err >= best.0 {
+                break;
+            }
+            best = (err, d, q);
+        }
+    }
+    let (_, d, q) = best;
+    put_f16(b, 0, d);
+    for j in 0..16 {
+        b[2 + j] = q[j] | (q[j + 16] << 4);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_block() {
+        let mut b = [0u8; BLOCK_BYTES];
+        b[0..2].copy_from_slice(&0x3800u16.to_le_bytes()); // d = 0.5
+        for j in 0..16 {
+            b[2 + j] = (j as u8) | ((15 - j as u8) << 4);
+        }
+        let mut y = [0f32; 32];
+        dequantize_block(&b, &mut y);
+        for j in 0..16 {
+            assert_eq!(y[j], 0.5 * GRID[j] as f32);
+            assert_eq!(y[j + 16], 0.5 * GRID[15 - j] as f32);
+        }
+    }
+
+    /// The refined search never does worse than ggml's single end with its trial steps, on
+    /// random blocks with outliers (the weighted error of each, compared block by block).
+    #[test]
+    fn search_beats_a_single_scale() {
+        let mut rng = crate::tests::Rng(77);
+        for _ in 0..500 {
+            let x: [f32; 32] =
+                std::array::from_fn(|i| rng.normal() * if i == 5 { 6.0 } else { 1.0 });
+            let w: [f32; 32] = std::array::from_fn(|i| x[i] * x[i]);
+            let mut b = [0u8; BLOCK_BYTES];
+            quantize_block_weighted(&x, &w, &mut b);
+            let mut y = [0f32; 32];
+            dequantize_block(&b, &mut y);
+            let ours: f32 = (0..32).map(|i| w[i] * (x[i] - y[i]).powi(2)).sum();
+            // One scale: the extreme on the grid's long end, nearest levels, no refit.
+            let max = x
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = half::f16::from_f32(max / GRID[0] as f32).to_f32();
+            let single: f32 = (0..32)
+                .map(|i| {
+                    let g = GRID[nearest(x[i] / d)] as f32;
+                    w[i] * (x[i] - d * g).powi(2)
+                })
+                .sum();
+            assert!(ours <= single * 1.0001 + 1e-12, "{ours} > {single}");
+        }
+    }
+}
