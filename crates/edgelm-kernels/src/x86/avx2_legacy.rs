@@ -1,4 +1,4 @@
-//! AVX2 kernels for the legacy 32-element formats — Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights
+//! AVX2 kernels for the 32-element formats — Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL weights
 //! against 8-bit activations (Q8_0, or Q8_1 for the formats with a min) — and the two activation
 //! quantizers.
 //!
@@ -13,7 +13,7 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
-use super::{hsum, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
+use super::{hsum, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 /// Bytes of one weight block.
 const fn w_bytes(t: u8) -> usize {
     match t {
-        T_Q4_0 => 18,
+        T_Q4_0 | T_IQ4_NL => 18,
         T_Q4_1 => 20,
         T_Q5_0 => 22,
         T_Q5_1 => 24,
@@ -53,6 +53,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         Q5_0 => (Q8_0, row_dot::<T_Q5_0>, quantize_row_q8_0),
         Q5_1 => (Q8_1, row_dot::<T_Q5_1>, quantize_row_q8_1),
         Q8_0 => (Q8_0, row_dot::<T_Q8_0>, quantize_row_q8_0),
+        IQ4_NL => (Q8_0, row_dot::<T_IQ4_NL>, quantize_row_q8_0),
         _ => return None,
     };
     Some(QuantKernel {
@@ -206,6 +207,11 @@ unsafe fn unpack<const T: u8>(p: *const u8) -> __m256i {
             nibbles(p.add(8)),
             _mm256_and_si256(high_bits(p.add(4)), _mm256_set1_epi8(0x10)),
         ),
+        // IQ4_NL [d, qs[16]]: each nibble indexes the 16-level grid, one shuffle for all 32.
+        T_IQ4_NL => {
+            let grid = _mm_loadu_si128(edgelm_quant::iq4_nl::GRID.as_ptr() as *const __m128i);
+            _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(grid), nibbles(p.add(2)))
+        }
         // Q8_0 [d, qs[32]]: the quants already are i8.
         _ => _mm256_loadu_si256(p.add(2) as *const __m256i),
     }
@@ -365,12 +371,13 @@ mod tests {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))) }
     }
 
-    const TYPES: [GgmlType; 5] = [
+    const TYPES: [GgmlType; 6] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::IQ4_NL,
     ];
 
     /// The integer quant of element `i` of weight block `b`, as the integer dot uses it.
@@ -384,6 +391,7 @@ mod tests {
             GgmlType::Q4_1 => nib(&b[4..]),
             GgmlType::Q5_0 => (nib(&b[6..]) | hi(2) << 4) - 16,
             GgmlType::Q5_1 => nib(&b[8..]) | hi(4) << 4,
+            GgmlType::IQ4_NL => edgelm_quant::iq4_nl::GRID[nib(&b[2..]) as usize] as i32,
             _ => b[2 + i] as i8 as i32,
         }
     }
@@ -443,7 +451,7 @@ mod tests {
     /// Every type, row lengths of 1, 2, 7 and 32 blocks, 1..=8 (and 11) activation rows, weights
     /// from the scalar quantizer and from raw random bytes.
     ///
-    /// Tolerance, the same for all five types: |avx2 - scalar| ≤ 1e-5 · magnitude (see
+    /// Tolerance, the same for all six types: |avx2 - scalar| ≤ 1e-5 · magnitude (see
     /// [`magnitude`]). Both sides compute every block's integer sum exactly and differ only in
     /// f32 rounding: the scalar rounds ≤ nb + 2 times along any term's path, the kernel
     /// ≤ nb + 7 (scale product, min product, FMA, accumulator add per block, merging the two
@@ -453,6 +461,7 @@ mod tests {
     #[test]
     fn row_dot_matches_scalar() {
         if !have_cpu() {
+            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C; the path is untested here");
             return;
         }
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -491,7 +500,7 @@ mod tests {
     }
 
     #[test]
-    fn table_covers_legacy_types_only() {
+    fn table_covers_32_element_types_only() {
         for ty in TYPES {
             let k = kernel(ty).unwrap();
             assert_eq!((k.weight, k.isa), (ty, Isa::Avx2));

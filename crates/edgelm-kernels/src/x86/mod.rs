@@ -20,6 +20,7 @@ const T_Q3_K: u8 = 6;
 const T_Q4_K: u8 = 7;
 const T_Q5_K: u8 = 8;
 const T_Q6_K: u8 = 9;
+const T_IQ4_NL: u8 = 10;
 
 /// The GGUF type a kernel tag stands for.
 const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
@@ -34,6 +35,7 @@ const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
         T_Q3_K => Q3_K,
         T_Q4_K => Q4_K,
         T_Q5_K => Q5_K,
+        T_IQ4_NL => IQ4_NL,
         _ => Q6_K,
     }
 }
