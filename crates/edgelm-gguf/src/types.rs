@@ -20,11 +20,12 @@ pub enum GgmlType {
     Q6_K = 14,
     Q8_K = 15,
     IQ4_NL = 20,
+    IQ4_XS = 23,
     BF16 = 30,
 }
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 16] = [
+    pub const ALL: [GgmlType; 17] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -40,6 +41,7 @@ impl GgmlType {
         GgmlType::Q6_K,
         GgmlType::Q8_K,
         GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
         GgmlType::BF16,
     ];
 
@@ -54,7 +56,7 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL => 32,
-            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => 256,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ4_XS => 256,
         }
     }
 
@@ -76,6 +78,7 @@ impl GgmlType {
             Q5_K => 176,
             Q6_K => 210,
             Q8_K => 292,
+            IQ4_XS => 136,
         }
     }
 
@@ -108,6 +111,7 @@ impl GgmlType {
             Q6_K => "Q6_K",
             Q8_K => "Q8_K",
             IQ4_NL => "IQ4_NL",
+            IQ4_XS => "IQ4_XS",
         }
     }
 }

@@ -877,6 +877,7 @@ mod tests {
             GgmlType::Q4_K,
             GgmlType::Q6_K,
             GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
         ];
         for isa in Isa::available() {
             let c = Compute::with_precision(isa, 2, Precision::Fast);

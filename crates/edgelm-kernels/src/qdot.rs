@@ -183,6 +183,7 @@ fn scalar_row_dot_for(ty: GgmlType) -> RowDotFn {
         Q8_1 => row_dot!(Q8_1),
         Q8_K => row_dot!(Q8_K),
         IQ4_NL => row_dot!(IQ4_NL),
+        IQ4_XS => row_dot!(IQ4_XS),
     }
 }
 

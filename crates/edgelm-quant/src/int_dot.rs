@@ -5,7 +5,7 @@
 //! those fields exactly as llama.cpp's do. Fast kernels are checked against these.
 
 use crate::k_quants::{get_scale_min_k4, q3_k, q4_k, q8_k};
-use crate::{f16_at, iq4_nl, q2_k, q4_0, q4_1, q5_0, q5_1, q5_k, q6_k, q8_0, q8_1};
+use crate::{f16_at, iq4_nl, iq4_xs, q2_k, q4_0, q4_1, q5_0, q5_1, q5_k, q6_k, q8_0, q8_1};
 use crate::{GgmlType, QuantError};
 
 /// The activation format llama.cpp pairs with a weight type (its `vec_dot_type`).
@@ -14,7 +14,7 @@ pub fn activation_type(ty: GgmlType) -> GgmlType {
     match ty {
         Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Q8_0,
         Q4_1 | Q5_1 | Q8_1 => Q8_1,
-        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => Q8_K,
+        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ4_XS => Q8_K,
         F32 => F32,
         F16 => F16,
         BF16 => BF16,
@@ -63,6 +63,7 @@ pub fn vec_dot(ty: GgmlType, w: &[u8], a: &[u8]) -> Result<f32, QuantError> {
         Q5_1 => rows(w, a, q5_1_q8_1),
         Q8_0 => rows(w, a, q8_0_q8_0),
         IQ4_NL => rows(w, a, iq4_nl_q8_0),
+        IQ4_XS => rows(w, a, iq4_xs_q8_k),
         Q2_K => rows(w, a, q2_k_q8_k),
         Q3_K => rows(w, a, q3_k_q8_k),
         Q4_K => rows(w, a, q4_k_q8_k),
@@ -118,6 +119,24 @@ pub fn iq4_nl_q8_0(w: &[u8; iq4_nl::BLOCK_BYTES], a: &[u8; q8_0::BLOCK_BYTES]) -
         sum += iq4_nl::GRID[(q >> 4) as usize] as i32 * a[18 + j] as i8 as i32;
     }
     f16_at(w, 0) * f16_at(a, 0) * sum as f32
+}
+
+/// One IQ4_XS block times one Q8_K block (`ggml_vec_dot_iq4_xs_q8_K`): per sub-block of 32,
+/// the grid levels times the activations summed in integers, scaled by its code − 32; the
+/// sub-blocks summed in f32, times `d_w·d_a`.
+pub fn iq4_xs_q8_k(w: &[u8; iq4_xs::BLOCK_BYTES], a: &[u8; q8_k::BLOCK_BYTES]) -> f32 {
+    let d = f16_at(w, 0) * f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+    let mut sum = 0f32;
+    for ib in 0..8 {
+        let (qs, y) = (&w[8 + 16 * ib..24 + 16 * ib], &a[4 + 32 * ib..36 + 32 * ib]);
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += iq4_nl::GRID[(qs[j] & 0x0F) as usize] as i32 * y[j] as i8 as i32;
+            sumi += iq4_nl::GRID[(qs[j] >> 4) as usize] as i32 * y[j + 16] as i8 as i32;
+        }
+        sum += d * (iq4_xs::scale_code(w, ib) - 32) as f32 * sumi as f32;
+    }
+    sum
 }
 
 /// One Q4_0 block times one Q8_0 block (`ggml_vec_dot_q4_0_q8_0`).

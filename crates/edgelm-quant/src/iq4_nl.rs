@@ -38,10 +38,11 @@ fn nearest(v: f32) -> usize {
     i
 }
 
-/// The scale minimizing `Σ w (x − d·GRID[q])²` and that error, for fixed indices `q`.
-fn fit(x: &[f32; BLOCK_ELEMS], w: &[f32; BLOCK_ELEMS], q: &[u8; BLOCK_ELEMS]) -> (f32, f32) {
+/// The scale minimizing `Σ w (x − d·GRID[q])²` (then passed through `round`, as it will be
+/// stored) and that error, for fixed indices `q`.
+fn fit(x: &[f32], w: &[f32], q: &[u8], round: &impl Fn(f32) -> f32) -> (f32, f32) {
     let (mut sxq, mut sqq, mut sxx) = (0f64, 0f64, 0f64);
-    for i in 0..BLOCK_ELEMS {
+    for i in 0..x.len() {
         let g = GRID[q[i] as usize] as f64;
         sxq += (w[i] * x[i]) as f64 * g;
         sqq += w[i] as f64 * g * g;
@@ -50,8 +51,52 @@ fn fit(x: &[f32; BLOCK_ELEMS], w: &[f32; BLOCK_ELEMS], q: &[u8; BLOCK_ELEMS]) ->
     if sqq == 0.0 {
         return (0.0, sxx as f32);
     }
-    let d = half::f16::from_f32((sxq / sqq) as f32).to_f32() as f64;
+    let d = round((sxq / sqq) as f32) as f64;
     (d as f32, (sxx - 2.0 * d * sxq + d * d * sqq) as f32)
+}
+
+/// `q` = the nearest grid levels of `x / d`.
+pub(crate) fn assign(x: &[f32], d: f32, q: &mut [u8]) {
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = nearest(v * inv) as u8;
+    }
+}
+
+/// The search of [`quantize_block_weighted`] over `BLOCK_ELEMS` values: the scale (through
+/// `round`), its weighted error, and the levels.
+pub(crate) fn search(
+    x: &[f32],
+    w: &[f32],
+    round: impl Fn(f32) -> f32,
+) -> (f32, f32, [u8; BLOCK_ELEMS]) {
+    let max = x
+        .iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let mut q = [0u8; BLOCK_ELEMS];
+    if max == 0.0 {
+        return (0.0, 0.0, q);
+    }
+    let mut best = (0f32, f32::INFINITY, q);
+    for end in [GRID[0] as f32, GRID[15] as f32] {
+        for step in -8..=8 {
+            assign(x, max / (end + step as f32 * end.signum()), &mut q);
+            let (d, err) = fit(x, w, &q, &round);
+            if err < best.1 {
+                best = (d, err, q);
+            }
+        }
+    }
+    for _ in 0..8 {
+        assign(x, best.0, &mut q);
+        let (d, err) = fit(x, w, &q, &round);
+        if err >= best.1 {
+            break;
+        }
+        best = (d, err, q);
+    }
+    best
 }
 
 /// Weighted least-squares rounding: trial scales put the block's extreme on each end of the grid
@@ -64,39 +109,7 @@ pub fn quantize_block_weighted(
     w: &[f32; BLOCK_ELEMS],
     b: &mut [u8; BLOCK_BYTES],
 ) {
-    let max = x
-        .iter()
-        .copied()
-        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-    let mut q = [0u8; BLOCK_ELEMS];
-    let mut best = (f32::INFINITY, 0f32, q);
-    if max != 0.0 {
-        let assign = |d: f32, q: &mut [u8; BLOCK_ELEMS]| {
-            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-            for (q, &v) in q.iter_mut().zip(x) {
-                *q = nearest(v * inv) as u8;
-            }
-        };
-        for end in [GRID[0] as f32, GRID[15] as f32] {
-            for step in -8..=8 {
-                let d0 = max / (end + step as f32 * end.signum());
-                assign(d0, &mut q);
-                let (d, err) = fit(x, w, &q);
-                if err < best.0 {
-                    best = (err, d, q);
-                }
-            }
-        }
-        for _ in 0..8 {
-            assign(best.1, &mut q);
-            let (d, err) = fit(x, w, &q);
-            if err >= best.0 {
-                break;
-            }
-            best = (err, d, q);
-        }
-    }
-    let (_, d, q) = best;
+    let (d, _, q) = search(x, w, |d| half::f16::from_f32(d).to_f32());
     put_f16(b, 0, d);
     for j in 0..16 {
         b[2 + j] = q[j] | (q[j + 16] << 4);

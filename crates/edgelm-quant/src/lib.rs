@@ -13,6 +13,7 @@ pub mod fit;
 pub mod float;
 pub mod int_dot;
 pub mod iq4_nl;
+pub mod iq4_xs;
 pub mod k_quants;
 pub mod q4_0;
 pub mod q4_1;
@@ -93,6 +94,7 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
             | Q6_K
             | Q8_K
             | IQ4_NL
+            | IQ4_XS
     )
 }
 
@@ -173,6 +175,7 @@ macro_rules! dispatch {
             Q6_K => $go!(q6_k),
             Q8_K => $go!(q8_k),
             IQ4_NL => $go!(iq4_nl),
+            IQ4_XS => $go!(iq4_xs),
         }
     }};
 }

@@ -70,6 +70,7 @@ fn block_constants_match_gguf_geometry() {
         (Q6_K, q6_k::BLOCK_BYTES, q6_k::BLOCK_ELEMS),
         (Q8_K, q8_k::BLOCK_BYTES, q8_k::BLOCK_ELEMS),
         (IQ4_NL, iq4_nl::BLOCK_BYTES, iq4_nl::BLOCK_ELEMS),
+        (IQ4_XS, iq4_xs::BLOCK_BYTES, iq4_xs::BLOCK_ELEMS),
     ];
     assert_eq!(table.len(), GgmlType::ALL.len());
     for (ty, bytes, elems) in table {
@@ -126,6 +127,7 @@ fn round_trip_error_bounds() {
         (Q4_0, 0.093),
         (Q4_1, 0.083),
         (IQ4_NL, 0.083),
+        (IQ4_XS, 0.083),
         (Q4_K, 0.076),
         (Q3_K, 0.15),
         (Q2_K, 0.285),

@@ -1,5 +1,5 @@
-//! AVX2 + FMA k-quant kernels: Q2_K, Q3_K, Q4_K, Q5_K and Q6_K weight rows against Q8_K
-//! activation rows, and the Q8_K activation quantizer.
+//! AVX2 + FMA k-quant kernels: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weight rows against
+//! Q8_K activation rows, and the Q8_K activation quantizer.
 //!
 //! Every row dot walks the weight row's 256-element super-blocks once. For each super-block it
 //! unpacks the quants of one 32-element group into a register of unsigned bytes (low nibbles,
@@ -39,6 +39,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         GgmlType::Q4_K => row_dot_q4_k,
         GgmlType::Q5_K => row_dot_q5_k,
         GgmlType::Q6_K => row_dot_q6_k,
+        GgmlType::IQ4_XS => row_dot_iq4_xs,
         _ => return None,
     };
     Some(QuantKernel {
@@ -200,6 +201,62 @@ row_dot_entry!(row_dot_q3_k, q3_k_rows);
 row_dot_entry!(row_dot_q4_k, q4_k_rows);
 row_dot_entry!(row_dot_q5_k, q5_k_rows);
 row_dot_entry!(row_dot_q6_k, q6_k_rows);
+row_dot_entry!(row_dot_iq4_xs, iq4_xs_rows);
+
+// ---------------------------------------------------------------------------------------------
+// IQ4_XS
+
+/// IQ4_XS (136 bytes: f16 d, u16 scales_h, scales_l[4], qs[128]). Sub-block `ib`'s 16 bytes of
+/// `qs` hold its 32 nibbles as an IQ4_NL block does; one shuffle maps them onto the grid. The
+/// levels are signed, so the sign trick (`maddubs(|w|, y·sign w)`, exact for activations in
+/// [−127, 127], all the Q8_K quantizer writes) replaces the unsigned weights of the others; the
+/// sub-block's 6-bit code − 32 multiplies the pairs in the `madd`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn iq4_xs_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+    const BW: usize = 136;
+    let nb = w.len() / BW;
+    let ys = act_ptrs::<N>(acts, nb);
+    let out: &mut [f32; N] = (&mut out[..N]).try_into().unwrap();
+    let grid =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(edgelm_quant::iq4_nl::GRID.as_ptr().cast()));
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in 0..nb {
+        // SAFETY: block i of the weight row is in bounds (i < nb = w.len() / BW).
+        let x = w.as_ptr().add(i * BW);
+        let yb: [*const u8; N] = core::array::from_fn(|j| ys[j].add(i * Q8K_BYTES));
+        let h = u16::from_le_bytes(x.add(2).cast::<[u8; 2]>().read_unaligned()) as i32;
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for ib in 0..8 {
+            let lo = ((*x.add(4 + ib / 2) >> (4 * (ib % 2))) & 0x0F) as i32;
+            let code = lo | (((h >> (2 * ib)) & 3) << 4);
+            let scale = _mm256_set1_epi16((code - 32) as i16);
+            // SAFETY: bytes 8 + 16ib .. 24 + 16ib of the block; the activation group lies
+            // inside the checked Q8_K block.
+            let q = _mm_loadu_si128(x.add(8 + 16 * ib).cast());
+            let both =
+                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(q), _mm_srli_epi16::<4>(q));
+            let wv = _mm256_shuffle_epi8(grid, _mm256_and_si256(both, m4));
+            let aw = _mm256_sign_epi8(wv, wv);
+            for j in 0..N {
+                let y = load(yb[j].add(Q8K_QS + 32 * ib));
+                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, wv));
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(p, scale));
+            }
+        }
+        let d = f16_at(x);
+        for j in 0..N {
+            let da = _mm256_set1_ps(d * f32_at(yb[j]));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), da, acc[j]);
+        }
+    }
+    for j in 0..N {
+        out[j] = hsum(acc[j]);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Q4_K / Q5_K
@@ -688,12 +745,13 @@ mod tests {
         n / ty.block_elems() * ty.block_bytes()
     }
 
-    const TYPES: [GgmlType; 5] = [
+    const TYPES: [GgmlType; 6] = [
         GgmlType::Q2_K,
         GgmlType::Q3_K,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
     ];
 
     /// Offsets of (d, dmin) in a block; dmin is None for the symmetric formats.
@@ -703,6 +761,7 @@ mod tests {
             GgmlType::Q3_K => (108, None),
             GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2)),
             GgmlType::Q6_K => (208, None),
+            GgmlType::IQ4_XS => (0, None),
             _ => unreachable!(),
         }
     }
@@ -788,7 +847,7 @@ mod tests {
     #[test]
     fn row_dot_matches_scalar() {
         if !have_avx2() {
-            return;
+            return; // have_avx2 said why
         }
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for ty in TYPES {
@@ -804,11 +863,12 @@ mod tests {
     }
 
     /// Largest weight codes against activations of all −128 / all 127 (consistent bsums, not
-    /// reachable by the quantizer): no intermediate may saturate or overflow.
+    /// reachable by the quantizer; −127 for IQ4_XS, whose sign trick needs it): no
+    /// intermediate may saturate or overflow.
     #[test]
     fn extreme_codes_do_not_overflow() {
         if !have_avx2() {
-            return;
+            return; // have_avx2 said why
         }
         let act = |q: i8| {
             let mut a = vec![0u8; Q8K_BYTES * 2];
@@ -821,8 +881,9 @@ mod tests {
             }
             a
         };
-        let acts = vec![act(-128), act(127), act(-128)];
         for ty in TYPES {
+            let lowest = if ty == GgmlType::IQ4_XS { -127 } else { -128 };
+            let acts = vec![act(lowest), act(127), act(lowest)];
             for fill in [0xFFu8, 0x00, 0x80, 0x7F] {
                 let mut w = vec![fill; bytes(ty, 2 * QK)];
                 let (d, dmin) = scale_fields(ty);
@@ -849,7 +910,7 @@ mod tests {
     #[test]
     fn quantizer_matches_scalar_bytes() {
         if !have_avx2() {
-            return;
+            return; // have_avx2 said why
         }
         let mut rng = Rng(0xD1B5_4A32_D192_ED03);
         for case in 0..400 {
