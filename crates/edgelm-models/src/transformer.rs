@@ -266,7 +266,10 @@ impl Transformer {
 
     /// Bytes of weights resident after a run over `positions` tokens: every matrix the
     /// forward pass multiplies by, and of an embedding table that is not also the output head
-    /// only the rows looked up — at most one page (4 KiB) per position, whole rows.
+    /// only the rows looked up — a page (4 KiB, or a whole row) per distinct token. Distinct
+    /// tokens grow as text does by Heaps' law, taken as `60·√positions` (every position new up
+    /// to 3,600 of them); text with more variety touches more, but those pages are clean and
+    /// mapped from the file, so the system reclaims them before it would swap.
     pub fn resident_weight_bytes(&self, positions: usize) -> u64 {
         let all = self.weight_bytes();
         if self.output.weight.name == self.tok_embd.name {
@@ -274,8 +277,8 @@ impl Transformer {
         }
         let table = self.tok_embd.n_bytes() as u64;
         let row = table / self.tok_embd.rows.max(1) as u64;
-        let touched = positions as u64 * row.max(4096);
-        all - table + touched.min(table)
+        let distinct = (positions as f64).min(60.0 * (positions as f64).sqrt()) as u64;
+        all - table + (distinct * row.max(4096)).min(table)
     }
 
     /// Context shift: drop positions `keep .. keep + discard` of `seq` (`discard` whole blocks)
