@@ -717,17 +717,21 @@ impl Transformer {
             return SCORES.with_borrow_mut(|scores| c.attend_heads(q, hd, &kv, scale, scores, out));
         }
         let part_len = heads * hd + 2 * heads;
-        let mut buf = vec![0f32; parts * part_len];
-        for (part, chunk) in buf.chunks_exact_mut(part_len).enumerate() {
-            let (from, to) = part_span(first, n, part, parts);
-            let kv = cache.view(seq, layer, from, to - from, cols.clone());
-            let (o, stats) = chunk.split_at_mut(heads * hd);
-            SCORES.with_borrow_mut(|scores| {
-                c.attend_heads_partial(q, hd, &kv, scale, scores, o, stats)
-            });
-        }
-        let it = buf.chunks_exact(part_len).map(|p| p.split_at(heads * hd));
-        merge_partials(it, heads, hd, out);
+        // This thread's split buffer: a pool thread here, never inside `attention_split`.
+        SPLIT.with_borrow_mut(|(_, buf)| {
+            buf.clear();
+            buf.resize(parts * part_len, 0.0);
+            for (part, chunk) in buf.chunks_exact_mut(part_len).enumerate() {
+                let (from, to) = part_span(first, n, part, parts);
+                let kv = cache.view(seq, layer, from, to - from, cols.clone());
+                let (o, stats) = chunk.split_at_mut(heads * hd);
+                SCORES.with_borrow_mut(|scores| {
+                    c.attend_heads_partial(q, hd, &kv, scale, scores, o, stats)
+                });
+            }
+            let it = buf.chunks_exact(part_len).map(|p| p.split_at(heads * hd));
+            merge_partials(it, heads, hd, out);
+        });
     }
 
     /// Attention of lone tokens (decoding) of which some read long contexts: each token's keys
