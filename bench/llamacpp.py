@@ -120,3 +120,25 @@ def llama_bench():
 # llama-perplexity from the same build: perplexity and KL divergence beside edgelm's.
 def llama_perplexity():
     return build_tool("build-server", "llama-perplexity", SERVER_CMAKE + no_amx_cmake())
+
+
+# llama-quantize and llama-imatrix from the same build: edgelm's quantizer beside them, and each
+# reading the other's files.
+def llama_quantize():
+    return build_tool("build-server", "llama-quantize", SERVER_CMAKE + no_amx_cmake())
+
+
+def llama_imatrix():
+    return build_tool("build-server", "llama-imatrix", SERVER_CMAKE + no_amx_cmake())
+
+
+TOOLS = {"llama-server": llama_server, "llama-bench": llama_bench,
+         "llama-perplexity": llama_perplexity, "llama-quantize": llama_quantize,
+         "llama-imatrix": llama_imatrix}
+
+if __name__ == "__main__":
+    # `python3 bench/llamacpp.py TOOL...`: build what is missing, print each binary's path.
+    for name in sys.argv[1:]:
+        if name not in TOOLS:
+            sys.exit(f"unknown tool {name!r}; known: {', '.join(TOOLS)}")
+        print(TOOLS[name]())

@@ -50,4 +50,8 @@ installed=$(node -p "try { require('./tests/web/node_modules/playwright-core/pac
 if [ "$installed" != "$playwright_version" ]; then
     npm ci --prefix tests/web --no-audit --no-fund
 fi
+# llama.cpp's quantize, imatrix and perplexity tools, which tests/quantize_interop.rs checks our
+# files against: built once from the llama-cpp-python source package (bench/llamacpp.py, cached
+# under $EDGELM_HOME; cmake comes from PyPI when the machine has none).
+python3 bench/llamacpp.py llama-quantize llama-imatrix llama-perplexity
 cargo test --release --locked --workspace "$@"

@@ -1,6 +1,7 @@
 //! The `edgelm` command line: thin wrappers over the engine.
 
 mod chat;
+mod compress;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -47,6 +48,10 @@ enum Command {
     Inspect(InspectArgs),
     /// Benchmark prompt processing (pp) and generation (tg) speed, llama-bench style.
     Bench(BenchArgs),
+    /// Quantize a model to another type or mix, rounding by importance-weighted least squares.
+    Quantize(compress::QuantizeArgs),
+    /// Collect an importance matrix (mean squared input of every projection) from a text.
+    Imatrix(compress::ImatrixArgs),
     /// Download a known model into the cache.
     Pull {
         /// Model name (see `edgelm list`).
@@ -458,6 +463,8 @@ fn real_main() -> Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect(a) => inspect(a),
         Command::Bench(a) => bench(a),
+        Command::Quantize(a) => compress::quantize(a),
+        Command::Imatrix(a) => compress::imatrix(a),
         Command::Pull { name, force } => {
             let hub = Hub::from_env()?;
             let spec = edgelm_hub::find(&name)

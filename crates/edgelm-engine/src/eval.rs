@@ -1,7 +1,7 @@
 //! Teacher-forced evaluation: per-position scores and llama-perplexity-compatible perplexity.
 
 use crate::{Engine, EngineError, Result, SubmitError};
-use edgelm_models::{Batch, Scratch, MAX_CHUNK};
+use edgelm_models::{Batch, Forward, Logits, Observer, Scratch, MAX_CHUNK};
 
 /// One position of a teacher-forced pass: the logit row predicting `next`.
 #[derive(Debug, Clone)]
@@ -121,17 +121,51 @@ pub fn perplexity_rows(
     progress: &mut dyn FnMut(PerplexityChunk),
     row: &mut dyn FnMut(&[f32], u32) -> Result<()>,
 ) -> Result<PerplexityResult> {
+    chunked(engine, tokens, n_ctx, 2, None, progress, row)
+}
+
+/// [`perplexity`] over `n_chunks` chunks (at least one) with `observer` seeing every
+/// projection's input: the calibration pass of an importance matrix.
+pub fn perplexity_observed(
+    engine: &Engine,
+    tokens: &[u32],
+    n_ctx: usize,
+    observer: &dyn Observer,
+    progress: &mut dyn FnMut(PerplexityChunk),
+) -> Result<PerplexityResult> {
+    chunked(
+        engine,
+        tokens,
+        n_ctx,
+        1,
+        Some(observer),
+        progress,
+        &mut |_, _| Ok(()),
+    )
+}
+
+/// Chunks of `n_ctx` tokens from a fresh cache, each starting at BOS where the model adds one,
+/// scored over their second half (as llama.cpp's perplexity).
+fn chunked(
+    engine: &Engine,
+    tokens: &[u32],
+    n_ctx: usize,
+    min_chunks: usize,
+    observer: Option<&dyn Observer>,
+    progress: &mut dyn FnMut(PerplexityChunk),
+    row: &mut dyn FnMut(&[f32], u32) -> Result<()>,
+) -> Result<PerplexityResult> {
     if n_ctx < 4 {
         return Err(EngineError::Input(format!(
             "context {n_ctx} is too small for perplexity"
         )));
     }
     let n_chunks = tokens.len() / n_ctx;
-    if tokens.len() < 2 * n_ctx {
+    if n_chunks < min_chunks {
         return Err(EngineError::Input(format!(
-            "the text has {} tokens; perplexity with -c {n_ctx} needs at least {} (two chunks)",
+            "the text has {} tokens; -c {n_ctx} needs at least {} ({min_chunks} chunk(s))",
             tokens.len(),
-            2 * n_ctx
+            min_chunks * n_ctx
         )));
     }
     let bos = if engine.tokenizer.adds_bos() {
@@ -143,6 +177,7 @@ pub fn perplexity_rows(
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let mut cache = engine.new_cache(n_ctx)?;
     let mut scratch = Scratch::default();
+    let mut logits = Logits::default();
     for ci in 0..n_chunks {
         let mut chunk = tokens[ci * n_ctx..(ci + 1) * n_ctx].to_vec();
         if let Some(b) = bos {
@@ -154,9 +189,13 @@ pub fn perplexity_rows(
         for (i, &t) in chunk.iter().enumerate() {
             batch.push(t, i, seq, i >= first && i + 1 < n_ctx);
         }
-        let logits = engine
+        let f = Forward {
+            compute: &engine.compute,
+            observer,
+        };
+        engine
             .model
-            .forward(&engine.compute, &batch, &mut cache, &mut scratch)?;
+            .forward_with(f, &batch, &mut cache, &mut scratch, &mut logits)?;
         for (r, &bi) in logits.batch_index.iter().enumerate() {
             let next = tokens[ci * n_ctx + bi + 1];
             row(logits.row(r), next)?;

@@ -15,7 +15,8 @@ mod session;
 mod stop;
 
 pub use eval::{
-    perplexity, perplexity_rows, score, PerplexityChunk, PerplexityResult, ScoredPosition,
+    perplexity, perplexity_observed, perplexity_rows, score, PerplexityChunk, PerplexityResult,
+    ScoredPosition,
 };
 pub use kld::{BaseReader, BaseWriter, KlStats, KlSummary, Percentiles};
 pub use sampler::{apply_penalties, Candidate, Rng, Sampler, SamplingParams};

@@ -23,7 +23,7 @@ pub use kv::{
     key_rotation, value_rotation, KvCache, KvConfig, KvStats, KvType, KvTypes, SeqId,
     DEFAULT_BLOCK_LEN,
 };
-pub use linear::{Linear, WeightRef};
+pub use linear::{Forward, Linear, Observer, WeightRef};
 pub use plan::{
     available_memory, check_fits, memory_plan, peak_resident_memory, resident_memory, DoesNotFit,
     MemoryPlan,

@@ -176,6 +176,39 @@ pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Resul
     Ok(out)
 }
 
+/// A tap on the forward pass: sees every projection's input. Its methods do nothing by default,
+/// so a forward pass without one pays nothing; importance matrices are collected through it.
+pub trait Observer: Sync {
+    /// `x` holds `rows` inputs of `cols` values about to be multiplied by the weight `weight`
+    /// (its GGUF tensor name).
+    fn linear_input(&self, weight: &str, x: &[f32], cols: usize, rows: usize) {
+        let _ = (weight, x, cols, rows);
+    }
+}
+
+/// What a forward pass runs with: the compute context and, optionally, an observer.
+#[derive(Clone, Copy)]
+pub struct Forward<'a> {
+    pub compute: &'a Compute,
+    pub observer: Option<&'a dyn Observer>,
+}
+
+impl<'a> Forward<'a> {
+    pub fn new(compute: &'a Compute) -> Forward<'a> {
+        Forward {
+            compute,
+            observer: None,
+        }
+    }
+
+    fn observe(&self, l: &Linear, x: &[f32], n: usize) {
+        if let Some(o) = self.observer {
+            let cols = l.in_features();
+            o.linear_input(&l.weight.name, &x[..n * cols], cols, n);
+        }
+    }
+}
+
 pub struct Linear {
     pub weight: WeightRef,
     pub bias: Option<Vec<f32>>,
@@ -213,7 +246,9 @@ impl Linear {
     }
 
     /// `out[t] = W·x[t] + b` for `n` tokens.
-    pub fn forward(&self, c: &Compute, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    pub fn forward(&self, f: &Forward, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+        f.observe(self, x, n);
+        let c = f.compute;
         c.matmul_with(self.view_for(c), x, n, out, self.input_precision)?;
         self.add_bias(out);
         Ok(())
@@ -223,12 +258,16 @@ impl Linear {
     /// and v; gate and up): while decoding, each fork/join costs about as much as a small
     /// product.
     pub fn forward_group<const N: usize>(
-        c: &Compute,
+        f: &Forward,
         layers: [&Linear; N],
         x: &[f32],
         n: usize,
         outs: [&mut [f32]; N],
     ) -> Result<()> {
+        for l in layers {
+            f.observe(l, x, n);
+        }
+        let c = f.compute;
         let mut pairs = layers.into_iter().zip(outs);
         let mut products: [Product<'_, '_>; N] = std::array::from_fn(|_| {
             let (l, out) = pairs.next().expect("one output per layer");

@@ -5,7 +5,7 @@ use crate::batch::{Batch, Logits};
 use crate::hparams::{HParams, LayerShape, Meta, Pooling};
 use crate::kv::{key_rotation, value_rotation, KvCache};
 use crate::layers::{rms_norm, Activation, Rope};
-use crate::linear::{load_vector, Linear, WeightRef};
+use crate::linear::{load_vector, Forward, Linear, WeightRef};
 use crate::{ModelError, Result};
 use edgelm_gguf::GgufFile;
 use edgelm_kernels::{hadamard_rotate, merge_partials, ActivationPrecision, Compute, QueryBlock};
@@ -342,6 +342,19 @@ impl Transformer {
         scratch: &mut Scratch,
         logits: &mut Logits,
     ) -> Result<()> {
+        self.forward_with(Forward::new(c), batch, cache, scratch, logits)
+    }
+
+    /// [`Transformer::forward_into`] with a forward context: an observer, when it has one, sees
+    /// every projection's input.
+    pub fn forward_with(
+        &self,
+        f: Forward,
+        batch: &Batch,
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+        logits: &mut Logits,
+    ) -> Result<()> {
         logits.batch_index.clear();
         logits.data.clear();
         logits.n_vocab = self.hp.n_vocab;
@@ -394,7 +407,7 @@ impl Transformer {
         let mut start = 0;
         while start < n {
             let end = (start + MAX_CHUNK).min(n);
-            self.forward_chunk(c, batch, start..end, cache, scratch, logits)?;
+            self.forward_chunk(&f, batch, start..end, cache, scratch, logits)?;
             start = end;
         }
         Ok(())
@@ -402,13 +415,14 @@ impl Transformer {
 
     fn forward_chunk(
         &self,
-        c: &Compute,
+        f: &Forward,
         batch: &Batch,
         range: std::ops::Range<usize>,
         cache: &mut KvCache,
         scratch: &mut Scratch,
         logits: &mut Logits,
     ) -> Result<()> {
+        let c = f.compute;
         let hp = &self.hp;
         let n = range.len();
         let d = hp.n_embd;
@@ -465,7 +479,7 @@ impl Transformer {
             h.copy_from_slice(x);
             norm_rows(c, h, &b.attn_norm, hp.rms_eps);
             let (q, k, v) = (fit(q, n * q_dim), fit(k, n * kv_dim), fit(v, n * kv_dim));
-            Linear::forward_group(c, [&b.wq, &b.wk, &b.wv], h, n, [q, k, v])?;
+            Linear::forward_group(f, [&b.wq, &b.wk, &b.wv], h, n, [q, k, v])?;
             if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
                 norm_rows(c, q, qn, hp.rms_eps);
                 norm_rows(c, k, kn, hp.rms_eps);
@@ -504,7 +518,7 @@ impl Transformer {
                 c.par_chunks_mut(att, q_dim, &|_, row| hadamard_rotate(row, r));
             }
             let o = fit(o, n * d);
-            b.wo.forward(c, att, n, o)?;
+            b.wo.forward(f, att, n, o)?;
             if let Some(w) = &b.post_attn_norm {
                 norm_rows(c, o, w, hp.rms_eps);
             }
@@ -513,12 +527,12 @@ impl Transformer {
             h.copy_from_slice(x);
             norm_rows(c, h, &b.ffn_norm, hp.rms_eps);
             let (g, u) = (fit(g, n * shape.n_ff), fit(u, n * shape.n_ff));
-            Linear::forward_group(c, [&b.gate, &b.up], h, n, [g, u])?;
+            Linear::forward_group(f, [&b.gate, &b.up], h, n, [g, u])?;
             let (act, n_ff) = (hp.activation, shape.n_ff);
             c.par_chunks_mut(g, n_ff, &|t, gate| {
                 c.glu(act, gate, &u[t * n_ff..(t + 1) * n_ff])
             });
-            b.down.forward(c, g, n, o)?;
+            b.down.forward(f, g, n, o)?;
             if let Some(w) = &b.post_ffn_norm {
                 norm_rows(c, o, w, hp.rms_eps);
             }
@@ -556,7 +570,7 @@ impl Transformer {
         let at = logits.data.len();
         logits.data.resize(at + wanted.len() * hp.n_vocab, 0.0);
         self.output
-            .forward(c, xs, wanted.len(), &mut logits.data[at..])?;
+            .forward(f, xs, wanted.len(), &mut logits.data[at..])?;
         logits
             .batch_index
             .extend(wanted.iter().map(|t| range.start + t));

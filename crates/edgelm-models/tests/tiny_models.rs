@@ -961,3 +961,82 @@ fn a_sequence_computes_the_same_alone_or_batched() {
         }
     }
 }
+
+/// The forward context's observer sees every projection's input once per forward: each of the
+/// seven matrices of every layer and the output head, by tensor name, with its width and the
+/// batch's rows (only the rows that want logits for the head), and the values it is multiplied
+/// by; the logits are the same as without an observer.
+#[test]
+fn an_observer_sees_every_projection_input() {
+    use edgelm_models::{Forward, Observer};
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(String, usize, usize, f32)>>);
+    impl Observer for Seen {
+        fn linear_input(&self, weight: &str, x: &[f32], cols: usize, rows: usize) {
+            assert_eq!(x.len(), cols * rows, "{weight}");
+            let sq = x.iter().map(|v| v * v).sum();
+            self.0.lock().unwrap().push((weight.into(), cols, rows, sq));
+        }
+    }
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
+        let spec = Spec::tiny(arch);
+        let m = TinyModel::random(&spec, 11 + arch as u64);
+        let model = load(&m);
+        let tokens = Rng::new(3).tokens(SEQ_LEN, spec.n_vocab);
+        let c = Compute::new(Isa::Scalar, 1);
+        let mut batch = Batch::new();
+        for (i, &t) in tokens.iter().enumerate() {
+            batch.push(t, i, 0, i >= SEQ_LEN - 3);
+        }
+        let seen = Seen::default();
+        let f = Forward {
+            compute: &c,
+            observer: Some(&seen),
+        };
+        let mut observed = edgelm_models::Logits::default();
+        let mut cache = new_cache(&model, 32, 16);
+        model
+            .forward_with(
+                f,
+                &batch,
+                &mut cache,
+                &mut Scratch::default(),
+                &mut observed,
+            )
+            .unwrap();
+        let plain = model
+            .forward(
+                &c,
+                &batch,
+                &mut new_cache(&model, 32, 16),
+                &mut Scratch::default(),
+            )
+            .unwrap();
+        assert_eq!(observed.data, plain.data, "{}", arch.name());
+        let seen = seen.0.into_inner().unwrap();
+        let n_layer = model.hp.layers.len();
+        assert_eq!(seen.len(), 7 * n_layer + 1, "{}", arch.name());
+        for l in 0..n_layer {
+            for (name, cols) in [
+                ("attn_q", model.hp.n_embd),
+                ("attn_k", model.hp.n_embd),
+                ("attn_v", model.hp.n_embd),
+                ("ffn_gate", model.hp.n_embd),
+                ("ffn_up", model.hp.n_embd),
+                ("ffn_down", model.hp.layers[l].n_ff),
+            ] {
+                let name = format!("blk.{l}.{name}.weight");
+                let hit = seen.iter().find(|s| s.0 == name).expect(&name);
+                assert_eq!((hit.1, hit.2), (cols, SEQ_LEN), "{name}");
+                assert!(hit.3 > 0.0, "{name}: an all-zero input");
+            }
+            assert!(seen
+                .iter()
+                .any(|s| s.0 == format!("blk.{l}.attn_output.weight")));
+        }
+        let head = seen.last().unwrap();
+        assert!(head.0 == "output.weight" || head.0 == "token_embd.weight");
+        assert_eq!((head.1, head.2), (model.hp.n_embd, 3), "{}", arch.name());
+    }
+}

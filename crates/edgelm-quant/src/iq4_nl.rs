@@ -21,10 +21,10 @@ pub fn dequantize_block(b: &[u8; BLOCK_BYTES], y: &mut [f32; BLOCK_ELEMS]) {
     }
 }
 
-/// [`quantize_block_weighted`] with each value weighted by its square (the error that matters
-/// most is on the largest weights), as without an importance matrix.
+/// [`quantize_block_weighted`] with the default error weights ([`crate::weighted::error_weights`]).
 pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
-    let w: [f32; BLOCK_ELEMS] = std::array::from_fn(|i| x[i] * x[i]);
+    let mut w = [0f32; BLOCK_ELEMS];
+    crate::weighted::error_weights(crate::GgmlType::IQ4_NL, x, None, &mut w);
     quantize_block_weighted(x, &w, b);
 }
 

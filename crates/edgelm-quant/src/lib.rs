@@ -21,6 +21,7 @@ pub mod q5_0;
 pub mod q5_1;
 pub mod q8_0;
 pub mod q8_1;
+pub mod weighted;
 
 pub use edgelm_gguf::GgmlType;
 use float::{bf16, fp16, fp32};
@@ -46,6 +47,8 @@ pub enum QuantError {
         expected: usize,
         got: usize,
     },
+    #[error("importance has {got} values for a row of {expected}")]
+    ImportanceLength { expected: usize, got: usize },
     #[error("{ty}: {n} elements overflows the addressable byte size")]
     TooLarge { ty: GgmlType, n: usize },
 }
@@ -215,6 +218,59 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         };
     }
     dispatch!(ty, go);
+    Ok(())
+}
+
+/// Quantize a weight row searching each block's rounding by weighted least squares
+/// ([`weighted`]): `importance` holds one value per column (an importance matrix's mean squared
+/// input), or none for uniform importance. Types without a search (floats, activation types)
+/// convert as [`quantize_row`] does.
+pub fn quantize_row_weighted(
+    ty: GgmlType,
+    src: &[f32],
+    importance: Option<&[f32]>,
+    dst: &mut [u8],
+) -> Result<(), QuantError> {
+    check_bytes(ty, "destination row", src.len(), dst.len())?;
+    if let Some(m) = importance {
+        if m.len() != src.len() {
+            return Err(QuantError::ImportanceLength {
+                expected: src.len(),
+                got: m.len(),
+            });
+        }
+    }
+    let mut w = vec![0f32; src.len()];
+    weighted::error_weights(ty, src, importance, &mut w);
+    macro_rules! go {
+        ($m:ident) => {{
+            let (mut x, mut w, mut b) = (src, &w[..], &mut dst[..]);
+            while let (Some((xb, xr)), Some((wb, wr)), Some((bb, br))) = (
+                x.split_first_chunk::<{ $m::BLOCK_ELEMS }>(),
+                w.split_first_chunk::<{ $m::BLOCK_ELEMS }>(),
+                std::mem::take(&mut b).split_first_chunk_mut::<{ $m::BLOCK_BYTES }>(),
+            ) {
+                $m::quantize_block_weighted(xb, wb, bb);
+                (x, w, b) = (xr, wr, br);
+            }
+        }};
+    }
+    use GgmlType::*;
+    match ty {
+        Q4_0 => go!(q4_0),
+        Q4_1 => go!(q4_1),
+        Q5_0 => go!(q5_0),
+        Q5_1 => go!(q5_1),
+        Q8_0 => go!(q8_0),
+        Q2_K => go!(q2_k),
+        Q3_K => go!(q3_k),
+        Q4_K => go!(q4_k),
+        Q5_K => go!(q5_k),
+        Q6_K => go!(q6_k),
+        IQ4_NL => go!(iq4_nl),
+        IQ4_XS => go!(iq4_xs),
+        F32 | F16 | BF16 | Q8_1 | Q8_K => return quantize_row(ty, src, dst),
+    }
     Ok(())
 }
 

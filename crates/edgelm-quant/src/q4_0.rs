@@ -45,6 +45,20 @@ pub fn quantize_block_fitted(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) 
     }
 }
 
+/// Weighted least-squares rounding ([`crate::weighted`]); `w` ≥ 0 weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let mut q = [0i8; 32];
+    let (d, _) = crate::weighted::fit_scale(x, w, -8, 7, false, &mut q, crate::weighted::f16r);
+    put_f16(b, 0, d);
+    for j in 0..16 {
+        b[2 + j] = (q[j] + 8) as u8 | ((q[j + 16] + 8) as u8) << 4;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,23 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     }
 }
 
+/// Weighted least-squares rounding ([`crate::weighted`]) of scale and offset together; `w` ≥ 0
+/// weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let mut q = [0u8; 32];
+    let (d, m, _) =
+        crate::weighted::fit_affine(x, w, 15, false, true, &mut q, crate::weighted::f16r);
+    put_f16(b, 0, d);
+    put_f16(b, 2, m);
+    for j in 0..16 {
+        b[4 + j] = q[j] | (q[j + 16] << 4);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,25 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     b[2..6].copy_from_slice(&qh.to_le_bytes());
 }
 
+/// Weighted least-squares rounding ([`crate::weighted`]); `w` ≥ 0 weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let mut q = [0i8; 32];
+    let (d, _) = crate::weighted::fit_scale(x, w, -16, 15, false, &mut q, crate::weighted::f16r);
+    put_f16(b, 0, d);
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let (q0, q1) = ((q[j] + 16) as u32, (q[j + 16] + 16) as u32);
+        b[6 + j] = ((q0 & 0x0F) | ((q1 & 0x0F) << 4)) as u8;
+        qh |= (q0 >> 4) << j;
+        qh |= (q1 >> 4) << (j + 16);
+    }
+    b[2..6].copy_from_slice(&qh.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,28 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     b[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
+/// Weighted least-squares rounding ([`crate::weighted`]) of scale and offset together; `w` ≥ 0
+/// weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let mut q = [0u8; 32];
+    let (d, m, _) =
+        crate::weighted::fit_affine(x, w, 31, false, true, &mut q, crate::weighted::f16r);
+    put_f16(b, 0, d);
+    put_f16(b, 2, m);
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let (q0, q1) = (q[j] as u32, q[j + 16] as u32);
+        b[8 + j] = ((q0 & 0x0F) | ((q1 & 0x0F) << 4)) as u8;
+        qh |= (q0 >> 4) << j;
+        qh |= (q1 >> 4) << (j + 16);
+    }
+    b[4..8].copy_from_slice(&qh.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,21 @@ pub fn quantize_block_fitted(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) 
     }
 }
 
+/// Weighted least-squares rounding ([`crate::weighted`]) over ggml's levels −127..=127; `w` ≥ 0
+/// weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let mut q = [0i8; 32];
+    let (d, _) = crate::weighted::fit_scale(x, w, -127, 127, false, &mut q, crate::weighted::f16r);
+    put_f16(b, 0, d);
+    for j in 0..32 {
+        b[2 + j] = q[j] as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ pub mod q5_k;
 pub mod q6_k;
 pub mod q8_k;
 
-use crate::nearest_int;
+use crate::weighted::{assign_affine, assign_scale, f16r, fit_affine, fit_scale};
 
 /// Elements per super-block.
 pub const QK_K: usize = 256;
@@ -48,99 +48,9 @@ pub fn pack_scale_min_k4(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
     q
 }
 
-/// Least-squares fit `x ≈ scale * l - min` with integer levels `l` in `0..=nmax`,
-/// `scale >= 0` and `min >= 0` (the offset may only shift values down, as the formats store
-/// it unsigned). Tries a few candidate level spacings and keeps the lowest squared error.
-pub(crate) fn fit_scale_min(x: &[f32], nmax: i32) -> (f32, f32) {
-    let mut lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
-    let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    if lo > 0.0 {
-        lo = 0.0;
-    }
-    if !(hi > lo) || !(hi - lo).is_finite() {
-        return (0.0, if lo.is_finite() { -lo } else { 0.0 });
-    }
-    let n = x.len() as f32;
-    let sum_x: f32 = x.iter().sum();
-    let level = |v: f32, iscale: f32, off: f32| nearest_int(iscale * (v - off)).clamp(0, nmax);
-    let err_of = |s: f32, b: f32, iscale: f32, off: f32| -> f32 {
-        x.iter()
-            .map(|&v| {
-                let e = s * level(v, iscale, off) as f32 + b - v;
-                e * e
-            })
-            .sum()
-    };
-    // Plain min/max spacing as the fallback.
-    let s0 = (hi - lo) / nmax as f32;
-    let mut best = (err_of(s0, lo, 1.0 / s0, lo), s0, lo);
-    for k in 0..=20 {
-        let iscale = (nmax as f32 - 1.0 + 0.1 * k as f32) / (hi - lo);
-        let (mut sl, mut sl2, mut slx) = (0f32, 0f32, 0f32);
-        for &v in x {
-            let l = level(v, iscale, lo) as f32;
-            sl += l;
-            sl2 += l * l;
-            slx += l * v;
-        }
-        let det = n * sl2 - sl * sl;
-        if det <= 0.0 {
-            continue;
-        }
-        let mut s = (n * slx - sl * sum_x) / det;
-        let mut b = (sl2 * sum_x - sl * slx) / det;
-        if b > 0.0 {
-            b = 0.0;
-            s = slx / sl2;
-        }
-        if !(s > 0.0) {
-            continue;
-        }
-        // Levels as they will be recomputed from (s, b) when packing.
-        let err = err_of(s, b, 1.0 / s, b);
-        if err < best.0 {
-            best = (err, s, b);
-        }
-    }
-    (best.1, -best.2)
-}
-
-/// Least-squares fit `x ≈ scale * l` with levels `l` in `-nmax..nmax` (one more negative
-/// level than positive). The largest-magnitude value goes to the `-nmax` end, so `scale`
-/// carries that value's opposite sign.
-pub(crate) fn fit_scale_sym(x: &[f32], nmax: i32) -> f32 {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if !(amax > 0.0) || !amax.is_finite() {
-        return 0.0;
-    }
-    let mut best = (f32::NEG_INFINITY, 0f32);
-    for k in -9..=9 {
-        let iscale = -(nmax as f32 + 0.1 * k as f32) / max;
-        let (mut sl2, mut slx) = (0f32, 0f32);
-        for &v in x {
-            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
-            sl2 += l * l;
-            slx += l * v;
-        }
-        if sl2 > 0.0 {
-            // Squared error at the optimal scale is sum(x^2) - slx^2 / sl2.
-            let gain = slx * slx / sl2;
-            if gain > best.0 {
-                best = (gain, slx / sl2);
-            }
-        }
-    }
-    best.1
-}
-
-/// Quantizes a super-block to per-sub-block unsigned (scale, min) codes in `0..=smax`,
-/// super-block `d` and `dmin` (already rounded to f16), and levels `0..=nmax`.
+/// A super-block quantized to per-sub-block unsigned (scale, min) codes in `0..=smax`,
+/// super-block `d` and `dmin` (as f16 stores them), and levels `0..=nmax`:
+/// `x = d·sc·q − dmin·mn`.
 pub(crate) struct AsymBlock<const NSUB: usize> {
     pub d: f32,
     pub dmin: f32,
@@ -149,166 +59,241 @@ pub(crate) struct AsymBlock<const NSUB: usize> {
     pub q: [u8; QK_K],
 }
 
+/// Weighted least-squares quantization of an asymmetric k-quant super-block: each sub-block's
+/// best free (scale, min) by [`fit_affine`]; the scales and mins coded against `d` and `dmin`
+/// by the same search, each sub-block weighted by how much its error grows with a change of
+/// its scale (`Σ w q²`) or min (`Σ w`); then levels re-assigned for the coded values, `d` and
+/// `dmin` refit, and each sub-block's codes moved by ±1 wherever that lowers its error.
 pub(crate) fn quantize_asym<const NSUB: usize>(
     x: &[f32; QK_K],
+    w: &[f32; QK_K],
     nmax: i32,
     smax: i32,
 ) -> AsymBlock<NSUB> {
     let sub = QK_K / NSUB;
-    let mut scales = [0f32; NSUB];
-    let mut mins = [0f32; NSUB];
+    let (mut scales, mut mins) = ([0f32; NSUB], [0f32; NSUB]);
+    let (mut ws, mut wm) = ([0f32; NSUB], [0f32; NSUB]);
+    let mut q = [0u8; QK_K];
     for j in 0..NSUB {
-        (scales[j], mins[j]) = fit_scale_min(&x[j * sub..(j + 1) * sub], nmax);
-    }
-    let max_s = scales.iter().fold(0f32, |a, &v| a.max(v));
-    let max_m = mins.iter().fold(0f32, |a, &v| a.max(v));
-    let code = |v: f32, max: f32| {
-        if max > 0.0 {
-            nearest_int(v * smax as f32 / max).clamp(0, smax) as u8
-        } else {
-            0
+        let r = j * sub..(j + 1) * sub;
+        let (s, m, _) = fit_affine(
+            &x[r.clone()],
+            &w[r.clone()],
+            nmax,
+            true,
+            false,
+            &mut q[r.clone()],
+            |v| v,
+        );
+        (scales[j], mins[j]) = (s, -m);
+        for i in r {
+            ws[j] += w[i] * (q[i] as f32).powi(2);
+            wm[j] += w[i];
         }
-    };
+    }
+    let mut codes = [0i8; NSUB];
     let mut out = AsymBlock {
-        d: f16r(max_s / smax as f32),
-        dmin: f16r(max_m / smax as f32),
+        d: 0.0,
+        dmin: 0.0,
         sc: [0; NSUB],
         mn: [0; NSUB],
         q: [0; QK_K],
     };
-    for j in 0..NSUB {
-        out.sc[j] = code(scales[j], max_s);
-        out.mn[j] = code(mins[j], max_m);
-    }
-    let levels = |d: f32, dmin: f32, q: &mut [u8; QK_K]| {
-        // Levels against the scales as they will be decoded; returns the squared error.
+    out.d = fit_scale(&scales, &ws, 0, smax, false, &mut codes, f16r).0;
+    out.sc = codes.map(|c| c as u8);
+    out.dmin = fit_scale(&mins, &wm, 0, smax, false, &mut codes, f16r).0;
+    out.mn = codes.map(|c| c as u8);
+
+    // Levels of sub-block `j` for codes (sc, mn) and their weighted error.
+    let levels = |j: usize, d: f32, dmin: f32, sc: u8, mn: u8, q: &mut [u8]| -> f32 {
+        let r = j * sub..(j + 1) * sub;
+        let (de, dm) = (d * sc as f32, dmin * mn as f32);
+        assign_affine(&x[r.clone()], de, -dm, nmax, q);
         let mut err = 0f32;
-        for (i, (qi, &xi)) in q.iter_mut().zip(x).enumerate() {
-            let j = i / sub;
-            let de = d * out.sc[j] as f32;
-            let dm = dmin * out.mn[j] as f32;
-            *qi = if de > 0.0 {
-                nearest_int((xi + dm) / de).clamp(0, nmax) as u8
-            } else {
-                0
-            };
-            let e = de * *qi as f32 - dm - xi;
-            err += e * e;
+        for (k, i) in r.enumerate() {
+            let e = de * q[k] as f32 - dm - x[i];
+            err += w[i] * e * e;
         }
         err
     };
-    let mut q = [0u8; QK_K];
-    let mut err = levels(out.d, out.dmin, &mut q);
-    // Refit d and dmin by least squares for the chosen codes and levels, keeping the result
-    // only while it lowers the error: the codes were rounded from per-sub-block fits.
-    for _ in 0..2 {
+    let all_levels = |out: &AsymBlock<NSUB>, q: &mut [u8; QK_K]| -> f32 {
+        (0..NSUB)
+            .map(|j| {
+                levels(
+                    j,
+                    out.d,
+                    out.dmin,
+                    out.sc[j],
+                    out.mn[j],
+                    &mut q[j * sub..(j + 1) * sub],
+                )
+            })
+            .sum()
+    };
+    let mut err = all_levels(&out, &mut q);
+    for _ in 0..3 {
+        let mut improved = false;
+        // d and dmin by least squares for the chosen codes and levels.
         let (mut aa, mut ab, mut bb, mut xa, mut xb) = (0f32, 0f32, 0f32, 0f32, 0f32);
-        for (i, (&qi, &xi)) in q.iter().zip(x).enumerate() {
-            let a = out.sc[i / sub] as f32 * qi as f32;
+        for i in 0..QK_K {
+            let a = out.sc[i / sub] as f32 * q[i] as f32;
             let b = -(out.mn[i / sub] as f32);
-            aa += a * a;
-            ab += a * b;
-            bb += b * b;
-            xa += xi * a;
-            xb += xi * b;
+            aa += w[i] * a * a;
+            ab += w[i] * a * b;
+            bb += w[i] * b * b;
+            xa += w[i] * x[i] * a;
+            xb += w[i] * x[i] * b;
         }
         let det = aa * bb - ab * ab;
-        if !(det > 0.0) {
+        if det > 0.0 {
+            let d = f16r((xa * bb - xb * ab) / det);
+            let dmin = f16r((aa * xb - ab * xa) / det);
+            if d > 0.0 && dmin >= 0.0 {
+                let trial = AsymBlock {
+                    d,
+                    dmin,
+                    sc: out.sc,
+                    mn: out.mn,
+                    q: [0; QK_K],
+                };
+                let mut q2 = [0u8; QK_K];
+                let e2 = all_levels(&trial, &mut q2);
+                if e2 < err {
+                    (out.d, out.dmin, q, err, improved) = (d, dmin, q2, e2, true);
+                }
+            }
+        }
+        // Each sub-block's codes one step either way.
+        let mut buf = [0u8; QK_K];
+        for j in 0..NSUB {
+            let r = j * sub..(j + 1) * sub;
+            let mut best = levels(j, out.d, out.dmin, out.sc[j], out.mn[j], &mut buf[..sub]);
+            let start = best;
+            for ds in -1..=1i32 {
+                for dm in -1..=1i32 {
+                    let (s, m) = (out.sc[j] as i32 + ds, out.mn[j] as i32 + dm);
+                    if (ds, dm) == (0, 0) || !(0..=smax).contains(&s) || !(0..=smax).contains(&m) {
+                        continue;
+                    }
+                    let e = levels(j, out.d, out.dmin, s as u8, m as u8, &mut buf[..sub]);
+                    if e < best {
+                        best = e;
+                        (out.sc[j], out.mn[j]) = (s as u8, m as u8);
+                        q[r.clone()].copy_from_slice(&buf[..sub]);
+                    }
+                }
+            }
+            if best < start {
+                err += best - start;
+                improved = true;
+            }
+        }
+        if !improved {
             break;
         }
-        let d = f16r((xa * bb - xb * ab) / det);
-        let dmin = f16r((aa * xb - ab * xa) / det);
-        if !(d > 0.0 && dmin >= 0.0) {
-            break;
-        }
-        let mut q2 = [0u8; QK_K];
-        let e2 = levels(d, dmin, &mut q2);
-        if !(e2 < err) {
-            break;
-        }
-        (out.d, out.dmin, q, err) = (d, dmin, q2, e2);
     }
     out.q = q;
     out
 }
 
-/// Quantizes a super-block of 16 sub-blocks of 16 to signed scale codes in
-/// `-(smax+1)..=smax`, super-block `d` (rounded to f16) and levels `-nmax..nmax`.
+/// A super-block of 16 sub-blocks of 16 quantized to signed scale codes in
+/// `-(smax+1)..=smax`, super-block `d` (as f16 stores it) and levels `-nmax..nmax`:
+/// `x = d·sc·q`.
 pub(crate) struct SymBlock {
     pub d: f32,
     pub sc: [i8; 16],
     pub q: [i8; QK_K],
 }
 
-pub(crate) fn quantize_sym(x: &[f32; QK_K], nmax: i32, smax: i32) -> SymBlock {
+/// Weighted least-squares quantization of a symmetric k-quant super-block, as
+/// [`quantize_asym`] without mins.
+pub(crate) fn quantize_sym(x: &[f32; QK_K], w: &[f32; QK_K], nmax: i32, smax: i32) -> SymBlock {
     let mut scales = [0f32; 16];
+    let mut ws = [0f32; 16];
+    let mut q = [0i8; QK_K];
     for j in 0..16 {
-        scales[j] = fit_scale_sym(&x[j * 16..(j + 1) * 16], nmax);
-    }
-    let mut max_s = 0f32;
-    for &s in &scales {
-        if s.abs() > max_s.abs() {
-            max_s = s;
-        }
+        let r = j * 16..(j + 1) * 16;
+        scales[j] = fit_scale(
+            &x[r.clone()],
+            &w[r.clone()],
+            -nmax,
+            nmax - 1,
+            false,
+            &mut q[r.clone()],
+            |v| v,
+        )
+        .0;
+        ws[j] = r.map(|i| w[i] * (q[i] as f32).powi(2)).sum();
     }
     let mut out = SymBlock {
         d: 0.0,
         sc: [0; 16],
         q: [0; QK_K],
     };
-    if max_s == 0.0 {
+    out.d = fit_scale(&scales, &ws, -smax - 1, smax, false, &mut out.sc, f16r).0;
+    if out.d == 0.0 {
         return out;
     }
-    // The largest scale goes to the code -(smax+1), using the full signed range.
-    let iscale = -(smax as f32 + 1.0) / max_s;
-    out.d = f16r(1.0 / iscale);
-    for j in 0..16 {
-        out.sc[j] = nearest_int(iscale * scales[j]).clamp(-smax - 1, smax) as i8;
-    }
-    let sc = out.sc;
-    let levels = |d: f32, q: &mut [i8; QK_K]| {
+    let levels = |j: usize, d: f32, sc: i8, q: &mut [i8]| -> f32 {
+        let r = j * 16..(j + 1) * 16;
+        let de = d * sc as f32;
+        assign_scale(&x[r.clone()], de, -nmax, nmax - 1, q);
         let mut err = 0f32;
-        for (i, (qi, &xi)) in q.iter_mut().zip(x).enumerate() {
-            let de = d * sc[i / 16] as f32;
-            *qi = if de != 0.0 {
-                nearest_int(xi / de).clamp(-nmax, nmax - 1) as i8
-            } else {
-                0
-            };
-            let e = de * *qi as f32 - xi;
-            err += e * e;
+        for (k, i) in r.enumerate() {
+            let e = de * q[k] as f32 - x[i];
+            err += w[i] * e * e;
         }
         err
     };
-    let mut q = [0i8; QK_K];
-    let mut err = levels(out.d, &mut q);
-    // Least-squares refit of d for the chosen codes and levels, kept while it helps.
-    for _ in 0..2 {
+    let all_levels = |d: f32, sc: &[i8; 16], q: &mut [i8; QK_K]| -> f32 {
+        (0..16)
+            .map(|j| levels(j, d, sc[j], &mut q[j * 16..(j + 1) * 16]))
+            .sum()
+    };
+    let mut err = all_levels(out.d, &out.sc, &mut q);
+    for _ in 0..3 {
+        let mut improved = false;
         let (mut aa, mut xa) = (0f32, 0f32);
-        for (i, (&qi, &xi)) in q.iter().zip(x).enumerate() {
-            let a = sc[i / 16] as f32 * qi as f32;
-            aa += a * a;
-            xa += xi * a;
+        for i in 0..QK_K {
+            let a = out.sc[i / 16] as f32 * q[i] as f32;
+            aa += w[i] * a * a;
+            xa += w[i] * x[i] * a;
         }
-        if !(aa > 0.0) {
+        if aa > 0.0 {
+            let d = f16r(xa / aa);
+            let mut q2 = [0i8; QK_K];
+            let e2 = all_levels(d, &out.sc, &mut q2);
+            if e2 < err {
+                (out.d, q, err, improved) = (d, q2, e2, true);
+            }
+        }
+        let mut buf = [0i8; 16];
+        for j in 0..16 {
+            let start = levels(j, out.d, out.sc[j], &mut buf);
+            let mut best = start;
+            for step in [-1i32, 1] {
+                let s = out.sc[j] as i32 + step;
+                if !(-smax - 1..=smax).contains(&s) {
+                    continue;
+                }
+                let e = levels(j, out.d, s as i8, &mut buf);
+                if e < best {
+                    best = e;
+                    out.sc[j] = s as i8;
+                    q[j * 16..(j + 1) * 16].copy_from_slice(&buf);
+                }
+            }
+            if best < start {
+                err += best - start;
+                improved = true;
+            }
+        }
+        if !improved {
             break;
         }
-        let d = f16r(xa / aa);
-        let mut q2 = [0i8; QK_K];
-        let e2 = levels(d, &mut q2);
-        if !(e2 < err) {
-            break;
-        }
-        (out.d, q, err) = (d, q2, e2);
     }
     out.q = q;
     out
-}
-
-/// Rounds through f16, as the value will be stored.
-#[inline]
-pub(crate) fn f16r(v: f32) -> f32 {
-    half::f16::from_f32(v).to_f32()
 }
 
 #[cfg(test)]

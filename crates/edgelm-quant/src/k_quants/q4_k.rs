@@ -36,8 +36,20 @@ pub fn dequantize_block(b: &[u8; BLOCK_BYTES], y: &mut [f32; BLOCK_ELEMS]) {
     }
 }
 
+/// [`quantize_block_weighted`] with the default error weights ([`crate::weighted::error_weights`]).
 pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
-    let a = quantize_asym::<8>(x, 15, 63);
+    let mut w = [0f32; BLOCK_ELEMS];
+    crate::weighted::error_weights(crate::GgmlType::Q4_K, x, None, &mut w);
+    quantize_block_weighted(x, &w, b);
+}
+
+/// Weighted least-squares quantization; `w` ≥ 0 weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let a = quantize_asym::<8>(x, w, 15, 63);
     b.fill(0);
     put_f16(b, 0, a.d);
     put_f16(b, 2, a.dmin);

@@ -35,8 +35,20 @@ pub fn dequantize_block(b: &[u8; BLOCK_BYTES], y: &mut [f32; BLOCK_ELEMS]) {
     }
 }
 
+/// [`quantize_block_weighted`] with the default error weights ([`crate::weighted::error_weights`]).
 pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
-    let a = quantize_sym(x, 32, 127);
+    let mut w = [0f32; BLOCK_ELEMS];
+    crate::weighted::error_weights(crate::GgmlType::Q6_K, x, None, &mut w);
+    quantize_block_weighted(x, &w, b);
+}
+
+/// Weighted least-squares quantization; `w` ≥ 0 weighs each value's error.
+pub fn quantize_block_weighted(
+    x: &[f32; BLOCK_ELEMS],
+    w: &[f32; BLOCK_ELEMS],
+    b: &mut [u8; BLOCK_BYTES],
+) {
+    let a = quantize_sym(x, w, 32, 127);
     b.fill(0);
     for (e, &q) in a.q.iter().enumerate() {
         let u = (q as i32 + 32) as u8; // 0..64

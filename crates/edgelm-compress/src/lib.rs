@@ -1,0 +1,79 @@
+//! Model compression: quantize a GGUF model with mix rules and importance-weighted rounding,
+//! and read and write importance matrices in llama.cpp's formats.
+//!
+//! The block formats and their rounding searches live in `edgelm-quant`; this crate decides
+//! which tensor gets which type and writes whole files, never leaving a partial one under the
+//! final name.
+
+#![forbid(unsafe_code)]
+
+pub mod imatrix;
+pub mod mix;
+pub mod quantize;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Gguf(#[from] edgelm_gguf::GgufError),
+    #[error(transparent)]
+    Quant(#[from] edgelm_quant::QuantError),
+    #[error("importance matrix {what}: {reason}")]
+    BadImatrix { what: String, reason: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("interrupted; no output was written")]
+    Interrupted,
+    #[error("a worker thread panicked while quantizing")]
+    Panicked,
+}
+
+impl CompressError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> CompressError {
+        CompressError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CompressError>;
+
+/// Writes through `write` into a temporary file beside `path`, then renames it into place: an
+/// interrupted or failed run leaves nothing under `path` (and removes its temporary file).
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = temporary_name(path);
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut buf = std::io::BufWriter::new(file);
+        write(&mut buf)?;
+        let file = buf.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CompressError::io(path, e)
+    })
+}
+
+/// `dir/.name.partial-PID`: hidden, unique per process, on the same file system as `path`.
+pub fn temporary_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests;

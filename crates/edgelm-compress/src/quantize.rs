@@ -1,0 +1,305 @@
+//! Whole-file quantization: every weight matrix of a GGUF model dequantized and requantized to
+//! the type the mix rules (or the user's patterns) give it, rounding searched by weighted least
+//! squares with the importance matrix when given; everything else copied. The output is
+//! written under a temporary name and renamed only when complete.
+
+use crate::imatrix::Imatrix;
+use crate::mix::{self, FileType, ModelShape, Overrides};
+use crate::{CompressError, Result};
+use edgelm_gguf::{GgmlType, GgufFile, GgufWriter, Value};
+use std::path::Path;
+
+pub struct QuantizeOptions<'a> {
+    pub file_type: FileType,
+    pub imatrix: Option<&'a Imatrix>,
+    /// Label recorded in the output's metadata (`quantize.imatrix.file`).
+    pub imatrix_name: Option<String>,
+    /// `--tensor-type REGEX=TYPE`, first match wins; replaces the mix rules for that tensor.
+    pub tensor_types: Vec<(fancy_regex::Regex, GgmlType)>,
+    pub overrides: Overrides,
+    pub threads: usize,
+}
+
+/// One tensor's decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorPlan {
+    pub name: String,
+    pub from: GgmlType,
+    pub to: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    /// Whether it is converted (a weight matrix) or copied as it is.
+    pub convert: bool,
+}
+
+/// Progress of the tensor at `index` of `total`: `rows_done` of its rows are written.
+pub struct Progress<'a> {
+    pub index: usize,
+    pub total: usize,
+    pub tensor: &'a TensorPlan,
+    pub rows_done: usize,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub params: u64,
+    /// Tensors whose type fell back from the rule's because their rows are not whole blocks.
+    pub fallbacks: Vec<(String, GgmlType, GgmlType)>,
+    /// Weight matrices the importance matrix had no entry for.
+    pub without_importance: Vec<String>,
+}
+
+impl Summary {
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes_out as f64 * 8.0 / self.params.max(1) as f64
+    }
+}
+
+/// The facts the mix rules need, from the model's metadata.
+pub fn model_shape(f: &GgufFile) -> ModelShape {
+    let arch = f.get_str("general.architecture").unwrap_or("");
+    let key = |k: &str| f.get_u64(&format!("{arch}.{k}"));
+    let heads = key("attention.head_count").unwrap_or(1).max(1);
+    let kv = key("attention.head_count_kv").unwrap_or(heads).max(1);
+    let n_layer = key("block_count").unwrap_or_else(|| {
+        f.tensors()
+            .iter()
+            .filter_map(|t| mix::layer_of(&t.name))
+            .max()
+            .map_or(0, |l| l as u64 + 1)
+    });
+    ModelShape {
+        n_layer: n_layer as usize,
+        n_gqa: (heads / kv) as usize,
+        tied_embeddings: f.tensor_info("output.weight").is_none(),
+    }
+}
+
+/// Every tensor's type under `opts`, with the rule's choice before the row-length fallback.
+pub fn plan(f: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<(TensorPlan, GgmlType)>> {
+    let shape = model_shape(f);
+    let overrides = Overrides {
+        has_imatrix: opts.imatrix.is_some(),
+        ..opts.overrides
+    };
+    let mut out = Vec::new();
+    for t in f.tensors() {
+        let cols = t.dims.first().copied().unwrap_or(1) as usize;
+        let n: u64 = t.dims.iter().product();
+        let rows = if cols == 0 {
+            0
+        } else {
+            (n / cols as u64) as usize
+        };
+        let convert = mix::is_quantizable(&t.name, t.dims.len());
+        let mut chosen = t.ty;
+        if convert {
+            if !edgelm_quant::can_dequantize(t.ty) {
+                return Err(CompressError::Unsupported(format!(
+                    "tensor {} is {}, which edgelm cannot read",
+                    t.name, t.ty
+                )));
+            }
+            let manual = opts
+                .tensor_types
+                .iter()
+                .find(|(re, _)| re.is_match(&t.name).unwrap_or(false))
+                .map(|(_, ty)| *ty);
+            chosen = match manual {
+                Some(ty) => ty,
+                None => mix::rule_type(opts.file_type, &t.name, cols, &shape, &overrides),
+            };
+        }
+        let to = if convert {
+            mix::fit_rows(chosen, cols)
+        } else {
+            t.ty
+        };
+        out.push((
+            TensorPlan {
+                name: t.name.clone(),
+                from: t.ty,
+                to,
+                rows,
+                cols,
+                convert,
+            },
+            chosen,
+        ));
+    }
+    Ok(out)
+}
+
+/// Quantizes `src` into `out`; `progress` is called as each tensor starts and as its rows
+/// are written, and stops the run by returning false. Nothing exists under `out` unless the
+/// whole file was written.
+pub fn quantize(
+    src: &GgufFile,
+    out: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(&Progress) -> bool,
+) -> Result<Summary> {
+    let planned = plan(src, opts)?;
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        w.set(k, v.clone());
+    }
+    w.set("general.file_type", Value::U32(opts.file_type.id()));
+    w.set("general.quantization_version", Value::U32(2));
+    if let Some(m) = opts.imatrix {
+        if let Some(name) = &opts.imatrix_name {
+            w.set("quantize.imatrix.file", Value::String(name.clone()));
+        }
+        if let Some(d) = m.datasets.first() {
+            w.set("quantize.imatrix.dataset", Value::String(d.clone()));
+        }
+        w.set(
+            "quantize.imatrix.entries_count",
+            Value::I32(m.entries.len() as i32),
+        );
+        w.set(
+            "quantize.imatrix.chunks_count",
+            Value::I32(m.chunk_count as i32),
+        );
+    }
+    let mut summary = Summary {
+        bytes_in: 0,
+        bytes_out: 0,
+        params: 0,
+        fallbacks: Vec::new(),
+        without_importance: Vec::new(),
+    };
+    let total = planned.len();
+    for (index, (t, chosen)) in planned.iter().enumerate() {
+        let view = src
+            .tensor(&t.name)
+            .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
+        if !progress(&Progress {
+            index,
+            total,
+            tensor: t,
+            rows_done: 0,
+        }) {
+            return Err(CompressError::Interrupted);
+        }
+        summary.bytes_in += view.data.len() as u64;
+        let data = if !t.convert || t.from == t.to {
+            // Copied, or already the target type: requantizing would only add error.
+            view.data.to_vec()
+        } else {
+            if *chosen != t.to {
+                summary.fallbacks.push((t.name.clone(), *chosen, t.to));
+            }
+            let importance = match opts.imatrix {
+                Some(m) => {
+                    let imp = m.importance(&t.name);
+                    if let Some(v) = &imp {
+                        if v.len() != t.cols {
+                            return Err(CompressError::BadImatrix {
+                                what: opts.imatrix_name.clone().unwrap_or_default(),
+                                reason: format!(
+                                    "{} has {} columns there but {} in the model: \
+                                     was it made for another model?",
+                                    t.name,
+                                    v.len(),
+                                    t.cols
+                                ),
+                            });
+                        }
+                    } else {
+                        summary.without_importance.push(t.name.clone());
+                    }
+                    imp
+                }
+                None => None,
+            };
+            convert(
+                view.data,
+                t,
+                importance.as_deref(),
+                opts.threads,
+                &mut |rows| {
+                    progress(&Progress {
+                        index,
+                        total,
+                        tensor: t,
+                        rows_done: rows,
+                    })
+                },
+            )?
+        };
+        summary.bytes_out += data.len() as u64;
+        summary.params += (t.rows * t.cols) as u64;
+        let dims = src
+            .tensor_info(&t.name)
+            .map(|i| i.dims.clone())
+            .unwrap_or_default();
+        w.add_tensor(&t.name, &dims, t.to, data)?;
+        if !progress(&Progress {
+            index,
+            total,
+            tensor: t,
+            rows_done: t.rows,
+        }) {
+            return Err(CompressError::Interrupted);
+        }
+    }
+    crate::write_atomically(out, |f| w.write_to(f))?;
+    Ok(summary)
+}
+
+/// Rows of `src` (type `t.from`) requantized to `t.to` on `threads` threads.
+fn convert(
+    src: &[u8],
+    t: &TensorPlan,
+    importance: Option<&[f32]>,
+    threads: usize,
+    progress: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<u8>> {
+    let in_row = edgelm_quant::row_bytes(t.from, t.cols)?;
+    let out_row = edgelm_quant::row_bytes(t.to, t.cols)?;
+    let mut out = vec![0u8; out_row * t.rows];
+    // Chunks of rows small enough for a smooth bar, large enough to keep threads busy.
+    let chunk_rows = (t.rows / 64).clamp(1, 256);
+    let threads = threads.max(1);
+    let mut done = 0;
+    for (chunk_in, chunk_out) in src
+        .chunks(in_row * chunk_rows * threads)
+        .zip(out.chunks_mut(out_row * chunk_rows * threads))
+    {
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk_in
+                .chunks(in_row * chunk_rows)
+                .zip(chunk_out.chunks_mut(out_row * chunk_rows))
+                .map(|(a, b)| {
+                    s.spawn(move || -> Result<()> {
+                        let mut row = vec![0f32; t.cols];
+                        for (ra, rb) in a.chunks_exact(in_row).zip(b.chunks_exact_mut(out_row)) {
+                            edgelm_quant::dequantize_row(t.from, ra, &mut row)?;
+                            if let Some(bad) = row.iter().position(|v| !v.is_finite()) {
+                                return Err(CompressError::Unsupported(format!(
+                                    "tensor {} holds a non-finite value ({}) at column {bad}",
+                                    t.name, row[bad]
+                                )));
+                            }
+                            edgelm_quant::quantize_row_weighted(t.to, &row, importance, rb)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
+                .collect()
+        });
+        results.into_iter().collect::<Result<()>>()?;
+        done += chunk_out.len() / out_row;
+        if !progress(done) {
+            return Err(CompressError::Interrupted);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,262 @@
+//! Whole-file quantization on small GGUF files written here.
+
+use crate::imatrix::Imatrix;
+use crate::mix::{FileType, Overrides};
+use crate::quantize::{quantize, QuantizeOptions};
+use edgelm_gguf::{GgmlType, GgufFile, GgufWriter, Value};
+use std::path::PathBuf;
+
+struct Rng(u64);
+
+impl Rng {
+    fn normal(&mut self) -> f32 {
+        let mut s = 0f32;
+        for _ in 0..12 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            s += (self.0 >> 40) as f32 / (1u64 << 24) as f32;
+        }
+        s - 6.0
+    }
+}
+
+/// A two-layer model-shaped file: rows of 512 (k-quants fit) and an embedding of 96 (they
+/// do not), F32 and F16 sources, norms and a bias to copy.
+fn source(nan_in: Option<&str>) -> GgufFile {
+    let mut rng = Rng(42);
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String("llama".into()));
+    w.set("llama.block_count", Value::U32(2));
+    w.set("llama.attention.head_count", Value::U32(8));
+    w.set("llama.attention.head_count_kv", Value::U32(2));
+    let mut add = |w: &mut GgufWriter, name: &str, dims: &[u64], ty: GgmlType| {
+        let n: u64 = dims.iter().product();
+        let mut x: Vec<f32> = (0..n).map(|_| rng.normal() * 0.05).collect();
+        if nan_in == Some(name) {
+            x[3] = f32::NAN;
+        }
+        let mut data = vec![0u8; ty.bytes_for(n).expect("whole blocks") as usize];
+        edgelm_quant::quantize_row(ty, &x, &mut data).expect("encode");
+        w.add_tensor(name, dims, ty, data).expect("add");
+    };
+    add(&mut w, "token_embd.weight", &[96, 40], GgmlType::F16);
+    for l in 0..2 {
+        add(
+            &mut w,
+            &format!("blk.{l}.attn_norm.weight"),
+            &[512],
+            GgmlType::F32,
+        );
+        add(
+            &mut w,
+            &format!("blk.{l}.attn_q.weight"),
+            &[512, 64],
+            GgmlType::F32,
+        );
+        add(
+            &mut w,
+            &format!("blk.{l}.attn_q.bias"),
+            &[64],
+            GgmlType::F32,
+        );
+        add(
+            &mut w,
+            &format!("blk.{l}.attn_v.weight"),
+            &[512, 32],
+            GgmlType::F16,
+        );
+        add(
+            &mut w,
+            &format!("blk.{l}.ffn_down.weight"),
+            &[512, 48],
+            GgmlType::F32,
+        );
+    }
+    GgufFile::from_bytes(w.to_bytes()).expect("parse")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edgelm-compress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
+fn options(ft: FileType) -> QuantizeOptions<'static> {
+    QuantizeOptions {
+        file_type: ft,
+        imatrix: None,
+        imatrix_name: None,
+        tensor_types: Vec::new(),
+        overrides: Overrides::default(),
+        threads: 2,
+    }
+}
+
+fn tensor_f32(f: &GgufFile, name: &str) -> Vec<f32> {
+    let t = f.tensor(name).expect("tensor");
+    let n: u64 = t.dims().iter().product();
+    let mut out = vec![0f32; n as usize];
+    edgelm_quant::dequantize_row(t.ty(), t.data, &mut out).expect("decode");
+    out
+}
+
+fn rel_rmse(a: &[f32], b: &[f32]) -> f32 {
+    let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let s: f32 = a.iter().map(|x| x * x).sum();
+    (e / s).sqrt()
+}
+
+/// Every file type writes a file that parses, carries its file type, types every weight as
+/// planned, copies what it does not convert byte for byte, and reproduces the weights within
+/// the type's error.
+#[test]
+fn every_file_type_round_trips() {
+    let src = source(None);
+    for ft in FileType::ALL {
+        let path = scratch(&format!("{}.gguf", ft.name()));
+        let mut calls = 0;
+        let summary = quantize(&src, &path, &options(ft), &mut |_| {
+            calls += 1;
+            true
+        })
+        .expect("quantize");
+        assert!(calls >= src.tensors().len() * 2, "{ft:?}: progress");
+        let out = GgufFile::open(&path).expect("output parses");
+        assert_eq!(out.get_u64("general.file_type"), Some(ft.id() as u64));
+        assert_eq!(out.tensors().len(), src.tensors().len());
+        for t in src.tensors() {
+            let o = out.tensor(&t.name).expect("tensor kept");
+            assert_eq!(o.dims(), &t.dims[..], "{}", t.name);
+            if !crate::mix::is_quantizable(&t.name, t.dims.len()) {
+                assert_eq!(o.ty(), t.ty, "{}", t.name);
+                assert_eq!(o.data, src.tensor(&t.name).expect("src").data, "{}", t.name);
+                continue;
+            }
+            let bound = match o.ty() {
+                GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => 0.01,
+                GgmlType::Q6_K => 0.03,
+                GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 0.05,
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => 0.1,
+                GgmlType::IQ4_NL | GgmlType::IQ4_XS => 0.1,
+                GgmlType::Q3_K => 0.2,
+                GgmlType::Q2_K => 0.4,
+                other => panic!("{ft:?} wrote {other} for {}", t.name),
+            };
+            let e = rel_rmse(&tensor_f32(&src, &t.name), &tensor_f32(&out, &t.name));
+            assert!(e < bound, "{ft:?} {} as {}: {e}", t.name, o.ty());
+        }
+        assert!(summary.bits_per_weight() > 2.0, "{ft:?}");
+        std::fs::remove_file(&path).expect("cleanup");
+    }
+}
+
+/// Q4_K_M's mix: the tied 96-wide table Q8_0, ffn_down of layer 1 (the last eighth of two
+/// layers: more bits) Q6_K and of layer 0 Q4_K; a `--tensor-type` pattern wins over the rules.
+#[test]
+fn mix_rules_and_patterns_choose_types() {
+    let src = source(None);
+    let mut o = options(FileType::Q4_K_M);
+    let planned = crate::quantize::plan(&src, &o).expect("plan");
+    let ty = |name: &str| {
+        planned
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(p, _)| p.to)
+            .expect("planned")
+    };
+    assert_eq!(ty("token_embd.weight"), GgmlType::Q8_0);
+    assert_eq!(ty("blk.1.ffn_down.weight"), GgmlType::Q6_K);
+    assert_eq!(ty("blk.0.ffn_down.weight"), GgmlType::Q4_K);
+    assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q4_K);
+    assert_eq!(ty("blk.0.attn_norm.weight"), GgmlType::F32);
+    o.tensor_types = vec![(
+        fancy_regex::Regex::new(r"attn_q\.weight$").expect("regex"),
+        GgmlType::Q8_0,
+    )];
+    let planned = crate::quantize::plan(&src, &o).expect("plan");
+    assert!(planned
+        .iter()
+        .filter(|(p, _)| p.name.ends_with("attn_q.weight"))
+        .all(|(p, _)| p.to == GgmlType::Q8_0));
+}
+
+/// An importance matrix moves the error onto the columns that matter: the error weighted by
+/// the true input statistics falls.
+#[test]
+fn importance_lowers_the_weighted_error() {
+    let src = source(None);
+    let name = "blk.1.ffn_down.weight";
+    // Inputs whose first columns are far louder than the rest.
+    let mut m = Imatrix::default();
+    let cols = 512;
+    let act: Vec<f32> = (0..cols)
+        .map(|j| if j % 32 < 4 { 30.0 } else { 0.1 })
+        .collect();
+    m.accumulate(name, &act, cols, 1);
+    let imp = m.importance(name).expect("entry");
+    let weighted_error = |with: Option<&Imatrix>| {
+        let mut o = options(FileType::Q4_0);
+        o.imatrix = with;
+        let path = scratch(&format!("imp-{}.gguf", with.is_some()));
+        quantize(&src, &path, &o, &mut |_| true).expect("quantize");
+        let out = GgufFile::open(&path).expect("parse");
+        let (a, b) = (tensor_f32(&src, name), tensor_f32(&out, name));
+        std::fs::remove_file(&path).expect("cleanup");
+        a.iter()
+            .zip(&b)
+            .enumerate()
+            .map(|(i, (x, y))| imp[i % cols] * (x - y).powi(2))
+            .sum::<f32>()
+    };
+    let (plain, weighted) = (weighted_error(None), weighted_error(Some(&m)));
+    assert!(
+        weighted < plain * 0.8,
+        "with imatrix {weighted}, without {plain}"
+    );
+}
+
+/// A failure midway (a NaN in the last tensor) is an error naming the tensor, and leaves
+/// neither the output nor its temporary file; an existing file under the name is untouched.
+#[test]
+fn failure_leaves_no_file() {
+    let src = source(Some("blk.1.ffn_down.weight"));
+    let path = scratch("failed.gguf");
+    let e = quantize(&src, &path, &options(FileType::Q4_0), &mut |_| true).unwrap_err();
+    assert!(e.to_string().contains("blk.1.ffn_down.weight"), "{e}");
+    assert!(!path.exists());
+    assert!(!crate::temporary_name(&path).exists());
+    std::fs::write(&path, b"keep me").expect("write");
+    assert!(quantize(&src, &path, &options(FileType::Q4_0), &mut |_| true).is_err());
+    assert_eq!(std::fs::read(&path).expect("read"), b"keep me");
+    std::fs::remove_file(&path).expect("cleanup");
+}
+
+/// An importance matrix made for another model (other row lengths) is refused by name.
+#[test]
+fn foreign_imatrix_is_refused() {
+    let src = source(None);
+    let mut m = Imatrix::default();
+    m.accumulate("blk.0.attn_q.weight", &[1.0; 8], 8, 1);
+    let mut o = options(FileType::Q4_0);
+    o.imatrix = Some(&m);
+    let path = scratch("foreign.gguf");
+    let e = quantize(&src, &path, &o, &mut |_| true).unwrap_err();
+    assert!(e.to_string().contains("another model"), "{e}");
+    assert!(!path.exists());
+}
+
+/// Stopping midway (as Ctrl-C does through the progress callback) writes nothing.
+#[test]
+fn interrupted_run_writes_nothing() {
+    let src = source(None);
+    let path = scratch("interrupted.gguf");
+    let mut seen = 0;
+    let e = quantize(&src, &path, &options(FileType::Q4_K_M), &mut |_| {
+        seen += 1;
+        seen < 5
+    })
+    .unwrap_err();
+    assert!(matches!(e, crate::CompressError::Interrupted), "{e}");
+    assert!(!path.exists() && !crate::temporary_name(&path).exists());
+}

@@ -1,0 +1,444 @@
+//! Weighted least-squares searches shared by the weight quantizers: each minimizes
+//! `Σ wᵢ (xᵢ − x̂ᵢ)²` over one block or sub-block.
+//!
+//! ggml rounds at a fixed grid of trial scales around the block's extreme and keeps the best.
+//! Here a coarse sweep first puts the extreme from 0.7 to 4 times the grid's reach (clipping it
+//! when its weight is small pays) in steps of 2^⅛, then a fine sweep of 21 trials spanning a
+//! coarse step either side of the best;
+//! every trial is refit to its weighted least-squares scale (and offset) as it will be stored,
+//! and the best is improved by alternating nearest-level assignment and refitting until the
+//! error stops falling.
+
+use crate::GgmlType;
+
+/// Fine trials either side of the best coarse reach, spanning one coarse step each way.
+const STEPS: i32 = 10;
+/// Coarse reaches: the grid's end times 2^(k/8) for k in COARSE.
+const COARSE: std::ops::RangeInclusive<i32> = -4..=16;
+/// Rounds of assignment and refit after the trials.
+const REFINE: usize = 8;
+
+/// The scale `d` (passed through `round`, as it will be stored) minimizing the weighted error
+/// of `x ≈ d·q` with integer levels `q` in `lo..=hi` (`lo ≤ 0 < hi`), the levels in `q`, and
+/// that error. With `grid`, the step of a grid the values already sit on is tried too (see
+/// [`grid_step`]; k-quants' sub-blocks leave it out: their scales are coded afterwards, and the
+/// exact step of a sub-block codes badly).
+pub(crate) fn fit_scale(
+    x: &[f32],
+    w: &[f32],
+    lo: i32,
+    hi: i32,
+    grid: bool,
+    q: &mut [i8],
+    round: impl Fn(f32) -> f32,
+) -> (f32, f32) {
+    let max = x
+        .iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    if max == 0.0 || !max.is_finite() {
+        q.fill(0);
+        return (0.0, error_scale(x, w, 0.0, q));
+    }
+    let sxx: f64 = x.iter().zip(w).map(|(&x, &w)| (w * x * x) as f64).sum();
+    let mut trial = [0i8; 256];
+    let trial = &mut trial[..x.len()];
+    let mut best = (0f32, f64::INFINITY);
+    // Rounds at `d0`, then refits the scale (or keeps `d0`); kept if it beats the best. One pass
+    // gathers the sums the error needs in closed form.
+    let mut try_scale = |d0: f32, refit: bool, best: &mut (f32, f64), q: &mut [i8]| {
+        let inv = if d0 != 0.0 { 1.0 / d0 } else { 0.0 };
+        let (sxq, sqq) = level_sums(x, w, inv, 0.0, lo, hi, |l| l as i8, trial);
+        let d = match (refit, sqq > 0.0) {
+            (false, _) => d0,
+            (true, true) => round((sxq / sqq) as f32),
+            (true, false) => 0.0,
+        } as f64;
+        let err = sxx - 2.0 * d * sxq + d * d * sqq;
+        if err < best.1 {
+            *best = (d as f32, err);
+            q.copy_from_slice(trial);
+        }
+    };
+    // Symmetric grids have one end; the others are tried with the extreme on either.
+    let ends: &[i32] = if lo == -hi || lo == 0 {
+        &[hi]
+    } else {
+        &[lo, hi]
+    };
+    for &end in ends {
+        // ggml's reference rounding (the extreme on the end, no refit) is a candidate too, so
+        // the result never has a larger weighted error.
+        try_scale(round(max / end as f32), false, &mut best, q);
+        if let Some(g) = grid_step(x).filter(|_| grid) {
+            try_scale(g * end.signum() as f32, true, &mut best, q);
+        }
+        let mut coarse = (end as f32, f64::INFINITY);
+        for k in COARSE {
+            let reach = end as f32 * (k as f32 / 8.0).exp2();
+            let before = best.1;
+            try_scale(max / reach, true, &mut best, q);
+            if best.1 < before && best.1 < coarse.1 {
+                coarse = (reach, best.1);
+            }
+        }
+        for k in -STEPS..=STEPS {
+            let reach = coarse.0 * (k as f32 / (8 * STEPS) as f32).exp2();
+            if reach.abs() >= 0.5 {
+                try_scale(max / reach, true, &mut best, q);
+            }
+        }
+    }
+    // Alternate: levels nearest under the best scale, the scale refit to them.
+    for _ in 0..REFINE {
+        let before = best.1;
+        try_scale(best.0, true, &mut best, q);
+        if !(best.1 < before) {
+            break;
+        }
+    }
+    // Levels nearest under the stored scale itself (refitting may have moved it past a midpoint).
+    try_scale(best.0, false, &mut best, q);
+    (best.0, error_scale(x, w, best.0, q))
+}
+
+/// The smallest gap between distinct values of a short block: the step of the grid its values
+/// already sit on when it was quantized before (a requantized model), so that grid is tried.
+fn grid_step(x: &[f32]) -> Option<f32> {
+    let mut v = [0f32; 64];
+    let v = v.get_mut(..x.len())?;
+    v.copy_from_slice(x);
+    v.sort_unstable_by(f32::total_cmp);
+    let span = v[v.len() - 1] - v[0];
+    v.windows(2)
+        .map(|p| p[1] - p[0])
+        .filter(|&g| g > span * 1e-3)
+        .min_by(f32::total_cmp)
+}
+
+/// Levels of `x` at inverse scale `inv` and offset `m` (nearest in `lo..=hi`) into `out`, with
+/// `Σ w·x·l` and `Σ w·l²`: the inner loop of every search, in lanes of 8 the compiler vectorizes.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn level_sums<T: Copy>(
+    x: &[f32],
+    w: &[f32],
+    inv: f32,
+    m: f32,
+    lo: i32,
+    hi: i32,
+    store: impl Fn(i32) -> T,
+    out: &mut [T],
+) -> (f64, f64) {
+    let (mut sxq, mut sqq) = ([0f32; 8], [0f32; 8]);
+    let mut chunks = x
+        .chunks_exact(8)
+        .zip(w.chunks_exact(8))
+        .zip(out.chunks_exact_mut(8));
+    for ((x, w), o) in &mut chunks {
+        for k in 0..8 {
+            let l = nearest((x[k] - m) * inv).clamp(lo, hi);
+            o[k] = store(l);
+            let l = l as f32;
+            sxq[k] += w[k] * x[k] * l;
+            sqq[k] += w[k] * l * l;
+        }
+    }
+    let tail = x.len() / 8 * 8;
+    for i in tail..x.len() {
+        let l = nearest((x[i] - m) * inv).clamp(lo, hi);
+        out[i] = store(l);
+        let l = l as f32;
+        sxq[0] += w[i] * x[i] * l;
+        sqq[0] += w[i] * l * l;
+    }
+    let sum = |a: [f32; 8]| a.iter().map(|&v| v as f64).sum::<f64>();
+    (sum(sxq), sum(sqq))
+}
+
+/// Round half away from zero by a truncating conversion: `f32::round` is a libm call on the
+/// baseline x86-64 target, and this runs for every value of every trial.
+#[inline]
+fn nearest(v: f32) -> i32 {
+    (v + 0.5f32.copysign(v)) as i32
+}
+
+/// `q` = the levels in `lo..=hi` nearest `x / d`.
+pub(crate) fn assign_scale(x: &[f32], d: f32, lo: i32, hi: i32, q: &mut [i8]) {
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = nearest(v * inv).clamp(lo, hi) as i8;
+    }
+}
+
+fn error_scale(x: &[f32], w: &[f32], d: f32, q: &[i8]) -> f32 {
+    let mut err = 0f32;
+    for ((&x, &w), &q) in x.iter().zip(w).zip(q) {
+        let e = x - d * q as f32;
+        err += w * e * e;
+    }
+    err
+}
+
+/// The scale `d ≥ 0` and offset `m` (each passed through `round`) minimizing the weighted error
+/// of `x ≈ d·q + m` with levels `q` in `0..=nmax`, the levels in `q`, and that error. With
+/// `offset_at_most_zero`, `m ≤ 0` (k-quants store `−m` unsigned); `grid` as in [`fit_scale`].
+pub(crate) fn fit_affine(
+    x: &[f32],
+    w: &[f32],
+    nmax: i32,
+    offset_at_most_zero: bool,
+    grid: bool,
+    q: &mut [u8],
+    round: impl Fn(f32) -> f32,
+) -> (f32, f32, f32) {
+    let mut lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    if offset_at_most_zero && lo > 0.0 {
+        lo = 0.0;
+    }
+    if !(hi > lo) || !(hi - lo).is_finite() {
+        // Constant (or non-finite) block: the offset alone, when it may carry it.
+        q.fill(0);
+        let m = if lo.is_finite() { round(lo) } else { 0.0 };
+        let m = if offset_at_most_zero { m.min(0.0) } else { m };
+        return (0.0, m, error_affine(x, w, 0.0, m, q));
+    }
+    // Sums over the values shifted by `lo`: the closed-form error then cancels far less.
+    let mut shifted = [0f32; 256];
+    let xs = &mut shifted[..x.len()];
+    xs.iter_mut().zip(x).for_each(|(s, &v)| *s = v - lo);
+    let xs = &*xs;
+    let (mut sw, mut sx, mut sxx) = (0f64, 0f64, 0f64);
+    for (&x, &w) in xs.iter().zip(w) {
+        let (x, w) = (x as f64, w as f64);
+        sw += w;
+        sx += w * x;
+        sxx += w * x * x;
+    }
+    let mut trial = [0u8; 256];
+    let trial = &mut trial[..x.len()];
+    let mut best = (0f32, 0f32, f64::INFINITY);
+    // Rounds at spacing `d0` from `m0`, then refits scale and offset (or keeps them); kept if it
+    // beats the best. One pass gathers the sums the error needs in closed form.
+    let mut try_spacing =
+        |d0: f32, m0: f32, refit: bool, best: &mut (f32, f32, f64), q: &mut [u8]| {
+            let inv = if d0 > 0.0 { 1.0 / d0 } else { 0.0 };
+            let (sxq, sqq) = level_sums(xs, w, inv, m0 - lo, 0, nmax, |l| l as u8, trial);
+            let sq: f64 = trial
+                .iter()
+                .zip(w)
+                .map(|(&l, &w)| (w * l as f32) as f64)
+                .sum();
+            let (d, m) = if refit {
+                let det = sqq * sw - sq * sq;
+                let (mut d, mut m) = if det > 0.0 {
+                    (
+                        (sw * sxq - sq * sx) / det,
+                        (sqq * sx - sq * sxq) / det + lo as f64,
+                    )
+                } else if sw > 0.0 {
+                    (0.0, sx / sw + lo as f64)
+                } else {
+                    (0.0, lo as f64)
+                };
+                if offset_at_most_zero && m > 0.0 {
+                    m = 0.0;
+                    d = if sqq > 0.0 {
+                        (sxq + lo as f64 * sq) / sqq
+                    } else {
+                        0.0
+                    };
+                }
+                (round(d.max(0.0) as f32), round(m as f32))
+            } else {
+                (d0, m0)
+            };
+            let (df, mf) = (d as f64, (m - lo) as f64);
+            let err = sxx + df * df * sqq + mf * mf * sw - 2.0 * df * sxq - 2.0 * mf * sx
+                + 2.0 * df * mf * sq;
+            if err < best.2 {
+                *best = (d, m, err);
+                q.copy_from_slice(trial);
+            }
+        };
+    // ggml's reference (minimum and range, no refit) as a candidate: never a larger error.
+    try_spacing(
+        round((hi - lo) / nmax as f32),
+        round(lo),
+        false,
+        &mut best,
+        q,
+    );
+    if let Some(g) = grid_step(x).filter(|_| grid) {
+        try_spacing(g, lo, true, &mut best, q);
+    }
+    let mut coarse = (nmax as f32, f64::INFINITY);
+    for k in COARSE {
+        let reach = nmax as f32 * (k as f32 / 8.0).exp2();
+        let before = best.2;
+        try_spacing((hi - lo) / reach, lo, true, &mut best, q);
+        if best.2 < before && best.2 < coarse.1 {
+            coarse = (reach, best.2);
+        }
+    }
+    for k in -STEPS..=STEPS {
+        let reach = coarse.0 * (k as f32 / (8 * STEPS) as f32).exp2();
+        if reach >= 0.5 {
+            try_spacing((hi - lo) / reach, lo, true, &mut best, q);
+        }
+    }
+    for _ in 0..REFINE {
+        if !(best.0 > 0.0) {
+            break;
+        }
+        let before = best.2;
+        try_spacing(best.0, best.1, true, &mut best, q);
+        if !(best.2 < before) {
+            break;
+        }
+    }
+    if best.0 > 0.0 {
+        try_spacing(best.0, best.1, false, &mut best, q);
+    }
+    (best.0, best.1, error_affine(x, w, best.0, best.1, q))
+}
+
+/// `q` = the levels in `0..=nmax` nearest `(x − m) / d`.
+pub(crate) fn assign_affine(x: &[f32], d: f32, m: f32, nmax: i32, q: &mut [u8]) {
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = nearest((v - m) * inv).clamp(0, nmax) as u8;
+    }
+}
+
+fn error_affine(x: &[f32], w: &[f32], d: f32, m: f32, q: &[u8]) -> f32 {
+    let mut err = 0f32;
+    for ((&x, &w), &q) in x.iter().zip(w).zip(q) {
+        let e = x - (d * q as f32 + m);
+        err += w * e * e;
+    }
+    err
+}
+
+/// Rounds through f16, as a block header stores it.
+#[inline]
+pub(crate) fn f16r(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
+/// Whether the rounding of `ty` also weighs each value by its own size. Measured by KL
+/// divergence on SmolLM2 (COMPRESSION.md): it pays on the k-quants of 4 bits or fewer always,
+/// on the other 4-bit types only without an importance matrix, and costs on finer grids.
+fn weighs_magnitude(ty: GgmlType, has_importance: bool) -> bool {
+    use GgmlType::*;
+    match ty {
+        Q2_K | Q3_K | Q4_K => true,
+        Q4_0 | Q4_1 | IQ4_NL | IQ4_XS => !has_importance,
+        _ => false,
+    }
+}
+
+/// The weight of each value's error in a row of type `ty`, given the row's importance (an
+/// importance matrix's mean squared input per column) or none: the importance, times
+/// `√(σ² + x²)` (`σ²` the row's mean square) where [`weighs_magnitude`] says so. The input
+/// statistics say which columns matter (the output error of a row is `Σ δⱼ² E[xⱼ²]` for
+/// independent inputs); on coarse grids the value's own size also steers the error away from
+/// the large weights (ggml weighs by the same form).
+pub fn error_weights(ty: GgmlType, x: &[f32], importance: Option<&[f32]>, out: &mut [f32]) {
+    let magnitude = weighs_magnitude(ty, importance.is_some());
+    let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let imp = importance.map_or(1.0, |m| m[i].max(0.0));
+        *o = if magnitude {
+            imp * (sigma2 + v * v).sqrt()
+        } else {
+            imp
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::Rng;
+
+    /// Brute force over a fine scale grid with nearest levels and exact refit: the search comes
+    /// within a fraction of a percent of it, and beats the extreme-on-the-end rounding always.
+    #[test]
+    fn scale_search_is_near_the_best_scale() {
+        let mut rng = Rng(5);
+        let mut ratios = Vec::new();
+        for trial in 0..300 {
+            let x: Vec<f32> = (0..32)
+                .map(|i| rng.normal() * if i == trial % 32 { 5.0 } else { 1.0 })
+                .collect();
+            let w: Vec<f32> = (0..32).map(|_| rng.normal().abs() + 0.1).collect();
+            let mut q = vec![0i8; 32];
+            let (d, err) = fit_scale(&x, &w, -8, 7, true, &mut q, |d| d);
+            assert!((error_scale(&x, &w, d, &q) - err).abs() <= 1e-4 * err.max(1e-6));
+            let mut brute = f32::INFINITY;
+            let max = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let mut t = vec![0i8; 32];
+            for k in 1..4000 {
+                for sign in [-1.0, 1.0] {
+                    let d = sign * max * k as f32 / 16000.0;
+                    assign_scale(&x, d, -8, 7, &mut t);
+                    let (sxq, sqq) = (0..32).fold((0f32, 0f32), |(a, b), i| {
+                        let l = t[i] as f32;
+                        (a + w[i] * x[i] * l, b + w[i] * l * l)
+                    });
+                    brute = brute.min(error_scale(&x, &w, sxq / sqq, &t));
+                }
+            }
+            ratios.push(err / brute);
+            let naive_d = x
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+                / -8.0;
+            assign_scale(&x, naive_d, -8, 7, &mut t);
+            assert!(err <= error_scale(&x, &w, naive_d, &t) + 1e-6);
+        }
+        // A local search: on average within 0.2% of the brute force, never 5% above it.
+        let mean = ratios.iter().sum::<f32>() / ratios.len() as f32;
+        let max = ratios.iter().copied().fold(0f32, f32::max);
+        assert!(mean < 1.002 && max < 1.05, "mean ratio {mean}, worst {max}");
+    }
+
+    #[test]
+    fn affine_search_is_near_the_best() {
+        let mut rng = Rng(6);
+        for trial in 0..300 {
+            let x: Vec<f32> = (0..32).map(|_| rng.normal() + 0.3).collect();
+            let w: Vec<f32> = (0..32).map(|_| rng.normal().abs() + 0.1).collect();
+            let at_most_zero = trial % 2 == 0;
+            let mut q = vec![0u8; 32];
+            let (d, m, err) = fit_affine(&x, &w, 15, at_most_zero, true, &mut q, |d| d);
+            assert!(d > 0.0 && (!at_most_zero || m <= 0.0));
+            assert!((error_affine(&x, &w, d, m, &q) - err).abs() <= 1e-4 * err.max(1e-6));
+            // min/max spacing with nearest levels, as ggml's reference Q4_1
+            let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+            let lo = if at_most_zero { lo.min(0.0) } else { lo };
+            let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let mut t = vec![0u8; 32];
+            assign_affine(&x, (hi - lo) / 15.0, lo, 15, &mut t);
+            let naive = error_affine(&x, &w, (hi - lo) / 15.0, lo, &t);
+            assert!(err <= naive + 1e-6, "{err} > {naive}");
+        }
+    }
+
+    #[test]
+    fn degenerate_blocks() {
+        let w = [1f32; 16];
+        let mut q = [0i8; 16];
+        assert_eq!(fit_scale(&[0.0; 16], &w, -4, 3, true, &mut q, |d| d).0, 0.0);
+        let mut u = [0u8; 16];
+        let (d, m, err) = fit_affine(&[-2.5; 16], &w, 3, true, true, &mut u, |d| d);
+        assert_eq!((d, m, err), (0.0, -2.5, 0.0));
+        let (d, m, _) = fit_affine(&[2.5; 16], &w, 3, false, true, &mut u, |d| d);
+        assert_eq!((d, m), (0.0, 2.5));
+        // a positive constant under a non-positive offset takes the scale
+        let (d, m, err) = fit_affine(&[2.5; 16], &w, 3, true, true, &mut u, |d| d);
+        assert!(d > 0.0 && m == 0.0 && err < 1e-9, "{d} {m} {err}");
+    }
+}
