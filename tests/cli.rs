@@ -682,3 +682,35 @@ fn chat_works_in_a_terminal() {
         "Ctrl-C did not stop the answer: {out}"
     );
 }
+
+/// `edgelm quantize` refuses bad arguments with a message naming the mistake and writes
+/// nothing: an unknown type, a pattern that is not REGEX=TYPE, an unknown tensor type, an
+/// output that is the input, an importance matrix that is not one.
+#[test]
+fn quantize_refuses_bad_arguments() {
+    let source = common::model_path(MODEL);
+    let src = source.to_string_lossy().into_owned();
+    let dir = std::env::temp_dir().join(format!("edgelm-cli-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.gguf");
+    let out_s = out.to_string_lossy().into_owned();
+    let junk = dir.join("junk.dat");
+    std::fs::write(&junk, b"not an importance matrix").unwrap();
+    let junk_s = junk.to_string_lossy().into_owned();
+    for (args, says) in [
+        (vec!["--type", "Q7_K"], "unknown type \"Q7_K\""),
+        (vec!["--type", "Q4_0", "--tensor-type", "ffn_down"], "is not REGEX=TYPE"),
+        (vec!["--type", "Q4_0", "--tensor-type", "ffn_down=q9"], "unknown tensor type"),
+        (vec!["--type", "Q4_0", "--tensor-type", "ffn_(=q8_0"], "bad pattern"),
+        (vec!["--type", "Q4_0", "--imatrix", &junk_s], "legacy imatrix"),
+    ] {
+        let o = edgelm(&[&["quantize", &src, &out_s][..], &args].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} left a file");
+    }
+    let o = edgelm(&["quantize", &src, &src, "--type", "Q4_0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("overwrite the input"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

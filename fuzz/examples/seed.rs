@@ -241,4 +241,17 @@ fn main() {
         bytes.extend_from_slice(&state(sel, n, first));
         put(&k, name, &bytes);
     }
+
+    // imatrix_parse: one importance matrix in each of llama.cpp's formats.
+    let mut m = edgelm_compress::imatrix::Imatrix {
+        datasets: vec!["calibration.txt".into()],
+        chunk_count: 2,
+        chunk_size: 4,
+        ..Default::default()
+    };
+    m.accumulate("blk.0.attn_q.weight", &[1.0, -2.0, 0.5, 3.0, 0.0, 1.0], 3, 2);
+    m.accumulate("blk.0.ffn_down.weight", &[0.25; 8], 4, 2);
+    let im = root.join("imatrix_parse");
+    put(&im, "legacy.dat", &m.to_legacy());
+    put(&im, "imatrix.gguf", &m.to_gguf().expect("imatrix GGUF").to_bytes());
 }
