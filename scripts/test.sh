@@ -53,5 +53,11 @@ fi
 # llama.cpp's quantize, imatrix and perplexity tools, which tests/quantize_interop.rs checks our
 # files against: built once from the llama-cpp-python source package (bench/llamacpp.py, cached
 # under $EDGELM_HOME; cmake comes from PyPI when the machine has none).
+if ! command -v g++ >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++
+fi
 python3 bench/llamacpp.py llama-quantize llama-imatrix llama-perplexity
 cargo test --release --locked --workspace "$@"
