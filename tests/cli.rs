@@ -699,10 +699,22 @@ fn quantize_refuses_bad_arguments() {
     let junk_s = junk.to_string_lossy().into_owned();
     for (args, says) in [
         (vec!["--type", "Q7_K"], "unknown type \"Q7_K\""),
-        (vec!["--type", "Q4_0", "--tensor-type", "ffn_down"], "is not REGEX=TYPE"),
-        (vec!["--type", "Q4_0", "--tensor-type", "ffn_down=q9"], "unknown tensor type"),
-        (vec!["--type", "Q4_0", "--tensor-type", "ffn_(=q8_0"], "bad pattern"),
-        (vec!["--type", "Q4_0", "--imatrix", &junk_s], "legacy imatrix"),
+        (
+            vec!["--type", "Q4_0", "--tensor-type", "ffn_down"],
+            "is not REGEX=TYPE",
+        ),
+        (
+            vec!["--type", "Q4_0", "--tensor-type", "ffn_down=q9"],
+            "unknown tensor type",
+        ),
+        (
+            vec!["--type", "Q4_0", "--tensor-type", "ffn_(=q8_0"],
+            "bad pattern",
+        ),
+        (
+            vec!["--type", "Q4_0", "--imatrix", &junk_s],
+            "legacy imatrix",
+        ),
     ] {
         let o = edgelm(&[&["quantize", &src, &out_s][..], &args].concat());
         let err = String::from_utf8_lossy(&o.stderr);
@@ -711,6 +723,9 @@ fn quantize_refuses_bad_arguments() {
     }
     let o = edgelm(&["quantize", &src, &src, "--type", "Q4_0"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("overwrite the input"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("overwrite the input"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

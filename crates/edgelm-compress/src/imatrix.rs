@@ -172,13 +172,17 @@ impl Imatrix {
 
     /// Adds `rows` rows of `x` (each `cols` wide) seen at the input of `weight`.
     pub fn accumulate(&mut self, weight: &str, x: &[f32], cols: usize, rows: usize) {
-        let e = self
-            .entries
-            .entry(weight.to_owned())
-            .or_insert_with(|| Entry {
+        // Looked up before inserting: no name is allocated on the per-projection path.
+        if !self.entries.contains_key(weight) {
+            let fresh = Entry {
                 sums: vec![0.0; cols],
                 counts: vec![0.0],
-            });
+            };
+            self.entries.insert(weight.to_owned(), fresh);
+        }
+        let Some(e) = self.entries.get_mut(weight) else {
+            return;
+        };
         if e.sums.len() != cols {
             return;
         }

@@ -48,7 +48,7 @@ pub(crate) fn fit_scale(
     // gathers the sums the error needs in closed form.
     let mut try_scale = |d0: f32, refit: bool, best: &mut (f32, f64), q: &mut [i8]| {
         let inv = if d0 != 0.0 { 1.0 / d0 } else { 0.0 };
-        let (sxq, sqq) = level_sums(x, w, inv, 0.0, lo, hi, |l| l as i8, trial);
+        let (sxq, sqq, _) = level_sums(x, w, inv, 0.0, lo, hi, |l| l as i8, trial);
         let d = match (refit, sqq > 0.0) {
             (false, _) => d0,
             (true, true) => round((sxq / sqq) as f32),
@@ -117,7 +117,7 @@ fn grid_step(x: &[f32]) -> Option<f32> {
 }
 
 /// Levels of `x` at inverse scale `inv` and offset `m` (nearest in `lo..=hi`) into `out`, with
-/// `Σ w·x·l` and `Σ w·l²`: the inner loop of every search, in lanes of 8 the compiler vectorizes.
+/// `Σ w·x·l`, `Σ w·l²` and `Σ w·l`: the inner loop of every search, in lanes of 8 the compiler vectorizes.
 #[inline]
 #[allow(clippy::too_many_arguments)]
 fn level_sums<T: Copy>(
@@ -129,8 +129,8 @@ fn level_sums<T: Copy>(
     hi: i32,
     store: impl Fn(i32) -> T,
     out: &mut [T],
-) -> (f64, f64) {
-    let (mut sxq, mut sqq) = ([0f32; 8], [0f32; 8]);
+) -> (f64, f64, f64) {
+    let (mut sxq, mut sqq, mut sq) = ([0f32; 8], [0f32; 8], [0f32; 8]);
     let mut chunks = x
         .chunks_exact(8)
         .zip(w.chunks_exact(8))
@@ -142,6 +142,7 @@ fn level_sums<T: Copy>(
             let l = l as f32;
             sxq[k] += w[k] * x[k] * l;
             sqq[k] += w[k] * l * l;
+            sq[k] += w[k] * l;
         }
     }
     let tail = x.len() / 8 * 8;
@@ -151,9 +152,10 @@ fn level_sums<T: Copy>(
         let l = l as f32;
         sxq[0] += w[i] * x[i] * l;
         sqq[0] += w[i] * l * l;
+        sq[0] += w[i] * l;
     }
     let sum = |a: [f32; 8]| a.iter().map(|&v| v as f64).sum::<f64>();
-    (sum(sxq), sum(sqq))
+    (sum(sxq), sum(sqq), sum(sq))
 }
 
 /// Round half away from zero by a truncating conversion: `f32::round` is a libm call on the
@@ -224,12 +226,7 @@ pub(crate) fn fit_affine(
     let mut try_spacing =
         |d0: f32, m0: f32, refit: bool, best: &mut (f32, f32, f64), q: &mut [u8]| {
             let inv = if d0 > 0.0 { 1.0 / d0 } else { 0.0 };
-            let (sxq, sqq) = level_sums(xs, w, inv, m0 - lo, 0, nmax, |l| l as u8, trial);
-            let sq: f64 = trial
-                .iter()
-                .zip(w)
-                .map(|(&l, &w)| (w * l as f32) as f64)
-                .sum();
+            let (sxq, sqq, sq) = level_sums(xs, w, inv, m0 - lo, 0, nmax, |l| l as u8, trial);
             let (d, m) = if refit {
                 let det = sqq * sw - sq * sq;
                 let (mut d, mut m) = if det > 0.0 {
