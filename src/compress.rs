@@ -265,3 +265,370 @@ pub fn imatrix(a: ImatrixArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    model: crate::ModelArgs,
+    /// Output GGUF path (written under a temporary name, renamed when complete).
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// Unstructured pruning: zero weights inside each matrix, scored by magnitude or by Wanda
+    /// (|w|·‖x‖, needs --imatrix). Keeps every shape: no smaller file, no faster decoding.
+    #[arg(long, value_enum, requires = "sparsity_or_pattern")]
+    method: Option<MethodArg>,
+    /// Fraction of each row's weights zeroed by --method, in (0, 1).
+    #[arg(long, group = "sparsity_or_pattern")]
+    sparsity: Option<f64>,
+    /// N:M semi-structured sparsity: keep N of every M consecutive weights (e.g. 2:4).
+    #[arg(long, value_name = "N:M", value_parser = parse_pattern, group = "sparsity_or_pattern")]
+    pattern: Option<(usize, usize)>,
+    /// Structured: keep this fraction of each layer's FFN neurons, in (0, 1] (rounded to whole
+    /// blocks of ffn_down's type).
+    #[arg(long = "ffn-keep", value_name = "F")]
+    ffn_keep: Option<f64>,
+    /// Structured: query heads each layer keeps (whole key/value groups, or the same number
+    /// from every group).
+    #[arg(long = "heads-keep", value_name = "H")]
+    heads_keep: Option<usize>,
+    /// Structured: remove blocks, listed (e.g. 3,7,12) or `auto:K` for the K that change the
+    /// residual stream least on the calibration text (-f).
+    #[arg(long = "drop-layers", value_name = "auto:K|LIST", value_parser = parse_drop)]
+    drop_layers: Option<DropLayers>,
+    /// Importance matrix (from `edgelm imatrix` or llama-imatrix) scoring neurons, heads and
+    /// Wanda's inputs, and weighting the rounding of re-encoded rows.
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
+    /// Calibration text for --drop-layers auto:K.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Tokens per calibration chunk.
+    #[arg(short = 'c', long = "ctx", default_value_t = 512)]
+    ctx: usize,
+    /// Calibration chunks to run at most.
+    #[arg(long, default_value_t = 16)]
+    chunks: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Magnitude,
+    Wanda,
+}
+
+#[derive(Clone, Debug)]
+enum DropLayers {
+    Auto(usize),
+    List(Vec<usize>),
+}
+
+fn parse_pattern(s: &str) -> Result<(usize, usize), String> {
+    let (n, m) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not N:M (e.g. 2:4)"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?} is not N:M with whole numbers"))
+    };
+    Ok((num(n)?, num(m)?))
+}
+
+fn parse_drop(s: &str) -> Result<DropLayers, String> {
+    if let Some(k) = s.strip_prefix("auto:") {
+        let k = k
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: auto:K needs a whole number of layers"))?;
+        if k == 0 {
+            return Err("auto:0 drops nothing".into());
+        }
+        return Ok(DropLayers::Auto(k));
+    }
+    s.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{s:?} is neither auto:K nor a list of layer numbers"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(DropLayers::List)
+}
+
+fn read_imatrix(path: Option<&PathBuf>) -> Result<Option<Imatrix>> {
+    path.map(|p| {
+        Imatrix::read(p).with_context(|| format!("reading the importance matrix {}", p.display()))
+    })
+    .transpose()
+}
+
+fn refuse_overwrite(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    if input == output || output.canonicalize().ok() == input.canonicalize().ok() {
+        bail!("the output would overwrite the input {}", input.display());
+    }
+    Ok(())
+}
+
+/// The block influence so far, and the last residual state seen (its layer and values).
+type InfluenceState = (
+    edgelm_compress::prune::BlockInfluence,
+    Option<(usize, Vec<f32>)>,
+);
+
+/// Pairs each block's residual input with its output, as the forward pass shows them in order.
+struct InfluenceCollector(std::sync::Mutex<InfluenceState>);
+
+impl edgelm_models::Observer for InfluenceCollector {
+    fn residual(&self, layer: usize, x: &[f32], cols: usize, _rows: usize) {
+        if let Ok(mut g) = self.0.lock() {
+            let (scores, last) = &mut *g;
+            if let Some((prev, before)) = last.as_ref() {
+                if *prev + 1 == layer && before.len() == x.len() {
+                    scores.add(*prev, before, x, cols);
+                }
+            }
+            *last = Some((layer, x.to_vec()));
+        }
+    }
+}
+
+/// Ranks the blocks by how little they turn the residual stream on `file`.
+fn block_influence(a: &PruneArgs) -> Result<edgelm_compress::prune::BlockInfluence> {
+    let file = a
+        .file
+        .as_ref()
+        .context("--drop-layers auto:K ranks the blocks on a calibration text: give it with -f")?;
+    let (engine, _) = crate::load(&a.model)?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let tokens = engine.tokenizer.encode(
+        &text,
+        edgelm_tokenizer::Encode {
+            add_special: engine.tokenizer.adds_bos(),
+            parse_special: false,
+        },
+    )?;
+    let n_chunks = (tokens.len() / a.ctx.max(1)).min(a.chunks);
+    if n_chunks == 0 {
+        bail!(
+            "{} holds {} tokens, less than one chunk of {} (-c)",
+            file.display(),
+            tokens.len(),
+            a.ctx
+        );
+    }
+    let collector = InfluenceCollector(std::sync::Mutex::new(Default::default()));
+    eprintln!("ranking blocks on {n_chunks} chunks of {} tokens", a.ctx);
+    edgelm_engine::perplexity_observed(
+        &engine,
+        &tokens[..n_chunks * a.ctx],
+        a.ctx,
+        &collector,
+        &mut |_| {},
+    )?;
+    let (scores, _) = collector
+        .0
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("the collector was poisoned by a panic"))?;
+    Ok(scores)
+}
+
+pub fn prune(a: PruneArgs) -> Result<()> {
+    use edgelm_compress::prune::{self, Method, PruneOptions, Unstructured};
+    let input = crate::resolve(&a.model.model)?;
+    refuse_overwrite(&input, &a.output)?;
+    let src = GgufFile::open(&input)?;
+    let imatrix = read_imatrix(a.imatrix.as_ref())?;
+    let unstructured = match (a.method, a.sparsity, a.pattern) {
+        (None, None, None) => None,
+        (None, _, _) => bail!("--sparsity and --pattern go with --method magnitude|wanda"),
+        (Some(m), s, p) => {
+            let from_pattern = p.map(|(n, m)| 1.0 - n as f64 / m.max(1) as f64);
+            if let (Some(s), Some(ps)) = (s, from_pattern) {
+                if (s - ps).abs() > 1e-9 {
+                    bail!("--sparsity {s} disagrees with --pattern, which zeroes {ps}; give one");
+                }
+            }
+            Some(Unstructured {
+                method: match m {
+                    MethodArg::Magnitude => Method::Magnitude,
+                    MethodArg::Wanda => Method::Wanda,
+                },
+                sparsity: s.or(from_pattern).unwrap_or(0.0),
+                pattern: p,
+            })
+        }
+    };
+    if unstructured.is_none()
+        && a.ffn_keep.is_none()
+        && a.heads_keep.is_none()
+        && a.drop_layers.is_none()
+    {
+        bail!("nothing to prune: give --method with --sparsity or --pattern, --ffn-keep, --heads-keep or --drop-layers");
+    }
+    let mut opts = PruneOptions {
+        imatrix: imatrix.as_ref(),
+        unstructured,
+        ffn_keep: a.ffn_keep,
+        heads_keep: a.heads_keep,
+        drop_layers: Vec::new(),
+        threads: a
+            .model
+            .threads
+            .unwrap_or_else(edgelm_kernels::physical_cores),
+        description: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+    };
+    // Every argument is checked before the calibration pass spends minutes.
+    let shape = prune::Shape::of(&src)?;
+    prune::validate(&shape, &opts)?;
+    opts.drop_layers = match &a.drop_layers {
+        None => Vec::new(),
+        Some(DropLayers::List(l)) => l.clone(),
+        Some(DropLayers::Auto(k)) => {
+            if *k >= shape.n_layer {
+                bail!(
+                    "auto:{k} would drop every one of the {} layers",
+                    shape.n_layer
+                );
+            }
+            let influence = block_influence(&a)?;
+            let scores = influence.scores();
+            let line: Vec<String> = scores.iter().map(|s| format!("{s:.4}")).collect();
+            eprintln!("block influence (1 − cos), by layer: {}", line.join(" "));
+            influence.least(*k)
+        }
+    };
+    if !opts.drop_layers.is_empty() {
+        let l: Vec<String> = opts.drop_layers.iter().map(|v| v.to_string()).collect();
+        eprintln!("dropping layers {}", l.join(", "));
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let t0 = std::time::Instant::now();
+    let s = prune::prune(&src, &a.output, &opts, &mut |_, _, _| {
+        !interrupted.load(Ordering::Relaxed)
+    })?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "layers {} → {}, FFN width {} → {}, heads {}/{} → {}/{} (query/key-value)",
+        s.layers.0,
+        s.layers.1,
+        s.n_ff.0,
+        s.n_ff.1,
+        s.heads.0 .0,
+        s.heads.0 .1,
+        s.heads.1 .0,
+        s.heads.1 .1
+    );
+    if s.zeroed.1 > 0 {
+        eprintln!(
+            "zeroed {:.1}% of the blocks' weights; unstructured sparsity brings no speed and no \
+             smaller file: edgelm (like llama.cpp) has no sparse CPU kernels, so every zero is \
+             still stored and multiplied. Structured pruning (--ffn-keep, --heads-keep, \
+             --drop-layers) or quantizing buys speed.",
+            100.0 * s.zeroed.0 as f64 / s.zeroed.1 as f64
+        );
+    }
+    if !s.without_importance.is_empty() {
+        eprintln!(
+            "the importance matrix has no entry for {} weight(s), scored by magnitude: {}",
+            s.without_importance.len(),
+            s.without_importance.join(", ")
+        );
+    }
+    eprintln!(
+        "{}: {:.2} MiB → {:.2} MiB; weights read per token {:.2} → {:.2} MiB ({:.2}× fewer) in {:.1} s",
+        a.output.display(),
+        mib(s.bytes_in),
+        mib(s.bytes_out),
+        mib(s.read_per_token_in),
+        mib(s.read_per_token_out),
+        s.read_per_token_in as f64 / s.read_per_token_out.max(1) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct LowRankArgs {
+    /// Source model: a GGUF path or a known model name.
+    #[arg(short = 'm', long = "model", default_value = edgelm_hub::DEFAULT_MODEL)]
+    model: String,
+    /// Output GGUF path (written under a temporary name, renamed when complete).
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// The rank of every factored matrix.
+    #[arg(long, group = "size")]
+    rank: Option<usize>,
+    /// Per matrix, the smallest rank keeping this fraction of the squared singular values
+    /// (of the input-whitened matrix with --imatrix), in (0, 1].
+    #[arg(long, group = "size")]
+    energy: Option<f64>,
+    /// Per matrix, the rank whose two factors hold this fraction of its parameters, in (0, 1).
+    #[arg(long, group = "size")]
+    params: Option<f64>,
+    /// Which matrices to factor (regular expression on tensor names).
+    #[arg(long, default_value = edgelm_compress::lowrank::DEFAULT_TENSORS)]
+    tensors: String,
+    /// Importance matrix: factor activation-aware (inputs' mean squares whiten the SVD).
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
+    /// Threads (default: physical cores).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+}
+
+pub fn lowrank(a: LowRankArgs) -> Result<()> {
+    use edgelm_compress::lowrank::{self, LowRankOptions, RankChoice};
+    let choice = match (a.rank, a.energy, a.params) {
+        (Some(r), None, None) => RankChoice::Rank(r),
+        (None, Some(e), None) if e > 0.0 && e <= 1.0 => RankChoice::Energy(e),
+        (None, Some(e), None) => bail!("--energy {e} is outside (0, 1]"),
+        (None, None, Some(p)) if p > 0.0 && p < 1.0 => RankChoice::Params(p),
+        (None, None, Some(p)) => bail!("--params {p} is outside (0, 1)"),
+        _ => bail!("give the size of the factors: --rank R, --energy E or --params F"),
+    };
+    let tensors = fancy_regex::Regex::new(&a.tensors)
+        .with_context(|| format!("bad --tensors pattern {:?}", a.tensors))?;
+    let input = crate::resolve(&a.model)?;
+    refuse_overwrite(&input, &a.output)?;
+    let src = GgufFile::open(&input)?;
+    let imatrix = read_imatrix(a.imatrix.as_ref())?;
+    let opts = LowRankOptions {
+        choice,
+        tensors,
+        imatrix: imatrix.as_ref(),
+        threads: a.threads.unwrap_or_else(edgelm_kernels::physical_cores),
+        description: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let t0 = std::time::Instant::now();
+    let s = lowrank::lowrank(&src, &a.output, &opts, &mut |f, done, total| {
+        eprintln!(
+            "[{done:>4}/{total}] {:<28} {:>5}×{:<5} rank {:>4} keeps {:5.1}% of the energy ({} · {})",
+            f.name,
+            f.rows,
+            f.cols,
+            f.rank,
+            100.0 * f.energy,
+            f.types.0.name(),
+            f.types.1.name()
+        );
+        !interrupted.load(Ordering::Relaxed)
+    })?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "{}: {} matrices factored to {:.1}% of their parameters; {:.2} MiB → {:.2} MiB; weights \
+         read per token {:.2} → {:.2} MiB ({:.2}× fewer) in {:.1} s",
+        a.output.display(),
+        s.factored.len(),
+        100.0 * s.params.1 as f64 / s.params.0.max(1) as f64,
+        mib(s.bytes_in),
+        mib(s.bytes_out),
+        mib(s.read_per_token_in),
+        mib(s.read_per_token_out),
+        s.read_per_token_in as f64 / s.read_per_token_out.max(1) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

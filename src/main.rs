@@ -52,6 +52,11 @@ enum Command {
     Quantize(compress::QuantizeArgs),
     /// Collect an importance matrix (mean squared input of every projection) from a text.
     Imatrix(compress::ImatrixArgs),
+    /// Prune a model: zero weights (magnitude, Wanda, N:M) or remove FFN neurons, attention
+    /// heads or whole blocks into a smaller dense model.
+    Prune(compress::PruneArgs),
+    /// Factor projections into low-rank pairs by (activation-aware) truncated SVD.
+    Lowrank(compress::LowRankArgs),
     /// Download a known model into the cache.
     Pull {
         /// Model name (see `edgelm list`).
@@ -465,6 +470,8 @@ fn real_main() -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Quantize(a) => compress::quantize(a),
         Command::Imatrix(a) => compress::imatrix(a),
+        Command::Prune(a) => compress::prune(a),
+        Command::Lowrank(a) => compress::lowrank(a),
         Command::Pull { name, force } => {
             let hub = Hub::from_env()?;
             let spec = edgelm_hub::find(&name)

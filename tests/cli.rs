@@ -729,3 +729,66 @@ fn quantize_refuses_bad_arguments() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Prune and lowrank refuse what cannot work before doing any, and say why.
+#[test]
+fn prune_and_lowrank_refuse_bad_arguments() {
+    let source = common::model_path(MODEL);
+    let src = source.to_string_lossy().into_owned();
+    let dir = std::env::temp_dir().join(format!("edgelm-cli-prune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.gguf");
+    let out_s = out.to_string_lossy().into_owned();
+    let with = |cmd: &'static str, args: &[&'static str]| -> Vec<String> {
+        let head = [cmd, "-m", &src, "-o", &out_s];
+        head.iter().chain(args).map(|s| s.to_string()).collect()
+    };
+    let prune = |args: &[&'static str]| with("prune", args);
+    let lowrank = |args: &[&'static str]| with("lowrank", args);
+    for (args, says) in [
+        (prune(&[]), "nothing to prune"),
+        (
+            prune(&["--method", "magnitude", "--sparsity", "1.2"]),
+            "outside (0, 1)",
+        ),
+        (
+            prune(&["--method", "magnitude", "--pattern", "2-4"]),
+            "is not N:M",
+        ),
+        (
+            prune(&["--method", "magnitude", "--pattern", "2:7"]),
+            "does not fit",
+        ),
+        (
+            prune(&["--method", "wanda", "--sparsity", "0.5"]),
+            "importance matrix",
+        ),
+        (
+            prune(&["--ffn-keep", "1.5"]),
+            "--ffn-keep 1.5 is outside (0, 1]",
+        ),
+        (
+            prune(&["--heads-keep", "4"]),
+            "can keep 3, 6, 9 query heads",
+        ),
+        (prune(&["--drop-layers", "3,99"]), "layer 99 does not exist"),
+        (
+            prune(&["--drop-layers", "auto:x"]),
+            "auto:K needs a whole number",
+        ),
+        (prune(&["--drop-layers", "auto:2"]), "calibration text"),
+        (lowrank(&[]), "--rank R, --energy E or --params F"),
+        (lowrank(&["--rank", "4000"]), "its rank is 1..=576"),
+        (lowrank(&["--energy", "1.5"]), "outside (0, 1]"),
+        (
+            lowrank(&["--params", "0.5", "--tensors", "token_embd"]),
+            "not a projection",
+        ),
+    ] {
+        let o = edgelm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} left a file");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

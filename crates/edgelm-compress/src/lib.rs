@@ -1,5 +1,6 @@
-//! Model compression: quantize a GGUF model with mix rules and importance-weighted rounding,
-//! and read and write importance matrices in llama.cpp's formats.
+//! Model compression: quantize a GGUF model with mix rules and importance-weighted rounding;
+//! prune it (unstructured, or structured into a smaller dense model); factor its projections
+//! into low-rank pairs; read and write importance matrices in llama.cpp's formats.
 //!
 //! The block formats and their rounding searches live in `edgelm-quant`; this crate decides
 //! which tensor gets which type and writes whole files, never leaving a partial one under the
@@ -8,8 +9,12 @@
 #![forbid(unsafe_code)]
 
 pub mod imatrix;
+mod linalg;
+pub mod lowrank;
 pub mod mix;
+pub mod prune;
 pub mod quantize;
+mod rows;
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +33,8 @@ pub enum CompressError {
     BadImatrix { what: String, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    BadArgument(String),
     #[error("interrupted; no output was written")]
     Interrupted,
     #[error("a worker thread panicked while quantizing")]

@@ -260,46 +260,17 @@ fn convert(
 ) -> Result<Vec<u8>> {
     let in_row = edgelm_quant::row_bytes(t.from, t.cols)?;
     let out_row = edgelm_quant::row_bytes(t.to, t.cols)?;
-    let mut out = vec![0u8; out_row * t.rows];
-    // Chunks of rows small enough for a smooth bar, large enough to keep threads busy.
-    let chunk_rows = (t.rows / 64).clamp(1, 256);
-    let threads = threads.max(1);
-    let mut done = 0;
-    for (chunk_in, chunk_out) in src
-        .chunks(in_row * chunk_rows * threads)
-        .zip(out.chunks_mut(out_row * chunk_rows * threads))
-    {
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunk_in
-                .chunks(in_row * chunk_rows)
-                .zip(chunk_out.chunks_mut(out_row * chunk_rows))
-                .map(|(a, b)| {
-                    s.spawn(move || -> Result<()> {
-                        let mut row = vec![0f32; t.cols];
-                        for (ra, rb) in a.chunks_exact(in_row).zip(b.chunks_exact_mut(out_row)) {
-                            edgelm_quant::dequantize_row(t.from, ra, &mut row)?;
-                            if let Some(bad) = row.iter().position(|v| !v.is_finite()) {
-                                return Err(CompressError::Unsupported(format!(
-                                    "tensor {} holds a non-finite value ({}) at column {bad}",
-                                    t.name, row[bad]
-                                )));
-                            }
-                            edgelm_quant::quantize_row_weighted(t.to, &row, importance, rb)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
-                .collect()
-        });
-        results.into_iter().collect::<Result<()>>()?;
-        done += chunk_out.len() / out_row;
-        if !progress(done) {
-            return Err(CompressError::Interrupted);
-        }
-    }
-    Ok(out)
+    crate::rows::map_rows(
+        t.rows,
+        out_row,
+        threads,
+        &|r, out| {
+            let mut row = vec![0f32; t.cols];
+            edgelm_quant::dequantize_row(t.from, &src[r * in_row..(r + 1) * in_row], &mut row)?;
+            crate::rows::check_finite(&t.name, &row)?;
+            edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?;
+            Ok(())
+        },
+        progress,
+    )
 }

@@ -1,13 +1,15 @@
 //! Gemma 3: embeddings scaled by √d, RMSNorm on each q/k head, norms before and after both
 //! attention and FFN, GeGLU (tanh GELU), q scaled by 1/√head_dim. Five of every six layers attend
 //! within a sliding window with RoPE base 10 000; every sixth is global with the file's base
-//! (and its linear scaling, if any). The output head is the tied token embedding.
+//! (and its linear scaling, if any), unless `gemma3.attention.sliding_window_pattern` says
+//! otherwise: a period, or one flag per layer (written by `edgelm prune --drop-layers`, read by
+//! llama.cpp alike). The output head is the tied token embedding.
 
 use crate::hparams::Meta;
 use crate::layers::{Activation, Rope, RopeStyle};
 use crate::transformer::{LayerAttention, Transformer, Variant};
-use crate::Result;
-use edgelm_gguf::GgufFile;
+use crate::{ModelError, Result};
+use edgelm_gguf::{GgufFile, Value};
 use std::sync::Arc;
 
 /// One global layer per this many (Gemma 3's fixed interleave).
@@ -36,8 +38,9 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
         embed_scale: Some((n_embd as f32).sqrt()),
         attn_scale: Some(1.0 / (head_dim as f32).sqrt()),
     };
+    let sliding = sliding_layers(&meta)?;
     Transformer::load(file.clone(), "gemma3", variant, |i| {
-        if (i + 1) % SLIDING_PATTERN == 0 {
+        if !sliding(i) {
             LayerAttention {
                 window: None,
                 rope: global.clone(),
@@ -49,4 +52,33 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
             }
         }
     })
+}
+
+/// Which layers slide: llama.cpp's rule for a period n (layer i slides when i % n < n - 1, none
+/// when n is 0), or the per-layer flags of an array.
+fn sliding_layers(meta: &Meta) -> Result<Box<dyn Fn(usize) -> bool>> {
+    let key = meta.key("attention.sliding_window_pattern");
+    match meta.file.get(&key) {
+        None => Ok(Box::new(|i| i % SLIDING_PATTERN < SLIDING_PATTERN - 1)),
+        Some(Value::Array(a)) => {
+            let flags = (0..a.len())
+                .map(|i| {
+                    a.get(i)
+                        .and_then(|v| v.as_bool())
+                        .ok_or_else(|| ModelError::Metadata {
+                            key: key.clone(),
+                            reason: "not an array of flags".into(),
+                        })
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            Ok(Box::new(move |i| flags.get(i).copied().unwrap_or(false)))
+        }
+        Some(v) => {
+            let n = v.as_u64().ok_or_else(|| ModelError::Metadata {
+                key: key.clone(),
+                reason: "neither a period nor an array of flags".into(),
+            })? as usize;
+            Ok(Box::new(move |i| n == 0 || i % n < n - 1))
+        }
+    }
 }

@@ -23,7 +23,7 @@ pub use kv::{
     key_rotation, value_rotation, KvCache, KvConfig, KvStats, KvType, KvTypes, SeqId,
     DEFAULT_BLOCK_LEN,
 };
-pub use linear::{Forward, Linear, Observer, WeightRef};
+pub use linear::{low_rank_names, Forward, Linear, Observer, Projection, WeightRef};
 pub use plan::{
     available_memory, check_fits, memory_plan, peak_resident_memory, resident_memory, DoesNotFit,
     MemoryPlan,

@@ -176,13 +176,21 @@ pub fn load_vector(file: &GgufFile, name: &str, len: usize, arch: &str) -> Resul
     Ok(out)
 }
 
-/// A tap on the forward pass: sees every projection's input. Its methods do nothing by default,
-/// so a forward pass without one pays nothing; importance matrices are collected through it.
+/// A tap on the forward pass: sees every projection's input and the residual stream between
+/// blocks. Its methods do nothing by default, so a forward pass without one pays nothing;
+/// importance matrices and block influence are collected through it.
 pub trait Observer: Sync {
-    /// `x` holds `rows` inputs of `cols` values about to be multiplied by the weight `weight`
-    /// (its GGUF tensor name).
+    /// `x` holds `rows` inputs of `cols` values about to be multiplied by the projection named
+    /// `weight` (its dense GGUF tensor name, `{prefix}.weight`, whatever its kind).
     fn linear_input(&self, weight: &str, x: &[f32], cols: usize, rows: usize) {
         let _ = (weight, x, cols, rows);
+    }
+
+    /// `x` holds the residual stream of `rows` tokens (`cols` wide) entering block `layer`;
+    /// `layer` equal to the number of blocks is the stream leaving the last one. Called once
+    /// per layer per chunk of tokens, in layer order.
+    fn residual(&self, layer: usize, x: &[f32], cols: usize, rows: usize) {
+        let _ = (layer, x, cols, rows);
     }
 }
 
@@ -204,59 +212,131 @@ impl<'a> Forward<'a> {
     fn observe(&self, l: &Linear, x: &[f32], n: usize) {
         if let Some(o) = self.observer {
             let cols = l.in_features();
-            o.linear_input(&l.weight.name, &x[..n * cols], cols, n);
+            o.linear_input(&l.name, &x[..n * cols], cols, n);
+        }
+    }
+
+    pub(crate) fn residual(&self, layer: usize, x: &[f32], cols: usize, n: usize) {
+        if let Some(o) = self.observer {
+            o.residual(layer, &x[..n * cols], cols, n);
         }
     }
 }
 
+/// How a projection's weight is stored: the closed set of kinds `Linear` runs.
+#[derive(Clone)]
+pub enum Projection {
+    /// One matrix W (`{prefix}.weight`).
+    Dense(WeightRef),
+    /// W ≈ A·B, a factored matrix run as two products: `inner` = B (rank × inputs,
+    /// `{prefix}.lowrank_in.weight`) first, then `outer` = A (outputs × rank,
+    /// `{prefix}.lowrank_out.weight`). Reads rank·(inputs + outputs) weights instead of
+    /// inputs·outputs.
+    LowRank { inner: WeightRef, outer: WeightRef },
+}
+
+/// Tensor names of a factored projection `{prefix}`: (inner, outer).
+pub fn low_rank_names(prefix: &str) -> (String, String) {
+    (
+        format!("{prefix}.lowrank_in.weight"),
+        format!("{prefix}.lowrank_out.weight"),
+    )
+}
+
 pub struct Linear {
-    pub weight: WeightRef,
+    /// `{prefix}.weight`: the dense name, also for a factored projection (what an observer and
+    /// an importance matrix key it by).
+    pub name: String,
+    pub projection: Projection,
     pub bias: Option<Vec<f32>>,
     /// How finely the fast path quantizes this projection's input.
     pub input_precision: ActivationPrecision,
 }
 
 impl Linear {
-    /// `{prefix}.weight` with input width `in_features`, and `{prefix}.bias` if the file has it.
+    /// `{prefix}.weight` with input width `in_features` (or its factored pair, see
+    /// [`Projection::LowRank`]), and `{prefix}.bias` if the file has it.
     pub fn load(
         file: &Arc<GgufFile>,
         prefix: &str,
         in_features: usize,
         arch: &str,
     ) -> Result<Linear> {
-        let weight = WeightRef::load(file, &format!("{prefix}.weight"), Some(in_features), arch)?;
+        let name = format!("{prefix}.weight");
+        let (inner_name, outer_name) = low_rank_names(prefix);
+        let projection =
+            if file.tensor_info(&name).is_none() && file.tensor_info(&inner_name).is_some() {
+                let inner = WeightRef::load(file, &inner_name, Some(in_features), arch)?;
+                let outer = WeightRef::load(file, &outer_name, Some(inner.rows), arch)?;
+                Projection::LowRank { inner, outer }
+            } else {
+                Projection::Dense(WeightRef::load(file, &name, Some(in_features), arch)?)
+            };
+        let mut linear = Linear::new(name, projection);
         let bias_name = format!("{prefix}.bias");
-        let bias = match file.tensor_info(&bias_name) {
-            Some(_) => Some(load_vector(file, &bias_name, weight.rows, arch)?),
-            None => None,
-        };
-        Ok(Linear {
-            weight,
-            bias,
+        if file.tensor_info(&bias_name).is_some() {
+            linear.bias = Some(load_vector(file, &bias_name, linear.out_features(), arch)?);
+        }
+        Ok(linear)
+    }
+
+    /// A dense projection without bias over an already loaded weight (a tied output head).
+    pub fn dense(weight: WeightRef) -> Linear {
+        Linear::new(weight.name.clone(), Projection::Dense(weight))
+    }
+
+    fn new(name: String, projection: Projection) -> Linear {
+        Linear {
+            name,
+            projection,
+            bias: None,
             input_precision: ActivationPrecision::Int8,
-        })
+        }
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.rows
+        match &self.projection {
+            Projection::Dense(w) => w.rows,
+            Projection::LowRank { outer, .. } => outer.rows,
+        }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.cols
+        match &self.projection {
+            Projection::Dense(w) => w.cols,
+            Projection::LowRank { inner, .. } => inner.cols,
+        }
+    }
+
+    /// Bytes of weights one forward reads.
+    pub fn n_bytes(&self) -> usize {
+        match &self.projection {
+            Projection::Dense(w) => w.n_bytes(),
+            Projection::LowRank { inner, outer } => inner.n_bytes() + outer.n_bytes(),
+        }
     }
 
     /// `out[t] = W·x[t] + b` for `n` tokens.
     pub fn forward(&self, f: &Forward, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
         f.observe(self, x, n);
         let c = f.compute;
-        c.matmul_with(self.view_for(c), x, n, out, self.input_precision)?;
+        match &self.projection {
+            Projection::Dense(w) => {
+                c.matmul_with(w.view_for(c), x, n, out, self.input_precision)?
+            }
+            Projection::LowRank { inner, outer } => {
+                let mut mid = vec![0f32; n * inner.rows];
+                c.matmul_with(inner.view_for(c), x, n, &mut mid, self.input_precision)?;
+                c.matmul_with(outer.view_for(c), &mid, n, out, ActivationPrecision::Int8)?;
+            }
+        }
         self.add_bias(out);
         Ok(())
     }
 
     /// [`Linear::forward`] of several layers over the same input `x` in one fork/join (q, k
     /// and v; gate and up): while decoding, each fork/join costs about as much as a small
-    /// product.
+    /// product. A factored layer's first product joins the group; its second follows alone.
     pub fn forward_group<const N: usize>(
         f: &Forward,
         layers: [&Linear; N],
@@ -268,24 +348,39 @@ impl Linear {
             f.observe(l, x, n);
         }
         let c = f.compute;
-        let mut pairs = layers.into_iter().zip(outs);
-        let mut products: [Product<'_, '_>; N] = std::array::from_fn(|_| {
-            let (l, out) = pairs.next().expect("one output per layer");
-            Product {
-                w: l.view_for(c),
-                act: l.input_precision,
-                out,
-            }
+        // A factored layer's first product writes its rank-wide middle; its second follows.
+        let mut mids: [Vec<f32>; N] = std::array::from_fn(|i| match &layers[i].projection {
+            Projection::Dense(_) => Vec::new(),
+            Projection::LowRank { inner, .. } => vec![0f32; n * inner.rows],
         });
-        c.matmul_group(x, n, &mut products)?;
-        for (l, p) in layers.iter().zip(products.iter_mut()) {
-            l.add_bias(p.out);
+        let mut outs = outs;
+        {
+            let mut products: Vec<Product<'_, '_>> = layers
+                .iter()
+                .zip(outs.iter_mut())
+                .zip(mids.iter_mut())
+                .map(|((l, out), mid)| match &l.projection {
+                    Projection::Dense(w) => Product {
+                        w: w.view_for(c),
+                        act: l.input_precision,
+                        out,
+                    },
+                    Projection::LowRank { inner, .. } => Product {
+                        w: inner.view_for(c),
+                        act: l.input_precision,
+                        out: mid.as_mut_slice(),
+                    },
+                })
+                .collect();
+            c.matmul_group(x, n, &mut products)?;
+        }
+        for ((l, out), mid) in layers.iter().zip(outs.iter_mut()).zip(&mids) {
+            if let Projection::LowRank { outer, .. } = &l.projection {
+                c.matmul_with(outer.view_for(c), mid, n, out, ActivationPrecision::Int8)?;
+            }
+            l.add_bias(out);
         }
         Ok(())
-    }
-
-    fn view_for(&self, c: &Compute) -> Weight<'_> {
-        self.weight.view_for(c)
     }
 
     fn add_bias(&self, out: &mut [f32]) {

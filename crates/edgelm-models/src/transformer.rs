@@ -100,11 +100,7 @@ impl Transformer {
         let output = match file.tensor_info("output.weight") {
             Some(_) => Linear::load(&file, "output", n_embd, arch)?,
             // Tied: one weight, repacked once for both the head and the embedding lookup.
-            None => Linear {
-                weight: tok_embd.clone(),
-                bias: None,
-                input_precision: ActivationPrecision::Int8,
-            },
+            None => Linear::dense(tok_embd.clone()),
         };
         if output.out_features() != n_vocab {
             return Err(ModelError::Shape {
@@ -131,7 +127,7 @@ impl Transformer {
             let heads = |l: &Linear, what: &str| -> Result<usize> {
                 if !l.out_features().is_multiple_of(head_dim) {
                     return Err(ModelError::Shape {
-                        name: l.weight.name.clone(),
+                        name: l.name.clone(),
                         got: vec![l.in_features() as u64, l.out_features() as u64],
                         expected: format!("{what} width a multiple of the head size {head_dim}"),
                     });
@@ -253,12 +249,12 @@ impl Transformer {
     /// Bytes of weights the forward pass reads.
     pub fn weight_bytes(&self) -> u64 {
         let mut total = self.tok_embd.n_bytes() as u64;
-        if self.output.weight.name != self.tok_embd.name {
-            total += self.output.weight.n_bytes() as u64;
+        if self.output.name != self.tok_embd.name {
+            total += self.output.n_bytes() as u64;
         }
         for b in &self.blocks {
             for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down] {
-                total += l.weight.n_bytes() as u64;
+                total += l.n_bytes() as u64;
             }
         }
         total
@@ -272,7 +268,7 @@ impl Transformer {
     /// mapped from the file, so the system reclaims them before it would swap.
     pub fn resident_weight_bytes(&self, positions: usize) -> u64 {
         let all = self.weight_bytes();
-        if self.output.weight.name == self.tok_embd.name {
+        if self.output.name == self.tok_embd.name {
             return all;
         }
         let table = self.tok_embd.n_bytes() as u64;
@@ -474,6 +470,7 @@ impl Transformer {
             }
         }
         for (li, (b, shape)) in self.blocks.iter().zip(&hp.layers).enumerate() {
+            f.residual(li, x, d, n);
             let q_dim = shape.n_head * hd;
             let kv_dim = shape.n_head_kv * hd;
             h.copy_from_slice(x);
@@ -538,6 +535,7 @@ impl Transformer {
             }
             x.iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
         }
+        f.residual(self.blocks.len(), x, d, n);
         let mut run_tokens = Vec::new();
         for &(s, _, from) in &runs {
             run_tokens.clear();

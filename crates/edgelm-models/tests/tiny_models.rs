@@ -965,18 +965,26 @@ fn a_sequence_computes_the_same_alone_or_batched() {
 /// The forward context's observer sees every projection's input once per forward: each of the
 /// seven matrices of every layer and the output head, by tensor name, with its width and the
 /// batch's rows (only the rows that want logits for the head), and the values it is multiplied
-/// by; the logits are the same as without an observer.
+/// by; and the residual stream entering each block and leaving the last, in order; the logits
+/// are the same as without an observer.
 #[test]
 fn an_observer_sees_every_projection_input() {
     use edgelm_models::{Forward, Observer};
     use std::sync::Mutex;
     #[derive(Default)]
-    struct Seen(Mutex<Vec<(String, usize, usize, f32)>>);
+    struct Seen(
+        Mutex<Vec<(String, usize, usize, f32)>>,
+        Mutex<Vec<(usize, Vec<f32>)>>,
+    );
     impl Observer for Seen {
         fn linear_input(&self, weight: &str, x: &[f32], cols: usize, rows: usize) {
             assert_eq!(x.len(), cols * rows, "{weight}");
             let sq = x.iter().map(|v| v * v).sum();
             self.0.lock().unwrap().push((weight.into(), cols, rows, sq));
+        }
+        fn residual(&self, layer: usize, x: &[f32], cols: usize, rows: usize) {
+            assert_eq!(x.len(), cols * rows, "layer {layer}");
+            self.1.lock().unwrap().push((layer, x.to_vec()));
         }
     }
     for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
@@ -1014,8 +1022,28 @@ fn an_observer_sees_every_projection_input() {
             )
             .unwrap();
         assert_eq!(observed.data, plain.data, "{}", arch.name());
-        let seen = seen.0.into_inner().unwrap();
         let n_layer = model.hp.layers.len();
+        // The stream entering block 0 is the embedding (scaled by √d in Gemma); each later one
+        // differs from the one before.
+        let residuals = seen.1.into_inner().unwrap();
+        let layers: Vec<usize> = residuals.iter().map(|r| r.0).collect();
+        assert_eq!(layers, (0..=n_layer).collect::<Vec<_>>(), "{}", arch.name());
+        let scale = if arch == Arch::Gemma3 {
+            (spec.n_embd as f32).sqrt()
+        } else {
+            1.0
+        };
+        let embd = &m.get("token_embd.weight").values;
+        let first = tokens[0] as usize * spec.n_embd;
+        for (got, want) in residuals[0].1[..spec.n_embd].iter().zip(&embd[first..]) {
+            assert!(
+                (got - want * scale).abs() < 1e-5,
+                "{}: block 0 input",
+                arch.name()
+            );
+        }
+        assert!(residuals.windows(2).all(|w| w[0].1 != w[1].1));
+        let seen = seen.0.into_inner().unwrap();
         assert_eq!(seen.len(), 7 * n_layer + 1, "{}", arch.name());
         for l in 0..n_layer {
             for (name, cols) in [
