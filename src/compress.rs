@@ -550,17 +550,16 @@ pub fn prune(a: PruneArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct LowRankArgs {
-    /// Source model: a GGUF path or a known model name.
-    #[arg(short = 'm', long = "model", default_value = edgelm_hub::DEFAULT_MODEL)]
-    model: String,
+    #[command(flatten)]
+    model: crate::ModelArgs,
     /// Output GGUF path (written under a temporary name, renamed when complete).
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
     /// The rank of every factored matrix.
     #[arg(long, group = "size")]
     rank: Option<usize>,
-    /// Per matrix, the smallest rank keeping this fraction of the squared singular values
-    /// (of the input-whitened matrix with --imatrix), in (0, 1].
+    /// Per matrix, the smallest rank keeping this fraction of its output energy (on the
+    /// calibration text with -f), in (0, 1].
     #[arg(long, group = "size")]
     energy: Option<f64>,
     /// Per matrix, the rank whose two factors hold this fraction of its parameters, in (0, 1).
@@ -569,12 +568,223 @@ pub struct LowRankArgs {
     /// Which matrices to factor (regular expression on tensor names).
     #[arg(long, default_value = edgelm_compress::lowrank::DEFAULT_TENSORS)]
     tensors: String,
-    /// Importance matrix: factor activation-aware (inputs' mean squares whiten the SVD).
+    /// Calibration text: factor to minimize the error on its activations (SVD-LLM's target,
+    /// from the second moments of each matrix's inputs or outputs).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Tokens per calibration chunk.
+    #[arg(short = 'c', long = "ctx", default_value_t = 512)]
+    ctx: usize,
+    /// Calibration chunks to run at most.
+    #[arg(long, default_value_t = 8)]
+    chunks: usize,
+    /// Importance matrix: without -f, whiten by its diagonal (inputs' mean squares).
     #[arg(long, value_name = "FILE")]
     imatrix: Option<PathBuf>,
-    /// Threads (default: physical cores).
-    #[arg(short = 't', long)]
-    threads: Option<usize>,
+}
+
+/// Sums x·xᵀ of each wanted projection's inputs (or y·yᵀ of its outputs, where those are the
+/// narrower side): the statistics of `Whitening::Inputs`/`Outputs`.
+struct MomentCollector {
+    /// Weight name → (output side, accumulator key). q/k/v and gate/up read one input and
+    /// share one accumulator.
+    plan: std::collections::HashMap<String, (bool, String)>,
+    sums: std::sync::Mutex<MomentSums>,
+    threads: usize,
+}
+
+#[derive(Default)]
+struct MomentSums {
+    by_key: std::collections::HashMap<String, Vec<f64>>,
+    /// The key and input last accumulated: a group's second member skips the same input.
+    last: Option<(String, usize)>,
+}
+
+impl MomentCollector {
+    fn new(src: &GgufFile, tensors: &fancy_regex::Regex, threads: usize) -> MomentCollector {
+        let mut plan = std::collections::HashMap::new();
+        for t in src.tensors() {
+            if t.dims.len() != 2 || !tensors.is_match(&t.name).unwrap_or(false) {
+                continue;
+            }
+            let (cols, rows) = (t.dims[0], t.dims[1]);
+            let output = rows < cols;
+            let key = if output {
+                format!("{}:out", t.name)
+            } else {
+                let layer = edgelm_compress::mix::layer_of(&t.name);
+                let role = t.name.rsplit('.').nth(1).unwrap_or("");
+                match (layer, role) {
+                    (Some(l), "attn_q" | "attn_k" | "attn_v") => format!("{l}:attn_in"),
+                    (Some(l), "ffn_gate" | "ffn_up") => format!("{l}:ffn_in"),
+                    _ => format!("{}:in", t.name),
+                }
+            };
+            plan.insert(t.name.clone(), (output, key));
+        }
+        MomentCollector {
+            plan,
+            sums: Default::default(),
+            threads,
+        }
+    }
+
+    fn add(&self, weight: &str, output: bool, v: &[f32], cols: usize, rows: usize) {
+        let Some((want_output, key)) = self.plan.get(weight) else {
+            return;
+        };
+        if *want_output != output {
+            return;
+        }
+        let Ok(mut g) = self.sums.lock() else {
+            return;
+        };
+        let id = (key.clone(), v.as_ptr() as usize);
+        if g.last.as_ref() == Some(&id) {
+            return;
+        }
+        g.last = Some(id);
+        let sum = g
+            .by_key
+            .entry(key.clone())
+            .or_insert_with(|| vec![0f64; cols * cols]);
+        if sum.len() == cols * cols {
+            accumulate_upper(sum, v, cols, rows, self.threads);
+        }
+    }
+
+    fn into_moments(self) -> Result<edgelm_compress::lowrank::Moments> {
+        use edgelm_compress::lowrank::SecondMoments;
+        let sums = self
+            .sums
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("the collector was poisoned by a panic"))?;
+        let mut shared = std::collections::HashMap::new();
+        for (key, mut sum) in sums.by_key {
+            let n = (sum.len() as f64).sqrt() as usize;
+            for i in 0..n {
+                for j in 0..i {
+                    sum[i * n + j] = sum[j * n + i];
+                }
+            }
+            shared.insert(key, Arc::new(sum));
+        }
+        let mut out = edgelm_compress::lowrank::Moments::new();
+        for (name, (output, key)) in self.plan {
+            if let Some(m) = shared.get(&key) {
+                let m = m.clone();
+                out.insert(
+                    name,
+                    if output {
+                        SecondMoments::Outputs(m)
+                    } else {
+                        SecondMoments::Inputs(m)
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `sum[i][j] += Σ_t v[t][i]·v[t][j]` for j ≥ i, rows of the triangle split over `threads`.
+fn accumulate_upper(sum: &mut [f64], v: &[f32], d: usize, n: usize, threads: usize) {
+    let v: Vec<f64> = v[..n * d].iter().map(|&x| x as f64).collect();
+    // Split the triangle's rows so each thread gets about the same area.
+    let threads = threads.clamp(1, 16);
+    let mut bounds = vec![0];
+    let area = |i: usize| (d - i) as f64;
+    let total: f64 = (0..d).map(area).sum();
+    let mut acc = 0.0;
+    for i in 0..d {
+        acc += area(i);
+        if acc >= total * bounds.len() as f64 / threads as f64 && bounds.len() < threads {
+            bounds.push(i + 1);
+        }
+    }
+    bounds.push(d);
+    bounds.dedup();
+    std::thread::scope(|s| {
+        let mut rest = &mut sum[..];
+        let mut start = 0;
+        for w in bounds.windows(2) {
+            let (lo, hi) = (w[0], w[1]);
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut((hi - start) * d);
+            rest = tail;
+            start = hi;
+            let v = &v;
+            s.spawn(move || {
+                for t in 0..n {
+                    let x = &v[t * d..(t + 1) * d];
+                    for i in lo..hi {
+                        let xi = x[i];
+                        let row = &mut part[(i - lo) * d..(i - lo + 1) * d];
+                        row[i..]
+                            .iter_mut()
+                            .zip(&x[i..])
+                            .for_each(|(s, &xj)| *s += xi * xj);
+                    }
+                }
+            });
+        }
+    });
+}
+
+impl edgelm_models::Observer for MomentCollector {
+    fn linear_input(&self, weight: &str, x: &[f32], cols: usize, rows: usize) {
+        self.add(weight, false, x, cols, rows);
+    }
+
+    fn linear_output(&self, weight: &str, y: &[f32], cols: usize, rows: usize) {
+        self.add(weight, true, y, cols, rows);
+    }
+}
+
+/// Runs the calibration text through the model, collecting second moments for `tensors`.
+fn collect_moments(
+    a: &LowRankArgs,
+    file: &std::path::Path,
+    src: &GgufFile,
+    tensors: &fancy_regex::Regex,
+) -> Result<edgelm_compress::lowrank::Moments> {
+    let (engine, _) = crate::load(&a.model)?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let tokens = engine.tokenizer.encode(
+        &text,
+        edgelm_tokenizer::Encode {
+            add_special: engine.tokenizer.adds_bos(),
+            parse_special: false,
+        },
+    )?;
+    let n_chunks = (tokens.len() / a.ctx.max(1)).min(a.chunks);
+    if n_chunks == 0 {
+        bail!(
+            "{} holds {} tokens, less than one chunk of {} (-c)",
+            file.display(),
+            tokens.len(),
+            a.ctx
+        );
+    }
+    let threads = a
+        .model
+        .threads
+        .unwrap_or_else(edgelm_kernels::physical_cores);
+    let collector = MomentCollector::new(src, tensors, threads);
+    eprintln!(
+        "collecting activation statistics on {n_chunks} chunks of {} tokens",
+        a.ctx
+    );
+    let t0 = std::time::Instant::now();
+    edgelm_engine::perplexity_observed(
+        &engine,
+        &tokens[..n_chunks * a.ctx],
+        a.ctx,
+        &collector,
+        &mut |c| eprint!("[{}]", c.index + 1),
+    )?;
+    eprintln!(" {:.1} s", t0.elapsed().as_secs_f64());
+    collector.into_moments()
 }
 
 pub fn lowrank(a: LowRankArgs) -> Result<()> {
@@ -589,15 +799,25 @@ pub fn lowrank(a: LowRankArgs) -> Result<()> {
     };
     let tensors = fancy_regex::Regex::new(&a.tensors)
         .with_context(|| format!("bad --tensors pattern {:?}", a.tensors))?;
-    let input = crate::resolve(&a.model)?;
+    let input = crate::resolve(&a.model.model)?;
     refuse_overwrite(&input, &a.output)?;
     let src = GgufFile::open(&input)?;
     let imatrix = read_imatrix(a.imatrix.as_ref())?;
+    // Arguments are checked (by a dry plan) before the calibration pass spends minutes.
+    lowrank::check(&src, &tensors, choice)?;
+    let moments = match &a.file {
+        Some(f) => Some(collect_moments(&a, f, &src, &tensors)?),
+        None => None,
+    };
     let opts = LowRankOptions {
         choice,
         tensors,
         imatrix: imatrix.as_ref(),
-        threads: a.threads.unwrap_or_else(edgelm_kernels::physical_cores),
+        moments: moments.as_ref(),
+        threads: a
+            .model
+            .threads
+            .unwrap_or_else(edgelm_kernels::physical_cores),
         description: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
     };
     let interrupted = Arc::new(AtomicBool::new(false));

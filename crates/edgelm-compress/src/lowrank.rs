@@ -1,13 +1,12 @@
 //! Low-rank factoring: a chosen matrix W (outputs × inputs) becomes A·B by truncated SVD, stored
 //! as `{prefix}.lowrank_in.weight` = B (rank × inputs, applied first) and
 //! `{prefix}.lowrank_out.weight` = A (outputs × rank), which `edgelm-models` runs as two
-//! products. With an importance matrix the SVD is activation-aware: W·S with S = diag(√E[x²])
-//! is factored, so the truncation discards what the inputs excite least, and S⁻¹ is folded back
-//! into B (the diagonal whitening of ASVD; SVD-LLM whitens by the full input covariance, which an
-//! importance matrix does not hold). The singular values are split evenly, A = U·√Σ and
-//! B = √Σ·Vᵀ·S⁻¹, so both factors quantize alike.
+//! products. The truncation is activation-aware when statistics of the inputs are given: it
+//! minimizes ‖(W − A·B)·X‖ over calibration inputs X (SVD-LLM's target) from their second
+//! moments (collected by `edgelm lowrank -f`), or, from an importance matrix alone, its diagonal
+//! approximation ‖(W − A·B)·diag(√E[x²])‖ (ASVD's). See [`factor`].
 //!
-//! The SVD comes from the eigendecomposition of the smaller Gram matrix (WᵀW or WWᵀ) in f64.
+//! The SVDs come from eigendecompositions of the narrower side's Gram matrix in f64.
 
 use crate::imatrix::Imatrix;
 use crate::linalg::symmetric_eigen;
@@ -29,11 +28,25 @@ pub enum RankChoice {
     Params(f64),
 }
 
+/// Second moments of one projection on calibration text, summed over tokens (row-major,
+/// symmetric): of its inputs (cols × cols) or of its outputs before bias (rows × rows).
+#[derive(Clone, Debug)]
+pub enum SecondMoments {
+    Inputs(std::sync::Arc<Vec<f64>>),
+    Outputs(std::sync::Arc<Vec<f64>>),
+}
+
+/// Second moments by weight name (`blk.0.ffn_up.weight`).
+pub type Moments = std::collections::BTreeMap<String, SecondMoments>;
+
 pub struct LowRankOptions<'a> {
     pub choice: RankChoice,
     /// Which tensors to factor (matched against the full name).
     pub tensors: fancy_regex::Regex,
+    /// Diagonal whitening where `moments` has no entry.
     pub imatrix: Option<&'a Imatrix>,
+    /// Full whitening (SVD-LLM's target), preferred over the importance matrix.
+    pub moments: Option<&'a Moments>,
     pub threads: usize,
     /// Recorded in the output's metadata (`edgelm.lowrank`).
     pub description: String,
@@ -72,15 +85,34 @@ pub struct Factors {
     pub b: Vec<f32>,
     pub rank: usize,
     pub energy: f64,
+    /// Mean square of each component of B·x where the whitening says (weights A's rounding).
+    pub mid_importance: Option<Vec<f32>>,
 }
 
-/// Truncated SVD of the row-major `w` (`rows` × `cols`), whitened by `importance` (one mean
-/// squared input per column) when given.
+/// What the truncation's error is measured against.
+#[derive(Clone, Copy)]
+pub enum Whitening<'a> {
+    /// ‖W − AB‖: the plain truncated SVD.
+    None,
+    /// Mean squared input per column (an importance matrix): ‖(W − AB)·diag(√E[x²])‖.
+    Diagonal(&'a [f32]),
+    /// Σ x·xᵀ of calibration inputs (cols × cols, row-major): ‖(W − AB)·X‖, SVD-LLM's target.
+    Inputs(&'a [f64]),
+    /// Σ y·yᵀ of calibration outputs y = W·x (rows × rows): the same target, from the side
+    /// that is narrower when the inputs are wide (`ffn_down`).
+    Outputs(&'a [f64]),
+}
+
+/// The best rank-r approximation of the row-major `w` (`rows` × `cols`) in the metric
+/// `whitening` gives. Whatever the metric, the optimum is A = U_r, B = U_rᵀ·W with U_r the top
+/// left singular vectors of the whitened matrix (W·S with S·Sᵀ the input second moments;
+/// equivalently the top eigenvectors of the output second moments), so B never needs S⁻¹.
+/// The factors are rescaled to equal norms per rank component so both quantize alike.
 pub fn factor(
     w: &[f32],
     rows: usize,
     cols: usize,
-    importance: Option<&[f32]>,
+    whitening: Whitening,
     choice: RankChoice,
     name: &str,
 ) -> Result<Factors> {
@@ -100,32 +132,51 @@ pub fn factor(
         }
         RankChoice::Energy(_) => None,
     };
-    // Column scales S: √E[x²], floored so a silent input keeps its weights representable.
-    let scale: Vec<f64> = match importance {
-        Some(imp) => {
-            let max = imp
-                .iter()
-                .fold(0f32, |a, &b| a.max(b))
-                .max(f32::MIN_POSITIVE) as f64;
-            imp.iter()
-                .map(|&v| (v as f64).max(max * 1e-6).sqrt())
-                .collect()
+    let check = |what: &str, len: usize, n: usize| -> Result<()> {
+        if len == n * n {
+            Ok(())
+        } else {
+            Err(CompressError::BadArgument(format!(
+                "{name}: {what} second moments hold {len} values, not {n}×{n}"
+            )))
         }
-        None => vec![1.0; cols],
     };
-    let ws: Vec<f64> = w
-        .chunks_exact(cols)
-        .flat_map(|row| row.iter().zip(&scale).map(|(&x, &s)| x as f64 * s))
-        .collect();
-    // Gram of the smaller side: its eigenvectors are one side's singular vectors.
-    let by_cols = cols <= rows;
-    let gram = if by_cols {
-        gram_of_columns(&ws, rows, cols)
-    } else {
-        gram_of_rows(&ws, rows, cols)
+    // Left singular vectors (rows of `u`, each `rows` long) and the energies they carry.
+    let (u, lambda): (Vec<f64>, Vec<f64>) = match whitening {
+        Whitening::Outputs(moments) => {
+            check("output", moments.len(), rows)?;
+            let eig = symmetric_eigen(moments, rows);
+            (eig.vectors, eig.values)
+        }
+        other => {
+            let ws = whitened(w, rows, cols, other, name, &check)?;
+            if cols <= rows {
+                // Right vectors from the small Gram WᵀW; u_k = W·v_k / σ_k.
+                let eig = symmetric_eigen(&gram_of_columns(&ws, rows, cols), cols);
+                let mut u = vec![0f64; cols * rows];
+                for k in 0..cols {
+                    let sigma = eig.values[k].max(0.0).sqrt();
+                    if sigma == 0.0 {
+                        continue;
+                    }
+                    let v = &eig.vectors[k * cols..(k + 1) * cols];
+                    for r in 0..rows {
+                        let x: f64 = ws[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(v)
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        u[k * rows + r] = x / sigma;
+                    }
+                }
+                (u, eig.values)
+            } else {
+                let eig = symmetric_eigen(&gram_of_rows(&ws, rows, cols), rows);
+                (eig.vectors, eig.values)
+            }
+        }
     };
-    let eig = symmetric_eigen(&gram, m);
-    let lambda: Vec<f64> = eig.values.iter().map(|&l| l.max(0.0)).collect();
+    let lambda: Vec<f64> = lambda.iter().map(|&l| l.max(0.0)).collect();
     let total: f64 = lambda.iter().sum();
     let rank = match (rank, choice) {
         (Some(r), _) => r,
@@ -149,38 +200,107 @@ pub fn factor(
     };
     let mut a = vec![0f32; rows * rank];
     let mut b = vec![0f32; rank * cols];
+    let mut bk = vec![0f64; cols];
+    let mut mids = Vec::with_capacity(rank);
     for k in 0..rank {
-        let sigma = lambda[k].sqrt();
-        if sigma <= total.sqrt() * 1e-12 {
-            continue; // A null direction: both factors stay zero there.
-        }
-        let root = sigma.sqrt();
-        let v = &eig.vectors[k * m..(k + 1) * m];
-        if by_cols {
-            // v is a right singular vector: W·S·v = σ·u.
-            for r in 0..rows {
-                let x: f64 = ws[r * cols..(r + 1) * cols]
-                    .iter()
-                    .zip(v)
-                    .map(|(a, b)| a * b)
-                    .sum();
-                a[r * rank + k] = (x / root) as f32;
-            }
-            for c in 0..cols {
-                b[k * cols + c] = (root * v[c] / scale[c]) as f32;
-            }
-        } else {
-            // v is a left singular vector: vᵀ·W·S = σ·(right vector)ᵀ.
-            for r in 0..rows {
-                a[r * rank + k] = (root * v[r]) as f32;
-            }
-            for c in 0..cols {
-                let x: f64 = (0..rows).map(|r| v[r] * ws[r * cols + c]).sum();
-                b[k * cols + c] = (x / root / scale[c]) as f32;
+        let uk = &u[k * rows..(k + 1) * rows];
+        bk.iter_mut().for_each(|x| *x = 0.0);
+        for (r, &ur) in uk.iter().enumerate() {
+            if ur != 0.0 {
+                let row = &w[r * cols..(r + 1) * cols];
+                bk.iter_mut()
+                    .zip(row)
+                    .for_each(|(x, &wv)| *x += ur * wv as f64);
             }
         }
+        // ‖u_k‖ = 1: give both factors the norm √‖b_k‖.
+        let norm = bk.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let t = if norm > 0.0 { norm.sqrt() } else { 1.0 };
+        for (r, &ur) in uk.iter().enumerate() {
+            a[r * rank + k] = (ur * t) as f32;
+        }
+        for (c, &x) in bk.iter().enumerate() {
+            b[k * cols + c] = (x / t) as f32;
+        }
+        // E[(B·x)_k²]: u_kᵀ·E[y·yᵀ]·u_k / t² = λ_k / t² in the output metric.
+        mids.push(match whitening {
+            Whitening::None => 0.0,
+            Whitening::Outputs(_) => lambda[k] / (t * t),
+            Whitening::Diagonal(imp) => {
+                bk.iter()
+                    .zip(imp)
+                    .map(|(x, &i)| x * x * i as f64)
+                    .sum::<f64>()
+                    / (t * t)
+            }
+            Whitening::Inputs(c) => {
+                let row = &b[k * cols..(k + 1) * cols];
+                (0..cols)
+                    .map(|i| {
+                        let ci = &c[i * cols..(i + 1) * cols];
+                        row[i] as f64 * ci.iter().zip(row).map(|(c, &x)| c * x as f64).sum::<f64>()
+                    })
+                    .sum()
+            }
+        });
     }
-    Ok(Factors { a, b, rank, energy })
+    let mid_importance = match whitening {
+        Whitening::None => None,
+        _ => Some(mids.iter().map(|&v| v as f32).collect()),
+    };
+    Ok(Factors {
+        a,
+        b,
+        rank,
+        energy,
+        mid_importance,
+    })
+}
+
+/// W·S in f64, with S·Sᵀ the input second moments (S = Q·Λ^½ for moments Q·Λ·Qᵀ; the rotation
+/// Q leaves the left singular vectors alone).
+fn whitened(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    whitening: Whitening,
+    name: &str,
+    check: &dyn Fn(&str, usize, usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let plain = || w.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    Ok(match whitening {
+        Whitening::None | Whitening::Outputs(_) => plain(),
+        Whitening::Diagonal(imp) => {
+            if imp.len() != cols {
+                return Err(CompressError::BadArgument(format!(
+                    "{name}: the importance matrix has {} columns, the matrix {cols}",
+                    imp.len()
+                )));
+            }
+            let scale: Vec<f64> = imp.iter().map(|&v| (v.max(0.0) as f64).sqrt()).collect();
+            w.chunks_exact(cols)
+                .flat_map(|row| row.iter().zip(&scale).map(|(&x, &s)| x as f64 * s))
+                .collect()
+        }
+        Whitening::Inputs(moments) => {
+            check("input", moments.len(), cols)?;
+            let eig = symmetric_eigen(moments, cols);
+            let mut ws = vec![0f64; rows * cols];
+            for k in 0..cols {
+                let s = eig.values[k].max(0.0).sqrt();
+                let q = &eig.vectors[k * cols..(k + 1) * cols];
+                for r in 0..rows {
+                    let x: f64 = w[r * cols..(r + 1) * cols]
+                        .iter()
+                        .zip(q)
+                        .map(|(&a, &b)| a as f64 * b)
+                        .sum();
+                    ws[r * cols + k] = x * s;
+                }
+            }
+            ws
+        }
+    })
 }
 
 /// A rank at least 1; for matrices of model size rounded up to whole 32-blocks, so the outer
@@ -239,25 +359,22 @@ fn mirror(g: &mut [f64], n: usize) {
     }
 }
 
-/// Factors the tensors `o.tensors` matches and writes the model to `out` (under a temporary
-/// name until complete). `progress(name, done, total)` is called as each factored tensor
-/// finishes and stops the run by returning false.
-pub fn lowrank(
-    src: &GgufFile,
-    out: &Path,
-    o: &LowRankOptions,
-    progress: &mut dyn FnMut(&Factored, usize, usize) -> bool,
-) -> Result<LowRankSummary> {
+/// The matrices `tensors` picks, after checking that each can be factored as `choice` asks.
+pub fn check<'f>(
+    src: &'f GgufFile,
+    tensors: &fancy_regex::Regex,
+    choice: RankChoice,
+) -> Result<Vec<&'f str>> {
     let chosen: Vec<&str> = src
         .tensors()
         .iter()
-        .filter(|t| t.dims.len() == 2 && o.tensors.is_match(&t.name).unwrap_or(false))
+        .filter(|t| t.dims.len() == 2 && tensors.is_match(&t.name).unwrap_or(false))
         .map(|t| t.name.as_str())
         .collect();
     if chosen.is_empty() {
         return Err(CompressError::BadArgument(format!(
             "no matrix of the model matches --tensors {:?}",
-            o.tensors.as_str()
+            tensors.as_str()
         )));
     }
     if let Some(bad) = chosen
@@ -275,7 +392,7 @@ pub fn lowrank(
         )));
     }
     // A rank is checked against every matrix before any work starts.
-    if let RankChoice::Rank(r) = o.choice {
+    if let RankChoice::Rank(r) = choice {
         for name in &chosen {
             let m = Matrix::of(src, name)?;
             if r == 0 || r > m.rows.min(m.cols) {
@@ -288,6 +405,20 @@ pub fn lowrank(
             }
         }
     }
+
+    Ok(chosen)
+}
+
+/// Factors the tensors `o.tensors` matches and writes the model to `out` (under a temporary
+/// name until complete). `progress(name, done, total)` is called as each factored tensor
+/// finishes and stops the run by returning false.
+pub fn lowrank(
+    src: &GgufFile,
+    out: &Path,
+    o: &LowRankOptions,
+    progress: &mut dyn FnMut(&Factored, usize, usize) -> bool,
+) -> Result<LowRankSummary> {
+    let chosen = check(src, &o.tensors, o.choice)?;
 
     // Each worker factors whole matrices (the eigensolver is sequential), then encodes them.
     type Done = (Factored, Vec<u8>, Vec<u8>);
@@ -412,16 +543,23 @@ fn factor_one(
         .imatrix
         .and_then(|im| im.importance(name))
         .filter(|v| v.len() == m.cols);
-    let f = factor(&w, m.rows, m.cols, importance.as_deref(), o.choice, name)?;
-    // B reads the layer's input; A reads B's output, whose mean squares follow from the
-    // input's if its channels are taken as uncorrelated.
-    let mid_importance: Option<Vec<f32>> = importance.as_ref().map(|imp| {
-        f.b.chunks_exact(m.cols)
-            .map(|row| row.iter().zip(imp).map(|(b, i)| b * b * i).sum())
-            .collect()
+    let moments = o.moments.and_then(|mo| mo.get(name));
+    let whitening = match (moments, &importance) {
+        (Some(SecondMoments::Inputs(c)), _) => Whitening::Inputs(c),
+        (Some(SecondMoments::Outputs(c)), _) => Whitening::Outputs(c),
+        (None, Some(imp)) => Whitening::Diagonal(imp),
+        (None, None) => Whitening::None,
+    };
+    let f = factor(&w, m.rows, m.cols, whitening, o.choice, name)?;
+    // B reads the layer's input: its rounding is weighted by the input's mean squares.
+    let input_importance = importance.or_else(|| match moments {
+        Some(SecondMoments::Inputs(c)) => {
+            Some((0..m.cols).map(|i| c[i * m.cols + i] as f32).collect())
+        }
+        _ => None,
     });
-    let (ty_b, b) = encode(m.ty, &f.b, m.cols, importance.as_deref(), 1)?;
-    let (ty_a, a) = encode(m.ty, &f.a, f.rank, mid_importance.as_deref(), 1)?;
+    let (ty_b, b) = encode(m.ty, &f.b, m.cols, input_importance.as_deref(), 1)?;
+    let (ty_a, a) = encode(m.ty, &f.a, f.rank, f.mid_importance.as_deref(), 1)?;
     Ok((
         Factored {
             name: name.to_owned(),

@@ -9,7 +9,7 @@ mod common;
 
 use common::{reference_logits, Arch, Flaw, Rng, Spec, Tensor, TinyModel};
 use edgelm_compress::imatrix::{Entry, Imatrix};
-use edgelm_compress::lowrank::{self, LowRankOptions, RankChoice};
+use edgelm_compress::lowrank::{self, LowRankOptions, RankChoice, Whitening};
 use edgelm_compress::prune::{self, Method, PruneOptions, Unstructured};
 use edgelm_compress::CompressError;
 use edgelm_gguf::{GgmlType, GgufFile};
@@ -412,6 +412,7 @@ fn factor_file(
         choice,
         tensors: fancy_regex::Regex::new(lowrank::DEFAULT_TENSORS).expect("regex"),
         imatrix: im,
+        moments: None,
         threads: 2,
         description: String::new(),
     };
@@ -462,7 +463,8 @@ fn truncation_is_optimal_and_whitening_targets_the_weighted_error() {
     let (rows, cols) = (24, 40);
     let mut rng = Rng::new(77);
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform()).collect();
-    let f = lowrank::factor(&w, rows, cols, None, RankChoice::Rank(1), "w").expect("factor");
+    let f =
+        lowrank::factor(&w, rows, cols, Whitening::None, RankChoice::Rank(1), "w").expect("factor");
     let residual: Vec<f64> = (0..rows * cols)
         .map(|i| w[i] as f64 - f.a[i / cols] as f64 * f.b[i % cols] as f64)
         .collect();
@@ -501,9 +503,17 @@ fn truncation_is_optimal_and_whitening_targets_the_weighted_error() {
             })
             .sum()
     };
-    let plain = lowrank::factor(&w, rows, cols, None, RankChoice::Rank(8), "w").expect("plain");
-    let aware =
-        lowrank::factor(&w, rows, cols, Some(&imp), RankChoice::Rank(8), "w").expect("aware");
+    let plain =
+        lowrank::factor(&w, rows, cols, Whitening::None, RankChoice::Rank(8), "w").expect("plain");
+    let aware = lowrank::factor(
+        &w,
+        rows,
+        cols,
+        Whitening::Diagonal(&imp),
+        RankChoice::Rank(8),
+        "w",
+    )
+    .expect("aware");
     assert!(
         weighted(&aware) < 0.8 * weighted(&plain),
         "{} vs {}",
@@ -604,6 +614,7 @@ fn bad_arguments_are_refused_and_leave_no_file() {
         choice,
         tensors: fancy_regex::Regex::new(tensors).expect("regex"),
         imatrix: Some(&im),
+        moments: None,
         threads: 1,
         description: String::new(),
     };
@@ -647,4 +658,96 @@ fn bad_arguments_are_refused_and_leave_no_file() {
     let e =
         prune::prune(&open(&factored), &path, &opts, &mut |_, _, _| true).expect_err("factored");
     assert!(e.to_string().contains("factored"), "{e}");
+}
+
+/// Whitened by the full second moments of correlated inputs, the factors reach a lower error on
+/// those inputs than the diagonal or plain truncation, and the input-side and output-side
+/// statistics give the same (optimal) answer.
+#[test]
+fn full_whitening_minimizes_the_error_on_the_inputs() {
+    let (rows, cols, n, rank) = (20, 32, 200, 6);
+    let mut rng = Rng::new(91);
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform()).collect();
+    // Inputs with few directions plus noise, and one loud channel.
+    let basis: Vec<f32> = (0..4 * cols).map(|_| rng.uniform()).collect();
+    let x: Vec<Vec<f64>> = (0..n)
+        .map(|_| {
+            let coef: Vec<f32> = (0..4).map(|_| rng.uniform()).collect();
+            (0..cols)
+                .map(|c| {
+                    let v: f32 = (0..4).map(|k| coef[k] * basis[k * cols + c]).sum();
+                    (v + 0.05 * rng.uniform() + if c == 3 { 5.0 * coef[0] } else { 0.0 }) as f64
+                })
+                .collect()
+        })
+        .collect();
+    let mut c = vec![0f64; cols * cols];
+    for xt in &x {
+        for i in 0..cols {
+            for j in 0..cols {
+                c[i * cols + j] += xt[i] * xt[j];
+            }
+        }
+    }
+    let y: Vec<Vec<f64>> = x
+        .iter()
+        .map(|xt| {
+            (0..rows)
+                .map(|r| (0..cols).map(|j| w[r * cols + j] as f64 * xt[j]).sum())
+                .collect()
+        })
+        .collect();
+    let mut m = vec![0f64; rows * rows];
+    for yt in &y {
+        for i in 0..rows {
+            for j in 0..rows {
+                m[i * rows + j] += yt[i] * yt[j];
+            }
+        }
+    }
+    let diag: Vec<f32> = (0..cols).map(|i| c[i * cols + i] as f32).collect();
+    let error = |f: &lowrank::Factors| -> f64 {
+        x.iter()
+            .zip(&y)
+            .map(|(xt, yt)| {
+                let mid: Vec<f64> = (0..f.rank)
+                    .map(|k| (0..cols).map(|j| f.b[k * cols + j] as f64 * xt[j]).sum())
+                    .collect();
+                (0..rows)
+                    .map(|r| {
+                        let got: f64 = (0..f.rank)
+                            .map(|k| f.a[r * f.rank + k] as f64 * mid[k])
+                            .sum();
+                        (got - yt[r]).powi(2)
+                    })
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let run =
+        |wh| lowrank::factor(&w, rows, cols, wh, RankChoice::Rank(rank), "w").expect("factor");
+    let (inputs, outputs) = (run(Whitening::Inputs(&c)), run(Whitening::Outputs(&m)));
+    let (diagonal, plain) = (run(Whitening::Diagonal(&diag)), run(Whitening::None));
+    let (ei, eo, ed, ep) = (
+        error(&inputs),
+        error(&outputs),
+        error(&diagonal),
+        error(&plain),
+    );
+    assert!(
+        (ei - eo).abs() <= 1e-3 * ei.max(1e-9),
+        "inputs {ei} vs outputs {eo}"
+    );
+    assert!(
+        ei < 0.7 * ed && ed < ep,
+        "full {ei}, diagonal {ed}, plain {ep}"
+    );
+    // The optimum: what the output moments' top eigenvectors leave, Σ of the rest of ‖y‖².
+    let total: f64 = y.iter().flatten().map(|v| v * v).sum();
+    assert!(
+        (outputs.energy - (1.0 - eo / total)).abs() < 1e-6,
+        "{} vs {}",
+        outputs.energy,
+        1.0 - eo / total
+    );
 }

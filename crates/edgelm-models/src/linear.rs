@@ -186,6 +186,12 @@ pub trait Observer: Sync {
         let _ = (weight, x, cols, rows);
     }
 
+    /// `y` holds the `rows` outputs (`cols` wide, before any bias) the projection named `weight`
+    /// just computed.
+    fn linear_output(&self, weight: &str, y: &[f32], cols: usize, rows: usize) {
+        let _ = (weight, y, cols, rows);
+    }
+
     /// `x` holds the residual stream of `rows` tokens (`cols` wide) entering block `layer`;
     /// `layer` equal to the number of blocks is the stream leaving the last one. Called once
     /// per layer per chunk of tokens, in layer order.
@@ -213,6 +219,13 @@ impl<'a> Forward<'a> {
         if let Some(o) = self.observer {
             let cols = l.in_features();
             o.linear_input(&l.name, &x[..n * cols], cols, n);
+        }
+    }
+
+    fn observe_output(&self, l: &Linear, y: &[f32], n: usize) {
+        if let Some(o) = self.observer {
+            let cols = l.out_features();
+            o.linear_output(&l.name, &y[..n * cols], cols, n);
         }
     }
 
@@ -330,6 +343,7 @@ impl Linear {
                 c.matmul_with(outer.view_for(c), &mid, n, out, ActivationPrecision::Int8)?;
             }
         }
+        f.observe_output(self, out, n);
         self.add_bias(out);
         Ok(())
     }
@@ -378,6 +392,7 @@ impl Linear {
             if let Projection::LowRank { outer, .. } = &l.projection {
                 c.matmul_with(outer.view_for(c), mid, n, out, ActivationPrecision::Int8)?;
             }
+            f.observe_output(l, out, n);
             l.add_bias(out);
         }
         Ok(())
