@@ -209,6 +209,46 @@ impl Compute {
         let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
         let shared = SharedOut(out.as_mut_ptr());
         let isa = self.isa;
+        // A few tokens read each F16 row once: multiply it as stored instead of converting it
+        // to an f32 panel first (which only pays back over many tokens).
+        #[cfg(target_arch = "x86_64")]
+        if w.ty == GgmlType::F16
+            && matches!(isa, Isa::Avx2 | Isa::Avx512)
+            && n_tokens <= 4
+            && (w.data.as_ptr() as usize).is_multiple_of(2)
+        {
+            self.pool.run(n_tasks, &|task| {
+                let r0 = task * ROWS_PER_TASK;
+                let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
+                let mut r = r0;
+                while r < r1 {
+                    let nr = (r1 - r).min(4);
+                    let mut t = 0;
+                    while t < n_tokens {
+                        let nt = (n_tokens - t).min(3);
+                        // SAFETY: AVX2/FMA/F16C present (Isa); rows r..r+nr of `w` (2-byte
+                        // aligned, checked above) and tokens t..t+nt of `x` are in bounds;
+                        // (token, row) pairs of this task's rows are written by it alone.
+                        unsafe {
+                            avx2_tile_f16(
+                                w.data,
+                                row_bytes,
+                                r,
+                                nr,
+                                w.cols,
+                                x,
+                                t,
+                                nt,
+                                &mut |i, j, v| *shared.get().add(j * w.rows + i) = v,
+                            )
+                        };
+                        t += nt;
+                    }
+                    r += nr;
+                }
+            });
+            return Ok(());
+        }
         self.pool.run(n_tasks, &|task| {
             let r0 = task * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
@@ -217,8 +257,7 @@ impl Compute {
                 panel.resize(ROWS_PER_TASK * w.cols, 0.0);
                 for r in r0..r1 {
                     let dst = &mut panel[(r - r0) * w.cols..(r - r0 + 1) * w.cols];
-                    // Shape and type were checked above, so this cannot fail.
-                    let _ = dequantize_row(w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], dst);
+                    float_row(isa, w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], dst);
                 }
                 let rows = r1 - r0;
                 panel_times_x(
@@ -701,6 +740,28 @@ pub(crate) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Every row of an f32 panel against every token row of `x`, reported through `put(r, t, v)`.
+/// One weight row as f32: 16-bit floats converted eight at a time where the ISA can, the rest
+/// (and the precise path's quantized types) through edgelm-quant's dequantizer.
+fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    match (isa, ty) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the Avx2 tier is chosen only on CPUs with AVX2, FMA and F16C (Isa); `src` is
+        // one row of `dst.len()` 16-bit values (shapes checked by the caller).
+        (Isa::Avx2 | Isa::Avx512, GgmlType::F16) => unsafe {
+            crate::x86::avx2::f16_to_f32(src, dst)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx2 | Isa::Avx512, GgmlType::BF16) => unsafe {
+            crate::x86::avx2::bf16_to_f32(src, dst)
+        },
+        // Shape and type were checked by the caller, so this cannot fail.
+        _ => {
+            let _ = dequantize_row(ty, src, dst);
+        }
+    }
+}
+
 fn panel_times_x(
     isa: Isa,
     panel: &[f32],
@@ -784,6 +845,59 @@ unsafe fn avx2_tile(
         (1, 3) => go::<1, 3>(panel, r, cols, x, t, put),
         (1, 2) => go::<1, 2>(panel, r, cols, x, t, put),
         _ => go::<1, 1>(panel, r, cols, x, t, put),
+    }
+}
+
+/// [`avx2_tile`] over F16 rows as stored (`row_bytes` apart in `data`).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `data` is 2-byte aligned and holds rows r..r+nr.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_tile_f16(
+    data: &[u8],
+    row_bytes: usize,
+    r: usize,
+    nr: usize,
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    nt: usize,
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    unsafe fn go<const R: usize, const T: usize>(
+        data: &[u8],
+        row_bytes: usize,
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        t: usize,
+        put: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let w: [*const u16; R] =
+            std::array::from_fn(|i| data[(r + i) * row_bytes..].as_ptr().cast::<u16>());
+        let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
+        let mut out = [[0f32; T]; R];
+        crate::x86::avx2::tile_f16::<R, T>(&w, &xs, cols, &mut out);
+        for (i, row) in out.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                put(r + i, t + j, *v);
+            }
+        }
+    }
+    match (nr, nt) {
+        (4, 3) => go::<4, 3>(data, row_bytes, r, cols, x, t, put),
+        (4, 2) => go::<4, 2>(data, row_bytes, r, cols, x, t, put),
+        (4, 1) => go::<4, 1>(data, row_bytes, r, cols, x, t, put),
+        (3, 3) => go::<3, 3>(data, row_bytes, r, cols, x, t, put),
+        (3, 2) => go::<3, 2>(data, row_bytes, r, cols, x, t, put),
+        (3, 1) => go::<3, 1>(data, row_bytes, r, cols, x, t, put),
+        (2, 3) => go::<2, 3>(data, row_bytes, r, cols, x, t, put),
+        (2, 2) => go::<2, 2>(data, row_bytes, r, cols, x, t, put),
+        (2, 1) => go::<2, 1>(data, row_bytes, r, cols, x, t, put),
+        (1, 3) => go::<1, 3>(data, row_bytes, r, cols, x, t, put),
+        (1, 2) => go::<1, 2>(data, row_bytes, r, cols, x, t, put),
+        _ => go::<1, 1>(data, row_bytes, r, cols, x, t, put),
     }
 }
 
@@ -1085,6 +1199,44 @@ mod tests {
             out
         };
         assert_eq!(run(Precision::Fast), run(Precision::Precise));
+    }
+
+    /// F32, F16 and BF16 weights on every ISA this CPU runs, for token counts on both sides of
+    /// the fused F16 path (≤ 4 tokens) and row lengths off the eight-lane step, against an f64
+    /// product of the stored values.
+    #[test]
+    fn float_weights_match_the_scalar_reference_on_every_path() {
+        let mut rng = Rng(91);
+        let (rows, cols) = (21, 43);
+        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            let mut data = vec![0u8; edgelm_quant::row_bytes(ty, cols).unwrap() * rows];
+            edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
+            let mut stored = vec![0f32; rows * cols];
+            edgelm_quant::dequantize_row(ty, &data, &mut stored).unwrap();
+            let w = Weight::gguf(ty, rows, cols, &data);
+            for n_tokens in [1, 2, 3, 4, 5, 9] {
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                for isa in Isa::available() {
+                    let mut out = vec![0f32; rows * n_tokens];
+                    Compute::with_precision(isa, 2, Precision::Fast)
+                        .matmul(w, &x, n_tokens, &mut out)
+                        .unwrap();
+                    for t in 0..n_tokens {
+                        for r in 0..rows {
+                            let want: f64 = (0..cols)
+                                .map(|k| stored[r * cols + k] as f64 * x[t * cols + k] as f64)
+                                .sum();
+                            let got = out[t * rows + r] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                "{ty} {isa:?} {n_tokens} tokens, row {r}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
