@@ -771,6 +771,7 @@ fn prune_and_lowrank_refuse_bad_arguments() {
             prune(&["--heads-keep", "4"]),
             "can keep 3, 6, 9 query heads",
         ),
+        (prune(&["--ffn-keep", "0.5"]), "give an importance matrix"),
         (prune(&["--drop-layers", "3,99"]), "layer 99 does not exist"),
         (
             prune(&["--drop-layers", "auto:x"]),

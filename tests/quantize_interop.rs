@@ -188,3 +188,71 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
     }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// Structurally pruned models (fewer FFN neurons, fewer heads, fewer blocks) keep llama.cpp's
+/// metadata conventions: llama-perplexity loads them and scores the same text alike. Gemma 3
+/// with block 9 dropped checks the per-layer sliding-window flags: its global layers 11 and 17
+/// move to 10 and 16.
+#[test]
+fn pruned_models_score_alike_in_llama_cpp() {
+    let dir = scratch().join("pruned");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let perplexity = llama_tool("llama-perplexity");
+    let eval = evaluation(&dir, 12_000);
+    let calib = calibration();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    for (model, args) in [
+        (
+            MODEL,
+            &[
+                "--ffn-keep",
+                "0.9",
+                "--heads-keep",
+                "6",
+                "--drop-layers",
+                "20",
+            ][..],
+        ),
+        (
+            "gemma3-270m",
+            &["--drop-layers", "9", "--ffn-keep", "0.9"][..],
+        ),
+    ] {
+        let source = common::model_path(model);
+        let imatrix = dir.join(format!("{model}.imatrix.gguf"));
+        run(edgelm()
+            .args(["imatrix", "-m", &s(&source), "-f", &s(&calib), "-c", "256"])
+            .args(["--chunks", "4", "-o", &s(&imatrix)]));
+        let out = dir.join(format!("{model}-pruned.gguf"));
+        run(edgelm()
+            .args(["prune", "-m", &s(&source), "-o", &s(&out)])
+            .args(["--imatrix", &s(&imatrix)])
+            .args(args));
+        let ours = ppl_of(&run(edgelm().args([
+            "perplexity",
+            "-m",
+            &s(&out),
+            "-f",
+            &s(&eval),
+            "-c",
+            "256",
+        ])));
+        let theirs = ppl_of(&run(Command::new(&perplexity).args([
+            "-m",
+            &s(&out),
+            "-f",
+            &s(&eval),
+            "-c",
+            "256",
+            "-t",
+            "2",
+            "-b",
+            "256",
+        ])));
+        assert!(
+            (ours / theirs - 1.0).abs() < 0.01,
+            "{model} pruned ({args:?}): edgelm PPL {ours}, llama.cpp PPL {theirs}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

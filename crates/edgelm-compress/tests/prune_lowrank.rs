@@ -209,7 +209,9 @@ fn structured_pruning_equals_zeroing_what_it_removed() {
         } else {
             vec![0]
         };
+        let im = random_imatrix(&m, 3);
         let opts = PruneOptions {
+            imatrix: Some(&im),
             ffn_keep: Some(0.5),
             heads_keep: Some(2), // one of the two key/value groups
             drop_layers: drop,
@@ -217,15 +219,13 @@ fn structured_pruning_equals_zeroing_what_it_removed() {
             ..Default::default()
         };
         check_structured(&m, &opts, &format!("structured-{}.gguf", arch.name()));
-        // Scored by an importance matrix instead of magnitudes.
-        let im = random_imatrix(&m, 3);
+        // Blocks dropped alone need no importance matrix.
         let opts = PruneOptions {
-            imatrix: Some(&im),
-            ffn_keep: Some(0.5),
+            drop_layers: vec![1],
             threads: 1,
             ..Default::default()
         };
-        check_structured(&m, &opts, &format!("ffn-imatrix-{}.gguf", arch.name()));
+        check_structured(&m, &opts, &format!("drop-{}.gguf", arch.name()));
     }
     // Heads taken from within each group when whole groups cannot make the count: 4 query
     // heads over one key/value head, keep 2.
@@ -234,7 +234,9 @@ fn structured_pruning_equals_zeroing_what_it_removed() {
         ..Spec::tiny(Arch::Llama)
     };
     let m = TinyModel::random(&spec, 21);
+    let im = random_imatrix(&m, 5);
     let opts = PruneOptions {
+        imatrix: Some(&im),
         heads_keep: Some(2),
         threads: 2,
         ..Default::default()
@@ -246,7 +248,9 @@ fn structured_pruning_equals_zeroing_what_it_removed() {
 fn a_pruned_model_loads_its_new_shapes_from_metadata() {
     let m = TinyModel::random(&Spec::tiny(Arch::Qwen2), 31);
     let path = out_path("meta.gguf");
+    let im = random_imatrix(&m, 7);
     let opts = PruneOptions {
+        imatrix: Some(&im),
         ffn_keep: Some(0.5),
         heads_keep: Some(2),
         threads: 1,
@@ -590,6 +594,13 @@ fn bad_arguments_are_refused_and_leave_no_file() {
         ),
         (
             PruneOptions {
+                ffn_keep: Some(0.5),
+                ..Default::default()
+            },
+            "give an importance matrix",
+        ),
+        (
+            PruneOptions {
                 drop_layers: vec![2],
                 ..Default::default()
             },
@@ -638,6 +649,7 @@ fn bad_arguments_are_refused_and_leave_no_file() {
     }
     // Interrupted runs.
     let opts = PruneOptions {
+        imatrix: Some(&im),
         ffn_keep: Some(0.5),
         ..Default::default()
     };
