@@ -147,11 +147,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         } else if let Some(b) = &bar {
             b.set_position(p.rows_done as u64);
         }
+        // Reported twice at the end (last rows, then written): the line is printed once.
         if p.rows_done == t.rows {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
+                eprintln!("{line}");
             }
-            eprintln!("{line}");
         }
         !interrupted.load(Ordering::Relaxed)
     })?;

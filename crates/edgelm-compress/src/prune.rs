@@ -534,6 +534,9 @@ pub fn prune(
         // Llama and Qwen derive the head size from n_embd / heads unless told.
         w.set(&key("attention.key_length"), u32v(s.head_dim));
         w.set(&key("attention.value_length"), u32v(s.head_dim));
+        if src.get(&key("rope.dimension_count")).is_none() {
+            w.set(&key("rope.dimension_count"), u32v(s.head_dim));
+        }
     }
     if s.arch == "gemma3" && !dropped.is_empty() {
         // Which layers slide moves with the layers: one flag per kept layer (llama.cpp reads it).

@@ -15,9 +15,11 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
     };
     let n_embd = meta.usize("embedding_length")?;
     let n_head = meta.usize("attention.head_count")?.max(1);
-    let n_rot = meta
-        .opt_usize("rope.dimension_count")
+    // A pruned file states its head size; heads no longer divide the embedding evenly.
+    let head_dim = meta
+        .opt_usize("attention.key_length")
         .unwrap_or(n_embd / n_head);
+    let n_rot = meta.opt_usize("rope.dimension_count").unwrap_or(head_dim);
     let base = meta.f64_or("rope.freq_base", 1_000_000.0);
     let freq_scale = 1.0 / meta.f64_or("rope.scaling.factor", 1.0).max(1e-9);
     let rope = Rope::new(RopeStyle::Neox, n_rot, base, freq_scale, None);

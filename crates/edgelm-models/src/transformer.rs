@@ -188,6 +188,16 @@ impl Transformer {
                 )
             };
             let att = layer_attention(i);
+            if att.rope.n_rot > head_dim || !att.rope.n_rot.is_multiple_of(2) {
+                return Err(ModelError::Metadata {
+                    key: meta.key("rope.dimension_count"),
+                    reason: format!(
+                        "{} rotated dimensions do not fit heads of {head_dim} (an even count up \
+                         to the head size is needed)",
+                        att.rope.n_rot
+                    ),
+                });
+            }
             layers.push(LayerShape {
                 n_head,
                 n_head_kv,

@@ -668,6 +668,24 @@ fn wrong_tensor_shape_is_named() {
     );
 }
 
+/// A rotation wider than the heads (or odd) is refused at load, not met as a panic mid-forward.
+#[test]
+fn rope_wider_than_the_heads_is_refused() {
+    for (arch, n_rot) in [(Arch::Llama, 16), (Arch::Qwen2, 32), (Arch::Llama, 7)] {
+        let mut m = TinyModel::random(&Spec::tiny(arch), 1);
+        m.set_meta(
+            &format!("{}.rope.dimension_count", arch.name()),
+            Value::U32(n_rot),
+        );
+        let e = load_err(&m);
+        assert!(
+            matches!(&e, ModelError::Metadata { key, .. } if key.ends_with("rope.dimension_count")),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("do not fit heads"), "{e}");
+    }
+}
+
 #[test]
 fn token_outside_vocabulary_is_rejected() {
     let m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
