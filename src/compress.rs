@@ -392,13 +392,18 @@ impl edgelm_models::Observer for InfluenceCollector {
     }
 }
 
-/// Ranks the blocks by how little they turn the residual stream on `file`.
-fn block_influence(a: &PruneArgs) -> Result<edgelm_compress::prune::BlockInfluence> {
-    let file = a
-        .file
-        .as_ref()
-        .context("--drop-layers auto:K ranks the blocks on a calibration text: give it with -f")?;
-    let (engine, _) = crate::load(&a.model)?;
+/// Runs up to `max_chunks` chunks of `ctx` tokens of the text `file` through the model,
+/// showing `observer` every step: the calibration pass of `prune --drop-layers auto:K` and
+/// `lowrank -f`. `what` names what is collected, for the log.
+fn calibrate(
+    model: &crate::ModelArgs,
+    file: &std::path::Path,
+    ctx: usize,
+    max_chunks: usize,
+    observer: &dyn edgelm_models::Observer,
+    what: &str,
+) -> Result<()> {
+    let (engine, _) = crate::load(model)?;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let tokens = engine.tokenizer.encode(
@@ -408,23 +413,41 @@ fn block_influence(a: &PruneArgs) -> Result<edgelm_compress::prune::BlockInfluen
             parse_special: false,
         },
     )?;
-    let n_chunks = (tokens.len() / a.ctx.max(1)).min(a.chunks);
+    let n_chunks = (tokens.len() / ctx.max(1)).min(max_chunks);
     if n_chunks == 0 {
         bail!(
-            "{} holds {} tokens, less than one chunk of {} (-c)",
+            "{} holds {} tokens, less than one chunk of {ctx} (-c)",
             file.display(),
-            tokens.len(),
-            a.ctx
+            tokens.len()
         );
     }
-    let collector = InfluenceCollector(std::sync::Mutex::new(Default::default()));
-    eprintln!("ranking blocks on {n_chunks} chunks of {} tokens", a.ctx);
+    eprintln!("{what} on {n_chunks} chunks of {ctx} tokens");
+    let t0 = std::time::Instant::now();
     edgelm_engine::perplexity_observed(
         &engine,
-        &tokens[..n_chunks * a.ctx],
+        &tokens[..n_chunks * ctx],
+        ctx,
+        observer,
+        &mut |c| eprint!("[{}]", c.index + 1),
+    )?;
+    eprintln!(" {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Ranks the blocks by how little they turn the residual stream on the calibration text.
+fn block_influence(a: &PruneArgs) -> Result<edgelm_compress::prune::BlockInfluence> {
+    let file = a
+        .file
+        .as_ref()
+        .context("--drop-layers auto:K ranks the blocks on a calibration text: give it with -f")?;
+    let collector = InfluenceCollector(std::sync::Mutex::new(Default::default()));
+    calibrate(
+        &a.model,
+        file,
         a.ctx,
+        a.chunks,
         &collector,
-        &mut |_| {},
+        "ranking blocks",
     )?;
     let (scores, _) = collector
         .0
@@ -748,43 +771,19 @@ fn collect_moments(
     src: &GgufFile,
     tensors: &fancy_regex::Regex,
 ) -> Result<edgelm_compress::lowrank::Moments> {
-    let (engine, _) = crate::load(&a.model)?;
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let tokens = engine.tokenizer.encode(
-        &text,
-        edgelm_tokenizer::Encode {
-            add_special: engine.tokenizer.adds_bos(),
-            parse_special: false,
-        },
-    )?;
-    let n_chunks = (tokens.len() / a.ctx.max(1)).min(a.chunks);
-    if n_chunks == 0 {
-        bail!(
-            "{} holds {} tokens, less than one chunk of {} (-c)",
-            file.display(),
-            tokens.len(),
-            a.ctx
-        );
-    }
     let threads = a
         .model
         .threads
         .unwrap_or_else(edgelm_kernels::physical_cores);
     let collector = MomentCollector::new(src, tensors, threads);
-    eprintln!(
-        "collecting activation statistics on {n_chunks} chunks of {} tokens",
-        a.ctx
-    );
-    let t0 = std::time::Instant::now();
-    edgelm_engine::perplexity_observed(
-        &engine,
-        &tokens[..n_chunks * a.ctx],
+    calibrate(
+        &a.model,
+        file,
         a.ctx,
+        a.chunks,
         &collector,
-        &mut |c| eprint!("[{}]", c.index + 1),
+        "collecting activation statistics",
     )?;
-    eprintln!(" {:.1} s", t0.elapsed().as_secs_f64());
     collector.into_moments()
 }
 
