@@ -209,59 +209,34 @@ impl edgelm_models::Observer for Collector {
 }
 
 pub fn imatrix(a: ImatrixArgs) -> Result<()> {
-    let (engine, _) = crate::load(&a.model)?;
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
-    let tokens = engine.tokenizer.encode(
-        &text,
-        edgelm_tokenizer::Encode {
-            add_special: engine.tokenizer.adds_bos(),
-            parse_special: false,
-        },
-    )?;
-    let available = tokens.len() / a.ctx.max(1);
-    let n_chunks = a.chunks.map_or(available, |c| c.min(available));
-    if n_chunks == 0 {
-        bail!(
-            "{} holds {} tokens, less than one chunk of {} (-c)",
-            a.file.display(),
-            tokens.len(),
-            a.ctx
-        );
-    }
-    eprintln!(
-        "imatrix: {} tokens, {n_chunks} chunks of {}",
-        tokens.len(),
-        a.ctx
-    );
     let collector = Collector(std::sync::Mutex::new(Imatrix {
         datasets: vec![a
             .file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()],
-        chunk_count: n_chunks as u32,
         chunk_size: a.ctx as u32,
         ..Default::default()
     }));
     let t0 = std::time::Instant::now();
-    let r = edgelm_engine::perplexity_observed(
-        &engine,
-        &tokens[..n_chunks * a.ctx],
+    let (n_chunks, ppl) = calibrate(
+        &a.model,
+        &a.file,
         a.ctx,
+        a.chunks.unwrap_or(usize::MAX),
         &collector,
-        &mut |c| eprint!("[{}]{:.4},", c.index + 1, c.ppl),
+        "imatrix",
     )?;
-    let m = collector
+    let mut m = collector
         .0
         .into_inner()
         .map_err(|_| anyhow::anyhow!("the collector was poisoned by a panic"))?;
+    m.chunk_count = n_chunks as u32;
     m.write(&a.output)?;
     eprintln!(
-        "\n{} entries from {n_chunks} chunks in {:.1} s (perplexity {:.4}) written to {}",
+        "{} entries from {n_chunks} chunks in {:.1} s (perplexity {ppl:.4}) written to {}",
         m.entries.len(),
         t0.elapsed().as_secs_f64(),
-        r.ppl,
         a.output.display()
     );
     Ok(())
@@ -393,8 +368,9 @@ impl edgelm_models::Observer for InfluenceCollector {
 }
 
 /// Runs up to `max_chunks` chunks of `ctx` tokens of the text `file` through the model,
-/// showing `observer` every step: the calibration pass of `prune --drop-layers auto:K` and
-/// `lowrank -f`. `what` names what is collected, for the log.
+/// showing `observer` every step: the calibration pass of `imatrix`, `prune --drop-layers
+/// auto:K` and `lowrank -f`. `what` names what is collected, for the log. Returns the chunks run
+/// and the perplexity over them.
 fn calibrate(
     model: &crate::ModelArgs,
     file: &std::path::Path,
@@ -402,7 +378,7 @@ fn calibrate(
     max_chunks: usize,
     observer: &dyn edgelm_models::Observer,
     what: &str,
-) -> Result<()> {
+) -> Result<(usize, f64)> {
     let (engine, _) = crate::load(model)?;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -421,17 +397,20 @@ fn calibrate(
             tokens.len()
         );
     }
-    eprintln!("{what} on {n_chunks} chunks of {ctx} tokens");
+    eprintln!(
+        "{what}: {} tokens, {n_chunks} chunks of {ctx}",
+        tokens.len()
+    );
     let t0 = std::time::Instant::now();
-    edgelm_engine::perplexity_observed(
+    let r = edgelm_engine::perplexity_observed(
         &engine,
         &tokens[..n_chunks * ctx],
         ctx,
         observer,
-        &mut |c| eprint!("[{}]", c.index + 1),
+        &mut |c| eprint!("[{}]{:.4},", c.index + 1, c.ppl),
     )?;
     eprintln!(" {:.1} s", t0.elapsed().as_secs_f64());
-    Ok(())
+    Ok((n_chunks, r.ppl))
 }
 
 /// Ranks the blocks by how little they turn the residual stream on the calibration text.

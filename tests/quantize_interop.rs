@@ -88,15 +88,28 @@ fn ppl_of(out: &Output) -> f64 {
         .unwrap_or_else(|| panic!("bad PPL in:\n{text}"))
 }
 
+/// Perplexity of `model` on `text` in chunks of 256 by edgelm and by llama-perplexity.
+fn perplexities(model: &Path, text: &Path) -> (f64, f64) {
+    let (m, f) = (model.to_string_lossy(), text.to_string_lossy());
+    let ours = ppl_of(&run(edgelm().args([
+        "perplexity",
+        "-m",
+        &m,
+        "-f",
+        &f,
+        "-c",
+        "256",
+    ])));
+    let theirs = ppl_of(&run(Command::new(llama_tool("llama-perplexity"))
+        .args(["-m", &m, "-f", &f, "-c", "256", "-t", "2", "-b", "256"])));
+    (ours, theirs)
+}
+
 #[test]
 fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
     let source = common::model_path(MODEL);
     let dir = scratch();
-    let (quantize, imatrix, perplexity) = (
-        llama_tool("llama-quantize"),
-        llama_tool("llama-imatrix"),
-        llama_tool("llama-perplexity"),
-    );
+    let (quantize, imatrix) = (llama_tool("llama-quantize"), llama_tool("llama-imatrix"));
     let calib = calibration();
     let eval = evaluation(&dir, 20_000);
     let s = |p: &Path| p.to_string_lossy().into_owned();
@@ -158,27 +171,7 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
 
     // Every file loads in both and scores the same text alike: same chunks, same tokens.
     for file in &files {
-        let ours = ppl_of(&run(edgelm().args([
-            "perplexity",
-            "-m",
-            &s(file),
-            "-f",
-            &s(&eval),
-            "-c",
-            "256",
-        ])));
-        let theirs = ppl_of(&run(Command::new(&perplexity).args([
-            "-m",
-            &s(file),
-            "-f",
-            &s(&eval),
-            "-c",
-            "256",
-            "-t",
-            "2",
-            "-b",
-            "256",
-        ])));
+        let (ours, theirs) = perplexities(file, &eval);
         let ratio = ours / theirs;
         assert!(
             (ratio - 1.0).abs() < 0.01,
@@ -197,7 +190,6 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
 fn pruned_models_score_alike_in_llama_cpp() {
     let dir = scratch().join("pruned");
     std::fs::create_dir_all(&dir).expect("dir");
-    let perplexity = llama_tool("llama-perplexity");
     let eval = evaluation(&dir, 12_000);
     let calib = calibration();
     let s = |p: &Path| p.to_string_lossy().into_owned();
@@ -228,27 +220,7 @@ fn pruned_models_score_alike_in_llama_cpp() {
             .args(["prune", "-m", &s(&source), "-o", &s(&out)])
             .args(["--imatrix", &s(&imatrix)])
             .args(args));
-        let ours = ppl_of(&run(edgelm().args([
-            "perplexity",
-            "-m",
-            &s(&out),
-            "-f",
-            &s(&eval),
-            "-c",
-            "256",
-        ])));
-        let theirs = ppl_of(&run(Command::new(&perplexity).args([
-            "-m",
-            &s(&out),
-            "-f",
-            &s(&eval),
-            "-c",
-            "256",
-            "-t",
-            "2",
-            "-b",
-            "256",
-        ])));
+        let (ours, theirs) = perplexities(&out, &eval);
         assert!(
             (ours / theirs - 1.0).abs() < 0.01,
             "{model} pruned ({args:?}): edgelm PPL {ours}, llama.cpp PPL {theirs}"

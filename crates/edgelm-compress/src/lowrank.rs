@@ -482,9 +482,7 @@ pub fn lowrank(
     let mut done: Vec<Option<Done>> = results.into_inner().map_err(|_| CompressError::Panicked)?;
 
     let tied = src.tensor_info("output.weight").is_none();
-    let reads = |name: &str, n_dims: usize| {
-        n_dims >= 2 && (name != "token_embd.weight" || tied) && !name.contains("_norm.")
-    };
+    let reads = |name: &str, n_dims: usize| crate::rows::read_per_token(name, n_dims, tied);
     let mut summary = LowRankSummary::default();
     let mut w = GgufWriter::new();
     for (k, v) in src.metadata() {

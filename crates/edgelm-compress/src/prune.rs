@@ -409,9 +409,7 @@ pub fn prune(
         }
         let m = Matrix::of(src, &t.name)?;
         summary.bytes_in += m.data.len() as u64;
-        let reads = |name: &str, n_dims: usize| {
-            n_dims >= 2 && (name != "token_embd.weight" || tied) && !name.contains("_norm.")
-        };
+        let reads = |name: &str, n_dims: usize| crate::rows::read_per_token(name, n_dims, tied);
         if reads(&t.name, t.dims.len()) {
             summary.read_per_token_in += m.data.len() as u64;
         }
@@ -540,7 +538,8 @@ pub fn prune(
     }
     if s.arch == "gemma3" && !dropped.is_empty() {
         // Which layers slide moves with the layers: one flag per kept layer (llama.cpp reads it).
-        let sliding = gemma3_sliding(src, s.n_layer)?;
+        let sliding = edgelm_models::gemma3::sliding_flags(src, s.n_layer)
+            .map_err(|e| bad(&e.to_string()))?;
         let flags = kept_layers
             .iter()
             .map(|&l| Value::Bool(sliding[l]))
@@ -559,28 +558,6 @@ pub fn prune(
 /// Matrices inside the blocks: what unstructured pruning zeroes.
 fn prunable(name: &str, n_dims: usize) -> bool {
     crate::mix::layer_of(name).is_some() && crate::mix::is_quantizable(name, n_dims)
-}
-
-/// Gemma 3's per-layer sliding flags, as edgelm's and llama.cpp's loaders derive them.
-fn gemma3_sliding(f: &GgufFile, n_layer: usize) -> Result<Vec<bool>> {
-    const PERIOD: usize = 6;
-    match f.get("gemma3.attention.sliding_window_pattern") {
-        None => Ok((0..n_layer).map(|i| i % PERIOD < PERIOD - 1).collect()),
-        Some(Value::Array(a)) => (0..n_layer)
-            .map(|i| {
-                a.get(i)
-                    .and_then(|v| v.as_bool())
-                    .ok_or_else(|| bad("gemma3.attention.sliding_window_pattern is malformed"))
-            })
-            .collect(),
-        Some(v) => {
-            let n = v
-                .as_u64()
-                .ok_or_else(|| bad("gemma3.attention.sliding_window_pattern is malformed"))?
-                as usize;
-            Ok((0..n_layer).map(|i| n == 0 || i % n < n - 1).collect())
-        }
-    }
 }
 
 /// The score by which `--drop-layers auto:K` ranks blocks: how much a block turns the residual

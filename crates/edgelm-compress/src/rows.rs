@@ -144,3 +144,10 @@ pub(crate) fn encode(
     )?;
     Ok((ty, data))
 }
+
+/// Whether one decoded token reads all of tensor `name`: every matrix does, but an embedding
+/// table only when it doubles as the output head (`tied`: the file has no `output.weight`),
+/// since otherwise a token reads one row of it. What the "weights read per token" figures count.
+pub(crate) fn read_per_token(name: &str, n_dims: usize, tied: bool) -> bool {
+    n_dims >= 2 && (name != "token_embd.weight" || tied) && !name.contains("_norm.")
+}

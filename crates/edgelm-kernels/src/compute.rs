@@ -230,9 +230,8 @@ impl Compute {
                         // aligned, checked above) and tokens t..t+nt of `x` are in bounds;
                         // (token, row) pairs of this task's rows are written by it alone.
                         unsafe {
-                            avx2_tile_f16(
-                                w.data,
-                                row_bytes,
+                            avx2_tile(
+                                |i| w.data[i * row_bytes..].as_ptr().cast::<u16>(),
                                 r,
                                 nr,
                                 w.cols,
@@ -781,7 +780,18 @@ fn panel_times_x(
                 while t < n_tokens {
                     let nt = (n_tokens - t).min(3);
                     // SAFETY: AVX2/FMA present (Isa); row r+i and token t+j are in bounds.
-                    unsafe { avx2_tile(panel, r, nr, cols, x, t, nt, &mut put) };
+                    unsafe {
+                        avx2_tile(
+                            |i| panel[i * cols..].as_ptr(),
+                            r,
+                            nr,
+                            cols,
+                            x,
+                            t,
+                            nt,
+                            &mut put,
+                        )
+                    };
                     t += nt;
                 }
                 r += nr;
@@ -798,65 +808,53 @@ fn panel_times_x(
     }
 }
 
-/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic AVX2 kernel.
-///
-/// # Safety
-/// AVX2 and FMA are available; rows `r..r+nr` of the panel and tokens `t..t+nt` of `x` exist.
+/// A weight row element the AVX2 tiles multiply as stored: f32, or F16 bits (widened by F16C).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx2_tile(
-    panel: &[f32],
-    r: usize,
-    nr: usize,
-    cols: usize,
-    x: &[f32],
-    t: usize,
-    nt: usize,
-    put: &mut impl FnMut(usize, usize, f32),
-) {
-    unsafe fn go<const R: usize, const T: usize>(
-        panel: &[f32],
-        r: usize,
-        cols: usize,
-        x: &[f32],
-        t: usize,
-        put: &mut impl FnMut(usize, usize, f32),
+trait TileElem: Sized {
+    /// # Safety
+    /// The CPU has what the element's kernel needs; every pointer is valid for `k` elements.
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: &[*const Self; R],
+        xs: &[*const f32; T],
+        k: usize,
+        out: &mut [[f32; T]; R],
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileElem for f32 {
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: &[*const f32; R],
+        xs: &[*const f32; T],
+        k: usize,
+        out: &mut [[f32; T]; R],
     ) {
-        let w: [*const f32; R] = std::array::from_fn(|i| panel[(r + i) * cols..].as_ptr());
-        let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
-        let mut out = [[0f32; T]; R];
-        crate::x86::avx2::tile::<R, T>(&w, &xs, cols, &mut out);
-        for (i, row) in out.iter().enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                put(r + i, t + j, *v);
-            }
-        }
-    }
-    match (nr, nt) {
-        (4, 3) => go::<4, 3>(panel, r, cols, x, t, put),
-        (4, 2) => go::<4, 2>(panel, r, cols, x, t, put),
-        (4, 1) => go::<4, 1>(panel, r, cols, x, t, put),
-        (3, 3) => go::<3, 3>(panel, r, cols, x, t, put),
-        (3, 2) => go::<3, 2>(panel, r, cols, x, t, put),
-        (3, 1) => go::<3, 1>(panel, r, cols, x, t, put),
-        (2, 3) => go::<2, 3>(panel, r, cols, x, t, put),
-        (2, 2) => go::<2, 2>(panel, r, cols, x, t, put),
-        (2, 1) => go::<2, 1>(panel, r, cols, x, t, put),
-        (1, 3) => go::<1, 3>(panel, r, cols, x, t, put),
-        (1, 2) => go::<1, 2>(panel, r, cols, x, t, put),
-        _ => go::<1, 1>(panel, r, cols, x, t, put),
+        crate::x86::avx2::tile::<R, T>(w, xs, k, out)
     }
 }
 
-/// [`avx2_tile`] over F16 rows as stored (`row_bytes` apart in `data`).
+#[cfg(target_arch = "x86_64")]
+impl TileElem for u16 {
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: &[*const u16; R],
+        xs: &[*const f32; T],
+        k: usize,
+        out: &mut [[f32; T]; R],
+    ) {
+        crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out)
+    }
+}
+
+/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic AVX2 kernel; `row(i)`
+/// points at weight row i.
 ///
 /// # Safety
-/// The CPU supports AVX2, FMA and F16C; `data` is 2-byte aligned and holds rows r..r+nr.
+/// AVX2 and FMA (and F16C for F16 rows) are available; rows `r..r+nr` hold `cols` elements each
+/// and tokens `t..t+nt` of `x` exist.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx2_tile_f16(
-    data: &[u8],
-    row_bytes: usize,
+unsafe fn avx2_tile<E: TileElem>(
+    row: impl Fn(usize) -> *const E,
     r: usize,
     nr: usize,
     cols: usize,
@@ -865,20 +863,18 @@ unsafe fn avx2_tile_f16(
     nt: usize,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
-    unsafe fn go<const R: usize, const T: usize>(
-        data: &[u8],
-        row_bytes: usize,
+    unsafe fn go<E: TileElem, const R: usize, const T: usize>(
+        row: impl Fn(usize) -> *const E,
         r: usize,
         cols: usize,
         x: &[f32],
         t: usize,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
-        let w: [*const u16; R] =
-            std::array::from_fn(|i| data[(r + i) * row_bytes..].as_ptr().cast::<u16>());
+        let w: [*const E; R] = std::array::from_fn(|i| row(r + i));
         let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
         let mut out = [[0f32; T]; R];
-        crate::x86::avx2::tile_f16::<R, T>(&w, &xs, cols, &mut out);
+        E::tile::<R, T>(&w, &xs, cols, &mut out);
         for (i, row) in out.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 put(r + i, t + j, *v);
@@ -886,18 +882,18 @@ unsafe fn avx2_tile_f16(
         }
     }
     match (nr, nt) {
-        (4, 3) => go::<4, 3>(data, row_bytes, r, cols, x, t, put),
-        (4, 2) => go::<4, 2>(data, row_bytes, r, cols, x, t, put),
-        (4, 1) => go::<4, 1>(data, row_bytes, r, cols, x, t, put),
-        (3, 3) => go::<3, 3>(data, row_bytes, r, cols, x, t, put),
-        (3, 2) => go::<3, 2>(data, row_bytes, r, cols, x, t, put),
-        (3, 1) => go::<3, 1>(data, row_bytes, r, cols, x, t, put),
-        (2, 3) => go::<2, 3>(data, row_bytes, r, cols, x, t, put),
-        (2, 2) => go::<2, 2>(data, row_bytes, r, cols, x, t, put),
-        (2, 1) => go::<2, 1>(data, row_bytes, r, cols, x, t, put),
-        (1, 3) => go::<1, 3>(data, row_bytes, r, cols, x, t, put),
-        (1, 2) => go::<1, 2>(data, row_bytes, r, cols, x, t, put),
-        _ => go::<1, 1>(data, row_bytes, r, cols, x, t, put),
+        (4, 3) => go::<E, 4, 3>(row, r, cols, x, t, put),
+        (4, 2) => go::<E, 4, 2>(row, r, cols, x, t, put),
+        (4, 1) => go::<E, 4, 1>(row, r, cols, x, t, put),
+        (3, 3) => go::<E, 3, 3>(row, r, cols, x, t, put),
+        (3, 2) => go::<E, 3, 2>(row, r, cols, x, t, put),
+        (3, 1) => go::<E, 3, 1>(row, r, cols, x, t, put),
+        (2, 3) => go::<E, 2, 3>(row, r, cols, x, t, put),
+        (2, 2) => go::<E, 2, 2>(row, r, cols, x, t, put),
+        (2, 1) => go::<E, 2, 1>(row, r, cols, x, t, put),
+        (1, 3) => go::<E, 1, 3>(row, r, cols, x, t, put),
+        (1, 2) => go::<E, 1, 2>(row, r, cols, x, t, put),
+        _ => go::<E, 1, 1>(row, r, cols, x, t, put),
     }
 }
 
@@ -1048,7 +1044,13 @@ mod tests {
         let mut rng = Rng(0x5eed_0002);
         for isa in Isa::available() {
             let c = Compute::with_precision(isa, 2, Precision::Fast);
-            for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K] {
+            for ty in [
+                GgmlType::Q5_0,
+                GgmlType::Q8_0,
+                GgmlType::Q4_K,
+                GgmlType::IQ4_NL,
+                GgmlType::IQ4_XS,
+            ] {
                 let (rows, cols, n_tokens) = (19, 512, 7);
                 let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
                 let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;

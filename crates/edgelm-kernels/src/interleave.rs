@@ -1,5 +1,5 @@
-//! The interleaved layout of legacy block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), into which the
-//! AVX-512 fast path repacks weights, and the matching layout of quantized activations.
+//! The interleaved layout of the 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL),
+//! into which the fast paths repack weights, and the matching layout of quantized activations.
 //!
 //! In GGUF order each row's 32-element blocks are contiguous, so a SIMD dot sums one row's
 //! products across lanes and needs a horizontal sum per row and token. Interleaved, the matrix
@@ -19,17 +19,22 @@
 //! - `d` of each row as f16 (32 bytes), then `m` (Q4_1, Q5_1) likewise.
 //!
 //! Weights are unsigned codes `u`: the signed types' value is `d·(u − offset)` (offset 8, 16,
-//! 128), folded into the activations as `−offset·Σa` per block, an exact integer.
+//! 128), folded into the activations as `−offset·Σa` per block, an exact integer. IQ4_NL keeps
+//! its nibbles as Q4_0 does; the kernels map each through the 16-level grid (one byte shuffle),
+//! to `GRID + 128` with offset 128 where they need unsigned codes.
 //!
 //! Activations, per token and block ([`ACT_BLOCK_BYTES`]): the 32 i8 quants, `d` as f32, then
 //! the block term: `−offset·Σa` as i32 for the signed types, `s = d·Σa` (Q8_1's f16 field) as
 //! f32 for Q4_1 / Q5_1.
 //!
-//! K-quants (Q4_K, Q5_K, Q6_K) are panelled the same way, one tile per 256-element super-block:
+//! K-quants (Q4_K, Q5_K, Q6_K, and IQ4_XS) are panelled the same way, one tile per 256-element
+//! super-block:
 //! each run of quant or scale bytes becomes 64-byte images of four bytes per row ([`KFormat`]),
-//! the f16 fields 32-byte vectors. Their activations (from Q8_K), per super-block: the 256
-//! quants, `d` as f32, then Q4_K's / Q5_K's eight sums of 32 quants as i16, or Q6_K's sixteen
-//! `−32·Σa` of 16 quants as i32 (the code offset, folded in as for the legacy types).
+//! the f16 fields (and IQ4_XS's 16-bit high scale bits) 32-byte vectors. Their activations (from
+//! Q8_K), per super-block: the 256 quants, `d` as f32, then Q4_K's / Q5_K's / IQ4_XS's eight sums
+//! of 32 quants as i16, or Q6_K's sixteen `−32·Σa` of 16 quants as i32 (the code offset, folded
+//! in as for the legacy types). IQ4_XS's codes are `GRID[nibble] + 128`: its offset 128 times
+//! each sub-block's scale and sum is taken off in integers.
 
 use edgelm_quant::GgmlType;
 use half::f16;
@@ -52,6 +57,8 @@ pub(crate) struct Format {
     pub min: bool,
     /// Subtracted from the unsigned code for formats without a min.
     pub offset: i32,
+    /// Nibbles index IQ4_NL's grid: the code is `GRID[nibble] + 128`.
+    pub grid: bool,
 }
 
 pub(crate) const fn format(ty: GgmlType) -> Option<Format> {
@@ -62,6 +69,7 @@ pub(crate) const fn format(ty: GgmlType) -> Option<Format> {
         Q5_0 => (22, true, true, false, 16),
         Q5_1 => (24, true, true, true, 0),
         Q8_0 => (34, false, false, false, 128),
+        IQ4_NL => (18, true, false, false, 128),
         _ => return None,
     };
     Some(Format {
@@ -70,6 +78,7 @@ pub(crate) const fn format(ty: GgmlType) -> Option<Format> {
         high,
         min,
         offset,
+        grid: matches!(ty, IQ4_NL),
     })
 }
 
@@ -126,8 +135,19 @@ pub(crate) const Q6_K_TILE: KFormat = KFormat {
     act: 256 + 4 + 64,
 };
 
+/// IQ4_XS: d, 16 bits of high scale bits, 4 bytes of low scale nibbles, 128 bytes of nibbles
+/// (sub-block j's 32 elements in bytes 16j..16j + 16, paired as in IQ4_NL). The tile: the low
+/// scale image, the 32 nibble images, then d and the high scale bits as 16-bit vectors.
+pub(crate) const IQ4_XS_TILE: KFormat = KFormat {
+    block: 136,
+    words: &[(4, 4, 0), (8, 128, 64)],
+    halves: &[(0, 2112), (2, 2144)],
+    act: 256 + 4 + 16,
+};
+
 pub(crate) const fn k_format(ty: GgmlType) -> Option<&'static KFormat> {
     match ty {
+        GgmlType::IQ4_XS => Some(&IQ4_XS_TILE),
         GgmlType::Q4_K => Some(&Q4_K_TILE),
         GgmlType::Q5_K => Some(&Q5_K_TILE),
         GgmlType::Q6_K => Some(&Q6_K_TILE),
@@ -484,7 +504,24 @@ fn packed_k_dot(ty: GgmlType, k: &KFormat, row: &[u8], a: &[u8]) -> f32 {
         let x = |e: usize| act[e] as i8 as i32;
         let da = f32::from_le_bytes([act[256], act[257], act[258], act[259]]);
         let mut int = 0i32;
-        if ty != GgmlType::Q6_K {
+        let pair = |j: usize| i16::from_le_bytes([act[260 + 2 * j], act[261 + 2 * j]]) as i32;
+        if ty == GgmlType::IQ4_XS {
+            let high = u16::from_le_bytes([w[2], w[3]]) as i32;
+            for j in 0..8 {
+                let low = (w[4 + j / 2] >> (4 * (j % 2))) as i32 & 15;
+                let sc = (low | ((high >> (2 * j)) & 3) << 4) - 32;
+                let s: i32 = (0..32)
+                    .map(|e| {
+                        let b = w[8 + 16 * j + e % 16];
+                        let nibble = if e < 16 { b & 15 } else { b >> 4 };
+                        let code = edgelm_quant::iq4_nl::GRID[nibble as usize] as i32 + 128;
+                        code * x(32 * j + e)
+                    })
+                    .sum();
+                int += sc * (s - 128 * pair(j));
+            }
+            sum += f16_at(w, 0) * da * int as f32;
+        } else if ty != GgmlType::Q6_K {
             let scales: &[u8; 12] = w[4..16].try_into().unwrap_or(&[0; 12]);
             // Q5_K: nibbles after 32 bytes of fifth bits (bit j of byte l: element 32j + l).
             let (qs, five) = if ty == GgmlType::Q5_K {
@@ -495,8 +532,7 @@ fn packed_k_dot(ty: GgmlType, k: &KFormat, row: &[u8], a: &[u8]) -> f32 {
             let mut mins = 0i32;
             for j in 0..8 {
                 let (sc, m) = edgelm_quant::k_quants::get_scale_min_k4(j, scales);
-                let pair = i16::from_le_bytes([act[260 + 2 * j], act[261 + 2 * j]]) as i32;
-                mins += m as i32 * pair;
+                mins += m as i32 * pair(j);
                 let s: i32 = (32 * j..32 * j + 32)
                     .map(|e| {
                         let b = w[qs + (e / 64) * 32 + e % 32];
@@ -569,6 +605,11 @@ pub fn packed_dot(ty: GgmlType, row: &[u8], a: &[u8]) -> Result<f32, LayoutError
             } else {
                 (blk[fq + e - 16] >> 4) as i32
             };
+            let code = if f.grid {
+                edgelm_quant::iq4_nl::GRID[code as usize] as i32 + 128
+            } else {
+                code
+            };
             let fifth = if qh >> e & 1 == 1 { 16 } else { 0 };
             int += (code + fifth) * x as i8 as i32;
         }
@@ -587,15 +628,17 @@ pub(crate) mod tests {
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 
-    pub(crate) const TYPES: [GgmlType; 8] = [
+    pub(crate) const TYPES: [GgmlType; 10] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::IQ4_NL,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
     ];
 
     /// Elements per block of `ty`.
@@ -630,6 +673,8 @@ pub(crate) mod tests {
             let per_weight = match ty {
                 GgmlType::Q4_K => half(b, 0).abs() * 15.0 * 63.0 + half(b, 2).abs() * 63.0,
                 GgmlType::Q5_K => half(b, 0).abs() * 31.0 * 63.0 + half(b, 2).abs() * 63.0,
+                // |scale − 32| ≤ 32, codes GRID + 128 ≤ 241 and the offset 128 apart.
+                GgmlType::IQ4_XS => half(b, 0).abs() * 32.0 * (241.0 + 128.0),
                 _ => half(b, 208).abs() * 32.0 * 128.0,
             };
             per_weight * sum_a

@@ -38,9 +38,9 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
         embed_scale: Some((n_embd as f32).sqrt()),
         attn_scale: Some(1.0 / (head_dim as f32).sqrt()),
     };
-    let sliding = sliding_layers(&meta)?;
+    let sliding = sliding_flags(&file, meta.usize("block_count")?)?;
     Transformer::load(file.clone(), "gemma3", variant, |i| {
-        if !sliding(i) {
+        if !sliding.get(i).copied().unwrap_or(false) {
             LayerAttention {
                 window: None,
                 rope: global.clone(),
@@ -54,31 +54,33 @@ pub fn load(file: Arc<GgufFile>) -> Result<Transformer> {
     })
 }
 
-/// Which layers slide: llama.cpp's rule for a period n (layer i slides when i % n < n - 1, none
-/// when n is 0), or the per-layer flags of an array.
-fn sliding_layers(meta: &Meta) -> Result<Box<dyn Fn(usize) -> bool>> {
-    let key = meta.key("attention.sliding_window_pattern");
-    match meta.file.get(&key) {
-        None => Ok(Box::new(|i| i % SLIDING_PATTERN < SLIDING_PATTERN - 1)),
-        Some(Value::Array(a)) => {
-            let flags = (0..a.len())
-                .map(|i| {
-                    a.get(i)
-                        .and_then(|v| v.as_bool())
-                        .ok_or_else(|| ModelError::Metadata {
-                            key: key.clone(),
-                            reason: "not an array of flags".into(),
-                        })
-                })
-                .collect::<Result<Vec<bool>>>()?;
-            Ok(Box::new(move |i| flags.get(i).copied().unwrap_or(false)))
-        }
+/// Which of `n_layer` layers slide: llama.cpp's rule for a period n (layer i slides when
+/// i % n < n - 1, none when n is 0), or the per-layer flags of an array (layers past its end do
+/// not slide). `edgelm prune` uses it to carry the flags over when it drops layers.
+pub fn sliding_flags(file: &GgufFile, n_layer: usize) -> Result<Vec<bool>> {
+    let key = "gemma3.attention.sliding_window_pattern";
+    let malformed = |reason: &str| ModelError::Metadata {
+        key: key.into(),
+        reason: reason.into(),
+    };
+    match file.get(key) {
+        None => Ok((0..n_layer)
+            .map(|i| i % SLIDING_PATTERN < SLIDING_PATTERN - 1)
+            .collect()),
+        Some(Value::Array(a)) => (0..n_layer)
+            .map(|i| match a.get(i) {
+                None => Ok(false),
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| malformed("not an array of flags")),
+            })
+            .collect(),
         Some(v) => {
-            let n = v.as_u64().ok_or_else(|| ModelError::Metadata {
-                key: key.clone(),
-                reason: "neither a period nor an array of flags".into(),
-            })? as usize;
-            Ok(Box::new(move |i| n == 0 || i % n < n - 1))
+            let n = v
+                .as_u64()
+                .ok_or_else(|| malformed("neither a period nor an array of flags"))?
+                as usize;
+            Ok((0..n_layer).map(|i| n == 0 || i % n < n - 1).collect())
         }
     }
 }

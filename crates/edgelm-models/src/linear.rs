@@ -337,11 +337,10 @@ impl Linear {
             Projection::Dense(w) => {
                 c.matmul_with(w.view_for(c), x, n, out, self.input_precision)?
             }
-            Projection::LowRank { inner, outer } => {
-                let mut mid = vec![0f32; n * inner.rows];
-                c.matmul_with(inner.view_for(c), x, n, &mut mid, self.input_precision)?;
-                c.matmul_with(outer.view_for(c), &mid, n, out, ActivationPrecision::Int8)?;
-            }
+            Projection::LowRank { inner, outer } => with_middle(n * inner.rows, |mid| {
+                c.matmul_with(inner.view_for(c), x, n, mid, self.input_precision)?;
+                c.matmul_with(outer.view_for(c), mid, n, out, ActivationPrecision::Int8)
+            })?,
         }
         f.observe_output(self, out, n);
         self.add_bias(out);
@@ -363,39 +362,48 @@ impl Linear {
         }
         let c = f.compute;
         // A factored layer's first product writes its rank-wide middle; its second follows.
-        let mut mids: [Vec<f32>; N] = std::array::from_fn(|i| match &layers[i].projection {
-            Projection::Dense(_) => Vec::new(),
-            Projection::LowRank { inner, .. } => vec![0f32; n * inner.rows],
+        let widths: [usize; N] = std::array::from_fn(|i| match &layers[i].projection {
+            Projection::Dense(_) => 0,
+            Projection::LowRank { inner, .. } => n * inner.rows,
         });
-        let mut outs = outs;
-        {
-            let mut products: Vec<Product<'_, '_>> = layers
-                .iter()
-                .zip(outs.iter_mut())
-                .zip(mids.iter_mut())
-                .map(|((l, out), mid)| match &l.projection {
-                    Projection::Dense(w) => Product {
-                        w: w.view_for(c),
-                        act: l.input_precision,
-                        out,
-                    },
-                    Projection::LowRank { inner, .. } => Product {
-                        w: inner.view_for(c),
-                        act: l.input_precision,
-                        out: mid.as_mut_slice(),
-                    },
-                })
-                .collect();
-            c.matmul_group(x, n, &mut products)?;
-        }
-        for ((l, out), mid) in layers.iter().zip(outs.iter_mut()).zip(&mids) {
-            if let Projection::LowRank { outer, .. } = &l.projection {
-                c.matmul_with(outer.view_for(c), mid, n, out, ActivationPrecision::Int8)?;
+        with_middle(widths.iter().sum(), |all| {
+            let mut mids: [&mut [f32]; N] = std::array::from_fn(|_| <&mut [f32]>::default());
+            let mut rest = all;
+            for (mid, &w) in mids.iter_mut().zip(&widths) {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(w);
+                *mid = head;
+                rest = tail;
             }
-            f.observe_output(l, out, n);
-            l.add_bias(out);
-        }
-        Ok(())
+            let mut outs = outs;
+            {
+                let mut products: Vec<Product<'_, '_>> = layers
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .zip(mids.iter_mut())
+                    .map(|((l, out), mid)| match &l.projection {
+                        Projection::Dense(w) => Product {
+                            w: w.view_for(c),
+                            act: l.input_precision,
+                            out,
+                        },
+                        Projection::LowRank { inner, .. } => Product {
+                            w: inner.view_for(c),
+                            act: l.input_precision,
+                            out: mid,
+                        },
+                    })
+                    .collect();
+                c.matmul_group(x, n, &mut products)?;
+            }
+            for ((l, out), mid) in layers.iter().zip(outs.iter_mut()).zip(&mids) {
+                if let Projection::LowRank { outer, .. } = &l.projection {
+                    c.matmul_with(outer.view_for(c), mid, n, out, ActivationPrecision::Int8)?;
+                }
+                f.observe_output(l, out, n);
+                l.add_bias(out);
+            }
+            Ok(())
+        })
     }
 
     fn add_bias(&self, out: &mut [f32]) {
@@ -405,4 +413,17 @@ impl Linear {
             }
         }
     }
+}
+
+/// Runs `f` on a zeroed buffer of `len` floats that lives on with the thread: the rank-wide
+/// middle of low-rank products, reused from call to call instead of allocated per token.
+fn with_middle<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local!(static MIDDLE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+    // Taken out while `f` runs, so a nested call would get a fresh buffer rather than a borrow panic.
+    let mut buf = MIDDLE.with(|m| std::mem::take(&mut *m.borrow_mut()));
+    buf.clear();
+    buf.resize(len, 0.0);
+    let r = f(&mut buf);
+    MIDDLE.with(|m| *m.borrow_mut() = buf);
+    r
 }

@@ -4,10 +4,10 @@
 //! → i16 pairs); nibble codes (≤ 31) let the i16 sums of four or eight images add up before one
 //! `madd` with ones widens them to i32 (|sum| ≤ 8·2·15·127 or 4·2·31·127 < 2¹⁵). Q8_0's codes
 //! go back to signed bytes and take the sign trick (`maddubs(|q|, sign(a, q))`, ≤ 2·128·127),
-//! one `madd` per image. Integer sums are exact for activation quants in [−127, 127] — all the
-//! Q8 quantizers produce.
+//! one `madd` per image; IQ4_NL's nibbles, shuffled onto its signed grid, take the same path.
+//! Integer sums are exact for activation quants in [−127, 127] — all the Q8 quantizers produce.
 
-use super::{weight_type, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
+use super::{weight_type, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::interleave::{format, tile_layout, whole_panel_tiles, ACT_BLOCK_BYTES};
 use crate::qdot::{InterleavedDotFn, Out};
 use edgelm_quant::GgmlType;
@@ -26,6 +26,7 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
         Q5_0 => row_dot::<T_Q5_0>,
         Q5_1 => row_dot::<T_Q5_1>,
         Q8_0 => row_dot::<T_Q8_0>,
+        IQ4_NL => row_dot::<T_IQ4_NL>,
         _ => return None,
     })
 }
@@ -91,9 +92,13 @@ unsafe fn half_panel<const T: u8, const N: usize>(
     let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let sixteen = _mm256_set1_epi8(16);
     let flip = _mm256_set1_epi8(-128);
+    let grid =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(edgelm_quant::iq4_nl::GRID.as_ptr().cast()));
+    // Signed weights (Q8_0's quants, IQ4_NL's grid levels) take the sign trick.
+    let signed = T == T_Q8_0 || T == T_IQ4_NL;
     // i16 sums of this many images stay below 2¹⁵ before widening (see the module note).
     let run = match T {
-        T_Q8_0 => 1,
+        T_Q8_0 | T_IQ4_NL => 1,
         T_Q5_0 | T_Q5_1 => 4,
         _ => 8,
     };
@@ -105,10 +110,15 @@ unsafe fn half_panel<const T: u8, const N: usize>(
         let image = |g: usize| -> __m256i {
             let v = if f.nibbles {
                 let x = _mm256_loadu_si256(tp.add(lay.quants + 64 * (g % 4) + 32 * half).cast());
-                if g < 4 {
+                let nibble = if g < 4 {
                     _mm256_and_si256(x, low)
                 } else {
                     _mm256_and_si256(_mm256_srli_epi16::<4>(x), low)
+                };
+                if f.grid {
+                    _mm256_shuffle_epi8(grid, nibble)
+                } else {
+                    nibble
                 }
             } else {
                 // Back to the signed quant.
@@ -128,7 +138,7 @@ unsafe fn half_panel<const T: u8, const N: usize>(
             }
         };
         let mut sums: [__m256i; N] = core::array::from_fn(|j| {
-            if f.min || T == T_Q8_0 {
+            if f.min || signed {
                 _mm256_setzero_si256()
             } else {
                 _mm256_set1_epi32(
@@ -148,7 +158,7 @@ unsafe fn half_panel<const T: u8, const N: usize>(
                     .cast::<i32>()
                     .read_unaligned();
                 let x = _mm256_set1_epi32(x);
-                let p = if T == T_Q8_0 {
+                let p = if signed {
                     _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
                 } else {
                     _mm256_maddubs_epi16(v, x)
@@ -203,6 +213,7 @@ mod tests {
             GgmlType::Q5_0,
             GgmlType::Q5_1,
             GgmlType::Q8_0,
+            GgmlType::IQ4_NL,
         ] {
             let act_ty = int_dot::activation_type(ty);
             let dot = row_dot_for(ty).unwrap();

@@ -14,10 +14,12 @@
 //! each, assembled from low nibbles and high bit pairs, each sum seeded with the activations'
 //! `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤ 16·128·(16·63·128 + 32·16·128) < 2³¹).
 
-use super::{weight_type, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0};
+use super::{
+    weight_type, T_IQ4_NL, T_IQ4_XS, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0,
+};
 use crate::interleave::{
-    format, tile_layout, whole_panel_tiles, KFormat, ACT_BLOCK_BYTES, PANEL, Q4_K_TILE, Q5_K_TILE,
-    Q6_K_TILE,
+    format, tile_layout, whole_panel_tiles, KFormat, ACT_BLOCK_BYTES, IQ4_XS_TILE, PANEL,
+    Q4_K_TILE, Q5_K_TILE, Q6_K_TILE,
 };
 use crate::qdot::{InterleavedDotFn, Out, MAX_COLS};
 use edgelm_quant::GgmlType;
@@ -32,9 +34,11 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
         Q5_0 => row_dot::<T_Q5_0>,
         Q5_1 => row_dot::<T_Q5_1>,
         Q8_0 => row_dot::<T_Q8_0>,
+        IQ4_NL => row_dot::<T_IQ4_NL>,
         Q4_K => row_dot::<T_Q4_K>,
         Q5_K => row_dot::<T_Q5_K>,
         Q6_K => row_dot::<T_Q6_K>,
+        IQ4_XS => row_dot::<T_IQ4_XS>,
         _ => return None,
     })
 }
@@ -89,9 +93,21 @@ unsafe fn panel<const T: u8, const N: usize>(
         T_Q4_K => q4_k_panel::<false, N>(w, nb, a, out),
         T_Q5_K => q4_k_panel::<true, N>(w, nb, a, out),
         T_Q6_K => q6_k_panel::<N>(w, nb, a, out),
+        T_IQ4_XS => iq4_xs_panel::<N>(w, nb, a, out),
         _ => legacy_panel::<T, N>(w, nb, a, out),
     }
 }
+
+/// IQ4_NL's grid as unsigned codes, `GRID[i] + 128`.
+const GRID_CODES: [u8; 16] = {
+    let mut c = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        c[i] = (edgelm_quant::iq4_nl::GRID[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    c
+};
 
 /// The panel at `w` (`nb` tiles) against tokens `a[..N]`: row `r` of token `j` to
 /// `out.ptr[j·ld + r]`.
@@ -112,6 +128,8 @@ unsafe fn legacy_panel<const T: u8, const N: usize>(
     let lay = tile_layout(f);
     let low = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
+    // IQ4_NL: nibble → GRID + 128, the same 16 bytes in every 128-bit lane for the shuffle.
+    let grid = _mm512_broadcast_i32x4(_mm_loadu_si128(GRID_CODES.as_ptr().cast()));
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..nb {
         // SAFETY (weight reads): tile b lies inside the panel's `PANEL · row_bytes` bytes.
@@ -122,6 +140,11 @@ unsafe fn legacy_panel<const T: u8, const N: usize>(
                 let x = _mm512_loadu_si512(tp.add(lay.quants + 64 * h).cast());
                 wv[h] = _mm512_and_si512(x, low);
                 wv[h + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
+            }
+            if f.grid {
+                for v in wv.iter_mut() {
+                    *v = _mm512_shuffle_epi8(grid, *v);
+                }
             }
         } else {
             for (g, v) in wv.iter_mut().enumerate() {
@@ -319,6 +342,72 @@ unsafe fn q4_k_sub<const HIGH: bool, const FIVE: bool, const N: usize>(
         }
         *s = _mm512_add_epi32(*s, _mm512_mullo_epi32(_mm512_add_epi32(t, u), sc));
     }
+}
+
+/// IQ4_XS panel: per super-block eight sub-blocks of four nibble images, unpacked to eight
+/// images of codes `GRID + 128`; each sub-block's sum, less `128·Σa` of its activations, scaled
+/// by its signed 6-bit scale in integers (|sum| ≤ 8·32·32·(241 + 128)·128 < 2³¹).
+///
+/// # Safety
+/// As [`legacy_panel`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn iq4_xs_panel<const N: usize>(
+    w: *const u8,
+    nb: usize,
+    a: &[*const u8; MAX_COLS],
+    out: Out,
+) {
+    let k = &IQ4_XS_TILE;
+    let tile_len = PANEL * k.block;
+    let low = _mm512_set1_epi8(0x0F);
+    let grid = _mm512_broadcast_i32x4(_mm_loadu_si128(GRID_CODES.as_ptr().cast()));
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY (weight reads): tile b lies inside the panel's bytes; activation reads inside
+        // token j's super-block b (lengths checked by the caller).
+        let tp = w.add(b * tile_len);
+        let scales_low = _mm512_loadu_si512(tp.cast());
+        let scales_high = _mm512_cvtepu16_epi32(_mm256_loadu_si256(tp.add(2144).cast()));
+        let mut sums = [_mm512_setzero_si512(); N];
+        for j in 0..8 {
+            let sc = _mm512_sub_epi32(
+                _mm512_or_si512(
+                    _mm512_and_si512(
+                        _mm512_srlv_epi32(scales_low, _mm512_set1_epi32(4 * j as i32)),
+                        _mm512_set1_epi32(15),
+                    ),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(
+                        _mm512_srlv_epi32(scales_high, _mm512_set1_epi32(2 * j as i32)),
+                        _mm512_set1_epi32(3),
+                    )),
+                ),
+                _mm512_set1_epi32(32),
+            );
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for h in 0..4 {
+                let x = _mm512_loadu_si512(tp.add(64 * (1 + 4 * j + h)).cast());
+                wv[h] = _mm512_shuffle_epi8(grid, _mm512_and_si512(x, low));
+                wv[h + 4] =
+                    _mm512_shuffle_epi8(grid, _mm512_and_si512(_mm512_srli_epi16::<4>(x), low));
+            }
+            for (t, s) in sums.iter_mut().enumerate() {
+                let ap = a[t].add(b * k.act);
+                // −128·Σa of sub-block j: its i16 sum, sign-extended, shifted.
+                let pair = ap.add(260 + 2 * j).cast::<i16>().read_unaligned() as i32;
+                let mut x = _mm512_set1_epi32(-128 * pair);
+                let mut y = _mm512_setzero_si512();
+                for g in (0..8).step_by(2) {
+                    x = _mm512_dpbusd_epi32(x, wv[g], bcast(ap.add(32 * j + 4 * g)));
+                    y = _mm512_dpbusd_epi32(y, wv[g + 1], bcast(ap.add(32 * j + 4 * g + 4)));
+                }
+                *s = _mm512_add_epi32(*s, _mm512_mullo_epi32(_mm512_add_epi32(x, y), sc));
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(2112).cast()));
+        scale_into(&mut acc, &sums, dw, a, b * k.act + 256);
+    }
+    store(&acc, out);
 }
 
 /// Q6_K panel: per super-block sixteen sub-blocks of four images, each image's six-bit codes

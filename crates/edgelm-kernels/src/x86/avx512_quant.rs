@@ -76,9 +76,11 @@ const fn a_bytes(t: u8) -> usize {
 }
 
 /// The AVX-512 kernel for a weight type, where one exists; it quantizes activations with the
-/// type's AVX2 quantizer.
+/// type's AVX2 quantizer. IQ4_NL and IQ4_XS have only the interleaved AVX-512 dot (weights are
+/// always repacked where one exists); in GGUF order they keep the AVX2 row dot.
 pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
     use GgmlType::*;
+    let base = super::avx2_quant::kernel(ty)?;
     let row_dot: RowDotFn = match ty {
         Q4_0 => row_dot::<T_Q4_0>,
         Q4_1 => row_dot::<T_Q4_1>,
@@ -90,9 +92,9 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         Q4_K => row_dot::<T_Q4_K>,
         Q5_K => row_dot::<T_Q5_K>,
         Q6_K => row_dot::<T_Q6_K>,
+        IQ4_NL | IQ4_XS => base.row_dot,
         _ => return None,
     };
-    let base = super::avx2_quant::kernel(ty)?;
     Some(QuantKernel {
         weight: ty,
         act: base.act,

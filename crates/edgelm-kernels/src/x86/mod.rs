@@ -21,6 +21,7 @@ const T_Q4_K: u8 = 7;
 const T_Q5_K: u8 = 8;
 const T_Q6_K: u8 = 9;
 const T_IQ4_NL: u8 = 10;
+const T_IQ4_XS: u8 = 11;
 
 /// The GGUF type a kernel tag stands for.
 const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
@@ -36,6 +37,7 @@ const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
         T_Q4_K => Q4_K,
         T_Q5_K => Q5_K,
         T_IQ4_NL => IQ4_NL,
+        T_IQ4_XS => IQ4_XS,
         _ => Q6_K,
     }
 }
