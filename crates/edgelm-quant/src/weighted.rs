@@ -41,14 +41,20 @@ pub(crate) fn fit_scale(
         return (0.0, error_scale(x, w, 0.0, q));
     }
     let sxx: f64 = x.iter().zip(w).map(|(&x, &w)| (w * x * x) as f64).sum();
-    let mut trial = [0i8; 256];
+    let mut products = [0f32; 256];
+    let wx = &mut products[..x.len()];
+    wx.iter_mut()
+        .zip(x.iter().zip(w))
+        .for_each(|(p, (&x, &w))| *p = w * x);
+    let wx = &*wx;
+    let mut trial = [0f32; 256];
     let trial = &mut trial[..x.len()];
     let mut best = (0f32, f64::INFINITY);
     // Rounds at `d0`, then refits the scale (or keeps `d0`); kept if it beats the best. One pass
     // gathers the sums the error needs in closed form.
     let mut try_scale = |d0: f32, refit: bool, best: &mut (f32, f64), q: &mut [i8]| {
         let inv = if d0 != 0.0 { 1.0 / d0 } else { 0.0 };
-        let (sxq, sqq, _) = level_sums(x, w, inv, 0.0, lo, hi, |l| l as i8, trial);
+        let (sxq, sqq, _) = level_sums(x, w, wx, inv, 0.0, lo, hi, trial);
         let d = match (refit, sqq > 0.0) {
             (false, _) => d0,
             (true, true) => round((sxq / sqq) as f32),
@@ -57,7 +63,9 @@ pub(crate) fn fit_scale(
         let err = sxx - 2.0 * d * sxq + d * d * sqq;
         if err < best.1 {
             *best = (d as f32, err);
-            q.copy_from_slice(trial);
+            q.iter_mut()
+                .zip(trial.iter())
+                .for_each(|(q, &l)| *q = l as i8);
         }
     };
     // Symmetric grids have one end; the others are tried with the extreme on either.
@@ -116,43 +124,55 @@ fn grid_step(x: &[f32]) -> Option<f32> {
         .min_by(f32::total_cmp)
 }
 
-/// Levels of `x` at inverse scale `inv` and offset `m` (nearest in `lo..=hi`) into `out`, with
-/// `Σ w·x·l`, `Σ w·l²` and `Σ w·l`: the inner loop of every search, in lanes of 8 the compiler vectorizes.
+/// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude below 2²² to the nearest integer
+/// (ties to even, as ggml's `nearest_int`), in plain float arithmetic that vectorizes.
+const ROUNDER: f32 = 12_582_912.0;
+
+/// Levels of `x` at inverse scale `inv` and offset `m` (nearest in `lo..=hi`) into `out` as
+/// floats, with `Σ w·x·l` (`wx` = `w·x`, formed once per block), `Σ w·l²` and `Σ w·l`: the inner
+/// loop of every search. Lanes of 8 as arrays, float arithmetic only (clamped by comparisons,
+/// which are plain `maxps`/`minps`, then rounded) so that the baseline target's SSE2 vectorizes
+/// it; callers convert the levels only of a trial they keep.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn level_sums<T: Copy>(
+fn level_sums(
     x: &[f32],
     w: &[f32],
+    wx: &[f32],
     inv: f32,
     m: f32,
     lo: i32,
     hi: i32,
-    store: impl Fn(i32) -> T,
-    out: &mut [T],
+    out: &mut [f32],
 ) -> (f64, f64, f64) {
+    let (lo, hi) = (lo as f32, hi as f32);
+    let level = |v: f32| {
+        let v = (v - m) * inv;
+        let v = if v > lo { v } else { lo };
+        let v = if v < hi { v } else { hi };
+        v + ROUNDER - ROUNDER
+    };
+    let (xc, xt) = x.as_chunks::<8>();
+    let (wc, wt) = w.as_chunks::<8>();
+    let (pc, pt) = wx.as_chunks::<8>();
+    let (oc, ot) = out.as_chunks_mut::<8>();
     let (mut sxq, mut sqq, mut sq) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-    let mut chunks = x
-        .chunks_exact(8)
-        .zip(w.chunks_exact(8))
-        .zip(out.chunks_exact_mut(8));
-    for ((x, w), o) in &mut chunks {
+    for (((x, w), p), o) in xc.iter().zip(wc).zip(pc).zip(oc.iter_mut()) {
         for k in 0..8 {
-            let l = nearest((x[k] - m) * inv).clamp(lo, hi);
-            o[k] = store(l);
-            let l = l as f32;
-            sxq[k] += w[k] * x[k] * l;
-            sqq[k] += w[k] * l * l;
-            sq[k] += w[k] * l;
+            let l = level(x[k]);
+            o[k] = l;
+            let wl = w[k] * l;
+            sxq[k] += p[k] * l;
+            sqq[k] += wl * l;
+            sq[k] += wl;
         }
     }
-    let tail = x.len() / 8 * 8;
-    for i in tail..x.len() {
-        let l = nearest((x[i] - m) * inv).clamp(lo, hi);
-        out[i] = store(l);
-        let l = l as f32;
-        sxq[0] += w[i] * x[i] * l;
-        sqq[0] += w[i] * l * l;
-        sq[0] += w[i] * l;
+    for (((&x, &w), &p), o) in xt.iter().zip(wt).zip(pt).zip(ot.iter_mut()) {
+        let l = level(x);
+        *o = l;
+        sxq[0] += p * l;
+        sqq[0] += w * l * l;
+        sq[0] += w * l;
     }
     let sum = |a: [f32; 8]| a.iter().map(|&v| v as f64).sum::<f64>();
     (sum(sxq), sum(sqq), sum(sq))
@@ -218,7 +238,13 @@ pub(crate) fn fit_affine(
         sx += w * x;
         sxx += w * x * x;
     }
-    let mut trial = [0u8; 256];
+    let mut products = [0f32; 256];
+    let wx = &mut products[..x.len()];
+    wx.iter_mut()
+        .zip(xs.iter().zip(w))
+        .for_each(|(p, (&x, &w))| *p = w * x);
+    let wx = &*wx;
+    let mut trial = [0f32; 256];
     let trial = &mut trial[..x.len()];
     let mut best = (0f32, 0f32, f64::INFINITY);
     // Rounds at spacing `d0` from `m0`, then refits scale and offset (or keeps them); kept if it
@@ -226,7 +252,7 @@ pub(crate) fn fit_affine(
     let mut try_spacing =
         |d0: f32, m0: f32, refit: bool, best: &mut (f32, f32, f64), q: &mut [u8]| {
             let inv = if d0 > 0.0 { 1.0 / d0 } else { 0.0 };
-            let (sxq, sqq, sq) = level_sums(xs, w, inv, m0 - lo, 0, nmax, |l| l as u8, trial);
+            let (sxq, sqq, sq) = level_sums(xs, w, wx, inv, m0 - lo, 0, nmax, trial);
             let (d, m) = if refit {
                 let det = sqq * sw - sq * sq;
                 let (mut d, mut m) = if det > 0.0 {
@@ -256,7 +282,9 @@ pub(crate) fn fit_affine(
                 + 2.0 * df * mf * sq;
             if err < best.2 {
                 *best = (d, m, err);
-                q.copy_from_slice(trial);
+                q.iter_mut()
+                    .zip(trial.iter())
+                    .for_each(|(q, &l)| *q = l as u8);
             }
         };
     // ggml's reference (minimum and range, no refit) as a candidate: never a larger error.
