@@ -230,7 +230,8 @@ impl Compute {
                         // aligned, checked above) and tokens t..t+nt of `x` are in bounds;
                         // (token, row) pairs of this task's rows are written by it alone.
                         unsafe {
-                            avx2_tile(
+                            float_tile(
+                                isa,
                                 |i| w.data[i * row_bytes..].as_ptr().cast::<u16>(),
                                 r,
                                 nr,
@@ -781,7 +782,8 @@ fn panel_times_x(
                     let nt = (n_tokens - t).min(3);
                     // SAFETY: AVX2/FMA present (Isa); row r+i and token t+j are in bounds.
                     unsafe {
-                        avx2_tile(
+                        float_tile(
+                            isa,
                             |i| panel[i * cols..].as_ptr(),
                             r,
                             nr,
@@ -808,12 +810,16 @@ fn panel_times_x(
     }
 }
 
-/// A weight row element the AVX2 tiles multiply as stored: f32, or F16 bits (widened by F16C).
+/// A weight row element the float tiles multiply as stored: f32, or F16 bits (widened by
+/// F16C, or by AVX-512's 16-wide convert).
 #[cfg(target_arch = "x86_64")]
 trait TileElem: Sized {
+    /// The tile on `isa` (AVX2 or AVX-512).
+    ///
     /// # Safety
-    /// The CPU has what the element's kernel needs; every pointer is valid for `k` elements.
+    /// The CPU has what `isa`'s kernel needs; every pointer is valid for `k` elements.
     unsafe fn tile<const R: usize, const T: usize>(
+        isa: Isa,
         w: &[*const Self; R],
         xs: &[*const f32; T],
         k: usize,
@@ -824,36 +830,45 @@ trait TileElem: Sized {
 #[cfg(target_arch = "x86_64")]
 impl TileElem for f32 {
     unsafe fn tile<const R: usize, const T: usize>(
+        isa: Isa,
         w: &[*const f32; R],
         xs: &[*const f32; T],
         k: usize,
         out: &mut [[f32; T]; R],
     ) {
-        crate::x86::avx2::tile::<R, T>(w, xs, k, out)
+        match isa {
+            Isa::Avx512 => crate::x86::avx512_float::tile::<R, T>(w, xs, k, out),
+            _ => crate::x86::avx2::tile::<R, T>(w, xs, k, out),
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 impl TileElem for u16 {
     unsafe fn tile<const R: usize, const T: usize>(
+        isa: Isa,
         w: &[*const u16; R],
         xs: &[*const f32; T],
         k: usize,
         out: &mut [[f32; T]; R],
     ) {
-        crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out)
+        match isa {
+            Isa::Avx512 => crate::x86::avx512_float::tile_f16::<R, T>(w, xs, k, out),
+            _ => crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out),
+        }
     }
 }
 
-/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic AVX2 kernel; `row(i)`
-/// points at weight row i.
+/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic kernel on `isa`
+/// (AVX2 or AVX-512); `row(i)` points at weight row i.
 ///
 /// # Safety
-/// AVX2 and FMA (and F16C for F16 rows) are available; rows `r..r+nr` hold `cols` elements each
-/// and tokens `t..t+nt` of `x` exist.
+/// `isa`'s features (AVX2, FMA and F16C at least) are available; rows `r..r+nr` hold `cols`
+/// elements each and tokens `t..t+nt` of `x` exist.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx2_tile<E: TileElem>(
+unsafe fn float_tile<E: TileElem>(
+    isa: Isa,
     row: impl Fn(usize) -> *const E,
     r: usize,
     nr: usize,
@@ -864,6 +879,7 @@ unsafe fn avx2_tile<E: TileElem>(
     put: &mut impl FnMut(usize, usize, f32),
 ) {
     unsafe fn go<E: TileElem, const R: usize, const T: usize>(
+        isa: Isa,
         row: impl Fn(usize) -> *const E,
         r: usize,
         cols: usize,
@@ -874,7 +890,7 @@ unsafe fn avx2_tile<E: TileElem>(
         let w: [*const E; R] = std::array::from_fn(|i| row(r + i));
         let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
         let mut out = [[0f32; T]; R];
-        E::tile::<R, T>(&w, &xs, cols, &mut out);
+        E::tile::<R, T>(isa, &w, &xs, cols, &mut out);
         for (i, row) in out.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 put(r + i, t + j, *v);
@@ -882,18 +898,18 @@ unsafe fn avx2_tile<E: TileElem>(
         }
     }
     match (nr, nt) {
-        (4, 3) => go::<E, 4, 3>(row, r, cols, x, t, put),
-        (4, 2) => go::<E, 4, 2>(row, r, cols, x, t, put),
-        (4, 1) => go::<E, 4, 1>(row, r, cols, x, t, put),
-        (3, 3) => go::<E, 3, 3>(row, r, cols, x, t, put),
-        (3, 2) => go::<E, 3, 2>(row, r, cols, x, t, put),
-        (3, 1) => go::<E, 3, 1>(row, r, cols, x, t, put),
-        (2, 3) => go::<E, 2, 3>(row, r, cols, x, t, put),
-        (2, 2) => go::<E, 2, 2>(row, r, cols, x, t, put),
-        (2, 1) => go::<E, 2, 1>(row, r, cols, x, t, put),
-        (1, 3) => go::<E, 1, 3>(row, r, cols, x, t, put),
-        (1, 2) => go::<E, 1, 2>(row, r, cols, x, t, put),
-        _ => go::<E, 1, 1>(row, r, cols, x, t, put),
+        (4, 3) => go::<E, 4, 3>(isa, row, r, cols, x, t, put),
+        (4, 2) => go::<E, 4, 2>(isa, row, r, cols, x, t, put),
+        (4, 1) => go::<E, 4, 1>(isa, row, r, cols, x, t, put),
+        (3, 3) => go::<E, 3, 3>(isa, row, r, cols, x, t, put),
+        (3, 2) => go::<E, 3, 2>(isa, row, r, cols, x, t, put),
+        (3, 1) => go::<E, 3, 1>(isa, row, r, cols, x, t, put),
+        (2, 3) => go::<E, 2, 3>(isa, row, r, cols, x, t, put),
+        (2, 2) => go::<E, 2, 2>(isa, row, r, cols, x, t, put),
+        (2, 1) => go::<E, 2, 1>(isa, row, r, cols, x, t, put),
+        (1, 3) => go::<E, 1, 3>(isa, row, r, cols, x, t, put),
+        (1, 2) => go::<E, 1, 2>(isa, row, r, cols, x, t, put),
+        _ => go::<E, 1, 1>(isa, row, r, cols, x, t, put),
     }
 }
 
@@ -1209,9 +1225,13 @@ mod tests {
     #[test]
     fn float_weights_match_the_scalar_reference_on_every_path() {
         let mut rng = Rng(91);
-        let (rows, cols) = (21, 43);
-        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
-        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        // 43 columns: a tail past every vector width; 96: whole vectors of 8 and 16.
+        for (ty, cols) in [GgmlType::F32, GgmlType::F16, GgmlType::BF16]
+            .into_iter()
+            .flat_map(|ty| [(ty, 43), (ty, 96)])
+        {
+            let rows = 21;
+            let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
             let mut data = vec![0u8; edgelm_quant::row_bytes(ty, cols).unwrap() * rows];
             edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
             let mut stored = vec![0f32; rows * cols];

@@ -5,6 +5,7 @@ pub mod avx2_kv;
 mod avx2_legacy;
 pub mod avx2_quant;
 pub mod avx512_attention;
+pub mod avx512_float;
 pub mod avx512_interleaved;
 pub mod avx512_quant;
 pub mod flash;
