@@ -28,14 +28,31 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     quantize_block_weighted(x, &w, b);
 }
 
-/// Index of the grid level nearest `v` (in units of `d`).
-fn nearest(v: f32) -> usize {
-    // The grid is sorted: count the midpoints below `v`.
-    let mut i = 0;
-    while i < 15 && v > (GRID[i] as f32 + GRID[i + 1] as f32) * 0.5 {
-        i += 1;
+/// `LEVEL_OF[t + 256]`: the index of the grid level nearest any `v` with `floor(2v) = t` — the
+/// count of midpoints between neighbouring levels at or below `t / 2` (a value exactly on a
+/// midpoint goes up).
+const LEVEL_OF: [u8; 512] = {
+    let mut table = [0u8; 512];
+    let mut t = 0;
+    while t < 512 {
+        let mut i = 0;
+        while i < 15 && GRID[i] as i32 + GRID[i + 1] as i32 <= t as i32 - 256 {
+            i += 1;
+        }
+        table[t] = i as u8;
+        t += 1;
     }
-    i
+    table
+};
+
+/// Index of the grid level nearest `v` (in units of `d`): one table lookup, since it runs for
+/// every value of every trial scale.
+fn nearest(v: f32) -> usize {
+    // floor(2v) by truncation of a positive number; outside ±128 the ends are nearest anyway.
+    let v = if v > -128.0 { v } else { -128.0 };
+    let v = if v < 128.0 { v } else { 128.0 };
+    let t = (2.0 * v + 512.0) as i32 - 512;
+    LEVEL_OF[(t + 256).clamp(0, 511) as usize] as usize
 }
 
 /// The scale minimizing `Σ w (x − d·GRID[q])²` (then passed through `round`, as it will be
@@ -79,13 +96,31 @@ pub(crate) fn search(
         return (0.0, 0.0, q);
     }
     let mut best = (0f32, f32::INFINITY, q);
+    let mut try_reach = |reach: f32, best: &mut (f32, f32, [u8; BLOCK_ELEMS])| {
+        assign(x, max / reach, &mut q);
+        let (d, err) = fit(x, w, &q, &round);
+        if err < best.1 {
+            *best = (d, err, q);
+        }
+        err
+    };
     for end in [GRID[0] as f32, GRID[15] as f32] {
+        // ggml's trials: the extreme on the end and on the 8 levels either side of it.
         for step in -8..=8 {
-            assign(x, max / (end + step as f32 * end.signum()), &mut q);
-            let (d, err) = fit(x, w, &q, &round);
-            if err < best.1 {
-                best = (d, err, q);
+            try_reach(end + step as f32 * end.signum(), &mut best);
+        }
+        // Then reaches from 0.7 to 4 times the end in steps of 2^⅛ (clipping the extreme
+        // pays where its weight is small), and a fine sweep around the best of them.
+        let mut coarse = (end, f32::INFINITY);
+        for k in -4..=16 {
+            let reach = end * (k as f32 / 8.0).exp2();
+            let err = try_reach(reach, &mut best);
+            if err < coarse.1 {
+                coarse = (reach, err);
             }
+        }
+        for k in -7..=7 {
+            try_reach(coarse.0 * (k as f32 / 64.0).exp2(), &mut best);
         }
     }
     for _ in 0..8 {
@@ -119,6 +154,26 @@ pub fn quantize_block_weighted(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table lookup equals counting the midpoints below `v`, away from exact midpoints.
+    #[test]
+    fn nearest_level_by_table_equals_the_scan() {
+        let scan = |v: f32| {
+            let mut i = 0;
+            while i < 15 && v > (GRID[i] as f32 + GRID[i + 1] as f32) * 0.5 {
+                i += 1;
+            }
+            i
+        };
+        let mut v = -300.0f32;
+        while v < 300.0 {
+            if (0..15).all(|i| (2.0 * v - (GRID[i] as f32 + GRID[i + 1] as f32)).abs() > 1e-3) {
+                assert_eq!(nearest(v), scan(v), "v = {v}");
+            }
+            v += 0.0137;
+        }
+        assert_eq!(nearest(f32::NAN), 0);
+    }
 
     #[test]
     fn hand_block() {
