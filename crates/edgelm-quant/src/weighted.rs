@@ -42,11 +42,7 @@ pub(crate) fn fit_scale(
     }
     let sxx: f64 = x.iter().zip(w).map(|(&x, &w)| (w * x * x) as f64).sum();
     let mut products = [0f32; 256];
-    let wx = &mut products[..x.len()];
-    wx.iter_mut()
-        .zip(x.iter().zip(w))
-        .for_each(|(p, (&x, &w))| *p = w * x);
-    let wx = &*wx;
+    let wx = weighted_values(x, w, &mut products);
     let mut trial = [0f32; 256];
     let trial = &mut trial[..x.len()];
     let mut best = (0f32, f64::INFINITY);
@@ -122,6 +118,16 @@ fn grid_step(x: &[f32]) -> Option<f32> {
         .map(|p| p[1] - p[0])
         .filter(|&g| g > span * 1e-3)
         .min_by(f32::total_cmp)
+}
+
+/// `w·x` per value into the front of `buf` (blocks are at most 256 values): [`level_sums`]'s
+/// `wx`, formed once per block rather than once per trial.
+fn weighted_values<'a>(x: &[f32], w: &[f32], buf: &'a mut [f32; 256]) -> &'a [f32] {
+    let out = &mut buf[..x.len()];
+    out.iter_mut()
+        .zip(x.iter().zip(w))
+        .for_each(|(p, (&x, &w))| *p = w * x);
+    out
 }
 
 /// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude below 2²² to the nearest integer
@@ -239,11 +245,7 @@ pub(crate) fn fit_affine(
         sxx += w * x * x;
     }
     let mut products = [0f32; 256];
-    let wx = &mut products[..x.len()];
-    wx.iter_mut()
-        .zip(xs.iter().zip(w))
-        .for_each(|(p, (&x, &w))| *p = w * x);
-    let wx = &*wx;
+    let wx = weighted_values(xs, w, &mut products);
     let mut trial = [0f32; 256];
     let trial = &mut trial[..x.len()];
     let mut best = (0f32, 0f32, f64::INFINITY);
