@@ -917,15 +917,7 @@ unsafe fn float_tile<E: TileElem>(
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn f(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::test_rng::Rng;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -940,8 +932,8 @@ mod tests {
             for &(rows, cols, n_tokens) in
                 &[(1, 1, 1), (5, 13, 2), (37, 40, 7), (16, 64, 3), (33, 96, 5)]
             {
-                let wv: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
-                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let wv: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
                 let data = f32_bytes(&wv);
                 let w = Weight {
                     ty: GgmlType::F32,
@@ -974,8 +966,8 @@ mod tests {
         for isa in Isa::available() {
             let c = Compute::new(isa, 1);
             for n in [0, 1, 7, 8, 9, 31, 64, 100] {
-                let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
-                let b: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                let a: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
+                let b: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
                 assert!(
                     (c.dot(&a, &b) - scalar_dot(&a, &b)).abs() < 1e-5,
                     "{isa} n={n}"
@@ -1009,7 +1001,7 @@ mod tests {
             let c = Compute::with_precision(isa, 2, Precision::Fast);
             for ty in types {
                 let (rows, cols, n_tokens) = (21, 512, 11);
-                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
                 let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
                 let mut data = vec![0u8; rows * row_bytes];
                 for r in 0..rows {
@@ -1020,7 +1012,7 @@ mod tests {
                     )
                     .unwrap();
                 }
-                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
                 let w = Weight {
                     ty,
                     rows,
@@ -1068,7 +1060,7 @@ mod tests {
                 GgmlType::IQ4_XS,
             ] {
                 let (rows, cols, n_tokens) = (19, 512, 7);
-                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
                 let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
                 let mut data = vec![0u8; rows * row_bytes];
                 for (src, dst) in wf.chunks_exact(cols).zip(data.chunks_exact_mut(row_bytes)) {
@@ -1084,7 +1076,7 @@ mod tests {
                         ..w
                     }
                 });
-                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
                 let act = edgelm_quant::int_dot::activation_type(ty);
                 let act_bytes = act.bytes_for(cols as u64).unwrap() as usize;
                 for w in [Some(w), interleaved].into_iter().flatten() {
@@ -1123,7 +1115,7 @@ mod tests {
     fn matmul_group_equals_separate_products() {
         let mut rng = Rng(0x9e37_79b9);
         let (cols, n_tokens) = (256, 3);
-        let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+        let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
         let specs = [
             (GgmlType::Q5_0, 40, ActivationPrecision::Int8),
             (GgmlType::Q8_0, 24, ActivationPrecision::Refined),
@@ -1134,7 +1126,7 @@ mod tests {
         let weights: Vec<(GgmlType, usize, ActivationPrecision, Vec<u8>)> = specs
             .iter()
             .map(|&(ty, rows, act)| {
-                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
                 let mut data = vec![0u8; ty.bytes_for((rows * cols) as u64).unwrap() as usize];
                 edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
                 (ty, rows, act, data)
@@ -1198,10 +1190,10 @@ mod tests {
     fn float_weights_keep_f32_activations_on_the_fast_path() {
         let mut rng = Rng(77);
         let (rows, cols, n_tokens) = (9, 40, 5);
-        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
         let mut data = vec![0u8; rows * cols * 2];
         edgelm_quant::quantize_row(GgmlType::F16, &wf, &mut data).unwrap();
-        let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+        let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
         let w = Weight {
             ty: GgmlType::F16,
             rows,
@@ -1231,14 +1223,14 @@ mod tests {
             .flat_map(|ty| [(ty, 43), (ty, 96)])
         {
             let rows = 21;
-            let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+            let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
             let mut data = vec![0u8; edgelm_quant::row_bytes(ty, cols).unwrap() * rows];
             edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
             let mut stored = vec![0f32; rows * cols];
             edgelm_quant::dequantize_row(ty, &data, &mut stored).unwrap();
             let w = Weight::gguf(ty, rows, cols, &data);
             for n_tokens in [1, 2, 3, 4, 5, 9] {
-                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.f()).collect();
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
                 for isa in Isa::available() {
                     let mut out = vec![0f32; rows * n_tokens];
                     Compute::with_precision(isa, 2, Precision::Fast)

@@ -24,7 +24,8 @@ const T_Q6_K: u8 = 9;
 const T_IQ4_NL: u8 = 10;
 const T_IQ4_XS: u8 = 11;
 
-/// The GGUF type a kernel tag stands for.
+/// The GGUF type a kernel tag stands for (the tags are this module's constants: any other is a
+/// bug, not input).
 const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
     use edgelm_quant::GgmlType::*;
     match t {
@@ -39,7 +40,8 @@ const fn weight_type(t: u8) -> edgelm_quant::GgmlType {
         T_Q5_K => Q5_K,
         T_IQ4_NL => IQ4_NL,
         T_IQ4_XS => IQ4_XS,
-        _ => Q6_K,
+        T_Q6_K => Q6_K,
+        _ => panic!("a kernel type tag without a weight type"),
     }
 }
 
