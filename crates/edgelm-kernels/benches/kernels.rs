@@ -1,5 +1,6 @@
 //! Kernel micro-benchmarks: weight bytes per second of each fast-path row dot (1 and 8 activation
-//! rows) on every ISA this CPU runs, GGUF layout and interleaved, the precise f32 matmul, and the pool's per-dispatch cost.
+//! rows) on every ISA this CPU runs, GGUF layout and interleaved, the precise f32 matmul, a prompt's
+//! products on one thread, and the pool's per-dispatch cost.
 //! `cargo bench -p edgelm-kernels` (criterion prints GiB/s; elements are MACs for the f32 path).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -200,6 +201,53 @@ fn decode_stream(c: &mut Criterion) {
     }
 }
 
+/// A prompt's product on one thread: 256 tokens against Qwen's FFN shapes (gate/up for the
+/// 32-element types, down for the k-quants), interleaved where the ISA repacks. Elements are
+/// multiply-adds, so criterion's rate is MACs per second.
+fn prefill(c: &mut Criterion) {
+    let tokens = 256;
+    for (ty, rows, cols) in [
+        (GgmlType::Q5_0, 1024, 896),
+        (GgmlType::Q8_0, 1024, 896),
+        (GgmlType::Q4_K, 448, 4864),
+        (GgmlType::Q6_K, 448, 4864),
+    ] {
+        let weights = quantized(ty, &random_floats(rows * cols, 3));
+        let x = random_floats(tokens * cols, 5);
+        let mut out = vec![0f32; rows * tokens];
+        let mut group = c.benchmark_group(format!("prefill_{ty}_{rows}x{cols}x{tokens}"));
+        group.throughput(Throughput::Elements((rows * cols * tokens) as u64));
+        group.sample_size(10);
+        // The scalar reference would take minutes here.
+        for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+            let compute = Compute::with_precision(isa, 1, Precision::Fast);
+            let gguf = Weight::gguf(ty, rows, cols, &weights);
+            let mut data = weights.clone();
+            let layout = if compute.wants_interleaved(ty) {
+                compute
+                    .interleave_into(gguf, &mut data)
+                    .expect("interleavable");
+                Layout::Interleaved
+            } else {
+                Layout::Gguf
+            };
+            let w = Weight {
+                layout,
+                data: &data,
+                ..gguf
+            };
+            group.bench_function(format!("{isa}/{layout:?}"), |b| {
+                b.iter(|| {
+                    compute
+                        .matmul(w, &x, tokens, &mut out)
+                        .expect("shapes match")
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 fn pool_dispatch(c: &mut Criterion) {
     let pool = ThreadPool::new(2);
     c.bench_function("pool_dispatch_2_threads", |b| {
@@ -211,5 +259,12 @@ fn pool_dispatch(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, row_dots, matmuls, decode_stream, pool_dispatch);
+criterion_group!(
+    benches,
+    row_dots,
+    matmuls,
+    decode_stream,
+    prefill,
+    pool_dispatch
+);
 criterion_main!(benches);

@@ -8,7 +8,7 @@
 
 use crate::interleave::PANEL as INTERLEAVED_PANEL;
 use crate::interleave::{deinterleave_rows, interleave_rows, pack_activations, packed_act_bytes};
-use crate::qdot::{kernel_for, InterleavedDotFn, Out, QuantKernel, MAX_COLS};
+use crate::qdot::{kernel_for, InterleavedDotFn, Out, PanelPrefill, QuantKernel, MAX_COLS};
 use crate::{Isa, ThreadPool};
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
@@ -96,7 +96,15 @@ thread_local! {
     static RESIDUAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// One token's activations in the GGUF block format, before packing.
     static BLOCKS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A panel decoded for a prompt ([`crate::qdot::PanelPrefill`]), in cache lines so its
+    /// 32-byte images never straddle two.
+    static DECODED: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
+
+/// One cache line of scratch.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 /// Raw activation bytes shared by tasks that write disjoint token rows.
 #[derive(Clone, Copy)]
@@ -511,6 +519,15 @@ impl Plan<'_> {
             .filter(|_| self.w.layout == Layout::Interleaved)
     }
 
+    /// The decode-once prompt path, for a single pass over enough tokens to pay for decoding
+    /// and weights in the layout it decodes.
+    fn prefill(&self, n_tokens: usize) -> Option<PanelPrefill> {
+        let interleaved = self.w.layout == Layout::Interleaved;
+        self.k.prefill.filter(|p| {
+            self.passes == 1 && n_tokens > MAX_COLS && p.from_interleaved == interleaved
+        })
+    }
+
     fn packed(&self) -> bool {
         self.interleaved().is_some()
     }
@@ -560,8 +577,42 @@ impl Plan<'_> {
         let mut cols: [&[u8]; MAX_COLS] = [&[]; MAX_COLS];
         let mut dots = [0f32; ROWS_PER_TASK * MAX_COLS];
         let task_rows = task * per_task..((task + 1) * per_task).min(w.rows);
+        let prefill = self.prefill(n_tokens);
         for r0 in task_rows.clone().step_by(ROWS_PER_TASK) {
             let r1 = (r0 + ROWS_PER_TASK).min(task_rows.end);
+            if let Some(p) = prefill.filter(|_| r1 - r0 == INTERLEAVED_PANEL) {
+                let block = &w.data[r0 * row_bytes..r1 * row_bytes];
+                let at = SharedOut(shared.get().wrapping_add(r0));
+                DECODED.with_borrow_mut(|lines| {
+                    let len = (p.bytes)(w.cols);
+                    lines.resize(len.div_ceil(64), Line([0; 64]));
+                    // SAFETY: `lines` holds at least `len` initialized bytes.
+                    let dec = unsafe {
+                        std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), len)
+                    };
+                    // SAFETY: kernel chosen for this CPU; `block` is one whole panel.
+                    unsafe { (p.decode)(block, row_bytes, dec) };
+                    for t0 in (0..n_tokens).step_by(MAX_COLS) {
+                        let nt = (n_tokens - t0).min(MAX_COLS);
+                        for (j, c) in cols[..nt].iter_mut().enumerate() {
+                            *c = &acts[(t0 + j) * slot..(t0 + j + 1) * slot];
+                        }
+                        // SAFETY: as for the row dots below; `dec` is the decoded panel.
+                        unsafe {
+                            (p.dot)(
+                                dec,
+                                w.cols,
+                                &cols[..nt],
+                                Out {
+                                    ptr: at.get().add(t0 * w.rows),
+                                    ld: w.rows,
+                                },
+                            )
+                        };
+                    }
+                });
+                continue;
+            }
             // Token tiles outer, rows inner: the tile's activations and this block of rows
             // both stay in L1 while every pair is computed.
             for t0 in (0..n_tokens).step_by(tile) {
@@ -983,7 +1034,7 @@ mod tests {
         }
     }
 
-    /// The fast path on every ISA equals the integer reference (and stays near the f32 product).
+    /// The fast path on every ISA and layout equals the integer reference.
     #[test]
     fn fast_matmul_matches_integer_reference() {
         let mut rng = Rng(0xfeed_beef);
@@ -1000,7 +1051,7 @@ mod tests {
         for isa in Isa::available() {
             let c = Compute::with_precision(isa, 2, Precision::Fast);
             for ty in types {
-                let (rows, cols, n_tokens) = (21, 512, 11);
+                let (rows, cols, n_tokens) = (37, 512, 11);
                 let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
                 let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
                 let mut data = vec![0u8; rows * row_bytes];
@@ -1013,15 +1064,28 @@ mod tests {
                     .unwrap();
                 }
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
-                let w = Weight {
-                    ty,
-                    rows,
-                    cols,
-                    data: &data,
-                    layout: Layout::Gguf,
-                };
+                let gguf = Weight::gguf(ty, rows, cols, &data);
                 let mut out = vec![0f32; rows * n_tokens];
-                c.matmul(w, &x, n_tokens, &mut out).unwrap();
+                c.matmul(gguf, &x, n_tokens, &mut out).unwrap();
+                // Interleaved too where the ISA repacks: whole panels (the decode-once prompt
+                // path, more tokens than one tile) and a partial one.
+                let mut repacked = vec![0u8; data.len()];
+                if c.wants_interleaved(ty) {
+                    c.interleave_into(gguf, &mut repacked).unwrap();
+                    let w = Weight {
+                        layout: Layout::Interleaved,
+                        data: &repacked,
+                        ..gguf
+                    };
+                    let mut y = vec![0f32; rows * n_tokens];
+                    c.matmul(w, &x, n_tokens, &mut y).unwrap();
+                    for (p, q) in out.iter().zip(&y) {
+                        assert!(
+                            (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                            "{isa} {ty}: {p} {q}"
+                        );
+                    }
+                }
                 let act = edgelm_quant::int_dot::activation_type(ty);
                 let act_bytes = act.bytes_for(cols as u64).unwrap() as usize;
                 for t in 0..n_tokens {

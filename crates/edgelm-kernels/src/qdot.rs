@@ -54,6 +54,33 @@ impl Out {
 /// As for [`RowDotFn`].
 pub type InterleavedDotFn = RowDotFn;
 
+/// Decodes one whole panel of weight rows (`row_bytes` each, at the start of `w`) into `dst`.
+///
+/// # Safety
+/// The CPU supports the ISA the function was built for.
+pub type DecodeFn = unsafe fn(w: &[u8], row_bytes: usize, dst: &mut [u8]);
+
+/// A decoded panel of `cols` columns times each of `acts` (at most [`MAX_COLS`]), row `r` of
+/// activation `j` to `out` at (r, j).
+///
+/// # Safety
+/// As for [`RowDotFn`]; `dec` was written by the matching [`DecodeFn`].
+pub type DecodedDotFn = unsafe fn(dec: &[u8], cols: usize, acts: &[&[u8]], out: Out);
+
+/// A prompt's way through a weight on an ISA without a byte dot product (AVX2): each panel of
+/// [`crate::interleave::PANEL`] rows decoded once to 8-bit codes and f32 scales, then read by
+/// every tile of tokens — unpacking nibbles and fifth bits per tile would cost as much as the
+/// products. Worth it from a few tiles of tokens on.
+#[derive(Clone, Copy)]
+pub struct PanelPrefill {
+    /// It decodes interleaved panels (else GGUF rows).
+    pub from_interleaved: bool,
+    /// Bytes of one decoded panel of `cols` columns.
+    pub bytes: fn(cols: usize) -> usize,
+    pub decode: DecodeFn,
+    pub dot: DecodedDotFn,
+}
+
 /// The body of a [`RowDotFn`]: for each weight row `r < n_rows` and each chunk `a` of at most
 /// [`MAX_COLS`] activation rows, `$call` fills `o` with `N` results (`N` the chunk's length, a
 /// const there, so the kernel is the monomorphic one of its width), stored through `out`.
@@ -119,6 +146,8 @@ pub struct QuantKernel {
     /// The row dot over weights repacked by `Compute::interleave_into` and activations packed by
     /// `interleave::pack_activations`, where this ISA has one.
     pub interleaved: Option<InterleavedDotFn>,
+    /// Decode-once panels for prompts, where this ISA has them.
+    pub prefill: Option<PanelPrefill>,
 }
 
 /// The kernel for weight type `ty` on `isa`, falling back to the scalar reference for types the
@@ -135,6 +164,7 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
         row_dot: scalar_row_dot_for(ty),
         quantize: scalar_quantize_for(act),
         interleaved: None,
+        prefill: None,
     };
     let _ = isa;
     #[cfg(target_arch = "x86_64")]

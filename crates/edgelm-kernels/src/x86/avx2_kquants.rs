@@ -18,7 +18,7 @@
 //! registers. The integer sums are exactly those of `edgelm_quant::int_dot`; only the f32
 //! accumulation order differs (per lane across super-blocks, horizontal sum at the end).
 
-use super::{f32_at, hsum, u32_at};
+use super::{f32_at, hsum, hsum_i32, u32_at};
 use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -49,6 +49,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize: quantize_row_q8_k,
         interleaved: None,
+        prefill: super::avx2_kpanels::prefill_for(ty),
     })
 }
 
@@ -285,6 +286,15 @@ unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
     ))
 }
 
+/// `acc + s·scale`, fused: each super-block of Q4_K, Q5_K and Q6_K enters a row's total as its
+/// exact integer sums times the f32 product of the two `d`s, in this order and rounding —
+/// exactly as the decode-once prompt path (`avx2_kpanels`) does, so a token's result does not
+/// depend on which of the two its batch takes.
+#[inline(always)]
+fn add_block(acc: f32, s: i32, scale: f32) -> f32 {
+    (s as f32).mul_add(scale, acc)
+}
+
 /// Q4_K (144 bytes: f16 d, f16 dmin, scales[12], qs[128]). Each 32 bytes of `qs` hold two
 /// 32-element sub-blocks, low nibbles then high nibbles, so one load gives two weight
 /// registers with an `and` and a shift. Mins: `madd` of the duplicated mins with the bsums.
@@ -298,7 +308,7 @@ unsafe fn q4_k_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
     let ys = act_ptrs::<N>(acts, nb);
     let out: &mut [f32; N] = (&mut out[..N]).try_into().unwrap();
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc = [0f32; N];
     for i in 0..nb {
         // SAFETY: block i of the weight row is in bounds (i < nb = w.len() / BW).
         let x = w.as_ptr().add(i * BW);
@@ -326,13 +336,11 @@ unsafe fn q4_k_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
         for j in 0..N {
             let da = f32_at(yb[j]);
             let msum = _mm256_madd_epi16(mins, load(yb[j].add(Q8K_BSUMS)));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * da), acc[j]);
-            acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin * da), acc[j]);
+            acc[j] = add_block(acc[j], hsum_i32(sumi[j]), d * da);
+            acc[j] = add_block(acc[j], -hsum_i32(msum), dmin * da);
         }
     }
-    for j in 0..N {
-        out[j] = hsum(acc[j]);
-    }
+    *out = acc;
 }
 
 /// Q5_K (176 bytes: f16 d, f16 dmin, scales[12], qh[32], qs[128]). Low nibbles as Q4_K; the
@@ -350,7 +358,7 @@ unsafe fn q5_k_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0x0F);
     let bit0 = _mm256_set1_epi8(0x01);
     let bit1 = _mm256_set1_epi8(0x02);
-    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc = [0f32; N];
     for i in 0..nb {
         // SAFETY: block i of the weight row is in bounds (i < nb = w.len() / BW).
         let x = w.as_ptr().add(i * BW);
@@ -383,13 +391,11 @@ unsafe fn q5_k_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
         for j in 0..N {
             let da = f32_at(yb[j]);
             let msum = _mm256_madd_epi16(mins, load(yb[j].add(Q8K_BSUMS)));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * da), acc[j]);
-            acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin * da), acc[j]);
+            acc[j] = add_block(acc[j], hsum_i32(sumi[j]), d * da);
+            acc[j] = add_block(acc[j], -hsum_i32(msum), dmin * da);
         }
     }
-    for j in 0..N {
-        out[j] = hsum(acc[j]);
-    }
+    *out = acc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,7 +417,7 @@ unsafe fn q6_k_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
     let out: &mut [f32; N] = (&mut out[..N]).try_into().unwrap();
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(0x30);
-    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc = [0f32; N];
     for i in 0..nb {
         // SAFETY: block i of the weight row is in bounds (i < nb = w.len() / BW).
         let x = w.as_ptr().add(i * BW);
@@ -457,12 +463,10 @@ unsafe fn q6_k_rows<const N: usize>(w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
             let da = f32_at(yb[j]);
             let off = _mm256_madd_epi16(sc16, load(yb[j].add(Q8K_BSUMS)));
             let isum = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32::<5>(off));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * da), acc[j]);
+            acc[j] = add_block(acc[j], hsum_i32(isum), d * da);
         }
     }
-    for j in 0..N {
-        out[j] = hsum(acc[j]);
-    }
+    *out = acc;
 }
 
 /// Q3_K's 16 6-bit scale codes minus 32, as i8: low nibbles from bytes 0..8 (low then high

@@ -13,7 +13,7 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
-use super::{hsum, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
+use super::{hsum, hsum_i32, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
 use crate::Isa;
 use edgelm_quant::GgmlType;
@@ -63,6 +63,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize,
         interleaved: super::avx2_interleaved::row_dot_for(ty),
+        prefill: super::avx2_interleaved::prefill_for(ty),
     })
 }
 
@@ -339,14 +340,6 @@ unsafe fn hmax(v: __m256) -> f32 {
     let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
 }
 
 #[cfg(test)]

@@ -102,6 +102,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize: base.quantize,
         interleaved: super::avx512_interleaved::row_dot_for(ty),
+        prefill: None,
     })
 }
 

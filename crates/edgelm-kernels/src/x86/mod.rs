@@ -1,5 +1,6 @@
 pub mod avx2;
 mod avx2_interleaved;
+mod avx2_kpanels;
 mod avx2_kquants;
 pub mod avx2_kv;
 mod avx2_legacy;
@@ -55,6 +56,18 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// The sum of the eight i32 lanes of `v` (wrapping, as the lanes' own additions).
+///
+/// # Safety
+/// The CPU has AVX2 (inlined only into AVX2 kernels).
+#[inline(always)]
+unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
 }
 
 /// The little-endian f32 at `p`.

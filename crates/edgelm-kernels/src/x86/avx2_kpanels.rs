@@ -1,0 +1,352 @@
+//! The decode-once prompt path for k-quants on AVX2 ([`crate::qdot::PanelPrefill`]): sixteen
+//! GGUF rows decoded into 8-bit codes once, then read by every tile of tokens with `maddubs`.
+//!
+//! Decoded, per half panel (eight rows) and super-block, [`K_BLOCK`] bytes:
+//! - 64 images of codes: lane `r` of image `i` holds row `r`'s elements `4i..4i + 4` — Q4_K's
+//!   and Q5_K's unsigned codes, Q6_K's signed `q − 32` (the sign trick, `|c| ≤ 32`);
+//! - 16 scale vectors, one per 16 elements, lane `r` = the row's scale in both 16-bit halves,
+//!   so one `madd` both widens a group's i16 sums and scales them;
+//! - `d` as f32; for Q4_K / Q5_K `dmin` as f32 and eight min vectors (lane = the sub-block's
+//!   min in both halves), `madd`ed with Q8_K's pairs of 16-element sums.
+//!
+//! i16 bounds: a group is four images, `4·2·c·127` with `c ≤ 31` (Q5_K) or `|c| ≤ 32` (Q6_K)
+//! stays below 2¹⁵; i32 sums of a super-block stay below 2³¹ (|scale| ≤ 128).
+
+use super::{weight_type, T_Q4_K, T_Q5_K, T_Q6_K};
+use crate::interleave::PANEL;
+use crate::qdot::{DecodeFn, DecodedDotFn, Out, PanelPrefill};
+use edgelm_quant::GgmlType;
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Bytes of one decoded super-block of eight rows.
+const K_BLOCK: usize = 64 * 32 + 16 * 32 + 32 + 32 + 8 * 32;
+const SCALES_AT: usize = 64 * 32;
+const D_AT: usize = SCALES_AT + 16 * 32;
+const DMIN_AT: usize = D_AT + 32;
+const MINS_AT: usize = DMIN_AT + 32;
+/// Q8_K: f32 `d` at 0, i8 quants at 4, i16 sums of 16 at 260.
+const Q8K_BYTES: usize = 292;
+/// Tokens per pass over a half panel.
+const TOKENS: usize = 4;
+
+/// The decode-once prompt path of a k-quant, where one exists.
+pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
+    use GgmlType::*;
+    let (decode, dot): (DecodeFn, DecodedDotFn) = match ty {
+        Q4_K => (decode::<T_Q4_K>, decoded_dot::<T_Q4_K>),
+        Q5_K => (decode::<T_Q5_K>, decoded_dot::<T_Q5_K>),
+        Q6_K => (decode::<T_Q6_K>, decoded_dot::<T_Q6_K>),
+        _ => return None,
+    };
+    Some(PanelPrefill {
+        from_interleaved: false,
+        bytes: |cols| (cols / 256) * 2 * K_BLOCK,
+        decode,
+        dot,
+    })
+}
+
+/// One row's super-block as codes, 16-element group scales, sub-block mins and `d`, `dmin`.
+struct Decoded {
+    codes: [u8; 256],
+    scales: [i16; 16],
+    mins: [i16; 8],
+    d: f32,
+    dmin: f32,
+}
+
+/// Q4_K / Q5_K's 6-bit scale and min of sub-block `j` (GGUF's packing of 12 bytes).
+fn scale_min(j: usize, q: &[u8]) -> (i16, i16) {
+    if j < 4 {
+        ((q[j] & 63) as i16, (q[j + 4] & 63) as i16)
+    } else {
+        (
+            ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)) as i16,
+            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as i16,
+        )
+    }
+}
+
+fn half_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Super-block `blk` (GGUF bytes) of type `T`.
+fn decode_block<const T: u8>(blk: &[u8]) -> Decoded {
+    let mut o = Decoded {
+        codes: [0; 256],
+        scales: [0; 16],
+        mins: [0; 8],
+        d: 0.0,
+        dmin: 0.0,
+    };
+    match T {
+        T_Q4_K | T_Q5_K => {
+            o.d = half_at(blk, 0);
+            o.dmin = half_at(blk, 2);
+            for j in 0..8 {
+                let (sc, m) = scale_min(j, &blk[4..16]);
+                o.scales[2 * j] = sc;
+                o.scales[2 * j + 1] = sc;
+                o.mins[j] = m;
+            }
+            let (qh, qs) = if T == T_Q5_K {
+                (&blk[16..48], &blk[48..176])
+            } else {
+                (&blk[..0], &blk[16..144])
+            };
+            for j in 0..4 {
+                let (lo, hi) = o.codes[64 * j..64 * j + 64].split_at_mut(32);
+                for l in 0..32 {
+                    let q = qs[32 * j + l];
+                    lo[l] = q & 0x0F;
+                    hi[l] = q >> 4;
+                    if T == T_Q5_K {
+                        lo[l] |= ((qh[l] >> (2 * j)) & 1) << 4;
+                        hi[l] |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                    }
+                }
+            }
+        }
+        _ => {
+            o.d = half_at(blk, 208);
+            for (s, &b) in o.scales.iter_mut().zip(&blk[192..208]) {
+                *s = b as i8 as i16;
+            }
+            for n in 0..2 {
+                let (ql, qh) = (&blk[64 * n..64 * n + 64], &blk[128 + 32 * n..160 + 32 * n]);
+                let c = &mut o.codes[128 * n..128 * n + 128];
+                for l in 0..32 {
+                    let h = qh[l];
+                    // Signed codes q − 32, as bytes.
+                    let code =
+                        |low: u8, shift: u32| ((low | (((h >> shift) & 3) << 4)) as i8 - 32) as u8;
+                    c[l] = code(ql[l] & 0x0F, 0);
+                    c[l + 32] = code(ql[l + 32] & 0x0F, 2);
+                    c[l + 64] = code(ql[l] >> 4, 4);
+                    c[l + 96] = code(ql[l + 32] >> 4, 6);
+                }
+            }
+        }
+    }
+    o
+}
+
+/// [`DecodeFn`]: a panel of sixteen GGUF rows of type `T` into the layout of the module note,
+/// half `h`, super-block `b` at `(h·nb + b)·K_BLOCK`.
+///
+/// # Safety
+/// None beyond the signature's: plain Rust (the SIMD is in the dot).
+unsafe fn decode<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    let block = weight_type(T).block_bytes();
+    let nb = row_bytes / block;
+    assert!(
+        w.len() >= PANEL * row_bytes && dst.len() >= 2 * nb * K_BLOCK,
+        "decode: panel or destination too short"
+    );
+    let lane = |v: i16| ((v as u16 as u32) | ((v as u16 as u32) << 16)).to_le_bytes();
+    for r in 0..PANEL {
+        let (half, l) = (r / 8, r % 8);
+        for b in 0..nb {
+            let at = r * row_bytes + b * block;
+            let x = decode_block::<T>(&w[at..at + block]);
+            let rec = &mut dst[(half * nb + b) * K_BLOCK..(half * nb + b + 1) * K_BLOCK];
+            for (i, four) in x.codes.chunks_exact(4).enumerate() {
+                rec[32 * i + 4 * l..32 * i + 4 * l + 4].copy_from_slice(four);
+            }
+            for (g, &s) in x.scales.iter().enumerate() {
+                let p = SCALES_AT + 32 * g + 4 * l;
+                rec[p..p + 4].copy_from_slice(&lane(s));
+            }
+            rec[D_AT + 4 * l..D_AT + 4 * l + 4].copy_from_slice(&x.d.to_le_bytes());
+            rec[DMIN_AT + 4 * l..DMIN_AT + 4 * l + 4].copy_from_slice(&x.dmin.to_le_bytes());
+            for (j, &m) in x.mins.iter().enumerate() {
+                let p = MINS_AT + 32 * j + 4 * l;
+                rec[p..p + 4].copy_from_slice(&lane(m));
+            }
+        }
+    }
+}
+
+/// [`DecodedDotFn`]: a decoded panel against Q8_K activation rows, [`TOKENS`] at a time per
+/// half.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `dec` is [`decode`]'s output for `cols` columns.
+unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out: Out) {
+    let nb = cols / 256;
+    assert!(
+        dec.len() >= 2 * nb * K_BLOCK && acts.iter().all(|a| a.len() >= nb * Q8K_BYTES),
+        "decoded_dot: decoded panel or activations too short"
+    );
+    for (chunk, a) in acts.chunks(TOKENS).enumerate() {
+        let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
+        for half in 0..2 {
+            let d = dec.as_ptr().add(half * nb * K_BLOCK);
+            let o = Out {
+                ptr: out.ptr.add(chunk * TOKENS * out.ld + 8 * half),
+                ld: out.ld,
+            };
+            match a.len() {
+                1 => decoded_half::<T, 1>(d, nb, &p, o),
+                2 => decoded_half::<T, 2>(d, nb, &p, o),
+                3 => decoded_half::<T, 3>(d, nb, &p, o),
+                _ => decoded_half::<T, 4>(d, nb, &p, o),
+            }
+        }
+    }
+}
+
+/// The 32-bit word at `p`, broadcast.
+///
+/// # Safety
+/// `p` is readable for 4 bytes; the CPU has AVX.
+#[inline(always)]
+unsafe fn bcast(p: *const u8) -> __m256i {
+    _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+/// Eight decoded rows (`nb` super-blocks at `d`) against tokens `a[..N]`.
+///
+/// # Safety
+/// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decoded_half<const T: u8, const N: usize>(
+    d: *const u8,
+    nb: usize,
+    a: &[*const u8; TOKENS],
+    out: Out,
+) {
+    let signed = T == T_Q6_K;
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let rec = d.add(b * K_BLOCK);
+        let at = b * Q8K_BYTES;
+        let mut sums = [_mm256_setzero_si256(); N];
+        for g in 0..16 {
+            let mut s16 = [_mm256_setzero_si256(); N];
+            for i in 0..4 {
+                let v = _mm256_load_si256(rec.add(32 * (4 * g + i)).cast());
+                let magnitude = _mm256_abs_epi8(v);
+                for j in 0..N {
+                    let x = bcast(a[j].add(at + 4 + 16 * g + 4 * i));
+                    let p = if signed {
+                        _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
+                    } else {
+                        _mm256_maddubs_epi16(v, x)
+                    };
+                    s16[j] = _mm256_add_epi16(s16[j], p);
+                }
+            }
+            let sc = _mm256_load_si256(rec.add(SCALES_AT + 32 * g).cast());
+            for j in 0..N {
+                sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(s16[j], sc));
+            }
+        }
+        let dw = _mm256_load_ps(rec.add(D_AT).cast());
+        let dmin = _mm256_load_ps(rec.add(DMIN_AT).cast());
+        for j in 0..N {
+            let da = _mm256_set1_ps(a[j].add(at).cast::<f32>().read_unaligned());
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[j]), _mm256_mul_ps(dw, da), acc[j]);
+            if !signed {
+                let mut m = _mm256_setzero_si256();
+                for k in 0..8 {
+                    let mins = _mm256_load_si256(rec.add(MINS_AT + 32 * k).cast());
+                    m = _mm256_add_epi32(
+                        m,
+                        _mm256_madd_epi16(mins, bcast(a[j].add(at + 260 + 4 * k))),
+                    );
+                }
+                acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, da), acc[j]);
+            }
+        }
+    }
+    for (j, v) in acc.iter().enumerate() {
+        // SAFETY: token j's eight rows of `out` are valid (caller).
+        _mm256_storeu_ps(out.ptr.add(j * out.ld), *v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interleave::tests::magnitude;
+    use crate::test_rng::Rng;
+    use edgelm_quant::{int_dot, quantize_row};
+
+    /// A random panel of every k-quant with a prompt path, 1–9 tokens: the decoded dot equals
+    /// the integer reference on the GGUF rows within f32 reordering, and the AVX2 row dots
+    /// exactly.
+    #[test]
+    fn decoded_k_panels_match_the_integer_reference() {
+        if !crate::Isa::available().contains(&crate::Isa::Avx2) {
+            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C; the path is untested");
+            return;
+        }
+        let mut rng = Rng(0x0DEC_0DE5_4B51);
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let p = prefill_for(ty).unwrap();
+            let row_dot = crate::qdot::kernel_for(crate::Isa::Avx2, ty).unwrap();
+            for nb in [1usize, 3, 19] {
+                let cols = nb * 256;
+                let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
+                let rows: Vec<Vec<u8>> = (0..PANEL)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..cols).map(|_| rng.weight() * 2.0).collect();
+                        let mut w = vec![0u8; row_bytes];
+                        quantize_row(ty, &x, &mut w).unwrap();
+                        w
+                    })
+                    .collect();
+                let panel = rows.concat();
+                let mut dec = vec![0u8; (p.bytes)(cols) + 32];
+                // The kernels' aligned loads: the decoded panel on a 32-byte boundary.
+                let skew = dec.as_ptr().align_offset(32);
+                let dec = &mut dec[skew..skew + (p.bytes)(cols)];
+                // SAFETY: plain Rust; lengths match.
+                unsafe { (p.decode)(&panel, row_bytes, dec) };
+                for n in 1..=9 {
+                    let acts: Vec<Vec<u8>> = (0..n)
+                        .map(|_| {
+                            let scale = 0.05 + 4.0 * rng.unit().abs();
+                            let x: Vec<f32> = (0..cols).map(|_| rng.weight() * scale).collect();
+                            let mut a = vec![0u8; nb * Q8K_BYTES];
+                            quantize_row(GgmlType::Q8_K, &x, &mut a).unwrap();
+                            a
+                        })
+                        .collect();
+                    let refs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
+                    let mut out = vec![f32::NAN; n * PANEL];
+                    let mut rows_out = vec![f32::NAN; n * PANEL];
+                    // SAFETY: the CPU was checked; lengths match.
+                    unsafe {
+                        (p.dot)(dec, cols, &refs, Out::slice(&mut out, PANEL));
+                        (row_dot.row_dot)(
+                            &panel,
+                            row_bytes,
+                            PANEL,
+                            &refs,
+                            Out::slice(&mut rows_out, PANEL),
+                        );
+                    }
+                    // Bit for bit the row dots' results: a token's result must not depend on
+                    // its batch.
+                    assert_eq!(out, rows_out, "{ty:?} {nb} blocks, {n} tokens");
+                    for (r, row) in rows.iter().enumerate() {
+                        for (j, a) in acts.iter().enumerate() {
+                            let want = int_dot::vec_dot(ty, row, a).unwrap();
+                            let got = out[j * PANEL + r];
+                            let tol = 1e-5 * magnitude(ty, row, a) + 1e-6;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{ty:?} {nb} blocks, {n} tokens, row {r} token {j}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
