@@ -1039,6 +1039,21 @@ fn inspect(a: InspectArgs) -> Result<()> {
         }
         Err(e) => println!("\nmodel: cannot be run by edgelm: {e}"),
     }
+    match edgelm_models::repack_cache::inspect(&path, &file) {
+        Some((cache, entries)) => {
+            let bytes: u64 = entries.iter().map(|e| e.len).sum();
+            println!(
+                "\nrepacked layout: cached at {} ({} weights, {:.1} MiB), mapped by runs instead of repacking",
+                cache.display(),
+                entries.len(),
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
+        None => println!(
+            "\nrepacked layout: no valid cache at {} (the next fast-path run writes it)",
+            edgelm_models::repack_cache::cache_path(&path).display()
+        ),
+    }
     Ok(())
 }
 

@@ -254,4 +254,24 @@ fn main() {
     let im = root.join("imatrix_parse");
     put(&im, "legacy.dat", &m.to_legacy());
     put(&im, "imatrix.gguf", &m.to_gguf().expect("imatrix GGUF").to_bytes());
+
+    // repack_index: a cache of one 18-byte weight, as `repack_cache` writes it.
+    let mut cache = b"EDGELMRP".to_vec();
+    cache.extend_from_slice(&edgelm_kernels_layout_version().to_le_bytes());
+    cache.extend_from_slice(&1u32.to_le_bytes());
+    cache.extend_from_slice(&0x0123_4567_89AB_CDEFu64.to_le_bytes());
+    let name = b"blk.0.attn_q.weight";
+    cache.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    cache.extend_from_slice(name);
+    cache.extend_from_slice(&2u32.to_le_bytes());
+    for v in [1u64, 32, 128, 18] {
+        cache.extend_from_slice(&v.to_le_bytes());
+    }
+    cache.resize(128 + 18, 0x5A);
+    put(&root.join("repack_index"), "one_weight.bin", &cache);
+}
+
+/// The repack cache layout version the seed is written for (`interleave::LAYOUT_VERSION`).
+fn edgelm_kernels_layout_version() -> u32 {
+    1
 }

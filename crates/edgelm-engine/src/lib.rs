@@ -28,6 +28,7 @@ pub use stop::StopMatcher;
 use edgelm_chat::ChatTemplate;
 use edgelm_gguf::GgufFile;
 use edgelm_kernels::{Compute, Precision};
+use edgelm_models::repack_cache::{self, RepackCache};
 use edgelm_models::{KvCache, KvConfig, KvType, KvTypes, Model};
 use edgelm_tokenizer::{Encode, Tokenizer};
 use std::path::Path;
@@ -63,14 +64,25 @@ pub struct Engine {
     chat: OnceLock<std::result::Result<Arc<ChatTemplate>, String>>,
     /// Cache types chosen for this engine's caches; None keeps the path's default.
     kv_types: Option<KvTypes>,
+    /// Where this engine's repacked weights came from.
+    pub repack_cache: RepackCache,
 }
 
 impl Engine {
+    /// Load the model at `path` for `compute`: weights its kernels want repacked come from the
+    /// repack cache beside the model, written on the first run
+    /// ([`edgelm_models::repack_cache`]; `EDGELM_REPACK_CACHE=off` repacks in memory instead).
     pub fn load(path: &Path, compute: Compute) -> Result<Engine> {
         let file = Arc::new(GgufFile::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let model = edgelm_models::load(file)?;
+        let repack_cache = if std::env::var("EDGELM_REPACK_CACHE").is_ok_and(|v| v == "off") {
+            RepackCache::NotNeeded
+        } else {
+            repack_cache::attach(&model, path, &compute)
+        };
         Ok(Engine {
+            repack_cache,
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             compute,

@@ -8,7 +8,7 @@ mod types;
 mod value;
 mod writer;
 
-pub use reader::{GgufFile, TensorInfo, TensorView};
+pub use reader::{GgufFile, MappedFile, TensorInfo, TensorView};
 pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
 pub use writer::GgufWriter;

@@ -69,6 +69,22 @@ pub struct GgufFile {
     tensor_index: HashMap<String, usize>,
 }
 
+/// A whole file mapped read-only: for files edgelm writes beside models (the repack cache),
+/// replaced only by renaming a new file over them, which leaves existing mappings intact.
+pub struct MappedFile(memmap2::Mmap);
+
+impl MappedFile {
+    pub fn open(path: &Path) -> std::io::Result<MappedFile> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: read-only mapping; writers never modify such a file in place (see above).
+        Ok(MappedFile(unsafe { memmap2::Mmap::map(&file) }?))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl GgufFile {
     /// Map and parse a file. The mapping is read-only and shared with the page cache.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {

@@ -39,6 +39,10 @@
 use edgelm_quant::GgmlType;
 use half::f16;
 
+/// The version of this layout: bumped whenever the bytes of a repacked weight change, so
+/// repack caches written by other versions are rewritten rather than misread.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Rows per interleaved panel: one per 32-bit lane of a 512-bit register.
 pub const PANEL: usize = 16;
 /// Bytes of one token's packed activations per 32-element block.

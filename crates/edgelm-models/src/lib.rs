@@ -14,6 +14,7 @@ mod linear;
 pub mod llama;
 mod plan;
 pub mod qwen2;
+pub mod repack_cache;
 mod transformer;
 
 pub use batch::{Batch, Logits};

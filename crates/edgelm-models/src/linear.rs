@@ -1,10 +1,25 @@
 //! `Linear`: every projection in every model. A weight in its stored type plus an optional bias.
 
 use crate::{ModelError, Result};
-use edgelm_gguf::GgufFile;
+use edgelm_gguf::{GgufFile, MappedFile};
 use edgelm_kernels::{ActivationPrecision, Compute, Layout, Product, Weight};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
+
+/// Repacked rows: copied in memory, or mapped from the repack cache.
+enum Repacked {
+    Owned(Vec<u8>),
+    Mapped(Arc<MappedFile>, Range<usize>),
+}
+
+impl Repacked {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Repacked::Owned(v) => v,
+            Repacked::Mapped(m, r) => &m.bytes()[r.clone()],
+        }
+    }
+}
 
 /// A weight matrix in its quantized type: left in the mapped file, or repacked on first use
 /// for the compute context's kernels ([`WeightRef::view_for`]).
@@ -12,9 +27,10 @@ use std::sync::{Arc, OnceLock};
 pub struct WeightRef {
     file: Arc<GgufFile>,
     range: Range<usize>,
-    /// Set on the first product: the repacked rows, or None where the GGUF layout is best.
-    /// Shared by clones, so a tied output head and the embedding table read one copy.
-    interleaved: Arc<OnceLock<Option<Vec<u8>>>>,
+    /// Set on the first product (or from the repack cache): the repacked rows, or None where
+    /// the GGUF layout is best. Shared by clones, so a tied output head and the embedding table
+    /// read one copy.
+    interleaved: Arc<OnceLock<Option<Repacked>>>,
     pub name: String,
     pub ty: edgelm_gguf::GgmlType,
     pub rows: usize,
@@ -74,8 +90,27 @@ impl WeightRef {
     /// once; the mapped original is then released from resident memory): repacking at load
     /// would fault in every page before the first request, whether it is used or not.
     pub fn view_for(&self, c: &Compute) -> Weight<'_> {
-        self.interleaved.get_or_init(|| {
-            let w = self.view();
+        self.interleaved
+            .get_or_init(|| self.repack(c).map(Repacked::Owned));
+        self.view()
+    }
+
+    /// Use `range` of `map` (the repack cache) as this weight's repacked rows; no effect if it
+    /// was already repacked or found to need none.
+    pub(crate) fn use_mapped(&self, map: Arc<MappedFile>, range: Range<usize>) {
+        let _ = self.interleaved.set(Some(Repacked::Mapped(map, range)));
+    }
+
+    /// The rows repacked for `c`, None where its kernels want the GGUF layout. The original's
+    /// pages are released as they are copied.
+    pub(crate) fn repack(&self, c: &Compute) -> Option<Vec<u8>> {
+        {
+            let w = Weight::gguf(
+                self.ty,
+                self.rows,
+                self.cols,
+                &self.file.bytes()[self.range.clone()],
+            );
             if !c.wants_interleaved(w.ty) || w.rows == 0 {
                 return None;
             }
@@ -94,8 +129,7 @@ impl WeightRef {
                 self.file.release(start + bytes.start..start + bytes.end);
             }
             Some(data)
-        });
-        self.view()
+        }
     }
 
     /// The weight as it is now: repacked if [`WeightRef::view_for`] did so, else as GGUF has it.
@@ -105,7 +139,7 @@ impl WeightRef {
                 ty: self.ty,
                 rows: self.rows,
                 cols: self.cols,
-                data,
+                data: data.bytes(),
                 layout: Layout::Interleaved,
             },
             None => Weight::gguf(
@@ -322,6 +356,14 @@ impl Linear {
     }
 
     /// Bytes of weights one forward reads.
+    /// The matrices this projection multiplies by.
+    pub fn weights(&self) -> Vec<&WeightRef> {
+        match &self.projection {
+            Projection::Dense(w) => vec![w],
+            Projection::LowRank { inner, outer } => vec![inner, outer],
+        }
+    }
+
     pub fn n_bytes(&self) -> usize {
         match &self.projection {
             Projection::Dense(w) => w.n_bytes(),

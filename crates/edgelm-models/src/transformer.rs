@@ -256,6 +256,18 @@ impl Transformer {
         &self.file
     }
 
+    /// Every matrix the forward pass multiplies by (a tied head shares the embedding's).
+    pub fn matrices(&self) -> Vec<&WeightRef> {
+        let mut all = Vec::new();
+        for b in &self.blocks {
+            for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down] {
+                all.extend(l.weights());
+            }
+        }
+        all.extend(self.output.weights());
+        all
+    }
+
     /// Bytes of weights the forward pass reads.
     pub fn weight_bytes(&self) -> u64 {
         let mut total = self.tok_embd.n_bytes() as u64;

@@ -1086,3 +1086,94 @@ fn an_observer_sees_every_projection_input() {
         assert_eq!((head.1, head.2), (model.hp.n_embd, 3), "{}", arch.name());
     }
 }
+
+/// The repack cache: a fast-path load writes it beside the model, later loads map it instead of
+/// repacking, and the logits are the same bit for bit as repacking in memory. A damaged cache,
+/// one for another model, and one that cannot be written are handled without a wrong result:
+/// rewritten, rewritten, and left to the in-memory path.
+#[test]
+fn repacked_weights_are_cached_beside_the_model() {
+    use edgelm_gguf::GgufFile;
+    use edgelm_models::repack_cache::{attach, cache_path, RepackCache};
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(format!("edgelm-repack-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    let cache = cache_path(&path);
+    let tokens = Rng::new(4).tokens(SEQ_LEN, 64);
+    let model_of =
+        |seed| TinyModel::random_typed(&Spec::tiny(Arch::Llama), seed, |_| GgmlType::Q4_0);
+    let mut exercised = false;
+    for isa in Isa::available() {
+        let c = Compute::with_precision(isa, 2, edgelm_kernels::Precision::Fast);
+        let logits = |model: &Model| one_batch(model, &c, &mut new_cache(model, 64, 16), &tokens);
+        let open = || edgelm_models::load(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
+        for seed in [1, 2] {
+            std::fs::write(&path, model_of(seed).to_bytes()).unwrap();
+            let in_memory = logits(&open());
+            let model = open();
+            let status = attach(&model, &path, &c);
+            if !c.wants_interleaved(GgmlType::Q4_0) {
+                assert_eq!(status, RepackCache::NotNeeded, "{isa}");
+                assert!(!cache.exists(), "{isa}: a cache nobody needs");
+                continue;
+            }
+            // Seed 2 finds seed 1's cache, made for other bytes.
+            assert!(
+                matches!(status, RepackCache::Written { .. }),
+                "{isa} {seed}: {status:?}"
+            );
+            assert_eq!(logits(&model), in_memory, "{isa} {seed}: written");
+            let model = open();
+            let status = attach(&model, &path, &c);
+            assert!(
+                matches!(status, RepackCache::Mapped { .. }),
+                "{isa} {seed}: {status:?}"
+            );
+            assert_eq!(logits(&model), in_memory, "{isa} {seed}: mapped");
+        }
+        if !cache.exists() {
+            continue;
+        }
+        exercised = true;
+        let in_memory = logits(&open());
+        // A flipped byte in the fingerprint: rewritten.
+        let mut bytes = std::fs::read(&cache).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&cache, &bytes).unwrap();
+        let model = open();
+        let status = attach(&model, &path, &c);
+        assert!(
+            matches!(status, RepackCache::Written { .. }),
+            "{isa}: {status:?}"
+        );
+        assert_eq!(logits(&model), in_memory, "{isa}: rewritten");
+        // A truncated cache: rewritten.
+        std::fs::write(&cache, &bytes[..bytes.len() / 2]).unwrap();
+        let status = attach(&open(), &path, &c);
+        assert!(
+            matches!(status, RepackCache::Written { .. }),
+            "{isa}: {status:?}"
+        );
+        // Nowhere to write (a directory in the way): the in-memory path, no temporary file left.
+        std::fs::remove_file(&cache).unwrap();
+        std::fs::create_dir_all(cache.join("blocker")).unwrap();
+        let model = open();
+        let status = attach(&model, &path, &c);
+        assert!(
+            matches!(status, RepackCache::Unavailable { .. }),
+            "{isa}: {status:?}"
+        );
+        assert_eq!(logits(&model), in_memory, "{isa}: unavailable");
+        std::fs::remove_dir_all(&cache).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("tiny.gguf")], "{isa}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    if !exercised {
+        eprintln!("skipping the cache itself: no ISA of this CPU repacks Q4_0");
+    }
+}

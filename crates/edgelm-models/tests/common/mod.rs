@@ -313,8 +313,8 @@ impl TinyModel {
         self.metadata.retain(|(k, _)| k != key);
     }
 
-    /// The model as a GGUF file in memory, through the project's writer and reader.
-    pub fn to_gguf(&self) -> Arc<GgufFile> {
+    /// The model's GGUF bytes, through the project's writer.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut w = GgufWriter::new();
         for (k, v) in &self.metadata {
             w.set(k, v.clone());
@@ -323,7 +323,12 @@ impl TinyModel {
             w.add_tensor(&t.name, &t.dims, t.ty, t.bytes.clone())
                 .unwrap();
         }
-        Arc::new(GgufFile::from_bytes(w.to_bytes()).unwrap())
+        w.to_bytes()
+    }
+
+    /// The model as a GGUF file in memory, through the project's writer and reader.
+    pub fn to_gguf(&self) -> Arc<GgufFile> {
+        Arc::new(GgufFile::from_bytes(self.to_bytes()).unwrap())
     }
 
     pub fn load(&self) -> edgelm_models::Result<edgelm_models::Model> {
