@@ -524,7 +524,7 @@ impl Plan<'_> {
     fn prefill(&self, n_tokens: usize) -> Option<PanelPrefill> {
         let interleaved = self.w.layout == Layout::Interleaved;
         self.k.prefill.filter(|p| {
-            self.passes == 1 && n_tokens > MAX_COLS && p.from_interleaved == interleaved
+            self.passes == 1 && n_tokens >= p.min_tokens && p.from_interleaved == interleaved
         })
     }
 
@@ -1051,7 +1051,7 @@ mod tests {
         for isa in Isa::available() {
             let c = Compute::with_precision(isa, 2, Precision::Fast);
             for ty in types {
-                let (rows, cols, n_tokens) = (37, 512, 11);
+                let (rows, cols, n_tokens) = (37, 512, 27);
                 let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
                 let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
                 let mut data = vec![0u8; rows * row_bytes];

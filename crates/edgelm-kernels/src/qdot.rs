@@ -70,11 +70,13 @@ pub type DecodedDotFn = unsafe fn(dec: &[u8], cols: usize, acts: &[&[u8]], out: 
 /// A prompt's way through a weight on an ISA without a byte dot product (AVX2): each panel of
 /// [`crate::interleave::PANEL`] rows decoded once to 8-bit codes and f32 scales, then read by
 /// every tile of tokens — unpacking nibbles and fifth bits per tile would cost as much as the
-/// products. Worth it from a few tiles of tokens on.
+/// products. Worth it from [`PanelPrefill::min_tokens`] on.
 #[derive(Clone, Copy)]
 pub struct PanelPrefill {
     /// It decodes interleaved panels (else GGUF rows).
     pub from_interleaved: bool,
+    /// Tokens from which decoding pays for itself (more than one tile at least).
+    pub min_tokens: usize,
     /// Bytes of one decoded panel of `cols` columns.
     pub bytes: fn(cols: usize) -> usize,
     pub decode: DecodeFn,

@@ -269,6 +269,8 @@ pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
     };
     Some(PanelPrefill {
         from_interleaved: true,
+        // Decoding is a few SIMD operations per image: it pays from the second tile on.
+        min_tokens: crate::qdot::MAX_COLS + 1,
         bytes: |cols| (cols / 32) * 2 * DECODED_BLOCK,
         decode,
         dot,
