@@ -132,7 +132,12 @@ def llama_imatrix():
     return build_tool("build-server", "llama-imatrix", SERVER_CMAKE + no_amx_cmake())
 
 
-TOOLS = {"llama-server": llama_server, "llama-bench": llama_bench,
+# llama-simple: load a model, decode a prompt and sample — load to first token beside edgelm's.
+def llama_simple():
+    return build_tool("build-server", "llama-simple", SERVER_CMAKE + no_amx_cmake())
+
+
+TOOLS = {"llama-server": llama_server, "llama-bench": llama_bench, "llama-simple": llama_simple,
          "llama-perplexity": llama_perplexity, "llama-quantize": llama_quantize,
          "llama-imatrix": llama_imatrix}
 

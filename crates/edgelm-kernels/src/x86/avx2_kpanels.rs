@@ -15,6 +15,7 @@
 use super::{weight_type, T_Q4_K, T_Q5_K, T_Q6_K};
 use crate::interleave::PANEL;
 use crate::qdot::{DecodeFn, DecodedDotFn, Out, PanelPrefill};
+use edgelm_quant::k_quants::q8_k::{BLOCK_BYTES as Q8K_BYTES, BSUMS as Q8K_BSUMS, QS as Q8K_QS};
 use edgelm_quant::GgmlType;
 use half::f16;
 use std::arch::x86_64::*;
@@ -25,8 +26,6 @@ const SCALES_AT: usize = 64 * 32;
 const D_AT: usize = SCALES_AT + 16 * 32;
 const DMIN_AT: usize = D_AT + 32;
 const MINS_AT: usize = DMIN_AT + 32;
-/// Q8_K: f32 `d` at 0, i8 quants at 4, i16 sums of 16 at 260.
-const Q8K_BYTES: usize = 292;
 /// Tokens per pass over a half panel.
 const TOKENS: usize = 4;
 
@@ -234,7 +233,7 @@ unsafe fn decoded_half<const T: u8, const N: usize>(
                 let v = _mm256_load_si256(rec.add(32 * (4 * g + i)).cast());
                 let magnitude = _mm256_abs_epi8(v);
                 for j in 0..N {
-                    let x = bcast(a[j].add(at + 4 + 16 * g + 4 * i));
+                    let x = bcast(a[j].add(at + Q8K_QS + 16 * g + 4 * i));
                     let p = if signed {
                         _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
                     } else {
@@ -259,7 +258,7 @@ unsafe fn decoded_half<const T: u8, const N: usize>(
                     let mins = _mm256_load_si256(rec.add(MINS_AT + 32 * k).cast());
                     m = _mm256_add_epi32(
                         m,
-                        _mm256_madd_epi16(mins, bcast(a[j].add(at + 260 + 4 * k))),
+                        _mm256_madd_epi16(mins, bcast(a[j].add(at + Q8K_BSUMS + 4 * k))),
                     );
                 }
                 acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, da), acc[j]);

@@ -21,15 +21,12 @@
 use super::{f32_at, hsum, hsum_i32, u32_at};
 use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
+use edgelm_quant::k_quants::q8_k::{BLOCK_BYTES as Q8K_BYTES, BSUMS as Q8K_BSUMS, QS as Q8K_QS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
 /// Elements per super-block.
 const QK: usize = 256;
-/// Q8_K block: f32 `d` at 0, i8 `qs[256]` at 4, i16 `bsums[16]` at 260.
-const Q8K_BYTES: usize = 292;
-const Q8K_QS: usize = 4;
-const Q8K_BSUMS: usize = 260;
 
 /// The AVX2 kernel for k-quant weight type `ty`, if this module has one.
 pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {

@@ -31,6 +31,7 @@ use super::{f32_at, u32_at, weight_type};
 use super::{T_Q2_K, T_Q3_K, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, RowDotFn};
 use crate::Isa;
+use edgelm_quant::k_quants::q8_k::{BLOCK_BYTES as Q8K_BYTES, BSUMS as Q8K_BSUMS, QS as Q8K_QS};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -58,11 +59,6 @@ const fn is_k(t: u8) -> bool {
 const fn has_min(t: u8) -> bool {
     matches!(t, T_Q4_1 | T_Q5_1)
 }
-
-/// Q8_K block: f32 `d` at 0, i8 `qs[256]` at 4, i16 `bsums[16]` at 260.
-const Q8K_BYTES: usize = 292;
-const Q8K_QS: usize = 4;
-const Q8K_BSUMS: usize = 260;
 
 /// Bytes of one activation block (Q8_K; Q8_1: d, s, 32 quants; Q8_0: d, 32 quants).
 const fn a_bytes(t: u8) -> usize {

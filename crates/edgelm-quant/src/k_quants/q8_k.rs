@@ -7,8 +7,10 @@ use crate::nearest_int;
 pub const BLOCK_ELEMS: usize = QK_K;
 pub const BLOCK_BYTES: usize = 292;
 
-const QS: usize = 4;
-const BSUMS: usize = 260;
+/// Offset of the quants.
+pub const QS: usize = 4;
+/// Offset of the i16 sums of 16 quants.
+pub const BSUMS: usize = 260;
 
 pub fn dequantize_block(b: &[u8; BLOCK_BYTES], y: &mut [f32; BLOCK_ELEMS]) {
     let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
