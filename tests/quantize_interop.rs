@@ -183,7 +183,8 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
 }
 
 /// Structurally pruned models (fewer FFN neurons, fewer heads, fewer blocks) keep llama.cpp's
-/// metadata conventions: llama-perplexity loads them and scores the same text alike. Gemma 3
+/// metadata conventions: llama-perplexity loads them and scores the same text as edgelm's
+/// precise path does, within 1%, as edgelm's fast path does. Gemma 3
 /// with block 9 dropped checks the per-layer sliding-window flags: its global layers 11 and 17
 /// move to 10 and 16.
 #[test]
@@ -221,9 +222,15 @@ fn pruned_models_score_alike_in_llama_cpp() {
             .args(["--imatrix", &s(&imatrix)])
             .args(args));
         let (ours, theirs) = perplexities(&out, &eval);
+        // Each fast path against the reference (edgelm's precise path), not against each
+        // other: on AVX2 the two sit on either side of it (SmolLM2: +0.6%, −0.5%). Misplaced
+        // metadata in llama.cpp (a sliding flag on the wrong layer) costs far more than 1%.
+        let exact = ppl_of(&run(edgelm()
+            .args(["perplexity", "-m", &s(&out), "-f", &s(&eval)])
+            .args(["-c", "256", "--precise"])));
         assert!(
-            (ours / theirs - 1.0).abs() < 0.01,
-            "{model} pruned ({args:?}): edgelm PPL {ours}, llama.cpp PPL {theirs}"
+            (ours / exact - 1.0).abs() < 0.01 && (theirs / exact - 1.0).abs() < 0.01,
+            "{model} pruned ({args:?}): edgelm PPL {ours}, llama.cpp PPL {theirs}, precise {exact}"
         );
     }
     std::fs::remove_dir_all(&dir).expect("cleanup");
