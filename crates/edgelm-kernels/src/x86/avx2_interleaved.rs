@@ -7,17 +7,16 @@
 //! one `madd` per image; IQ4_NL's nibbles, shuffled onto its signed grid, take the same path.
 //! Integer sums are exact for activation quants in [−127, 127] — all the Q8 quantizers produce.
 
-use super::{weight_type, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
+use super::{
+    panel_times_tokens, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1,
+    T_Q8_0,
+};
 use crate::interleave::{
     format, packed_act_bytes, tile_layout, whole_panel_tiles, ACT_BLOCK_BYTES, PANEL,
 };
 use crate::qdot::{DecodeFn, DecodedDotFn, InterleavedDotFn, Out, PanelPrefill};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
-
-/// Tokens per pass over a half panel: their accumulators and the current image fill the
-/// sixteen 256-bit registers.
-const TOKENS: usize = 4;
 
 /// The interleaved row dot for `ty`, if it has one.
 pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
@@ -48,21 +47,13 @@ unsafe fn row_dot<const T: u8>(
     let Some(nb) = whole_panel_tiles(weight_type(T), w, row_bytes, n_rows, acts, out) else {
         return;
     };
-    for (chunk, a) in acts.chunks(TOKENS).enumerate() {
-        let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
-        for half in 0..2 {
-            let o = Out {
-                ptr: out.ptr.add(chunk * TOKENS * out.ld + 8 * half),
-                ld: out.ld,
-            };
-            match a.len() {
-                1 => half_panel::<T, 1>(w.as_ptr(), nb, half, &p, o),
-                2 => half_panel::<T, 2>(w.as_ptr(), nb, half, &p, o),
-                3 => half_panel::<T, 3>(w.as_ptr(), nb, half, &p, o),
-                _ => half_panel::<T, 4>(w.as_ptr(), nb, half, &p, o),
-            }
-        }
-    }
+    let kernels: [HalfKernel; TOKENS] = [
+        half_panel::<T, 1>,
+        half_panel::<T, 2>,
+        half_panel::<T, 3>,
+        half_panel::<T, 4>,
+    ];
+    panel_times_tokens(w.as_ptr(), nb, acts, out, &kernels);
 }
 
 /// Constants of the unpacking, built once per kernel call.
@@ -153,8 +144,7 @@ const fn run(t: u8) -> usize {
     }
 }
 
-/// Rows `8·half..8·half + 8` of the panel at `w` (`nb` tiles) against tokens `a[..N]`: row
-/// `r` of token `j` to `out.ptr[j·ld + r]`.
+/// [`HalfKernel`] over an interleaved panel (`nb` tiles).
 ///
 /// # Safety
 /// As [`row_dot`], lengths checked there; `out` is valid for the eight rows of N tokens.
@@ -328,36 +318,29 @@ unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out:
         dec.len() >= 2 * nb * DECODED_BLOCK && acts.iter().all(|a| a.len() >= act_bytes),
         "decoded_dot: decoded panel or activations too short"
     );
-    for (chunk, a) in acts.chunks(TOKENS).enumerate() {
-        let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
-        for half in 0..2 {
-            let d = dec.as_ptr().add(half * nb * DECODED_BLOCK);
-            let o = Out {
-                ptr: out.ptr.add(chunk * TOKENS * out.ld + 8 * half),
-                ld: out.ld,
-            };
-            match a.len() {
-                1 => decoded_half::<T, 1>(d, nb, &p, o),
-                2 => decoded_half::<T, 2>(d, nb, &p, o),
-                3 => decoded_half::<T, 3>(d, nb, &p, o),
-                _ => decoded_half::<T, 4>(d, nb, &p, o),
-            }
-        }
-    }
+    let kernels: [HalfKernel; TOKENS] = [
+        decoded_half::<T, 1>,
+        decoded_half::<T, 2>,
+        decoded_half::<T, 3>,
+        decoded_half::<T, 4>,
+    ];
+    panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
 }
 
-/// Eight rows of a decoded panel (`nb` blocks at `d`) against tokens `a[..N]`.
+/// [`HalfKernel`] over a decoded panel (each half `nb` blocks, one after the other).
 ///
 /// # Safety
 /// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decoded_half<const T: u8, const N: usize>(
-    d: *const u8,
+    dec: *const u8,
     nb: usize,
+    half: usize,
     a: &[*const u8; TOKENS],
     out: Out,
 ) {
+    let d = dec.add(half * nb * DECODED_BLOCK);
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {
         let rec = d.add(b * DECODED_BLOCK);

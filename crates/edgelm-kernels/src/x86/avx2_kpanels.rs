@@ -12,7 +12,7 @@
 //! i16 bounds: a group is four images, `4·2·c·127` with `c ≤ 31` (Q5_K) or `|c| ≤ 32` (Q6_K)
 //! stays below 2¹⁵; i32 sums of a super-block stay below 2³¹ (|scale| ≤ 128).
 
-use super::{weight_type, T_Q4_K, T_Q5_K, T_Q6_K};
+use super::{panel_times_tokens, weight_type, HalfKernel, TOKENS, T_Q4_K, T_Q5_K, T_Q6_K};
 use crate::interleave::PANEL;
 use crate::qdot::{DecodeFn, DecodedDotFn, Out, PanelPrefill};
 use edgelm_quant::k_quants::q8_k::{BLOCK_BYTES as Q8K_BYTES, BSUMS as Q8K_BSUMS, QS as Q8K_QS};
@@ -26,8 +26,6 @@ const SCALES_AT: usize = 64 * 32;
 const D_AT: usize = SCALES_AT + 16 * 32;
 const DMIN_AT: usize = D_AT + 32;
 const MINS_AT: usize = DMIN_AT + 32;
-/// Tokens per pass over a half panel.
-const TOKENS: usize = 4;
 
 /// The decode-once prompt path of a k-quant, where one exists.
 pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
@@ -182,22 +180,13 @@ unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out:
         dec.len() >= 2 * nb * K_BLOCK && acts.iter().all(|a| a.len() >= nb * Q8K_BYTES),
         "decoded_dot: decoded panel or activations too short"
     );
-    for (chunk, a) in acts.chunks(TOKENS).enumerate() {
-        let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
-        for half in 0..2 {
-            let d = dec.as_ptr().add(half * nb * K_BLOCK);
-            let o = Out {
-                ptr: out.ptr.add(chunk * TOKENS * out.ld + 8 * half),
-                ld: out.ld,
-            };
-            match a.len() {
-                1 => decoded_half::<T, 1>(d, nb, &p, o),
-                2 => decoded_half::<T, 2>(d, nb, &p, o),
-                3 => decoded_half::<T, 3>(d, nb, &p, o),
-                _ => decoded_half::<T, 4>(d, nb, &p, o),
-            }
-        }
-    }
+    let kernels: [HalfKernel; TOKENS] = [
+        decoded_half::<T, 1>,
+        decoded_half::<T, 2>,
+        decoded_half::<T, 3>,
+        decoded_half::<T, 4>,
+    ];
+    panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
 }
 
 /// The 32-bit word at `p`, broadcast.
@@ -209,18 +198,20 @@ unsafe fn bcast(p: *const u8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
 }
 
-/// Eight decoded rows (`nb` super-blocks at `d`) against tokens `a[..N]`.
+/// [`HalfKernel`] over a decoded panel (each half `nb` super-blocks, one after the other).
 ///
 /// # Safety
 /// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decoded_half<const T: u8, const N: usize>(
-    d: *const u8,
+    dec: *const u8,
     nb: usize,
+    half: usize,
     a: &[*const u8; TOKENS],
     out: Out,
 ) {
+    let d = dec.add(half * nb * K_BLOCK);
     let signed = T == T_Q6_K;
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {

@@ -70,6 +70,47 @@ unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
 }
 
+/// Tokens per pass over eight rows of a panel: their accumulators and the current image fill the
+/// sixteen 256-bit registers.
+const TOKENS: usize = 4;
+
+/// An AVX2 kernel over eight rows of a 16-row panel — `half` 0 or 1 of the `nb` blocks at
+/// `panel` — against the first N tokens of `a` (N fixed per kernel, 1..=[`TOKENS`]), writing row
+/// `r` of token `j` to `out.ptr[j·ld + r]`.
+type HalfKernel = unsafe fn(
+    panel: *const u8,
+    nb: usize,
+    half: usize,
+    a: &[*const u8; TOKENS],
+    out: crate::qdot::Out,
+);
+
+/// Both halves of a panel against every token, [`TOKENS`] at a time: `kernels[n - 1]` takes a
+/// chunk of n tokens (a last short chunk repeats its last pointer into the unused slots).
+///
+/// # Safety
+/// The CPU has what the kernels need; `panel` holds `nb` blocks of the kernels' layout for both
+/// halves, every activation row is as long as they read, and `out` is valid for 16 rows of
+/// every token.
+unsafe fn panel_times_tokens(
+    panel: *const u8,
+    nb: usize,
+    acts: &[&[u8]],
+    out: crate::qdot::Out,
+    kernels: &[HalfKernel; TOKENS],
+) {
+    for (chunk, a) in acts.chunks(TOKENS).enumerate() {
+        let p: [*const u8; TOKENS] = core::array::from_fn(|j| a[j.min(a.len() - 1)].as_ptr());
+        for half in 0..2 {
+            let o = crate::qdot::Out {
+                ptr: out.ptr.add(chunk * TOKENS * out.ld + 8 * half),
+                ld: out.ld,
+            };
+            kernels[a.len() - 1](panel, nb, half, &p, o);
+        }
+    }
+}
+
 /// The little-endian f32 at `p`.
 ///
 /// # Safety
