@@ -47,9 +47,9 @@ pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
     })
 }
 
-/// One row's super-block as codes, 16-element group scales, sub-block mins and `d`, `dmin`.
-struct Decoded {
-    codes: [u8; 256],
+/// One row's super-block apart from its codes: 16-element group scales, sub-block mins, `d` and
+/// `dmin`.
+struct Header {
     scales: [i16; 16],
     mins: [i16; 8],
     d: f32,
@@ -72,72 +72,141 @@ fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Super-block `blk` (GGUF bytes) of type `T`.
-fn decode_block<const T: u8>(blk: &[u8]) -> Decoded {
-    let mut o = Decoded {
-        codes: [0; 256],
+/// The header of super-block `blk` (GGUF bytes) of type `T`.
+fn header<const T: u8>(blk: &[u8]) -> Header {
+    let mut o = Header {
         scales: [0; 16],
         mins: [0; 8],
         d: 0.0,
         dmin: 0.0,
     };
-    match T {
-        T_Q4_K | T_Q5_K => {
-            o.d = half_at(blk, 0);
-            o.dmin = half_at(blk, 2);
-            for j in 0..8 {
-                let (sc, m) = scale_min(j, &blk[4..16]);
-                o.scales[2 * j] = sc;
-                o.scales[2 * j + 1] = sc;
-                o.mins[j] = m;
-            }
-            let (qh, qs) = if T == T_Q5_K {
-                (&blk[16..48], &blk[48..176])
-            } else {
-                (&blk[..0], &blk[16..144])
-            };
-            for j in 0..4 {
-                let (lo, hi) = o.codes[64 * j..64 * j + 64].split_at_mut(32);
-                for l in 0..32 {
-                    let q = qs[32 * j + l];
-                    lo[l] = q & 0x0F;
-                    hi[l] = q >> 4;
-                    if T == T_Q5_K {
-                        lo[l] |= ((qh[l] >> (2 * j)) & 1) << 4;
-                        hi[l] |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-                    }
-                }
-            }
+    if T == T_Q6_K {
+        o.d = half_at(blk, 208);
+        for (s, &b) in o.scales.iter_mut().zip(&blk[192..208]) {
+            *s = b as i8 as i16;
         }
-        _ => {
-            o.d = half_at(blk, 208);
-            for (s, &b) in o.scales.iter_mut().zip(&blk[192..208]) {
-                *s = b as i8 as i16;
-            }
-            for n in 0..2 {
-                let (ql, qh) = (&blk[64 * n..64 * n + 64], &blk[128 + 32 * n..160 + 32 * n]);
-                let c = &mut o.codes[128 * n..128 * n + 128];
-                for l in 0..32 {
-                    let h = qh[l];
-                    // Signed codes q − 32, as bytes.
-                    let code =
-                        |low: u8, shift: u32| ((low | (((h >> shift) & 3) << 4)) as i8 - 32) as u8;
-                    c[l] = code(ql[l] & 0x0F, 0);
-                    c[l + 32] = code(ql[l + 32] & 0x0F, 2);
-                    c[l + 64] = code(ql[l] >> 4, 4);
-                    c[l + 96] = code(ql[l + 32] >> 4, 6);
-                }
-            }
+    } else {
+        o.d = half_at(blk, 0);
+        o.dmin = half_at(blk, 2);
+        for j in 0..8 {
+            let (sc, m) = scale_min(j, &blk[4..16]);
+            o.scales[2 * j] = sc;
+            o.scales[2 * j + 1] = sc;
+            o.mins[j] = m;
         }
     }
     o
+}
+
+/// The 256 codes of super-block `blk` (GGUF bytes, [`weight_type`]`(T)`'s size) of type `T` in
+/// element order into `codes`: Q4_K's and Q5_K's unsigned, Q6_K's as `q − 32`.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn codes<const T: u8>(blk: &[u8], codes: &mut [u8; 256]) {
+    assert!(
+        blk.len() >= weight_type(T).block_bytes(),
+        "codes: block too short"
+    );
+    let b = blk.as_ptr();
+    let c = codes.as_mut_ptr();
+    let nibble = _mm256_set1_epi8(0x0F);
+    let load = |at: usize| _mm256_loadu_si256(b.add(at).cast());
+    // Bits `s..` of each byte of `v` under `mask`, moved up to bit 4 (16-bit shifts: the mask
+    // drops what crosses from the neighbouring byte).
+    let bits = |v: __m256i, s: i32, mask: i8| {
+        let v = _mm256_and_si256(
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(s)),
+            _mm256_set1_epi8(mask),
+        );
+        _mm256_slli_epi16::<4>(v)
+    };
+    let store = |at: usize, v: __m256i| _mm256_storeu_si256(c.add(at).cast(), v);
+    if T == T_Q6_K {
+        let minus32 = _mm256_set1_epi8(32);
+        for n in 0..2 {
+            let (a, bb, h) = (load(64 * n), load(64 * n + 32), load(128 + 32 * n));
+            let hi_a = _mm256_and_si256(_mm256_srli_epi16::<4>(a), nibble);
+            let hi_b = _mm256_and_si256(_mm256_srli_epi16::<4>(bb), nibble);
+            let parts = [
+                (_mm256_and_si256(a, nibble), 0),
+                (_mm256_and_si256(bb, nibble), 2),
+                (hi_a, 4),
+                (hi_b, 6),
+            ];
+            for (k, (low, s)) in parts.into_iter().enumerate() {
+                let q = _mm256_or_si256(low, bits(h, s, 3));
+                store(128 * n + 32 * k, _mm256_sub_epi8(q, minus32));
+            }
+        }
+    } else {
+        let (qs, qh) = if T == T_Q5_K {
+            (48, Some(load(16)))
+        } else {
+            (16, None)
+        };
+        for j in 0..4 {
+            let v = load(qs + 32 * j);
+            let mut lo = _mm256_and_si256(v, nibble);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+            if let Some(h) = qh {
+                lo = _mm256_or_si256(lo, bits(h, 2 * j as i32, 1));
+                hi = _mm256_or_si256(hi, bits(h, 2 * j as i32 + 1, 1));
+            }
+            store(64 * j, lo);
+            store(64 * j + 32, hi);
+        }
+    }
+}
+
+/// Eight rows' codes (`rows[l]` row `l`'s, element order) into images of four codes per row:
+/// image `i` at `dst[32·i..]`, lane `l` = row `l`'s elements `4i..4i + 4` — 8×8 transposes of
+/// 32-bit words.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn images(rows: &[[u8; 256]; 8], dst: &mut [u8]) {
+    assert!(dst.len() >= 64 * 32, "images: destination too short");
+    for g in 0..8 {
+        let v: [__m256i; 8] =
+            core::array::from_fn(|r| _mm256_loadu_si256(rows[r].as_ptr().add(32 * g).cast()));
+        let t: [__m256i; 8] = core::array::from_fn(|k| {
+            let (a, b) = (v[2 * (k / 2)], v[2 * (k / 2) + 1]);
+            if k % 2 == 0 {
+                _mm256_unpacklo_epi32(a, b)
+            } else {
+                _mm256_unpackhi_epi32(a, b)
+            }
+        });
+        // s[q]: words q and q + 4 of rows 0–3 (q < 4) or rows 4–7 (q ≥ 4).
+        let s: [__m256i; 8] = core::array::from_fn(|q| {
+            let (base, w) = (4 * (q / 4), q % 4);
+            let (a, b) = (t[base + w / 2], t[base + 2 + w / 2]);
+            if w % 2 == 0 {
+                _mm256_unpacklo_epi64(a, b)
+            } else {
+                _mm256_unpackhi_epi64(a, b)
+            }
+        });
+        for w in 0..4 {
+            let low = _mm256_permute2x128_si256::<0x20>(s[w], s[w + 4]);
+            let high = _mm256_permute2x128_si256::<0x31>(s[w], s[w + 4]);
+            _mm256_storeu_si256(dst.as_mut_ptr().add(32 * (8 * g + w)).cast(), low);
+            _mm256_storeu_si256(dst.as_mut_ptr().add(32 * (8 * g + w + 4)).cast(), high);
+        }
+    }
 }
 
 /// [`DecodeFn`]: a panel of sixteen GGUF rows of type `T` into the layout of the module note,
 /// half `h`, super-block `b` at `(h·nb + b)·K_BLOCK`.
 ///
 /// # Safety
-/// None beyond the signature's: plain Rust (the SIMD is in the dot).
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
 unsafe fn decode<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
     let block = weight_type(T).block_bytes();
     let nb = row_bytes / block;
@@ -146,25 +215,27 @@ unsafe fn decode<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
         "decode: panel or destination too short"
     );
     let lane = |v: i16| ((v as u16 as u32) | ((v as u16 as u32) << 16)).to_le_bytes();
-    for r in 0..PANEL {
-        let (half, l) = (r / 8, r % 8);
+    let mut rows = [[0u8; 256]; 8];
+    for half in 0..2 {
         for b in 0..nb {
-            let at = r * row_bytes + b * block;
-            let x = decode_block::<T>(&w[at..at + block]);
             let rec = &mut dst[(half * nb + b) * K_BLOCK..(half * nb + b + 1) * K_BLOCK];
-            for (i, four) in x.codes.chunks_exact(4).enumerate() {
-                rec[32 * i + 4 * l..32 * i + 4 * l + 4].copy_from_slice(four);
+            for (l, row_codes) in rows.iter_mut().enumerate() {
+                let at = (8 * half + l) * row_bytes + b * block;
+                let blk = &w[at..at + block];
+                codes::<T>(blk, row_codes);
+                let x = header::<T>(blk);
+                for (g, &s) in x.scales.iter().enumerate() {
+                    let p = SCALES_AT + 32 * g + 4 * l;
+                    rec[p..p + 4].copy_from_slice(&lane(s));
+                }
+                rec[D_AT + 4 * l..D_AT + 4 * l + 4].copy_from_slice(&x.d.to_le_bytes());
+                rec[DMIN_AT + 4 * l..DMIN_AT + 4 * l + 4].copy_from_slice(&x.dmin.to_le_bytes());
+                for (j, &m) in x.mins.iter().enumerate() {
+                    let p = MINS_AT + 32 * j + 4 * l;
+                    rec[p..p + 4].copy_from_slice(&lane(m));
+                }
             }
-            for (g, &s) in x.scales.iter().enumerate() {
-                let p = SCALES_AT + 32 * g + 4 * l;
-                rec[p..p + 4].copy_from_slice(&lane(s));
-            }
-            rec[D_AT + 4 * l..D_AT + 4 * l + 4].copy_from_slice(&x.d.to_le_bytes());
-            rec[DMIN_AT + 4 * l..DMIN_AT + 4 * l + 4].copy_from_slice(&x.dmin.to_le_bytes());
-            for (j, &m) in x.mins.iter().enumerate() {
-                let p = MINS_AT + 32 * j + 4 * l;
-                rec[p..p + 4].copy_from_slice(&lane(m));
-            }
+            images(&rows, rec);
         }
     }
 }
@@ -298,7 +369,7 @@ mod tests {
                 // The kernels' aligned loads: the decoded panel on a 32-byte boundary.
                 let skew = dec.as_ptr().align_offset(32);
                 let dec = &mut dec[skew..skew + (p.bytes)(cols)];
-                // SAFETY: plain Rust; lengths match.
+                // SAFETY: the CPU was checked; lengths match.
                 unsafe { (p.decode)(&panel, row_bytes, dec) };
                 for n in 1..=9 {
                     let acts: Vec<Vec<u8>> = (0..n)
