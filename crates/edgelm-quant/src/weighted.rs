@@ -355,8 +355,10 @@ pub(crate) fn f16r(v: f32) -> f32 {
 }
 
 /// Whether the rounding of `ty` also weighs each value by its own size. Measured by KL
-/// divergence on SmolLM2 (COMPRESSION.md): it pays on the k-quants of 4 bits or fewer always,
-/// on the other 4-bit types only without an importance matrix, and costs on finer grids.
+/// divergence (COMPRESSION.md): it pays on the k-quants of 4 bits or fewer always, on the other
+/// 4-bit types only without an importance matrix (with one, importance alone is best on SmolLM2
+/// and Gemma 3; Qwen prefers the factor on its FFN inputs: no diagonal rule wins on all three),
+/// and costs on finer grids.
 fn weighs_magnitude(ty: GgmlType, has_importance: bool) -> bool {
     use GgmlType::*;
     match ty {
