@@ -8,8 +8,8 @@
 //! Integer sums are exact for activation quants in [−127, 127] — all the Q8 quantizers produce.
 
 use super::{
-    panel_times_tokens, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1,
-    T_Q8_0,
+    half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0, T_Q4_1,
+    T_Q5_0, T_Q5_1, T_Q8_0,
 };
 use crate::interleave::{
     format, packed_act_bytes, tile_layout, whole_panel_tiles, ACT_BLOCK_BYTES, PANEL,
@@ -47,13 +47,7 @@ unsafe fn row_dot<const T: u8>(
     let Some(nb) = whole_panel_tiles(weight_type(T), w, row_bytes, n_rows, acts, out) else {
         return;
     };
-    let kernels: [HalfKernel; TOKENS] = [
-        half_panel::<T, 1>,
-        half_panel::<T, 2>,
-        half_panel::<T, 3>,
-        half_panel::<T, 4>,
-    ];
-    panel_times_tokens(w.as_ptr(), nb, acts, out, &kernels);
+    panel_times_tokens(w.as_ptr(), nb, acts, out, &half_kernels!(half_panel, T));
 }
 
 /// Constants of the unpacking, built once per kernel call.
@@ -318,13 +312,7 @@ unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out:
         dec.len() >= 2 * nb * DECODED_BLOCK && acts.iter().all(|a| a.len() >= act_bytes),
         "decoded_dot: decoded panel or activations too short"
     );
-    let kernels: [HalfKernel; TOKENS] = [
-        decoded_half::<T, 1>,
-        decoded_half::<T, 2>,
-        decoded_half::<T, 3>,
-        decoded_half::<T, 4>,
-    ];
-    panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
+    panel_times_tokens(dec.as_ptr(), nb, acts, out, &half_kernels!(decoded_half, T));
 }
 
 /// [`HalfKernel`] over a decoded panel (each half `nb` blocks, one after the other).

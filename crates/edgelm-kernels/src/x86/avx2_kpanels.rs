@@ -12,7 +12,9 @@
 //! i16 bounds: a group is four images, `4·2·c·127` with `c ≤ 31` (Q5_K) or `|c| ≤ 32` (Q6_K)
 //! stays below 2¹⁵; i32 sums of a super-block stay below 2³¹ (|scale| ≤ 128).
 
-use super::{panel_times_tokens, weight_type, HalfKernel, TOKENS, T_Q4_K, T_Q5_K, T_Q6_K};
+use super::{
+    half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS, T_Q4_K, T_Q5_K, T_Q6_K,
+};
 use crate::interleave::PANEL;
 use crate::qdot::{DecodeFn, DecodedDotFn, Out, PanelPrefill};
 use edgelm_quant::k_quants::q8_k::{BLOCK_BYTES as Q8K_BYTES, BSUMS as Q8K_BSUMS, QS as Q8K_QS};
@@ -252,13 +254,7 @@ unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out:
         dec.len() >= 2 * nb * K_BLOCK && acts.iter().all(|a| a.len() >= nb * Q8K_BYTES),
         "decoded_dot: decoded panel or activations too short"
     );
-    let kernels: [HalfKernel; TOKENS] = [
-        decoded_half::<T, 1>,
-        decoded_half::<T, 2>,
-        decoded_half::<T, 3>,
-        decoded_half::<T, 4>,
-    ];
-    panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
+    panel_times_tokens(dec.as_ptr(), nb, acts, out, &half_kernels!(decoded_half, T));
 }
 
 /// The 32-bit word at `p`, broadcast.

@@ -85,6 +85,20 @@ type HalfKernel = unsafe fn(
     out: crate::qdot::Out,
 );
 
+/// The [`HalfKernel`]s of a kernel generic over its type tag and token count, for
+/// [`panel_times_tokens`]: `half_kernels!(kernel, T)`.
+macro_rules! half_kernels {
+    ($kernel:ident, $t:ident) => {
+        [
+            $kernel::<$t, 1> as HalfKernel,
+            $kernel::<$t, 2>,
+            $kernel::<$t, 3>,
+            $kernel::<$t, 4>,
+        ]
+    };
+}
+use half_kernels;
+
 /// Both halves of a panel against every token, [`TOKENS`] at a time: `kernels[n - 1]` takes a
 /// chunk of n tokens (a last short chunk repeats its last pointer into the unused slots).
 ///
