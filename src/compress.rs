@@ -41,6 +41,23 @@ pub struct QuantizeArgs {
     /// Threads (default: physical cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Calibration text: the source model runs over it, and each block's rounding error is
+    /// carried into the columns not yet rounded where its inputs' second moments say it costs
+    /// least (GPTQ's error feedback). Lower error, slower: memory grows with the square of the
+    /// widest projection input.
+    #[arg(short = 'f', long = "calibration", value_name = "FILE")]
+    calibration: Option<PathBuf>,
+    /// Tokens per calibration chunk.
+    #[arg(
+        short = 'c',
+        long = "ctx",
+        default_value_t = 512,
+        requires = "calibration"
+    )]
+    ctx: usize,
+    /// Calibration chunks to run at most.
+    #[arg(long, default_value_t = 32, requires = "calibration")]
+    chunks: usize,
 }
 
 fn parse_file_type(s: &str) -> Result<FileType, String> {
@@ -89,11 +106,46 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     for (re, ty) in &a.tensor_types {
         tensor_types.push((fancy_regex::Regex::new(re)?, *ty));
     }
+    let threads = a.threads.unwrap_or_else(edgelm_kernels::physical_cores);
+    let moments = match &a.calibration {
+        Some(file) => {
+            let model = crate::ModelArgs {
+                model: input.display().to_string(),
+                threads: Some(threads),
+                precise: false,
+                mem_limit: None,
+                kv: crate::KvArgs {
+                    cache_type_k: None,
+                    cache_type_v: None,
+                    kv_rotation: None,
+                },
+            };
+            // Every projection's inputs; the token embedding table is a lookup, not one.
+            let wanted = fancy_regex::Regex::new(r"^(?!token_embd\.)")?;
+            let collector = MomentCollector::new(&src, &wanted, Side::Inputs, threads)?;
+            calibrate(
+                &model,
+                file,
+                a.ctx,
+                a.chunks,
+                &collector,
+                "collecting input moments",
+            )?;
+            Some(collector.into_moments()?)
+        }
+        None => None,
+    };
     let opts = QuantizeOptions {
         file_type: a.file_type,
         imatrix: imatrix.as_ref(),
         imatrix_name: a
             .imatrix
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned()),
+        moments: moments.as_ref(),
+        moments_name: a
+            .calibration
             .as_ref()
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned()),
@@ -104,7 +156,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             pure: a.pure,
             has_imatrix: false,
         },
-        threads: a.threads.unwrap_or_else(edgelm_kernels::physical_cores),
+        threads,
     };
     if let Some(m) = &imatrix {
         eprintln!(
@@ -159,6 +211,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for (name, want, got) in &summary.fallbacks {
         eprintln!("fallback: {name}: rows are not whole {want} blocks, wrote {got}");
+    }
+    if summary.fed_back > 0 {
+        eprintln!(
+            "{} weight matrices rounded with error feedback from the calibration inputs",
+            summary.fed_back
+        );
     }
     if !summary.without_importance.is_empty() {
         eprintln!(
@@ -586,14 +644,24 @@ pub struct LowRankArgs {
     imatrix: Option<PathBuf>,
 }
 
+/// Which side of a projection [`MomentCollector`] takes moments of.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// Always the inputs (error feedback in quantize).
+    Inputs,
+    /// The narrower side (low-rank whitening: outputs where the inputs are wider).
+    Narrower,
+}
+
 /// Sums x·xᵀ of each wanted projection's inputs (or y·yᵀ of its outputs, where those are the
-/// narrower side): the statistics of `Whitening::Inputs`/`Outputs`.
+/// narrower side and asked for): the statistics of `Whitening::Inputs`/`Outputs` and of
+/// quantize's error feedback.
 struct MomentCollector {
     /// Weight name → (output side, accumulator key). q/k/v and gate/up read one input and
     /// share one accumulator.
     plan: std::collections::HashMap<String, (bool, String)>,
     sums: std::sync::Mutex<MomentSums>,
-    threads: usize,
+    compute: edgelm_kernels::Compute,
 }
 
 #[derive(Default)]
@@ -601,17 +669,24 @@ struct MomentSums {
     by_key: std::collections::HashMap<String, Vec<f64>>,
     /// The key and input last accumulated: a group's second member skips the same input.
     last: Option<(String, usize)>,
+    /// The first error of an accumulation (the observer cannot return one).
+    failure: Option<String>,
 }
 
 impl MomentCollector {
-    fn new(src: &GgufFile, tensors: &fancy_regex::Regex, threads: usize) -> MomentCollector {
+    fn new(
+        src: &GgufFile,
+        tensors: &fancy_regex::Regex,
+        side: Side,
+        threads: usize,
+    ) -> Result<MomentCollector> {
         let mut plan = std::collections::HashMap::new();
         for t in src.tensors() {
             if t.dims.len() != 2 || !tensors.is_match(&t.name).unwrap_or(false) {
                 continue;
             }
             let (cols, rows) = (t.dims[0], t.dims[1]);
-            let output = rows < cols;
+            let output = side == Side::Narrower && rows < cols;
             let key = if output {
                 format!("{}:out", t.name)
             } else {
@@ -625,11 +700,11 @@ impl MomentCollector {
             };
             plan.insert(t.name.clone(), (output, key));
         }
-        MomentCollector {
+        Ok(MomentCollector {
             plan,
             sums: Default::default(),
-            threads,
-        }
+            compute: edgelm_kernels::Compute::new(edgelm_kernels::Isa::from_env()?, threads),
+        })
     }
 
     fn add(&self, weight: &str, output: bool, v: &[f32], cols: usize, rows: usize) {
@@ -652,7 +727,11 @@ impl MomentCollector {
             .entry(key.clone())
             .or_insert_with(|| vec![0f64; cols * cols]);
         if sum.len() == cols * cols {
-            accumulate_upper(sum, v, cols, rows, self.threads);
+            if let Err(e) =
+                edgelm_compress::lowrank::add_second_moments(&self.compute, sum, v, cols, rows)
+            {
+                g.failure.get_or_insert(e.to_string());
+            }
         }
     }
 
@@ -662,6 +741,9 @@ impl MomentCollector {
             .sums
             .into_inner()
             .map_err(|_| anyhow::anyhow!("the collector was poisoned by a panic"))?;
+        if let Some(e) = sums.failure {
+            bail!("collecting the calibration inputs' moments failed: {e}");
+        }
         let mut shared = std::collections::HashMap::new();
         for (key, mut sum) in sums.by_key {
             let n = (sum.len() as f64).sqrt() as usize;
@@ -690,49 +772,6 @@ impl MomentCollector {
     }
 }
 
-/// `sum[i][j] += Σ_t v[t][i]·v[t][j]` for j ≥ i, rows of the triangle split over `threads`.
-fn accumulate_upper(sum: &mut [f64], v: &[f32], d: usize, n: usize, threads: usize) {
-    let v: Vec<f64> = v[..n * d].iter().map(|&x| x as f64).collect();
-    // Split the triangle's rows so each thread gets about the same area.
-    let threads = threads.clamp(1, 16);
-    let mut bounds = vec![0];
-    let area = |i: usize| (d - i) as f64;
-    let total: f64 = (0..d).map(area).sum();
-    let mut acc = 0.0;
-    for i in 0..d {
-        acc += area(i);
-        if acc >= total * bounds.len() as f64 / threads as f64 && bounds.len() < threads {
-            bounds.push(i + 1);
-        }
-    }
-    bounds.push(d);
-    bounds.dedup();
-    std::thread::scope(|s| {
-        let mut rest = &mut sum[..];
-        let mut start = 0;
-        for w in bounds.windows(2) {
-            let (lo, hi) = (w[0], w[1]);
-            let (part, tail) = std::mem::take(&mut rest).split_at_mut((hi - start) * d);
-            rest = tail;
-            start = hi;
-            let v = &v;
-            s.spawn(move || {
-                for t in 0..n {
-                    let x = &v[t * d..(t + 1) * d];
-                    for i in lo..hi {
-                        let xi = x[i];
-                        let row = &mut part[(i - lo) * d..(i - lo + 1) * d];
-                        row[i..]
-                            .iter_mut()
-                            .zip(&x[i..])
-                            .for_each(|(s, &xj)| *s += xi * xj);
-                    }
-                }
-            });
-        }
-    });
-}
-
 impl edgelm_models::Observer for MomentCollector {
     fn linear_input(&self, weight: &str, x: &[f32], cols: usize, rows: usize) {
         self.add(weight, false, x, cols, rows);
@@ -754,7 +793,7 @@ fn collect_moments(
         .model
         .threads
         .unwrap_or_else(edgelm_kernels::physical_cores);
-    let collector = MomentCollector::new(src, tensors, threads);
+    let collector = MomentCollector::new(src, tensors, Side::Narrower, threads)?;
     calibrate(
         &a.model,
         file,

@@ -685,7 +685,8 @@ fn chat_works_in_a_terminal() {
 
 /// `edgelm quantize` refuses bad arguments with a message naming the mistake and writes
 /// nothing: an unknown type, a pattern that is not REGEX=TYPE, an unknown tensor type, an
-/// output that is the input, an importance matrix that is not one.
+/// output that is the input, an importance matrix that is not one, calibration options without
+/// a calibration text, a calibration text that is missing or too short.
 #[test]
 fn quantize_refuses_bad_arguments() {
     let source = common::model_path(MODEL);
@@ -714,6 +715,15 @@ fn quantize_refuses_bad_arguments() {
         (
             vec!["--type", "Q4_0", "--imatrix", &junk_s],
             "legacy imatrix",
+        ),
+        (vec!["--type", "Q4_0", "--chunks", "4"], "--calibration"),
+        (
+            vec!["--type", "Q4_0", "-f", "/nonexistent/calibration.txt"],
+            "reading /nonexistent/calibration.txt",
+        ),
+        (
+            vec!["--type", "Q4_0", "-f", &junk_s],
+            "less than one chunk of 512",
         ),
     ] {
         let o = edgelm(&[&["quantize", &src, &out_s][..], &args].concat());

@@ -163,6 +163,26 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
         ]));
         files.push(out);
     }
+    // Error feedback from the calibration text changes values, not the format.
+    let fed = dir.join("edgelm-q4_0-feedback.gguf");
+    let o = run(edgelm()
+        .args(["quantize", &s(&f16), &s(&fed), "--type", "Q4_0"])
+        .args([
+            "--imatrix",
+            &s(&ours),
+            "-f",
+            &s(&calib),
+            "-c",
+            "256",
+            "--chunks",
+            "3",
+        ]));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains("rounded with error feedback"),
+        "no matrix was fed back: {log}"
+    );
+    files.push(fed);
     for (name, im) in [("ours", &ours), ("ours-dat", &ours_dat)] {
         let out = dir.join(format!("llama-q4_k_m-{name}.gguf"));
         run(Command::new(&quantize).args(["--imatrix", &s(im), &s(&f16), &s(&out), "Q4_K_M", "2"]));

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod gptq;
 pub mod imatrix;
 mod linalg;
 pub mod lowrank;
@@ -29,6 +30,8 @@ pub enum CompressError {
     Gguf(#[from] edgelm_gguf::GgufError),
     #[error(transparent)]
     Quant(#[from] edgelm_quant::QuantError),
+    #[error(transparent)]
+    Kernel(#[from] edgelm_kernels::KernelError),
     #[error("importance matrix {what}: {reason}")]
     BadImatrix { what: String, reason: String },
     #[error("{0}")]

@@ -39,6 +39,41 @@ pub enum SecondMoments {
 /// Second moments by weight name (`blk.0.ffn_up.weight`).
 pub type Moments = std::collections::BTreeMap<String, SecondMoments>;
 
+/// Adds `Σ_t v[t]·v[t]ᵀ` over the `n` rows of `v` (`d` wide) to `sum` (`d × d`, row-major):
+/// one chunk's product in f32 on the SIMD kernels (vᵀ as both the weight and the tokens; exact
+/// enough over a chunk), summed in f64 across chunks.
+pub fn add_second_moments(
+    compute: &edgelm_kernels::Compute,
+    sum: &mut [f64],
+    v: &[f32],
+    d: usize,
+    n: usize,
+) -> Result<()> {
+    if sum.len() != d * d || v.len() < n * d {
+        return Err(CompressError::BadArgument(format!(
+            "second moments of {d} columns from {} values into {}",
+            v.len(),
+            sum.len()
+        )));
+    }
+    let mut vt = vec![0f32; d * n];
+    for (t, row) in v[..n * d].chunks_exact(d).enumerate() {
+        for (i, &x) in row.iter().enumerate() {
+            vt[i * n + t] = x;
+        }
+    }
+    let bytes: Vec<u8> = vt.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = vec![0f32; d * d];
+    compute.matmul(
+        edgelm_kernels::Weight::gguf(GgmlType::F32, d, n, &bytes),
+        &vt,
+        d,
+        &mut out,
+    )?;
+    sum.iter_mut().zip(&out).for_each(|(s, &x)| *s += x as f64);
+    Ok(())
+}
+
 pub struct LowRankOptions<'a> {
     pub choice: RankChoice,
     /// Which tensors to factor (matched against the full name).

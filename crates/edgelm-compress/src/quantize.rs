@@ -1,9 +1,13 @@
 //! Whole-file quantization: every weight matrix of a GGUF model dequantized and requantized to
 //! the type the mix rules (or the user's patterns) give it, rounding searched by weighted least
-//! squares with the importance matrix when given; everything else copied. The output is
-//! written under a temporary name and renamed only when complete.
+//! squares with the importance matrix when given, each block's error carried into the columns
+//! not yet rounded when the calibration inputs' second moments are given ([`crate::gptq`]);
+//! everything else copied. The output is written under a temporary name and renamed only when
+//! complete.
 
+use crate::gptq::Compensator;
 use crate::imatrix::Imatrix;
+use crate::lowrank::{Moments, SecondMoments};
 use crate::mix::{self, FileType, ModelShape, Overrides};
 use crate::{CompressError, Result};
 use edgelm_gguf::{GgmlType, GgufFile, GgufWriter, Value};
@@ -14,6 +18,11 @@ pub struct QuantizeOptions<'a> {
     pub imatrix: Option<&'a Imatrix>,
     /// Label recorded in the output's metadata (`quantize.imatrix.file`).
     pub imatrix_name: Option<String>,
+    /// Σ x·xᵀ of each projection's inputs on calibration text: rounding errors are fed back
+    /// ([`crate::gptq`]) in every matrix with an entry but the token embedding table.
+    pub moments: Option<&'a Moments>,
+    /// Label recorded in the output's metadata (`quantize.feedback.dataset`).
+    pub moments_name: Option<String>,
     /// `--tensor-type REGEX=TYPE`, first match wins; replaces the mix rules for that tensor.
     pub tensor_types: Vec<(fancy_regex::Regex, GgmlType)>,
     pub overrides: Overrides,
@@ -49,6 +58,8 @@ pub struct Summary {
     pub fallbacks: Vec<(String, GgmlType, GgmlType)>,
     /// Weight matrices the importance matrix had no entry for.
     pub without_importance: Vec<String>,
+    /// Weight matrices rounded with error feedback.
+    pub fed_back: usize,
 }
 
 impl Summary {
@@ -164,13 +175,19 @@ pub fn quantize(
             Value::I32(m.chunk_count as i32),
         );
     }
+    if let Some(name) = &opts.moments_name {
+        w.set("quantize.feedback.dataset", Value::String(name.clone()));
+    }
     let mut summary = Summary {
         bytes_in: 0,
         bytes_out: 0,
         params: 0,
         fallbacks: Vec::new(),
         without_importance: Vec::new(),
+        fed_back: 0,
     };
+    // q/k/v (and gate/up) share one input's moments, so one factorization.
+    let mut last: Option<(*const Vec<f64>, std::sync::Arc<Compensator>)> = None;
     let total = planned.len();
     for (index, (t, chosen)) in planned.iter().enumerate() {
         let view = src
@@ -215,10 +232,41 @@ pub fn quantize(
                 }
                 None => None,
             };
+            let moments = match opts.moments.and_then(|m| m.get(&t.name)) {
+                Some(SecondMoments::Inputs(h))
+                    if t.to.block_elems() > 1 && t.name != "token_embd.weight" =>
+                {
+                    Some(h)
+                }
+                _ => None,
+            };
+            let compensator = match moments {
+                Some(h) => {
+                    let key = std::sync::Arc::as_ptr(h);
+                    let c = match &last {
+                        Some((k, c)) if *k == key => c.clone(),
+                        _ => {
+                            let c = std::sync::Arc::new(Compensator::new(h, t.cols, opts.threads)?);
+                            last = Some((key, c.clone()));
+                            c
+                        }
+                    };
+                    summary.fed_back += 1;
+                    Some(c)
+                }
+                None => None,
+            };
+            // A fed-back matrix's blocks weigh each column by what its error costs once the
+            // later columns absorbed what they can, not by its energy alone.
+            let importance = compensator
+                .as_ref()
+                .map(|c| c.conditional_importance())
+                .or(importance);
             convert(
                 view.data,
                 t,
                 importance.as_deref(),
+                compensator.as_deref(),
                 opts.threads,
                 &mut |rows| {
                     progress(&Progress {
@@ -255,9 +303,16 @@ fn convert(
     src: &[u8],
     t: &TensorPlan,
     importance: Option<&[f32]>,
+    compensator: Option<&Compensator>,
     threads: usize,
     progress: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<u8>> {
+    if compensator.is_some_and(|c| c.cols() != t.cols) {
+        return Err(CompressError::BadArgument(format!(
+            "the calibration moments of {} are not {} columns wide",
+            t.name, t.cols
+        )));
+    }
     let in_row = edgelm_quant::row_bytes(t.from, t.cols)?;
     let out_row = edgelm_quant::row_bytes(t.to, t.cols)?;
     crate::rows::map_rows(
@@ -268,7 +323,14 @@ fn convert(
             let mut row = vec![0f32; t.cols];
             edgelm_quant::dequantize_row(t.from, &src[r * in_row..(r + 1) * in_row], &mut row)?;
             crate::rows::check_finite(&t.name, &row)?;
-            edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?;
+            match compensator {
+                Some(c) => {
+                    let mut w = vec![0f32; t.cols];
+                    edgelm_quant::weighted::error_weights(t.to, &row, importance, &mut w);
+                    c.quantize_row(t.to, &mut row, &w, out)?;
+                }
+                None => edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?,
+            }
             Ok(())
         },
         progress,

@@ -87,6 +87,8 @@ fn options(ft: FileType) -> QuantizeOptions<'static> {
         file_type: ft,
         imatrix: None,
         imatrix_name: None,
+        moments: None,
+        moments_name: None,
         tensor_types: Vec::new(),
         overrides: Overrides::default(),
         threads: 2,
@@ -259,4 +261,97 @@ fn interrupted_run_writes_nothing() {
     .unwrap_err();
     assert!(matches!(e, crate::CompressError::Interrupted), "{e}");
     assert!(!path.exists() && !crate::temporary_name(&path).exists());
+}
+
+/// Inputs of 512 columns driven by a few shared factors (correlated, as a layer's are), `tokens`
+/// rows of them.
+fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Vec<f32> {
+    let factors = 8;
+    let mix: Vec<f32> = (0..factors * cols).map(|_| rng.normal()).collect();
+    let mut x = vec![0f32; tokens * cols];
+    for t in 0..tokens {
+        let f: Vec<f32> = (0..factors).map(|_| rng.normal()).collect();
+        for j in 0..cols {
+            let shared: f32 = (0..factors).map(|k| f[k] * mix[k * cols + j]).sum();
+            x[t * cols + j] = shared + 0.2 * rng.normal();
+        }
+    }
+    x
+}
+
+/// The SIMD f32 product of a chunk equals the direct f64 sum of outer products.
+#[test]
+fn second_moments_match_a_direct_sum() {
+    let mut rng = Rng(3);
+    let (tokens, cols) = (37, 70);
+    let x = correlated_inputs(&mut rng, tokens, cols);
+    let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
+    let mut sum = vec![1f64; cols * cols];
+    crate::lowrank::add_second_moments(&compute, &mut sum, &x, cols, tokens).expect("adds");
+    for i in 0..cols {
+        for j in 0..cols {
+            let want: f64 = 1.0
+                + (0..tokens)
+                    .map(|t| x[t * cols + i] as f64 * x[t * cols + j] as f64)
+                    .sum::<f64>();
+            let got = sum[i * cols + j];
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "({i},{j}): {got} against {want}"
+            );
+        }
+    }
+    assert!(crate::lowrank::add_second_moments(&compute, &mut sum, &x, cols + 1, tokens).is_err());
+}
+
+/// With the calibration inputs' moments every weight matrix is fed back, and its output error
+/// on those inputs, (w − q)ᵀ·H·(w − q), falls well below that of importance-weighted rounding
+/// alone; the token embedding table is not a projection and is left to plain rounding.
+#[test]
+fn feedback_lowers_the_output_error_of_a_file() {
+    use crate::lowrank::{Moments, SecondMoments};
+    let src = source(None);
+    let mut rng = Rng(9);
+    let cols = 512;
+    let x = correlated_inputs(&mut rng, 1024, cols);
+    let mut h = vec![0f64; cols * cols];
+    let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
+    crate::lowrank::add_second_moments(&compute, &mut h, &x, cols, 1024).expect("adds");
+    let h = std::sync::Arc::new(h);
+    let mut moments = Moments::new();
+    let mut m = Imatrix::default();
+    for l in 0..2 {
+        for role in ["attn_q", "attn_v", "ffn_down"] {
+            let name = format!("blk.{l}.{role}.weight");
+            moments.insert(name.clone(), SecondMoments::Inputs(h.clone()));
+            m.accumulate(&name, &x, cols, 1024);
+        }
+    }
+    let output_error = |with: Option<&Moments>| {
+        let mut o = options(FileType::Q4_0);
+        o.imatrix = Some(&m);
+        o.moments = with;
+        let path = scratch(&format!("feedback-{}.gguf", with.is_some()));
+        let summary = quantize(&src, &path, &o, &mut |_| true).expect("quantize");
+        assert_eq!(summary.fed_back, if with.is_some() { 6 } else { 0 });
+        let out = GgufFile::open(&path).expect("parse");
+        let mut total = 0f64;
+        for (name, _) in &moments {
+            let (a, b) = (tensor_f32(&src, name), tensor_f32(&out, name));
+            for (ra, rb) in a.chunks_exact(cols).zip(b.chunks_exact(cols)) {
+                let d: Vec<f64> = ra.iter().zip(rb).map(|(p, q)| (p - q) as f64).collect();
+                for i in 0..cols {
+                    let hd: f64 = (0..cols).map(|j| h[i * cols + j] * d[j]).sum();
+                    total += d[i] * hd;
+                }
+            }
+        }
+        std::fs::remove_file(&path).expect("cleanup");
+        total
+    };
+    let (plain, fed) = (output_error(None), output_error(Some(&moments)));
+    assert!(
+        fed < 0.7 * plain,
+        "fed back {fed}, importance alone {plain}"
+    );
 }

@@ -242,6 +242,25 @@ pub fn quantize_row_weighted(
     }
     let mut w = vec![0f32; src.len()];
     weighted::error_weights(ty, src, importance, &mut w);
+    quantize_row_with_error_weights(ty, src, &w, dst)
+}
+
+/// Quantizes `src` into `dst` minimizing each block's error weighted by `w` (one weight per
+/// value, as [`weighted::error_weights`] makes them from a whole row): for callers that round
+/// a row piecewise and must weigh every piece by the row's statistics.
+pub fn quantize_row_with_error_weights(
+    ty: GgmlType,
+    src: &[f32],
+    w: &[f32],
+    dst: &mut [u8],
+) -> Result<(), QuantError> {
+    check_bytes(ty, "destination row", src.len(), dst.len())?;
+    if w.len() != src.len() {
+        return Err(QuantError::ImportanceLength {
+            expected: src.len(),
+            got: w.len(),
+        });
+    }
     macro_rules! go {
         ($m:ident) => {{
             let (mut x, mut w, mut b) = (src, &w[..], &mut dst[..]);
