@@ -302,33 +302,14 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn normal(&mut self) -> f64 {
-            let (a, b) = (self.next().max(1e-300), self.next());
-            (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-        }
-    }
+    use crate::tests::{correlated_inputs, Rng};
 
-    /// Inputs with correlated columns: a few shared factors plus noise, as a layer's inputs are.
-    fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Vec<f64> {
-        let factors = 6;
-        let mix: Vec<f64> = (0..factors * cols).map(|_| rng.normal()).collect();
-        let mut x = vec![0f64; tokens * cols];
-        for t in 0..tokens {
-            let f: Vec<f64> = (0..factors).map(|_| rng.normal()).collect();
-            for j in 0..cols {
-                let shared: f64 = (0..factors).map(|k| f[k] * mix[k * cols + j]).sum();
-                x[t * cols + j] = shared + 0.3 * rng.normal();
-            }
-        }
-        x
+    /// The inputs in f64, as the moments are summed.
+    fn inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Vec<f64> {
+        correlated_inputs(rng, tokens, cols)
+            .into_iter()
+            .map(f64::from)
+            .collect()
     }
 
     fn moments(x: &[f64], tokens: usize, cols: usize) -> Vec<f64> {
@@ -349,7 +330,7 @@ mod tests {
     fn factor_inverts_the_damped_moments() {
         let mut rng = Rng(7);
         let (tokens, cols) = (300, 150);
-        let x = correlated_inputs(&mut rng, tokens, cols);
+        let x = inputs(&mut rng, tokens, cols);
         let h = moments(&x, tokens, cols);
         let c = Compensator::new(&h, cols, 3).expect("positive definite");
         let damp = DAMPING * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
@@ -388,7 +369,7 @@ mod tests {
     fn feedback_lowers_the_output_error() {
         let mut rng = Rng(11);
         let (tokens, cols, rows) = (1024, 512, 8);
-        let x = correlated_inputs(&mut rng, tokens, cols);
+        let x = inputs(&mut rng, tokens, cols);
         let h = moments(&x, tokens, cols);
         let c = Compensator::new(&h, cols, 1).expect("positive definite");
         let weights: Vec<f32> = (0..cols).map(|i| h[i * cols + i] as f32).collect();
@@ -405,7 +386,7 @@ mod tests {
         for ty in [GgmlType::Q4_0, GgmlType::IQ4_NL, GgmlType::Q4_K] {
             let (mut plain, mut fed) = (0.0, 0.0);
             for _ in 0..rows {
-                let w: Vec<f32> = (0..cols).map(|_| rng.normal() as f32).collect();
+                let w: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
                 let n_bytes = edgelm_quant::row_bytes(ty, cols).expect("whole blocks");
                 let mut a = vec![0u8; n_bytes];
                 edgelm_quant::quantize_row_with_error_weights(ty, &w, &weights, &mut a)

@@ -187,7 +187,7 @@ pub fn quantize(
         fed_back: 0,
     };
     // q/k/v (and gate/up) share one input's moments, so one factorization.
-    let mut last: Option<(*const Vec<f64>, std::sync::Arc<Compensator>)> = None;
+    let mut last: Option<(std::sync::Arc<Vec<f64>>, std::sync::Arc<Compensator>)> = None;
     let total = planned.len();
     for (index, (t, chosen)) in planned.iter().enumerate() {
         let view = src
@@ -242,12 +242,11 @@ pub fn quantize(
             };
             let compensator = match moments {
                 Some(h) => {
-                    let key = std::sync::Arc::as_ptr(h);
                     let c = match &last {
-                        Some((k, c)) if *k == key => c.clone(),
+                        Some((seen, c)) if std::sync::Arc::ptr_eq(seen, h) => c.clone(),
                         _ => {
                             let c = std::sync::Arc::new(Compensator::new(h, t.cols, opts.threads)?);
-                            last = Some((key, c.clone()));
+                            last = Some((h.clone(), c.clone()));
                             c
                         }
                     };

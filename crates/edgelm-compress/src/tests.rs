@@ -6,10 +6,10 @@ use crate::quantize::{quantize, QuantizeOptions};
 use edgelm_gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use std::path::PathBuf;
 
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn normal(&mut self) -> f32 {
+    pub(crate) fn normal(&mut self) -> f32 {
         let mut s = 0f32;
         for _ in 0..12 {
             self.0 ^= self.0 << 13;
@@ -263,9 +263,9 @@ fn interrupted_run_writes_nothing() {
     assert!(!path.exists() && !crate::temporary_name(&path).exists());
 }
 
-/// Inputs of 512 columns driven by a few shared factors (correlated, as a layer's are), `tokens`
+/// Inputs of `cols` columns driven by a few shared factors (correlated, as a layer's are), `tokens`
 /// rows of them.
-fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Vec<f32> {
     let factors = 8;
     let mix: Vec<f32> = (0..factors * cols).map(|_| rng.normal()).collect();
     let mut x = vec![0f32; tokens * cols];
