@@ -508,7 +508,7 @@ fn memory_limit(args: &ModelArgs) -> Option<(u64, &'static str)> {
 /// The memory planner's verdict on a run with `kv`: an error that says what would fit if it
 /// needs more than the limit.
 fn plan_memory(args: &ModelArgs, engine: &Engine, kv: &KvConfig) -> Result<MemoryPlan> {
-    let runtime = edgelm_models::resident_memory().unwrap_or(0);
+    let runtime = edgelm_models::runtime_memory(&engine.weight_files()).unwrap_or(0);
     let Some((limit, source)) = memory_limit(args) else {
         return Ok(edgelm_models::memory_plan(&engine.model, kv, runtime)?);
     };
@@ -534,7 +534,7 @@ fn serve_kv_budget(
     let Some((limit, source)) = memory_limit(args) else {
         return Ok(serve.kv_budget);
     };
-    let runtime = edgelm_models::resident_memory().unwrap_or(0);
+    let runtime = edgelm_models::runtime_memory(&engine.weight_files()).unwrap_or(0);
     let full = match edgelm_models::check_fits(&engine.model, &kv, runtime, limit)? {
         Ok(_) => return Ok(serve.kv_budget),
         Err(e) => e,
@@ -989,7 +989,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
             };
             // What a run holds before it starts: this process with the tokenizer loaded too.
             let tokenizer = edgelm_tokenizer::Tokenizer::from_gguf(&file);
-            let runtime = edgelm_models::resident_memory().unwrap_or(0);
+            let runtime = edgelm_models::runtime_memory(std::slice::from_ref(&path)).unwrap_or(0);
             drop(tokenizer);
             let plan = edgelm_models::memory_plan(&model, &kv, runtime)?;
             let mib = |b: u64| b as f64 / (1 << 20) as f64;

@@ -473,23 +473,45 @@ fn chat_answers_piped_stdin_and_reuses_the_cache_every_turn() {
 }
 
 /// The memory planner refuses a run over `--mem-limit`, says what context would fit, and that
-/// context runs; `serve` sizes its KV cache to the limit instead of refusing.
+/// context runs; `serve` sizes its KV cache to the limit instead of refusing. The limits are set
+/// from the planner's own parts, since the measured runtime differs between machines.
 #[test]
 fn mem_limit_refuses_what_does_not_fit_and_says_what_does() {
-    let refused = edgelm(&[
-        "run",
-        "-m",
-        MODEL,
-        "-p",
-        "hi",
-        "--ctx",
-        "16384",
-        "--mem-limit",
-        "160M",
-    ]);
-    assert!(!refused.status.success(), "a 16k context in 160 MiB ran");
+    let run_16k = |limit: &str| {
+        edgelm(&[
+            "run",
+            "-m",
+            MODEL,
+            "-p",
+            "hi",
+            "--ctx",
+            "16384",
+            "--mem-limit",
+            limit,
+        ])
+    };
+    let refused = run_16k("1M");
+    assert!(!refused.status.success(), "a 16k context in 1 MiB ran");
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        err.contains("the weights and one sequence's scratch alone do not fit"),
+        "{err}"
+    );
+    let part = |name: &str| -> f64 {
+        err.split(&format!("{name} "))
+            .nth(1)
+            .and_then(|s| s.split(" MiB").next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the plan: {err}"))
+    };
+    let fixed = part("weights") + part("scratch") + part("runtime");
+    let kv_16k = part("KV cache");
+    // Room for about 2048 tokens of the 16384 asked.
+    let limit = format!("{}M", (fixed + kv_16k / 8.0).ceil());
+    let refused = run_16k(&limit);
+    assert!(!refused.status.success(), "a 16k context in {limit} ran");
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("more than the 160.0 MiB allowed"), "{err}");
+    assert!(err.contains(" MiB allowed; what would fit"), "{err}");
     let ctx: usize = err
         .split("--ctx ")
         .nth(1)
@@ -509,13 +531,22 @@ fn mem_limit_refuses_what_does_not_fit_and_says_what_does() {
         "--ctx",
         &(ctx - 512).to_string(),
         "--mem-limit",
-        "160M",
+        &limit,
     ]);
     stdout(&fits);
 
+    // Four sequences of 4096 tokens need the same KV as one of 16384; a third of it is left.
+    let serve_limit = format!("{}M", (fixed + kv_16k / 3.0).ceil());
     let serve = common::ServeProcess::start(
         MODEL,
-        &["--parallel", "4", "--ctx", "4096", "--mem-limit", "250M"],
+        &[
+            "--parallel",
+            "4",
+            "--ctx",
+            "4096",
+            "--mem-limit",
+            &serve_limit,
+        ],
     );
     let log = serve.log();
     assert!(log.contains("sized to"), "{log}");

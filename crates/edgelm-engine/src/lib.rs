@@ -31,7 +31,7 @@ use edgelm_kernels::{Compute, Precision};
 use edgelm_models::repack_cache::{self, RepackCache};
 use edgelm_models::{KvCache, KvConfig, KvType, KvTypes, Model};
 use edgelm_tokenizer::{Encode, Tokenizer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,8 @@ pub struct Engine {
     kv_types: Option<KvTypes>,
     /// Where this engine's repacked weights came from.
     pub repack_cache: RepackCache,
+    /// The model file this engine maps.
+    path: PathBuf,
 }
 
 impl Engine {
@@ -83,12 +85,25 @@ impl Engine {
         };
         Ok(Engine {
             repack_cache,
+            path: path.to_owned(),
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             compute,
             chat: OnceLock::new(),
             kv_types: None,
         })
+    }
+
+    /// The files whose mapped pages are this engine's weights: the model, and its repack cache
+    /// where one is mapped.
+    pub fn weight_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        if let RepackCache::Mapped { path, .. } | RepackCache::Written { path, .. } =
+            &self.repack_cache
+        {
+            files.push(path.clone());
+        }
+        files
     }
 
     /// The model's chat template, or the built-in ChatML one where the file has none.

@@ -26,7 +26,7 @@ pub use kv::{
 };
 pub use linear::{low_rank_names, Forward, Linear, Observer, Projection, WeightRef};
 pub use plan::{
-    available_memory, check_fits, memory_plan, peak_resident_memory, resident_memory, DoesNotFit,
+    available_memory, check_fits, memory_plan, peak_resident_memory, runtime_memory, DoesNotFit,
     MemoryPlan,
 };
 pub use transformer::{Scratch, Transformer, MAX_CHUNK};

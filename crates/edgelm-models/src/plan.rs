@@ -8,7 +8,7 @@ use crate::{ModelError, Result, Scratch, Transformer, MAX_CHUNK};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
     /// What the process holds before the run: code, tokenizer, metadata (measured by the
-    /// caller, see [`resident_memory`]; 0 when unknown).
+    /// caller, see [`runtime_memory`]; 0 when unknown).
     pub runtime: u64,
     /// The weights: mapped from the file, or repacked on first use into a copy that replaces
     /// the mapped pages (`Linear`'s interleaved layout); every matrix is resident once used, a
@@ -168,9 +168,43 @@ pub fn check_fits(
     }))
 }
 
-/// What this process holds in memory now (`VmRSS`), if known: a plan's `runtime`.
-pub fn resident_memory() -> Option<u64> {
-    proc_kib("/proc/self/status", "VmRSS:")
+/// What this process holds in memory now outside its mappings of `weight_files` (the model and
+/// its repack cache, which a plan counts as `weights`), if known: a plan's `runtime`. Pages of
+/// the model a first run touched while writing its repack cache stay resident but are no
+/// runtime; counting them would put the weights in the plan twice.
+pub fn runtime_memory(weight_files: &[std::path::PathBuf]) -> Option<u64> {
+    let weight_files: Vec<std::path::PathBuf> = weight_files
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut total = 0u64;
+    let mut counted = true;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first == "Rss:" {
+            let kib: u64 = fields.next()?.parse().ok()?;
+            if counted {
+                total += kib * 1024;
+            }
+        } else if first.contains('-') && !first.ends_with(':') {
+            counted = !mapping_path(line).is_some_and(|p| weight_files.iter().any(|w| w == p));
+        }
+    }
+    Some(total)
+}
+
+/// The file a `/proc/self/smaps` mapping header names (range, perms, offset, device, inode,
+/// then the path, which may hold spaces), if any.
+fn mapping_path(header: &str) -> Option<&std::path::Path> {
+    let mut rest = header;
+    for _ in 0..5 {
+        rest = rest.trim_start();
+        rest = &rest[rest.find(char::is_whitespace)?..];
+    }
+    let path = rest.trim();
+    path.starts_with('/').then(|| std::path::Path::new(path))
 }
 
 /// The most this process has held in memory (`VmHWM`), if known.
@@ -193,5 +227,50 @@ pub fn available_memory() -> Option<u64> {
 impl From<DoesNotFit> for ModelError {
     fn from(e: DoesNotFit) -> ModelError {
         ModelError::DoesNotFit(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_paths_are_read_from_smaps_headers() {
+        let header = "7f1c-7f2c r--s 00000000 08:01 1234          /tmp/a model.gguf";
+        assert_eq!(
+            mapping_path(header),
+            Some(std::path::Path::new("/tmp/a model.gguf"))
+        );
+        assert_eq!(mapping_path("7f1c-7f2c rw-p 00000000 00:00 0 "), None);
+        assert_eq!(
+            mapping_path("7ffd-7ffe rw-p 00000000 00:00 0   [stack]"),
+            None
+        );
+    }
+
+    /// The touched pages of a mapped weight file are left out of the runtime, and only they.
+    #[test]
+    fn runtime_leaves_out_the_weight_files_pages() {
+        let dir = std::env::temp_dir().join(format!("edgelm-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weights.bin");
+        let len = 16 << 20;
+        std::fs::write(&path, vec![1u8; len]).unwrap();
+        let mapped = edgelm_gguf::MappedFile::open(&path).unwrap();
+        let touched: u64 = mapped.bytes().iter().step_by(4096).map(|&b| b as u64).sum();
+        assert_eq!(touched, (len / 4096) as u64);
+        // Other tests of this process allocate meanwhile: one of a few readings must be clean.
+        let readings: Vec<i64> = (0..5)
+            .map(|_| {
+                let all = runtime_memory(&[]).unwrap() as i64;
+                all - runtime_memory(std::slice::from_ref(&path)).unwrap() as i64
+            })
+            .collect();
+        assert!(
+            readings.iter().any(|&r| r == len as i64),
+            "{readings:?} bytes left out of {len} mapped"
+        );
+        drop(mapped);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
