@@ -14,6 +14,7 @@
 
 use crate::{CompressError, Result};
 use edgelm_gguf::GgmlType;
+use edgelm_kernels::{Compute, Weight};
 
 /// Fraction of H's mean diagonal added to its diagonal: keeps the factorization stable when
 /// calibration inputs span fewer directions than the matrix has columns (GPTQ's 1%).
@@ -26,6 +27,14 @@ pub const DAMPING: f64 = 0.01;
 /// / 0.8 (0.140 without feedback); Qwen 0.163 at 0.6 (0.192 without).
 pub const SHRINK: f64 = 0.6;
 
+/// Columns whose rounding errors are carried row by row within the band, then into every
+/// later column at once as one matrix product (GPTQ's lazy batch): the band of U stays in
+/// cache while the rows walk it, and the bulk of the work runs on the f32 kernels.
+const BAND: usize = 256;
+
+/// Rows fed back together: their errors of one band make one product's tokens.
+pub const ROWS_AT_ONCE: usize = 1024;
+
 /// The upper Cholesky factor of one projection's damped inverse input moments, shared by
 /// every row of every tensor reading that input.
 pub struct Compensator {
@@ -36,8 +45,9 @@ pub struct Compensator {
 
 impl Compensator {
     /// From `h` = Σ x·xᵀ over calibration inputs (`cols × cols`, row-major, symmetric). Inputs
-    /// that never varied (zero diagonal) get no feedback.
-    pub fn new(h: &[f64], cols: usize, threads: usize) -> Result<Compensator> {
+    /// that never varied (zero diagonal) get no feedback. The factorization keeps f64 and
+    /// takes its products from `compute`'s f32 kernels.
+    pub fn new(h: &[f64], cols: usize, compute: &Compute) -> Result<Compensator> {
         if h.len() != cols * cols {
             return Err(CompressError::BadArgument(format!(
                 "input moments hold {} values, expected {cols}×{cols}",
@@ -68,13 +78,12 @@ impl Compensator {
                 a[i * cols + j] = v;
             }
         }
-        let l = cholesky_lower(a, cols, threads)?;
-        let m_cols = inverse_lower_by_columns(&l, cols, threads);
+        let l = cholesky_lower(a, cols, compute)?;
+        let inv = inverse_lower(&l, cols, compute)?;
         let mut u = vec![0f32; cols * cols];
-        for (c, col) in m_cols.iter().enumerate() {
-            // Column c of L⁻¹ holds rows c..cols: U[rev(r)][rev(c)] = L⁻¹[r][c].
-            for (k, &v) in col.iter().enumerate() {
-                u[rev(c + k) * cols + rev(c)] = v as f32;
+        for r in 0..cols {
+            for c in 0..=r {
+                u[rev(r) * cols + rev(c)] = inv[r * cols + c] as f32;
             }
         }
         Ok(Compensator { u, cols })
@@ -95,36 +104,110 @@ impl Compensator {
             .collect()
     }
 
-    /// Quantizes `row` (consumed: it ends holding the compensated values) to `ty` in `out`,
-    /// each block's rounding searched with `weights` (one per column, from the source row), its
-    /// error carried into the later columns.
-    pub fn quantize_row(
+    /// Quantizes the rows of `rows` (row-major, `cols` wide; consumed: they end holding the
+    /// compensated values) to `ty` in `out`, each block's rounding searched with `weights`
+    /// (one per value, from the source rows), its error carried into the later columns: within
+    /// a [`BAND`] row by row on `compute`'s threads, beyond it by one product per band.
+    pub fn quantize_rows(
         &self,
+        compute: &Compute,
         ty: GgmlType,
-        row: &mut [f32],
+        rows: &mut [f32],
         weights: &[f32],
         out: &mut [u8],
     ) -> Result<()> {
         let n = self.cols;
-        if row.len() != n || weights.len() != n {
-            return Err(CompressError::BadArgument(format!(
-                "a row of {} values (weights {}) for moments of {n} columns",
-                row.len(),
-                weights.len()
-            )));
-        }
         let block = ty.block_elems();
         let bytes = ty.block_bytes();
-        if !n.is_multiple_of(block) || out.len() != n / block * bytes {
+        let m = rows.len() / n.max(1);
+        if !n.is_multiple_of(block)
+            || rows.len() != m * n
+            || weights.len() != rows.len()
+            || out.len() != m * (n / block) * bytes
+        {
             return Err(CompressError::BadArgument(format!(
-                "a row of {n} is not whole {ty} blocks in {} bytes",
+                "{} values (weights {}) into {} bytes are not whole rows of {n} in {ty} blocks",
+                rows.len(),
+                weights.len(),
                 out.len()
             )));
         }
+        let row_bytes = n / block * bytes;
+        let band = BAND.div_ceil(block) * block;
+        let threads = compute.n_threads().max(1);
+        let rows_per_thread = m.div_ceil(threads).max(1);
+        for b0 in (0..n).step_by(band) {
+            let b1 = (b0 + band).min(n);
+            let width = b1 - b0;
+            // Each row's scaled errors in this band: the tokens of the product below.
+            let mut err = vec![0f32; m * width];
+            let results: Vec<Result<()>> = std::thread::scope(|s| {
+                let handles: Vec<_> = rows
+                    .chunks_mut(rows_per_thread * n)
+                    .zip(weights.chunks(rows_per_thread * n))
+                    .zip(out.chunks_mut(rows_per_thread * row_bytes))
+                    .zip(err.chunks_mut(rows_per_thread * width))
+                    .map(|(((rows, weights), out), err)| {
+                        s.spawn(move || -> Result<()> {
+                            let parts = rows
+                                .chunks_exact_mut(n)
+                                .zip(weights.chunks_exact(n))
+                                .zip(out.chunks_exact_mut(row_bytes))
+                                .zip(err.chunks_exact_mut(width));
+                            for (((row, w), dst), e) in parts {
+                                let dst = &mut dst[b0 / block * bytes..b1 / block * bytes];
+                                self.quantize_band(ty, row, w, dst, b0, b1, e)?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
+                    .collect()
+            });
+            results.into_iter().collect::<Result<()>>()?;
+            if b1 == n {
+                break;
+            }
+            // rows[·, b1..] −= err · U[b0..b1, b1..], the band's rows of U transposed as the
+            // product's weight rows.
+            let later = n - b1;
+            let mut ut = vec![0f32; later * width];
+            for (i, u_row) in self.u[b0 * n..b1 * n].chunks_exact(n).enumerate() {
+                for (j, &v) in u_row[b1..].iter().enumerate() {
+                    ut[j * width + i] = v;
+                }
+            }
+            let mut delta = vec![0f32; m * later];
+            f32_product(compute, &ut, later, width, &err, &mut delta)?;
+            for (row, d) in rows.chunks_exact_mut(n).zip(delta.chunks_exact(later)) {
+                row[b1..].iter_mut().zip(d).for_each(|(w, &d)| *w -= d);
+            }
+        }
+        Ok(())
+    }
+
+    /// One row's blocks in columns `b0..b1` into `dst`, each block's error carried into the
+    /// band's later columns at once and its scaled errors left in `err` for the columns
+    /// beyond.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_band(
+        &self,
+        ty: GgmlType,
+        row: &mut [f32],
+        weights: &[f32],
+        dst: &mut [u8],
+        b0: usize,
+        b1: usize,
+        err: &mut [f32],
+    ) -> Result<()> {
+        let n = self.cols;
+        let block = ty.block_elems();
         let mut q = vec![0f32; block];
-        let mut err = vec![0f32; block];
-        for (k, dst) in out.chunks_exact_mut(bytes).enumerate() {
-            let (start, end) = (k * block, (k + 1) * block);
+        for (k, dst) in dst.chunks_exact_mut(ty.block_bytes()).enumerate() {
+            let (start, end) = (b0 + k * block, b0 + (k + 1) * block);
             edgelm_quant::quantize_row_with_error_weights(
                 ty,
                 &row[start..end],
@@ -132,23 +215,12 @@ impl Compensator {
                 dst,
             )?;
             edgelm_quant::dequantize_row(ty, dst, &mut q)?;
-            for i in 0..block {
-                let c = start + i;
-                let u = &self.u[c * n..(c + 1) * n];
-                let e = (row[c] - q[i]) / u[c];
-                err[i] = e;
-                for (w, &uj) in row[c + 1..end].iter_mut().zip(&u[c + 1..end]) {
+            for c in start..end {
+                let u = &self.u[c * n..c * n + b1];
+                let e = (row[c] - q[c - start]) / u[c];
+                err[c - b0] = e;
+                for (w, &uj) in row[c + 1..b1].iter_mut().zip(&u[c + 1..]) {
                     *w -= e * uj;
-                }
-            }
-            if end < n {
-                let (_, rest) = row.split_at_mut(end);
-                for (i, &e) in err.iter().enumerate() {
-                    let c = start + i;
-                    let u = &self.u[c * n + end..(c + 1) * n];
-                    for (w, &uj) in rest.iter_mut().zip(u) {
-                        *w -= e * uj;
-                    }
                 }
             }
         }
@@ -156,71 +228,91 @@ impl Compensator {
     }
 }
 
-/// Columns per panel of the blocked factorization: a panel of the widest inputs (4864 × 64
-/// f64) stays in L2 while every later row is updated from it.
-const PANEL: usize = 64;
+/// `out[t·rows + r] = Σ_k w[r·cols + k] · x[t·cols + k]` on `compute`'s f32 kernels.
+pub(crate) fn f32_product(
+    compute: &Compute,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tokens = x.len() / cols.max(1);
+    compute.matmul(
+        Weight::gguf(GgmlType::F32, rows, cols, &bytes),
+        x,
+        tokens,
+        out,
+    )?;
+    Ok(())
+}
+
+/// Columns per panel of the blocked factorizations: a panel's diagonal block is factored and
+/// inverted in f64, everything else is products on the f32 kernels.
+const PANEL: usize = 128;
+
+/// Later rows updated by one product of a Cholesky panel: bounds the product's output.
+const UPDATE_ROWS: usize = 1024;
 
 /// The lower Cholesky factor of the symmetric positive definite `a` (row-major, lower triangle
-/// read), in place: right-looking by panels of [`PANEL`] columns, the update of the rows below
-/// each panel split over `threads`.
-fn cholesky_lower(mut a: Vec<f64>, n: usize, threads: usize) -> Result<Vec<f64>> {
-    let not_definite = |i: usize| {
-        CompressError::BadArgument(format!(
-            "the calibration inputs' second moments are not positive definite at column {i} \
-             even damped: use more calibration text"
-        ))
-    };
+/// read), in place: right-looking by panels of [`PANEL`] columns. Per panel: its diagonal block
+/// factored, the rows below it solved against that factor (one product with its inverse), and
+/// every later row updated (the panel times itself, by bands of rows so only the lower
+/// triangle is made).
+fn cholesky_lower(mut a: Vec<f64>, n: usize, compute: &Compute) -> Result<Vec<f64>> {
     for k0 in (0..n).step_by(PANEL) {
         let k1 = (k0 + PANEL).min(n);
-        // The panel's columns for every row from k0 on, left-looking within the panel.
-        for i in k0..n {
-            for j in k0..k1.min(i + 1) {
-                let (head, row_i) = a.split_at_mut(i * n);
-                let row_j = if j < i {
-                    &head[j * n + k0..j * n + j]
-                } else {
-                    &row_i[k0..j]
-                };
-                let s = row_i[j] - dot(&row_i[k0..j], row_j);
-                if j == i {
-                    if s.is_nan() || s <= 0.0 {
-                        return Err(not_definite(i));
-                    }
-                    row_i[i] = s.sqrt();
-                } else {
-                    row_i[j] = s / head[j * n + j];
-                }
-            }
+        let width = k1 - k0;
+        let mut diag: Vec<f64> = (k0..k1)
+            .flat_map(|i| a[i * n + k0..i * n + k1].iter().copied())
+            .collect();
+        cholesky_small(&mut diag, width).map_err(|i| {
+            CompressError::BadArgument(format!(
+                "the calibration inputs' second moments are not positive definite at column \
+                 {} even damped: use more calibration text",
+                k0 + i
+            ))
+        })?;
+        for (r, row) in diag.chunks_exact(width).enumerate() {
+            a[(k0 + r) * n + k0..(k0 + r) * n + k1].copy_from_slice(row);
         }
         if k1 == n {
             break;
         }
-        // Every later entry (i, j), k1 ≤ j ≤ i, loses the panel's contribution.
-        let panel: Vec<f64> = (k1..n)
-            .flat_map(|i| a[i * n + k0..i * n + k1].iter().copied())
+        let m = n - k1;
+        // L21 = A21 · L11⁻ᵀ: row j of the product's weight is row j of L11⁻¹.
+        let inv = to_f32(&inverse_small(&diag, width));
+        let below: Vec<f32> = (k1..n)
+            .flat_map(|i| a[i * n + k0..i * n + k1].iter().map(|&v| v as f32))
             .collect();
-        let width = k1 - k0;
-        let rows = &mut a[k1 * n..];
-        let bounds = triangle_split(n - k1, threads);
-        std::thread::scope(|s| {
-            let mut rest = rows;
-            let mut first = 0;
-            for w in bounds.windows(2) {
-                let (part, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - first) * n);
-                rest = tail;
-                let (lo, panel) = (w[0], &panel);
-                first = w[1];
-                s.spawn(move || {
-                    for (r, row) in part.chunks_exact_mut(n).enumerate() {
-                        let i = lo + r;
-                        let pi = &panel[i * width..(i + 1) * width];
-                        for j in 0..=i {
-                            row[k1 + j] -= dot(pi, &panel[j * width..(j + 1) * width]);
-                        }
-                    }
-                });
+        let mut panel = vec![0f32; m * width];
+        f32_product(compute, &inv, width, width, &below, &mut panel)?;
+        for (t, row) in panel.chunks_exact(width).enumerate() {
+            let i = k1 + t;
+            a[i * n + k0..i * n + k1]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(v, &l)| *v = l as f64);
+        }
+        let mut out = Vec::new();
+        for i0 in (0..m).step_by(UPDATE_ROWS) {
+            let i1 = (i0 + UPDATE_ROWS).min(m);
+            out.resize((i1 - i0) * i1, 0.0);
+            f32_product(
+                compute,
+                &panel[..i1 * width],
+                i1,
+                width,
+                &panel[i0 * width..i1 * width],
+                &mut out,
+            )?;
+            for (t, o) in out.chunks_exact(i1).enumerate() {
+                let i = k1 + i0 + t;
+                let row = &mut a[i * n + k1..i * n + i + 1];
+                row.iter_mut().zip(o).for_each(|(v, &d)| *v -= d as f64);
             }
-        });
+        }
     }
     for i in 0..n {
         a[i * n + i + 1..(i + 1) * n].fill(0.0);
@@ -228,60 +320,97 @@ fn cholesky_lower(mut a: Vec<f64>, n: usize, threads: usize) -> Result<Vec<f64>>
     Ok(a)
 }
 
-/// Row bounds splitting the first `m` rows of a lower triangle into `threads` runs of about
-/// equal area.
-fn triangle_split(m: usize, threads: usize) -> Vec<usize> {
-    let threads = threads.clamp(1, 64);
-    let total = (m * (m + 1) / 2) as f64;
-    let mut bounds = vec![0];
-    let mut area = 0.0;
-    for i in 0..m {
-        area += (i + 1) as f64;
-        if area >= total * bounds.len() as f64 / threads as f64 && bounds.len() < threads {
-            bounds.push(i + 1);
-        }
+/// L⁻¹ for the lower triangular `l` (row-major), by solving L·X = I a panel of rows at a
+/// time: the panel's rows are its diagonal block's inverse times what is left of the right
+/// side there (one product), and its contribution to every later row is another.
+fn inverse_lower(l: &[f64], n: usize, compute: &Compute) -> Result<Vec<f64>> {
+    let mut x = vec![0f64; n * n];
+    for i in 0..n {
+        x[i * n + i] = 1.0;
     }
-    if bounds.last() != Some(&m) {
-        bounds.push(m);
-    }
-    bounds
-}
-
-/// Columns of L⁻¹ for the lower triangular `l`: column c holds rows c..n. Each is a forward
-/// substitution of its own, so threads take columns in turn.
-fn inverse_lower_by_columns(l: &[f64], n: usize, threads: usize) -> Vec<Vec<f64>> {
-    let solve = |c: usize| {
-        let mut m = vec![0f64; n - c];
-        for i in c..n {
-            let row = &l[i * n + c..i * n + i];
-            let s = if i == c { 1.0 } else { 0.0 } - dot(row, &m[..i - c]);
-            m[i - c] = s / l[i * n + i];
-        }
-        m
-    };
-    let threads = threads.clamp(1, 64);
-    let mut cols: Vec<Vec<f64>> = vec![Vec::new(); n];
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let solve = &solve;
-                s.spawn(move || {
-                    (t..n)
-                        .step_by(threads)
-                        .map(|c| (c, solve(c)))
-                        .collect::<Vec<_>>()
-                })
-            })
+    for i0 in (0..n).step_by(PANEL) {
+        let i1 = (i0 + PANEL).min(n);
+        let width = i1 - i0;
+        let diag: Vec<f64> = (i0..i1)
+            .flat_map(|r| l[r * n + i0..r * n + i1].iter().copied())
             .collect();
-        for h in handles {
-            if let Ok(done) = h.join() {
-                for (c, m) in done {
-                    cols[c] = m;
-                }
+        let inv = inverse_small(&diag, width);
+        // X[i0..i1, 0..i1] = L_ii⁻¹ · B[i0..i1, 0..i1], made transposed: the columns of B are
+        // the product's tokens, and the transposed panel is what the update below takes.
+        let mut bt = vec![0f32; i1 * width];
+        for k in 0..width {
+            for (c, &v) in x[(i0 + k) * n..(i0 + k) * n + i1].iter().enumerate() {
+                bt[c * width + k] = v as f32;
             }
         }
-    });
-    cols
+        let mut xt = vec![0f32; i1 * width];
+        f32_product(compute, &to_f32(&inv), width, width, &bt, &mut xt)?;
+        // The diagonal block exactly: the right side there is still I.
+        for r in 0..width {
+            for c in 0..i1 {
+                x[(i0 + r) * n + c] = if c >= i0 {
+                    inv[r * width + c - i0]
+                } else {
+                    xt[c * width + r] as f64
+                };
+            }
+        }
+        if i1 == n {
+            break;
+        }
+        // Rows i1.. of the right side lose L[·, i0..i1] · X[i0..i1, 0..i1].
+        let m = n - i1;
+        let tokens: Vec<f32> = (i1..n)
+            .flat_map(|r| l[r * n + i0..r * n + i1].iter().map(|&v| v as f32))
+            .collect();
+        let mut out = vec![0f32; m * i1];
+        f32_product(compute, &xt, i1, width, &tokens, &mut out)?;
+        for (t, o) in out.chunks_exact(i1).enumerate() {
+            let r = i1 + t;
+            x[r * n..r * n + i1]
+                .iter_mut()
+                .zip(o)
+                .for_each(|(v, &d)| *v -= d as f64);
+        }
+    }
+    Ok(x)
+}
+
+/// The lower Cholesky factor of a small dense `w × w` block, in place (upper part left as
+/// read), or the first column where it is not positive definite.
+fn cholesky_small(a: &mut [f64], w: usize) -> std::result::Result<(), usize> {
+    for i in 0..w {
+        for j in 0..=i {
+            let s = a[i * w + j] - dot(&a[i * w..i * w + j], &a[j * w..j * w + j]);
+            if j == i {
+                if s.is_nan() || s <= 0.0 {
+                    return Err(i);
+                }
+                a[i * w + i] = s.sqrt();
+            } else {
+                a[i * w + j] = s / a[j * w + j];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The inverse of a small lower triangular `w × w` block (its upper part ignored), by forward
+/// substitution.
+fn inverse_small(l: &[f64], w: usize) -> Vec<f64> {
+    let mut x = vec![0f64; w * w];
+    for c in 0..w {
+        for r in c..w {
+            let s: f64 = (c..r).map(|k| l[r * w + k] * x[k * w + c]).sum();
+            let b = if r == c { 1.0 } else { 0.0 };
+            x[r * w + c] = (b - s) / l[r * w + r];
+        }
+    }
+    x
+}
+
+fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
 }
 
 /// Four independent sums so the compiler can keep several multiply-adds in flight.
@@ -325,40 +454,132 @@ mod tests {
         h
     }
 
-    /// Wider than two panels and not a multiple of one, so the blocked update runs.
+    /// A context on every path this machine runs, several threads.
+    fn computes() -> Vec<Compute> {
+        edgelm_kernels::Isa::available()
+            .into_iter()
+            .map(|isa| Compute::new(isa, 3))
+            .collect()
+    }
+
+    /// Wider than two panels and not a multiple of one, so the blocked updates run.
     #[test]
     fn factor_inverts_the_damped_moments() {
         let mut rng = Rng(7);
-        let (tokens, cols) = (300, 150);
+        let (tokens, cols) = (600, 300);
         let x = inputs(&mut rng, tokens, cols);
         let h = moments(&x, tokens, cols);
-        let c = Compensator::new(&h, cols, 3).expect("positive definite");
-        let damp = DAMPING * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
-        let u = |r: usize, i: usize| c.u[r * cols + i] as f64;
-        let mut inv = vec![0f64; cols * cols];
-        for i in 0..cols {
-            for k in 0..cols {
-                inv[i * cols + k] = (0..cols).map(|r| u(r, i) * u(r, k)).sum();
+        for compute in computes() {
+            let c = Compensator::new(&h, cols, &compute).expect("positive definite");
+            let damp = DAMPING * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+            let u = |r: usize, i: usize| c.u[r * cols + i] as f64;
+            let mut inv = vec![0f64; cols * cols];
+            for i in 0..cols {
+                for k in 0..cols {
+                    inv[i * cols + k] = (0..cols).map(|r| u(r, i) * u(r, k)).sum();
+                }
+                for j in 0..i {
+                    assert_eq!(u(i, j), 0.0, "U is upper triangular");
+                }
             }
-            for j in 0..i {
-                assert_eq!(u(i, j), 0.0, "U is upper triangular");
+            // (UᵀU)·(H shrunk + λI) = I.
+            for i in 0..cols {
+                for j in 0..cols {
+                    let v: f64 = (0..cols)
+                        .map(|k| {
+                            let hkj = if k == j {
+                                h[k * cols + j] + damp
+                            } else {
+                                h[k * cols + j] * (1.0 - SHRINK)
+                            };
+                            inv[i * cols + k] * hkj
+                        })
+                        .sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!(
+                        (v - want).abs() < 2e-3,
+                        "{:?}: ({i},{j}) = {v}",
+                        compute.isa()
+                    );
+                }
             }
         }
-        // (UᵀU)·(H shrunk + λI) = I.
-        for i in 0..cols {
-            for j in 0..cols {
-                let v: f64 = (0..cols)
-                    .map(|k| {
-                        let hkj = if k == j {
-                            h[k * cols + j] + damp
-                        } else {
-                            h[k * cols + j] * (1.0 - SHRINK)
-                        };
-                        inv[i * cols + k] * hkj
-                    })
-                    .sum();
-                let want = if i == j { 1.0 } else { 0.0 };
-                assert!((v - want).abs() < 2e-3, "({i},{j}) = {v}");
+    }
+
+    /// The plain algorithm, one row at a time with every error carried at once into every
+    /// later column: what the banded products must reproduce.
+    fn quantize_row_plainly(c: &Compensator, ty: GgmlType, row: &mut [f32], w: &[f32]) -> Vec<u8> {
+        let n = c.cols;
+        let block = ty.block_elems();
+        let mut out = vec![0u8; edgelm_quant::row_bytes(ty, n).expect("whole blocks")];
+        let mut q = vec![0f32; block];
+        for (k, dst) in out.chunks_exact_mut(ty.block_bytes()).enumerate() {
+            let (start, end) = (k * block, (k + 1) * block);
+            edgelm_quant::quantize_row_with_error_weights(
+                ty,
+                &row[start..end],
+                &w[start..end],
+                dst,
+            )
+            .expect("quantizes");
+            edgelm_quant::dequantize_row(ty, dst, &mut q).expect("dequantizes");
+            for c0 in start..end {
+                let u = &c.u[c0 * n..(c0 + 1) * n];
+                let e = (row[c0] - q[c0 - start]) / u[c0];
+                for j in c0 + 1..n {
+                    row[j] -= e * u[j];
+                }
+            }
+        }
+        out
+    }
+
+    /// Correlated inputs, their moments' compensator, and importance-like weights.
+    fn setup(
+        rng: &mut Rng,
+        tokens: usize,
+        cols: usize,
+        compute: &Compute,
+    ) -> (Vec<f64>, Compensator, Vec<f32>) {
+        let x = inputs(rng, tokens, cols);
+        let h = moments(&x, tokens, cols);
+        let c = Compensator::new(&h, cols, compute).expect("positive definite");
+        let weights: Vec<f32> = (0..cols).map(|i| h[i * cols + i] as f32).collect();
+        (x, c, weights)
+    }
+
+    /// Several bands, rows split unevenly over threads: the same codes as the plain
+    /// algorithm but where float sums in another order tip a near tie.
+    #[test]
+    fn banded_products_match_the_plain_algorithm() {
+        let mut rng = Rng(5);
+        for compute in computes() {
+            for (ty, cols) in [(GgmlType::Q4_0, 576), (GgmlType::Q4_K, 768)] {
+                let (_, c, weights) = setup(&mut rng, 900, cols, &compute);
+                let rows = 7;
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+                let all_weights: Vec<f32> = (0..rows).flat_map(|_| weights.clone()).collect();
+                let mut work = w.clone();
+                let row_bytes = edgelm_quant::row_bytes(ty, cols).expect("whole blocks");
+                let mut banded = vec![0u8; rows * row_bytes];
+                c.quantize_rows(&compute, ty, &mut work, &all_weights, &mut banded)
+                    .expect("quantizes");
+                let mut plain = Vec::new();
+                for r in 0..rows {
+                    let mut row = w[r * cols..(r + 1) * cols].to_vec();
+                    plain.extend(quantize_row_plainly(&c, ty, &mut row, &weights));
+                }
+                let blocks = banded.len() / ty.block_bytes();
+                let same = banded
+                    .chunks_exact(ty.block_bytes())
+                    .zip(plain.chunks_exact(ty.block_bytes()))
+                    .filter(|(a, b)| a == b)
+                    .count();
+                assert!(
+                    same * 10 >= blocks * 9,
+                    "{:?} {ty}: {same} of {blocks} blocks as the plain algorithm's",
+                    compute.isa()
+                );
             }
         }
     }
@@ -369,10 +590,8 @@ mod tests {
     fn feedback_lowers_the_output_error() {
         let mut rng = Rng(11);
         let (tokens, cols, rows) = (1024, 512, 8);
-        let x = inputs(&mut rng, tokens, cols);
-        let h = moments(&x, tokens, cols);
-        let c = Compensator::new(&h, cols, 1).expect("positive definite");
-        let weights: Vec<f32> = (0..cols).map(|i| h[i * cols + i] as f32).collect();
+        let compute = Compute::new(edgelm_kernels::Isa::detect(), 2);
+        let (x, c, weights) = setup(&mut rng, tokens, cols, &compute);
         let output_error = |w: &[f32], q: &[f32]| -> f64 {
             (0..tokens)
                 .map(|t| {
@@ -384,22 +603,25 @@ mod tests {
                 .sum()
         };
         for ty in [GgmlType::Q4_0, GgmlType::IQ4_NL, GgmlType::Q4_K] {
+            let row_bytes = edgelm_quant::row_bytes(ty, cols).expect("whole blocks");
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+            let all_weights: Vec<f32> = (0..rows).flat_map(|_| weights.clone()).collect();
+            let mut fed_codes = vec![0u8; rows * row_bytes];
+            let mut work = w.clone();
+            c.quantize_rows(&compute, ty, &mut work, &all_weights, &mut fed_codes)
+                .expect("quantizes");
             let (mut plain, mut fed) = (0.0, 0.0);
-            for _ in 0..rows {
-                let w: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
-                let n_bytes = edgelm_quant::row_bytes(ty, cols).expect("whole blocks");
-                let mut a = vec![0u8; n_bytes];
-                edgelm_quant::quantize_row_with_error_weights(ty, &w, &weights, &mut a)
-                    .expect("quantizes");
-                let mut b = vec![0u8; n_bytes];
-                let mut work = w.clone();
-                c.quantize_row(ty, &mut work, &weights, &mut b)
+            for r in 0..rows {
+                let w = &w[r * cols..(r + 1) * cols];
+                let mut a = vec![0u8; row_bytes];
+                edgelm_quant::quantize_row_with_error_weights(ty, w, &weights, &mut a)
                     .expect("quantizes");
                 let (mut qa, mut qb) = (vec![0f32; cols], vec![0f32; cols]);
                 edgelm_quant::dequantize_row(ty, &a, &mut qa).expect("dequantizes");
-                edgelm_quant::dequantize_row(ty, &b, &mut qb).expect("dequantizes");
-                plain += output_error(&w, &qa);
-                fed += output_error(&w, &qb);
+                let b = &fed_codes[r * row_bytes..(r + 1) * row_bytes];
+                edgelm_quant::dequantize_row(ty, b, &mut qb).expect("dequantizes");
+                plain += output_error(w, &qa);
+                fed += output_error(w, &qb);
             }
             assert!(fed < 0.8 * plain, "{ty}: fed back {fed} against {plain}");
         }
@@ -407,12 +629,19 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_refused() {
-        assert!(Compensator::new(&[1.0; 8], 3, 1).is_err());
-        assert!(Compensator::new(&[0.0; 9], 3, 1).is_err());
-        let c = Compensator::new(&[1.0, 0.0, 0.0, 1.0], 2, 1).expect("identity");
+        let compute = Compute::new(edgelm_kernels::Isa::Scalar, 1);
+        assert!(Compensator::new(&[1.0; 8], 3, &compute).is_err());
+        assert!(Compensator::new(&[0.0; 9], 3, &compute).is_err());
+        let c = Compensator::new(&[1.0, 0.0, 0.0, 1.0], 2, &compute).expect("identity");
         let mut row = vec![0f32; 32];
         assert!(c
-            .quantize_row(GgmlType::Q4_0, &mut row, &[1.0; 32], &mut [0u8; 18])
+            .quantize_rows(
+                &compute,
+                GgmlType::Q4_0,
+                &mut row,
+                &[1.0; 32],
+                &mut [0u8; 18]
+            )
             .is_err());
     }
 }

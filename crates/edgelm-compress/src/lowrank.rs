@@ -39,6 +39,9 @@ pub enum SecondMoments {
 /// Second moments by weight name (`blk.0.ffn_up.weight`).
 pub type Moments = std::collections::BTreeMap<String, SecondMoments>;
 
+/// Rows of the second moments made by one product.
+const MOMENT_BAND: usize = 512;
+
 /// Adds `Σ_t v[t]·v[t]ᵀ` over the `n` rows of `v` (`d` wide) to `sum` (`d × d`, row-major):
 /// one chunk's product in f32 on the SIMD kernels (vᵀ as both the weight and the tokens; exact
 /// enough over a chunk), summed in f64 across chunks.
@@ -62,15 +65,28 @@ pub fn add_second_moments(
             vt[i * n + t] = x;
         }
     }
-    let bytes: Vec<u8> = vt.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let mut out = vec![0f32; d * d];
-    compute.matmul(
-        edgelm_kernels::Weight::gguf(GgmlType::F32, d, n, &bytes),
-        &vt,
-        d,
-        &mut out,
-    )?;
-    sum.iter_mut().zip(&out).for_each(|(s, &x)| *s += x as f64);
+    // The lower triangle by bands of rows (each band against the rows up to its end), then
+    // mirrored: little more than half the products of the whole square.
+    for i0 in (0..d).step_by(MOMENT_BAND) {
+        let i1 = (i0 + MOMENT_BAND).min(d);
+        let mut out = vec![0f32; (i1 - i0) * i1];
+        crate::gptq::f32_product(compute, &vt[..i1 * n], i1, n, &vt[i0 * n..i1 * n], &mut out)?;
+        for (t, o) in out.chunks_exact(i1).enumerate() {
+            let i = i0 + t;
+            let row = &mut sum[i * d..i * d + i + 1];
+            row.iter_mut().zip(o).for_each(|(s, &x)| *s += x as f64);
+        }
+        // The mirror image above the diagonal, by tiles of columns so the band's rows of each
+        // tile stay in cache while its columns are written.
+        for j0 in (0..i1).step_by(64) {
+            for j in j0..(j0 + 64).min(i1) {
+                let first = (j + 1).max(i0);
+                for i in first..i1 {
+                    sum[j * d + i] += out[(i - i0) * i1 + j] as f64;
+                }
+            }
+        }
+    }
     Ok(())
 }
 

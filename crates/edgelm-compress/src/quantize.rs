@@ -186,6 +186,10 @@ pub fn quantize(
         without_importance: Vec::new(),
         fed_back: 0,
     };
+    // Feedback's products run on the f32 kernels.
+    let compute = opts
+        .moments
+        .map(|_| edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), opts.threads));
     // q/k/v (and gate/up) share one input's moments, so one factorization.
     let mut last: Option<(std::sync::Arc<Vec<f64>>, std::sync::Arc<Compensator>)> = None;
     let total = planned.len();
@@ -240,42 +244,52 @@ pub fn quantize(
                 }
                 _ => None,
             };
-            let compensator = match moments {
-                Some(h) => {
+            let compensator = match (moments, &compute) {
+                (Some(h), Some(compute)) => {
                     let c = match &last {
                         Some((seen, c)) if std::sync::Arc::ptr_eq(seen, h) => c.clone(),
                         _ => {
-                            let c = std::sync::Arc::new(Compensator::new(h, t.cols, opts.threads)?);
+                            let c = std::sync::Arc::new(Compensator::new(h, t.cols, compute)?);
                             last = Some((h.clone(), c.clone()));
                             c
                         }
                     };
                     summary.fed_back += 1;
-                    Some(c)
+                    Some((c, compute))
                 }
-                None => None,
+                _ => None,
             };
             // A fed-back matrix's blocks weigh each column by what its error costs once the
             // later columns absorbed what they can, not by its energy alone.
             let importance = compensator
                 .as_ref()
-                .map(|c| c.conditional_importance())
+                .map(|(c, _)| c.conditional_importance())
                 .or(importance);
-            convert(
-                view.data,
-                t,
-                importance.as_deref(),
-                compensator.as_deref(),
-                opts.threads,
-                &mut |rows| {
-                    progress(&Progress {
-                        index,
-                        total,
-                        tensor: t,
-                        rows_done: rows,
-                    })
-                },
-            )?
+            let mut rows_done = |rows| {
+                progress(&Progress {
+                    index,
+                    total,
+                    tensor: t,
+                    rows_done: rows,
+                })
+            };
+            match &compensator {
+                Some((c, compute)) => feed_back(
+                    view.data,
+                    t,
+                    importance.as_deref(),
+                    c,
+                    compute,
+                    &mut rows_done,
+                )?,
+                None => convert(
+                    view.data,
+                    t,
+                    importance.as_deref(),
+                    opts.threads,
+                    &mut rows_done,
+                )?,
+            }
         };
         summary.bytes_out += data.len() as u64;
         summary.params += (t.rows * t.cols) as u64;
@@ -302,16 +316,9 @@ fn convert(
     src: &[u8],
     t: &TensorPlan,
     importance: Option<&[f32]>,
-    compensator: Option<&Compensator>,
     threads: usize,
     progress: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<u8>> {
-    if compensator.is_some_and(|c| c.cols() != t.cols) {
-        return Err(CompressError::BadArgument(format!(
-            "the calibration moments of {} are not {} columns wide",
-            t.name, t.cols
-        )));
-    }
     let in_row = edgelm_quant::row_bytes(t.from, t.cols)?;
     let out_row = edgelm_quant::row_bytes(t.to, t.cols)?;
     crate::rows::map_rows(
@@ -322,16 +329,55 @@ fn convert(
             let mut row = vec![0f32; t.cols];
             edgelm_quant::dequantize_row(t.from, &src[r * in_row..(r + 1) * in_row], &mut row)?;
             crate::rows::check_finite(&t.name, &row)?;
-            match compensator {
-                Some(c) => {
-                    let mut w = vec![0f32; t.cols];
-                    edgelm_quant::weighted::error_weights(t.to, &row, importance, &mut w);
-                    c.quantize_row(t.to, &mut row, &w, out)?;
-                }
-                None => edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?,
-            }
+            edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?;
             Ok(())
         },
         progress,
     )
+}
+
+/// [`convert`] with each row's rounding errors fed back ([`Compensator::quantize_rows`]),
+/// [`crate::gptq::ROWS_AT_ONCE`] rows at a time.
+fn feed_back(
+    src: &[u8],
+    t: &TensorPlan,
+    importance: Option<&[f32]>,
+    c: &Compensator,
+    compute: &edgelm_kernels::Compute,
+    progress: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<u8>> {
+    if c.cols() != t.cols {
+        return Err(CompressError::BadArgument(format!(
+            "the calibration moments of {} are not {} columns wide",
+            t.name, t.cols
+        )));
+    }
+    let in_row = edgelm_quant::row_bytes(t.from, t.cols)?;
+    let out_row = edgelm_quant::row_bytes(t.to, t.cols)?;
+    let mut out = vec![0u8; out_row * t.rows];
+    let mut done = 0;
+    let chunk_rows = crate::gptq::ROWS_AT_ONCE;
+    for (src, dst) in src
+        .chunks(in_row * chunk_rows)
+        .zip(out.chunks_mut(out_row * chunk_rows))
+    {
+        let n = dst.len() / out_row;
+        let mut rows = vec![0f32; n * t.cols];
+        let mut weights = vec![0f32; n * t.cols];
+        for ((s, row), w) in src
+            .chunks_exact(in_row)
+            .zip(rows.chunks_exact_mut(t.cols))
+            .zip(weights.chunks_exact_mut(t.cols))
+        {
+            edgelm_quant::dequantize_row(t.from, s, row)?;
+            crate::rows::check_finite(&t.name, row)?;
+            edgelm_quant::weighted::error_weights(t.to, row, importance, w);
+        }
+        c.quantize_rows(compute, t.to, &mut rows, &weights, dst)?;
+        done += n;
+        if !progress(done) {
+            return Err(CompressError::Interrupted);
+        }
+    }
+    Ok(out)
 }

@@ -283,7 +283,8 @@ pub(crate) fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Ve
 #[test]
 fn second_moments_match_a_direct_sum() {
     let mut rng = Rng(3);
-    let (tokens, cols) = (37, 70);
+    // Wider than one band of rows, and not a whole number of them or of mirror tiles.
+    let (tokens, cols) = (37, 600);
     let x = correlated_inputs(&mut rng, tokens, cols);
     let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
     let mut sum = vec![1f64; cols * cols];
