@@ -666,7 +666,7 @@ struct MomentCollector {
 
 #[derive(Default)]
 struct MomentSums {
-    by_key: std::collections::HashMap<String, Vec<f64>>,
+    by_key: std::collections::HashMap<String, Vec<f32>>,
     /// The key and input last accumulated: a group's second member skips the same input.
     last: Option<(String, usize)>,
     /// The first error of an accumulation (the observer cannot return one).
@@ -725,7 +725,7 @@ impl MomentCollector {
         let sum = g
             .by_key
             .entry(key.clone())
-            .or_insert_with(|| vec![0f64; cols * cols]);
+            .or_insert_with(|| vec![0f32; cols * cols]);
         if sum.len() == cols * cols {
             if let Err(e) =
                 edgelm_compress::lowrank::add_second_moments(&self.compute, sum, v, cols, rows)
@@ -747,11 +747,7 @@ impl MomentCollector {
         let mut shared = std::collections::HashMap::new();
         for (key, mut sum) in sums.by_key {
             let n = (sum.len() as f64).sqrt() as usize;
-            for i in 0..n {
-                for j in 0..i {
-                    sum[i * n + j] = sum[j * n + i];
-                }
-            }
+            edgelm_compress::lowrank::mirror_lower(&mut sum, n);
             shared.insert(key, Arc::new(sum));
         }
         let mut out = edgelm_compress::lowrank::Moments::new();

@@ -9,12 +9,12 @@ use edgelm_kernels::{Compute, Isa};
 use std::hint::black_box;
 
 /// Moments of inputs with a shared component, so the factor is not just diagonal.
-fn moments(cols: usize) -> Vec<f64> {
-    let mut h = vec![0f64; cols * cols];
+fn moments(cols: usize) -> Vec<f32> {
+    let mut h = vec![0f32; cols * cols];
     for i in 0..cols {
         for j in 0..cols {
-            let shared = 0.5 / (1.0 + (i as f64 - j as f64).abs());
-            h[i * cols + j] = shared + if i == j { 1.0 + (i % 7) as f64 } else { 0.0 };
+            let shared = 0.5 / (1.0 + (i as f32 - j as f32).abs());
+            h[i * cols + j] = shared + if i == j { 1.0 + (i % 7) as f32 } else { 0.0 };
         }
     }
     h

@@ -47,14 +47,15 @@ impl Compensator {
     /// From `h` = Σ x·xᵀ over calibration inputs (`cols × cols`, row-major, symmetric). Inputs
     /// that never varied (zero diagonal) get no feedback. The factorization keeps f64 and
     /// takes its products from `compute`'s f32 kernels.
-    pub fn new(h: &[f64], cols: usize, compute: &Compute) -> Result<Compensator> {
+    pub fn new(h: &[f32], cols: usize, compute: &Compute) -> Result<Compensator> {
         if h.len() != cols * cols {
             return Err(CompressError::BadArgument(format!(
                 "input moments hold {} values, expected {cols}×{cols}",
                 h.len()
             )));
         }
-        let mean_diag = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols.max(1) as f64;
+        let h = |i: usize, j: usize| h[i * cols + j] as f64;
+        let mean_diag = (0..cols).map(|i| h(i, i)).sum::<f64>() / cols.max(1) as f64;
         if mean_diag.is_nan() || mean_diag <= 0.0 || mean_diag.is_infinite() {
             return Err(CompressError::BadArgument(
                 "the calibration inputs are all zero or not finite: nothing to weigh by".into(),
@@ -67,10 +68,10 @@ impl Compensator {
         let mut a = vec![0f64; cols * cols];
         for i in 0..cols {
             for j in 0..=i {
-                let mut v = h[rev(i) * cols + rev(j)];
+                let mut v = h(rev(i), rev(j));
                 if i == j {
                     v = if v > 0.0 { v + damp } else { 1.0 };
-                } else if h[rev(i) * cols + rev(i)] <= 0.0 || h[rev(j) * cols + rev(j)] <= 0.0 {
+                } else if h(rev(i), rev(i)) <= 0.0 || h(rev(j), rev(j)) <= 0.0 {
                     v = 0.0;
                 } else {
                     v *= 1.0 - SHRINK;
@@ -441,7 +442,8 @@ mod tests {
             .collect()
     }
 
-    fn moments(x: &[f64], tokens: usize, cols: usize) -> Vec<f64> {
+    /// Summed in f64, stored in f32 as the collector stores them.
+    fn moments(x: &[f64], tokens: usize, cols: usize) -> Vec<f32> {
         let mut h = vec![0f64; cols * cols];
         for t in 0..tokens {
             let v = &x[t * cols..(t + 1) * cols];
@@ -451,7 +453,7 @@ mod tests {
                 }
             }
         }
-        h
+        h.into_iter().map(|v| v as f32).collect()
     }
 
     /// A context on every path this machine runs, several threads.
@@ -471,7 +473,8 @@ mod tests {
         let h = moments(&x, tokens, cols);
         for compute in computes() {
             let c = Compensator::new(&h, cols, &compute).expect("positive definite");
-            let damp = DAMPING * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+            let h = |i: usize, j: usize| h[i * cols + j] as f64;
+            let damp = DAMPING * (0..cols).map(|i| h(i, i)).sum::<f64>() / cols as f64;
             let u = |r: usize, i: usize| c.u[r * cols + i] as f64;
             let mut inv = vec![0f64; cols * cols];
             for i in 0..cols {
@@ -488,9 +491,9 @@ mod tests {
                     let v: f64 = (0..cols)
                         .map(|k| {
                             let hkj = if k == j {
-                                h[k * cols + j] + damp
+                                h(k, j) + damp
                             } else {
-                                h[k * cols + j] * (1.0 - SHRINK)
+                                h(k, j) * (1.0 - SHRINK)
                             };
                             inv[i * cols + k] * hkj
                         })
@@ -544,7 +547,7 @@ mod tests {
         let x = inputs(rng, tokens, cols);
         let h = moments(&x, tokens, cols);
         let c = Compensator::new(&h, cols, compute).expect("positive definite");
-        let weights: Vec<f32> = (0..cols).map(|i| h[i * cols + i] as f32).collect();
+        let weights: Vec<f32> = (0..cols).map(|i| h[i * cols + i]).collect();
         (x, c, weights)
     }
 

@@ -32,8 +32,8 @@ pub enum RankChoice {
 /// symmetric): of its inputs (cols × cols) or of its outputs before bias (rows × rows).
 #[derive(Clone, Debug)]
 pub enum SecondMoments {
-    Inputs(std::sync::Arc<Vec<f64>>),
-    Outputs(std::sync::Arc<Vec<f64>>),
+    Inputs(std::sync::Arc<Vec<f32>>),
+    Outputs(std::sync::Arc<Vec<f32>>),
 }
 
 /// Second moments by weight name (`blk.0.ffn_up.weight`).
@@ -42,12 +42,13 @@ pub type Moments = std::collections::BTreeMap<String, SecondMoments>;
 /// Rows of the second moments made by one product.
 const MOMENT_BAND: usize = 512;
 
-/// Adds `Σ_t v[t]·v[t]ᵀ` over the `n` rows of `v` (`d` wide) to `sum` (`d × d`, row-major):
-/// one chunk's product in f32 on the SIMD kernels (vᵀ as both the weight and the tokens; exact
-/// enough over a chunk), summed in f64 across chunks.
+/// Adds `Σ_t v[t]·v[t]ᵀ` over the `n` rows of `v` (`d` wide) to the lower triangle (j ≤ i) of
+/// `sum` (`d × d`, row-major; the caller mirrors it once all chunks are in): one chunk's
+/// product in f32 on the SIMD kernels (vᵀ as both the weight and the tokens), by bands of rows
+/// each against the rows up to its end, so little more than half the square is made.
 pub fn add_second_moments(
     compute: &edgelm_kernels::Compute,
-    sum: &mut [f64],
+    sum: &mut [f32],
     v: &[f32],
     d: usize,
     n: usize,
@@ -65,29 +66,31 @@ pub fn add_second_moments(
             vt[i * n + t] = x;
         }
     }
-    // The lower triangle by bands of rows (each band against the rows up to its end), then
-    // mirrored: little more than half the products of the whole square.
+    let mut out = Vec::new();
     for i0 in (0..d).step_by(MOMENT_BAND) {
         let i1 = (i0 + MOMENT_BAND).min(d);
-        let mut out = vec![0f32; (i1 - i0) * i1];
+        out.resize((i1 - i0) * i1, 0.0);
         crate::gptq::f32_product(compute, &vt[..i1 * n], i1, n, &vt[i0 * n..i1 * n], &mut out)?;
         for (t, o) in out.chunks_exact(i1).enumerate() {
             let i = i0 + t;
             let row = &mut sum[i * d..i * d + i + 1];
-            row.iter_mut().zip(o).for_each(|(s, &x)| *s += x as f64);
-        }
-        // The mirror image above the diagonal, by tiles of columns so the band's rows of each
-        // tile stay in cache while its columns are written.
-        for j0 in (0..i1).step_by(64) {
-            for j in j0..(j0 + 64).min(i1) {
-                let first = (j + 1).max(i0);
-                for i in first..i1 {
-                    sum[j * d + i] += out[(i - i0) * i1 + j] as f64;
-                }
-            }
+            row.iter_mut().zip(o).for_each(|(s, &x)| *s += x);
         }
     }
     Ok(())
+}
+
+/// Copies the lower triangle of the square `m` (`d × d`, row-major) over its upper one.
+pub fn mirror_lower(m: &mut [f32], d: usize) {
+    for i in 0..d {
+        for j in 0..i {
+            m[j * d + i] = m[i * d + j];
+        }
+    }
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
 }
 
 pub struct LowRankOptions<'a> {
@@ -148,10 +151,10 @@ pub enum Whitening<'a> {
     /// Mean squared input per column (an importance matrix): ‖(W − AB)·diag(√E[x²])‖.
     Diagonal(&'a [f32]),
     /// Σ x·xᵀ of calibration inputs (cols × cols, row-major): ‖(W − AB)·X‖, SVD-LLM's target.
-    Inputs(&'a [f64]),
+    Inputs(&'a [f32]),
     /// Σ y·yᵀ of calibration outputs y = W·x (rows × rows): the same target, from the side
     /// that is narrower when the inputs are wide (`ffn_down`).
-    Outputs(&'a [f64]),
+    Outputs(&'a [f32]),
 }
 
 /// The best rank-r approximation of the row-major `w` (`rows` × `cols`) in the metric
@@ -196,7 +199,7 @@ pub fn factor(
     let (u, lambda): (Vec<f64>, Vec<f64>) = match whitening {
         Whitening::Outputs(moments) => {
             check("output", moments.len(), rows)?;
-            let eig = symmetric_eigen(moments, rows);
+            let eig = symmetric_eigen(&widen(moments), rows);
             (eig.vectors, eig.values)
         }
         other => {
@@ -289,7 +292,11 @@ pub fn factor(
                 (0..cols)
                     .map(|i| {
                         let ci = &c[i * cols..(i + 1) * cols];
-                        row[i] as f64 * ci.iter().zip(row).map(|(c, &x)| c * x as f64).sum::<f64>()
+                        row[i] as f64
+                            * ci.iter()
+                                .zip(row)
+                                .map(|(&c, &x)| c as f64 * x as f64)
+                                .sum::<f64>()
                     })
                     .sum()
             }
@@ -335,7 +342,7 @@ fn whitened(
         }
         Whitening::Inputs(moments) => {
             check("input", moments.len(), cols)?;
-            let eig = symmetric_eigen(moments, cols);
+            let eig = symmetric_eigen(&widen(moments), cols);
             let mut ws = vec![0f64; rows * cols];
             for k in 0..cols {
                 let s = eig.values[k].max(0.0).sqrt();
@@ -602,9 +609,7 @@ fn factor_one(
     let f = factor(&w, m.rows, m.cols, whitening, o.choice, name)?;
     // B reads the layer's input: its rounding is weighted by the input's mean squares.
     let input_importance = importance.or_else(|| match moments {
-        Some(SecondMoments::Inputs(c)) => {
-            Some((0..m.cols).map(|i| c[i * m.cols + i] as f32).collect())
-        }
+        Some(SecondMoments::Inputs(c)) => Some((0..m.cols).map(|i| c[i * m.cols + i]).collect()),
         _ => None,
     });
     let (ty_b, b) = encode(m.ty, &f.b, m.cols, input_importance.as_deref(), 1)?;

@@ -191,7 +191,7 @@ pub fn quantize(
         .moments
         .map(|_| edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), opts.threads));
     // q/k/v (and gate/up) share one input's moments, so one factorization.
-    let mut last: Option<(std::sync::Arc<Vec<f64>>, std::sync::Arc<Compensator>)> = None;
+    let mut last: Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)> = None;
     let total = planned.len();
     for (index, (t, chosen)) in planned.iter().enumerate() {
         let view = src

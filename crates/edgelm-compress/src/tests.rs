@@ -279,23 +279,25 @@ pub(crate) fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Ve
     x
 }
 
-/// The SIMD f32 product of a chunk equals the direct f64 sum of outer products.
+/// The SIMD f32 product of a chunk, added to the lower triangle and then mirrored, equals the
+/// direct f64 sum of outer products.
 #[test]
 fn second_moments_match_a_direct_sum() {
     let mut rng = Rng(3);
-    // Wider than one band of rows, and not a whole number of them or of mirror tiles.
+    // Wider than one band of rows, and not a whole number of them.
     let (tokens, cols) = (37, 600);
     let x = correlated_inputs(&mut rng, tokens, cols);
     let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
-    let mut sum = vec![1f64; cols * cols];
+    let mut sum = vec![1f32; cols * cols];
     crate::lowrank::add_second_moments(&compute, &mut sum, &x, cols, tokens).expect("adds");
+    crate::lowrank::mirror_lower(&mut sum, cols);
     for i in 0..cols {
         for j in 0..cols {
             let want: f64 = 1.0
                 + (0..tokens)
                     .map(|t| x[t * cols + i] as f64 * x[t * cols + j] as f64)
                     .sum::<f64>();
-            let got = sum[i * cols + j];
+            let got = sum[i * cols + j] as f64;
             assert!(
                 (got - want).abs() <= 1e-4 * want.abs().max(1.0),
                 "({i},{j}): {got} against {want}"
@@ -315,9 +317,10 @@ fn feedback_lowers_the_output_error_of_a_file() {
     let mut rng = Rng(9);
     let cols = 512;
     let x = correlated_inputs(&mut rng, 1024, cols);
-    let mut h = vec![0f64; cols * cols];
+    let mut h = vec![0f32; cols * cols];
     let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
     crate::lowrank::add_second_moments(&compute, &mut h, &x, cols, 1024).expect("adds");
+    crate::lowrank::mirror_lower(&mut h, cols);
     let h = std::sync::Arc::new(h);
     let mut moments = Moments::new();
     let mut m = Imatrix::default();
@@ -342,7 +345,7 @@ fn feedback_lowers_the_output_error_of_a_file() {
             for (ra, rb) in a.chunks_exact(cols).zip(b.chunks_exact(cols)) {
                 let d: Vec<f64> = ra.iter().zip(rb).map(|(p, q)| (p - q) as f64).collect();
                 for i in 0..cols {
-                    let hd: f64 = (0..cols).map(|j| h[i * cols + j] * d[j]).sum();
+                    let hd: f64 = (0..cols).map(|j| h[i * cols + j] as f64 * d[j]).sum();
                     total += d[i] * hd;
                 }
             }

@@ -741,7 +741,10 @@ fn full_whitening_minimizes_the_error_on_the_inputs() {
     };
     let run =
         |wh| lowrank::factor(&w, rows, cols, wh, RankChoice::Rank(rank), "w").expect("factor");
-    let (inputs, outputs) = (run(Whitening::Inputs(&c)), run(Whitening::Outputs(&m)));
+    // Stored in f32, as the collector stores them.
+    let narrow = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let (c32, m32) = (narrow(&c), narrow(&m));
+    let (inputs, outputs) = (run(Whitening::Inputs(&c32)), run(Whitening::Outputs(&m32)));
     let (diagonal, plain) = (run(Whitening::Diagonal(&diag)), run(Whitening::None));
     let (ei, eo, ed, ep) = (
         error(&inputs),
