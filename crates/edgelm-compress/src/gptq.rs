@@ -142,7 +142,7 @@ impl Compensator {
             let width = b1 - b0;
             // Each row's scaled errors in this band: the tokens of the product below.
             let mut err = vec![0f32; m * width];
-            let results: Vec<Result<()>> = std::thread::scope(|s| {
+            std::thread::scope(|s| {
                 let handles: Vec<_> = rows
                     .chunks_mut(rows_per_thread * n)
                     .zip(weights.chunks(rows_per_thread * n))
@@ -163,12 +163,8 @@ impl Compensator {
                         })
                     })
                     .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
-                    .collect()
-            });
-            results.into_iter().collect::<Result<()>>()?;
+                crate::rows::join_all(handles)
+            })?;
             if b1 == n {
                 break;
             }

@@ -186,10 +186,16 @@ pub fn quantize(
         without_importance: Vec::new(),
         fed_back: 0,
     };
-    // Feedback's products run on the f32 kernels.
-    let compute = opts
-        .moments
-        .map(|_| edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), opts.threads));
+    // Feedback's products run on the f32 kernels, on the ISA the moments were collected with
+    // (EDGELM_ISA if set).
+    let compute = match opts.moments {
+        Some(_) => {
+            let isa = edgelm_kernels::Isa::from_env()
+                .map_err(|e| CompressError::BadArgument(e.to_string()))?;
+            Some(edgelm_kernels::Compute::new(isa, opts.threads))
+        }
+        None => None,
+    };
     // q/k/v (and gate/up) share one input's moments, so one factorization.
     let mut last: Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)> = None;
     let total = planned.len();

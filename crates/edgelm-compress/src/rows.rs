@@ -24,7 +24,7 @@ pub(crate) fn map_rows(
     let mut done = 0;
     for (round, chunk_out) in out.chunks_mut(out_row * chunk_rows * threads).enumerate() {
         let first = round * chunk_rows * threads;
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let handles: Vec<_> = chunk_out
                 .chunks_mut(out_row * chunk_rows)
                 .enumerate()
@@ -38,18 +38,22 @@ pub(crate) fn map_rows(
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
-                .collect()
-        });
-        results.into_iter().collect::<Result<()>>()?;
+            join_all(handles)
+        })?;
         done += chunk_out.len() / out_row;
         if !progress(done) {
             return Err(CompressError::Interrupted);
         }
     }
     Ok(out)
+}
+
+/// Joins scoped threads that each return a `Result`: the first error, or a panic, wins (the
+/// scope still joins the rest).
+pub(crate) fn join_all(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    handles
+        .into_iter()
+        .try_for_each(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
 }
 
 pub(crate) fn check_finite(name: &str, row: &[f32]) -> Result<()> {
