@@ -248,6 +248,7 @@ impl Imatrix {
         crate::write_atomically(path, |f| {
             use std::io::Write;
             f.write_all(&bytes)
+                .map_err(|e| crate::CompressError::io(path, e))
         })
     }
 }

@@ -59,21 +59,22 @@ pub type Result<T> = std::result::Result<T, CompressError>;
 /// interrupted or failed run leaves nothing under `path` (and removes its temporary file).
 pub fn write_atomically(
     path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<()> {
     let tmp = temporary_name(path);
+    let io = |e| CompressError::io(path, e);
     let result = (|| {
-        let file = std::fs::File::create(&tmp)?;
+        let file = std::fs::File::create(&tmp).map_err(io)?;
         let mut buf = std::io::BufWriter::new(file);
         write(&mut buf)?;
-        let file = buf.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let file = buf.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     })();
-    result.map_err(|e| {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        CompressError::io(path, e)
-    })
+    }
+    result
 }
 
 /// `dir/.name.partial-PID`: hidden, unique per process, on the same file system as `path`.

@@ -583,7 +583,9 @@ pub fn lowrank(
             }
         }
     }
-    crate::write_atomically(out, |f| w.write_to(f))?;
+    crate::write_atomically(out, |f| {
+        w.write_to(f).map_err(|e| crate::CompressError::io(out, e))
+    })?;
     Ok(summary)
 }
 

@@ -551,7 +551,9 @@ pub fn prune(
     if !o.description.is_empty() {
         w.set("edgelm.prune", Value::String(o.description.clone()));
     }
-    crate::write_atomically(out, |f| w.write_to(f))?;
+    crate::write_atomically(out, |f| {
+        w.write_to(f).map_err(|e| crate::CompressError::io(out, e))
+    })?;
     Ok(summary)
 }
 

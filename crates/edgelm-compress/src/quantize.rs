@@ -196,125 +196,168 @@ pub fn quantize(
         }
         None => None,
     };
-    // q/k/v (and gate/up) share one input's moments, so one factorization.
-    let mut last: Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)> = None;
-    let total = planned.len();
-    for (index, (t, chosen)) in planned.iter().enumerate() {
-        let view = src
-            .tensor(&t.name)
-            .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
-        if !progress(&Progress {
-            index,
-            total,
-            tensor: t,
-            rows_done: 0,
-        }) {
-            return Err(CompressError::Interrupted);
-        }
-        summary.bytes_in += view.data.len() as u64;
-        let data = if !t.convert || t.from == t.to {
-            // Copied, or already the target type: requantizing would only add error.
-            view.data.to_vec()
-        } else {
-            if *chosen != t.to {
-                summary.fallbacks.push((t.name.clone(), *chosen, t.to));
-            }
-            let importance = match opts.imatrix {
-                Some(m) => {
-                    let imp = m.importance(&t.name);
-                    if let Some(v) = &imp {
-                        if v.len() != t.cols {
-                            return Err(CompressError::BadImatrix {
-                                what: opts.imatrix_name.clone().unwrap_or_default(),
-                                reason: format!(
-                                    "{} has {} columns there but {} in the model: \
-                                     was it made for another model?",
-                                    t.name,
-                                    v.len(),
-                                    t.cols
-                                ),
-                            });
-                        }
-                    } else {
-                        summary.without_importance.push(t.name.clone());
-                    }
-                    imp
-                }
-                None => None,
-            };
-            let moments = match opts.moments.and_then(|m| m.get(&t.name)) {
-                Some(SecondMoments::Inputs(h))
-                    if t.to.block_elems() > 1 && t.name != "token_embd.weight" =>
-                {
-                    Some(h)
-                }
-                _ => None,
-            };
-            let compensator = match (moments, &compute) {
-                (Some(h), Some(compute)) => {
-                    let c = match &last {
-                        Some((seen, c)) if std::sync::Arc::ptr_eq(seen, h) => c.clone(),
-                        _ => {
-                            let c = std::sync::Arc::new(Compensator::new(h, t.cols, compute)?);
-                            last = Some((h.clone(), c.clone()));
-                            c
-                        }
-                    };
-                    summary.fed_back += 1;
-                    Some((c, compute))
-                }
-                _ => None,
-            };
-            // A fed-back matrix's blocks weigh each column by what its error costs once the
-            // later columns absorbed what they can, not by its energy alone.
-            let importance = compensator
-                .as_ref()
-                .map(|(c, _)| c.conditional_importance())
-                .or(importance);
-            let mut rows_done = |rows| {
-                progress(&Progress {
-                    index,
-                    total,
-                    tensor: t,
-                    rows_done: rows,
-                })
-            };
-            match &compensator {
-                Some((c, compute)) => feed_back(
-                    view.data,
-                    t,
-                    importance.as_deref(),
-                    c,
-                    compute,
-                    &mut rows_done,
-                )?,
-                None => convert(
-                    view.data,
-                    t,
-                    importance.as_deref(),
-                    opts.threads,
-                    &mut rows_done,
-                )?,
-            }
-        };
-        summary.bytes_out += data.len() as u64;
-        summary.params += (t.rows * t.cols) as u64;
-        let dims = src
+    // The tensor table first, each size following from the planned type; then each tensor's
+    // bytes as they are made, so the output is never held in memory whole.
+    let mut table = Vec::with_capacity(planned.len());
+    for (t, _) in &planned {
+        let info = src
             .tensor_info(&t.name)
-            .map(|i| i.dims.clone())
-            .unwrap_or_default();
-        w.add_tensor(&t.name, &dims, t.to, data)?;
-        if !progress(&Progress {
+            .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
+        table.push(edgelm_gguf::TensorHeader {
+            name: t.name.clone(),
+            dims: info.dims.clone(),
+            ty: t.to,
+        });
+    }
+    crate::write_atomically(out, |f| {
+        let mut stream = w.stream_to(&table, f)?;
+        // q/k/v (and gate/up) share one input's moments, so one factorization.
+        let mut last: Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)> = None;
+        let total = planned.len();
+        for (index, (t, chosen)) in planned.iter().enumerate() {
+            let data = quantize_tensor(
+                src,
+                opts,
+                t,
+                *chosen,
+                index,
+                total,
+                compute.as_ref(),
+                &mut last,
+                &mut summary,
+                progress,
+            )?;
+            summary.bytes_out += data.len() as u64;
+            summary.params += (t.rows * t.cols) as u64;
+            stream
+                .put(&t.name, &data)
+                .map_err(|e| CompressError::io(out, e))?;
+            if !progress(&Progress {
+                index,
+                total,
+                tensor: t,
+                rows_done: t.rows,
+            }) {
+                return Err(CompressError::Interrupted);
+            }
+        }
+        stream.finish().map_err(|e| CompressError::io(out, e))?;
+        Ok(())
+    })?;
+    Ok(summary)
+}
+
+/// One tensor's bytes in the output: copied, or converted to its planned type (with error
+/// feedback where the calibration moments have an entry).
+#[allow(clippy::too_many_arguments)]
+fn quantize_tensor(
+    src: &GgufFile,
+    opts: &QuantizeOptions,
+    t: &TensorPlan,
+    chosen: GgmlType,
+    index: usize,
+    total: usize,
+    compute: Option<&edgelm_kernels::Compute>,
+    last: &mut Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)>,
+    summary: &mut Summary,
+    progress: &mut dyn FnMut(&Progress) -> bool,
+) -> Result<Vec<u8>> {
+    let view = src
+        .tensor(&t.name)
+        .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
+    if !progress(&Progress {
+        index,
+        total,
+        tensor: t,
+        rows_done: 0,
+    }) {
+        return Err(CompressError::Interrupted);
+    }
+    summary.bytes_in += view.data.len() as u64;
+    if !t.convert || t.from == t.to {
+        // Copied, or already the target type: requantizing would only add error.
+        return Ok(view.data.to_vec());
+    }
+    if chosen != t.to {
+        summary.fallbacks.push((t.name.clone(), chosen, t.to));
+    }
+    let importance = match opts.imatrix {
+        Some(m) => {
+            let imp = m.importance(&t.name);
+            if let Some(v) = &imp {
+                if v.len() != t.cols {
+                    return Err(CompressError::BadImatrix {
+                        what: opts.imatrix_name.clone().unwrap_or_default(),
+                        reason: format!(
+                            "{} has {} columns there but {} in the model: \
+                                 was it made for another model?",
+                            t.name,
+                            v.len(),
+                            t.cols
+                        ),
+                    });
+                }
+            } else {
+                summary.without_importance.push(t.name.clone());
+            }
+            imp
+        }
+        None => None,
+    };
+    let moments = match opts.moments.and_then(|m| m.get(&t.name)) {
+        Some(SecondMoments::Inputs(h))
+            if t.to.block_elems() > 1 && t.name != "token_embd.weight" =>
+        {
+            Some(h)
+        }
+        _ => None,
+    };
+    let compensator = match (moments, compute) {
+        (Some(h), Some(compute)) => {
+            let c = match last.as_ref() {
+                Some((seen, c)) if std::sync::Arc::ptr_eq(seen, h) => c.clone(),
+                _ => {
+                    let c = std::sync::Arc::new(Compensator::new(h, t.cols, compute)?);
+                    *last = Some((h.clone(), c.clone()));
+                    c
+                }
+            };
+            summary.fed_back += 1;
+            Some((c, compute))
+        }
+        _ => None,
+    };
+    // A fed-back matrix's blocks weigh each column by what its error costs once the
+    // later columns absorbed what they can, not by its energy alone.
+    let importance = compensator
+        .as_ref()
+        .map(|(c, _)| c.conditional_importance())
+        .or(importance);
+    let mut rows_done = |rows| {
+        progress(&Progress {
             index,
             total,
             tensor: t,
-            rows_done: t.rows,
-        }) {
-            return Err(CompressError::Interrupted);
-        }
-    }
-    crate::write_atomically(out, |f| w.write_to(f))?;
-    Ok(summary)
+            rows_done: rows,
+        })
+    };
+    Ok(match &compensator {
+        Some((c, compute)) => feed_back(
+            view.data,
+            t,
+            importance.as_deref(),
+            c,
+            compute,
+            &mut rows_done,
+        )?,
+        None => convert(
+            view.data,
+            t,
+            importance.as_deref(),
+            opts.threads,
+            &mut rows_done,
+        )?,
+    })
 }
 
 /// Rows of `src` (type `t.from`) requantized to `t.to` on `threads` threads.

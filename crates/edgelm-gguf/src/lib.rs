@@ -11,7 +11,7 @@ mod writer;
 pub use reader::{GgufFile, MappedFile, TensorInfo, TensorView};
 pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
-pub use writer::GgufWriter;
+pub use writer::{GgufStream, GgufWriter, TensorHeader};
 
 /// Default data alignment when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;

@@ -76,32 +76,16 @@ impl GgufWriter {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, v)) => v.as_u64().unwrap_or(DEFAULT_ALIGNMENT),
-            None => DEFAULT_ALIGNMENT,
-        };
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            put_str(&mut out, k);
-            out.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let mut offset = 0u64;
-        for t in &self.tensors {
-            put_str(&mut out, &t.name);
-            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&(t.ty as u32).to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-            offset = align_up(offset + t.data.len() as u64, alignment);
-        }
-        out.resize(align_up(out.len() as u64, alignment) as usize, 0);
+        let table = self.tensors.iter().map(|t| {
+            (
+                t.name.as_str(),
+                t.dims.as_slice(),
+                t.ty,
+                t.data.len() as u64,
+            )
+        });
+        let mut out = self.header(table);
+        let alignment = self.alignment();
         for t in &self.tensors {
             out.extend_from_slice(&t.data);
             out.resize(align_up(out.len() as u64, alignment) as usize, 0);
@@ -111,6 +95,146 @@ impl GgufWriter {
 
     pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
         w.write_all(&self.to_bytes())
+    }
+
+    /// Starts a file whose tensors are `table`'s, their bytes given afterwards one at a time
+    /// through [`GgufStream::put`], so a writer of a large model holds one tensor, not the file.
+    /// Each tensor's size follows from its shape and type. The metadata is this writer's; it
+    /// must hold no tensors of its own.
+    pub fn stream_to<W: Write>(&self, table: &[TensorHeader], out: W) -> Result<GgufStream<W>> {
+        if let Some(t) = self.tensors.first() {
+            return Err(GgufError::BadTensor {
+                name: t.name.clone(),
+                reason: "tensors added with their bytes cannot be streamed; declare every \
+                         tensor in the table"
+                    .into(),
+            });
+        }
+        let mut sizes = Vec::with_capacity(table.len());
+        for (i, t) in table.iter().enumerate() {
+            if table[..i].iter().any(|u| u.name == t.name) {
+                return Err(GgufError::Duplicate {
+                    what: "tensor",
+                    name: t.name.clone(),
+                });
+            }
+            let n: u64 = t.dims.iter().product();
+            let bytes = t.ty.bytes_for(n).ok_or_else(|| GgufError::BadTensor {
+                name: t.name.clone(),
+                reason: format!("{n} elements are not whole {} blocks", t.ty),
+            })?;
+            sizes.push((t.name.clone(), bytes));
+        }
+        let header = self.header(
+            table
+                .iter()
+                .zip(&sizes)
+                .map(|(t, (_, bytes))| (t.name.as_str(), t.dims.as_slice(), t.ty, *bytes)),
+        );
+        Ok(GgufStream {
+            out,
+            header: Some(header),
+            pending: sizes.into_iter(),
+            alignment: self.alignment(),
+        })
+    }
+
+    fn alignment(&self) -> u64 {
+        match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, v)) => v.as_u64().unwrap_or(DEFAULT_ALIGNMENT),
+            None => DEFAULT_ALIGNMENT,
+        }
+    }
+
+    /// Everything before the first tensor's bytes: metadata, the tensor table (name, shape, type
+    /// and size of each, offsets following from the sizes), padding to the alignment.
+    fn header<'a>(
+        &self,
+        table: impl ExactSizeIterator<Item = (&'a str, &'a [u64], GgmlType, u64)>,
+    ) -> Vec<u8> {
+        let alignment = self.alignment();
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(table.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            put_str(&mut out, k);
+            out.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
+            put_value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in table {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&(ty as u32).to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset = align_up(offset + bytes, alignment);
+        }
+        out.resize(align_up(out.len() as u64, alignment) as usize, 0);
+        out
+    }
+}
+
+/// One row of a streamed file's tensor table; `dims[0]` is the row length.
+#[derive(Clone, Debug)]
+pub struct TensorHeader {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+/// A file being written by [`GgufWriter::stream_to`]: takes each tensor's bytes in the table's
+/// order.
+pub struct GgufStream<W: Write> {
+    out: W,
+    /// Written with the first tensor (or at the finish of a file without one).
+    header: Option<Vec<u8>>,
+    pending: std::vec::IntoIter<(String, u64)>,
+    alignment: u64,
+}
+
+impl<W: Write> GgufStream<W> {
+    /// Writes the next tensor of the table, which must be `name` with exactly its size in bytes.
+    pub fn put(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let Some((next, bytes)) = self.pending.next() else {
+            return Err(invalid(format!("tensor {name:?} is not in the table")));
+        };
+        if next != name || bytes != data.len() as u64 {
+            return Err(invalid(format!(
+                "tensor {name:?} of {} bytes given where the table has {next:?} of {bytes}",
+                data.len()
+            )));
+        }
+        self.write_header()?;
+        self.out.write_all(data)?;
+        let padding = align_up(bytes, self.alignment) - bytes;
+        self.out.write_all(&vec![0u8; padding as usize])
+    }
+
+    /// The output, once every tensor of the table was put.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        match self.pending.next() {
+            Some((name, _)) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("tensor {name:?} was never written"),
+            )),
+            None => {
+                self.write_header()?;
+                Ok(self.out)
+            }
+        }
+    }
+
+    fn write_header(&mut self) -> std::io::Result<()> {
+        match self.header.take() {
+            Some(h) => self.out.write_all(&h),
+            None => Ok(()),
+        }
     }
 }
 
@@ -222,6 +346,53 @@ mod tests {
         );
         // Mixed element types are refused.
         assert!(Value::array(T::I32, vec![Value::U8(1)]).is_none());
+    }
+
+    #[test]
+    fn a_streamed_file_equals_the_one_written_at_once() {
+        let at_once = sample();
+        let mut meta = sample();
+        meta.tensors.clear();
+        let table = [
+            TensorHeader {
+                name: "w".into(),
+                dims: vec![4, 2],
+                ty: GgmlType::F32,
+            },
+            TensorHeader {
+                name: "q".into(),
+                dims: vec![32],
+                ty: GgmlType::Q8_0,
+            },
+        ];
+        let mut s = meta.stream_to(&table, Vec::new()).unwrap();
+        s.put("w", &at_once.tensors[0].data).unwrap();
+        // Out of order, or the wrong size: refused, nothing written for it.
+        assert!(s.put("w", &[0u8; 34]).is_err());
+        let mut s = meta.stream_to(&table, Vec::new()).unwrap();
+        s.put("w", &at_once.tensors[0].data).unwrap();
+        assert!(s.put("q", &[7u8; 33]).is_err());
+        let mut s = meta.stream_to(&table, Vec::new()).unwrap();
+        s.put("w", &at_once.tensors[0].data).unwrap();
+        s.put("q", &[7u8; 34]).unwrap();
+        assert!(s.put("x", &[]).is_err());
+        let mut s = meta.stream_to(&table, Vec::new()).unwrap();
+        s.put("w", &at_once.tensors[0].data).unwrap();
+        s.put("q", &[7u8; 34]).unwrap();
+        assert_eq!(s.finish().unwrap(), at_once.to_bytes());
+        // Unfinished, a table that does not fit its types, tensors held by the writer.
+        assert!(meta
+            .stream_to(&table, Vec::new())
+            .unwrap()
+            .finish()
+            .is_err());
+        let mut odd = table.clone();
+        odd[1].dims = vec![31];
+        assert!(meta.stream_to(&odd, Vec::new()).is_err());
+        let mut twice = table.clone();
+        twice[1].name = "w".into();
+        assert!(meta.stream_to(&twice, Vec::new()).is_err());
+        assert!(at_once.stream_to(&table, Vec::new()).is_err());
     }
 
     #[test]
