@@ -43,8 +43,8 @@ pub struct QuantizeArgs {
     threads: Option<usize>,
     /// Calibration text: the source model runs over it, and each block's rounding error is
     /// carried into the columns not yet rounded where its inputs' second moments say it costs
-    /// least (GPTQ's error feedback). Lower error, slower: memory grows with the square of the
-    /// widest projection input.
+    /// least (GPTQ's error feedback). Lower error, slower: the moments take the square of each
+    /// projection's input width (see --feedback-memory).
     #[arg(short = 'f', long = "calibration", value_name = "FILE")]
     calibration: Option<PathBuf>,
     /// Tokens per calibration chunk.
@@ -58,6 +58,11 @@ pub struct QuantizeArgs {
     /// Calibration chunks to run at most (8 of 512 is what COMPRESSION.md measures).
     #[arg(long, default_value_t = 8, requires = "calibration")]
     chunks: usize,
+    /// Memory for the calibration moments (e.g. 4G, 500M; default: half of what is free once
+    /// the model is loaded). Where every layer's would not fit, they are collected a few layers
+    /// at a time, one pass over the calibration text per group.
+    #[arg(long = "feedback-memory", value_name = "SIZE", value_parser = edgelm_server::parse_size, requires = "calibration")]
+    feedback_memory: Option<u64>,
 }
 
 fn parse_file_type(s: &str) -> Result<FileType, String> {
@@ -120,18 +125,16 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                     kv_rotation: None,
                 },
             };
-            // Every projection's inputs; the token embedding table is a lookup, not one.
-            let wanted = fancy_regex::Regex::new(r"^(?!token_embd\.)")?;
-            let collector = MomentCollector::new(&src, &wanted, Side::Inputs, threads)?;
-            calibrate(
-                &model,
-                file,
-                a.ctx,
-                a.chunks,
-                &collector,
-                "collecting input moments",
-            )?;
-            Some(collector.into_moments()?)
+            let (engine, _) = crate::load(&model)?;
+            let tokens = calibration_tokens(&engine, file, a.ctx, a.chunks)?;
+            // Half of what is free once the model is loaded, leaving room for the output's
+            // tensors and the factorizations.
+            let budget = a
+                .feedback_memory
+                .unwrap_or_else(|| edgelm_models::available_memory().map_or(u64::MAX, |m| m / 2));
+            Some(LayeredMoments::new(
+                &src, engine, tokens, a.ctx, budget, threads,
+            )?)
         }
         None => None,
     };
@@ -143,7 +146,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             .as_ref()
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned()),
-        moments: moments.as_ref(),
+        moments: moments
+            .as_ref()
+            .map(|m| m as &dyn edgelm_compress::quantize::MomentSource),
         moments_name: a
             .calibration
             .as_ref()
@@ -438,9 +443,21 @@ fn calibrate(
     what: &str,
 ) -> Result<(usize, f64)> {
     let (engine, _) = crate::load(model)?;
+    let tokens = calibration_tokens(&engine, file, ctx, max_chunks)?;
+    let ppl = observe(&engine, &tokens, ctx, observer, what)?;
+    Ok((tokens.len() / ctx, ppl))
+}
+
+/// The first whole chunks of `ctx` tokens (at most `max_chunks`) of the text `file`.
+fn calibration_tokens(
+    engine: &edgelm_engine::Engine,
+    file: &std::path::Path,
+    ctx: usize,
+    max_chunks: usize,
+) -> Result<Vec<u32>> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let tokens = engine.tokenizer.encode(
+    let mut tokens = engine.tokenizer.encode(
         &text,
         edgelm_tokenizer::Encode {
             add_special: engine.tokenizer.adds_bos(),
@@ -455,20 +472,26 @@ fn calibrate(
             tokens.len()
         );
     }
-    eprintln!(
-        "{what}: {} tokens, {n_chunks} chunks of {ctx}",
-        tokens.len()
-    );
+    tokens.truncate(n_chunks * ctx);
+    Ok(tokens)
+}
+
+/// Runs `tokens` through the model in chunks of `ctx`, showing `observer` every step; returns
+/// the perplexity over them. `what` names what is collected, for the log.
+fn observe(
+    engine: &edgelm_engine::Engine,
+    tokens: &[u32],
+    ctx: usize,
+    observer: &dyn edgelm_models::Observer,
+    what: &str,
+) -> Result<f64> {
+    eprintln!("{what}: {} chunks of {ctx} tokens", tokens.len() / ctx);
     let t0 = std::time::Instant::now();
-    let r = edgelm_engine::perplexity_observed(
-        &engine,
-        &tokens[..n_chunks * ctx],
-        ctx,
-        observer,
-        &mut |c| eprint!("[{}]{:.4},", c.index + 1, c.ppl),
-    )?;
+    let r = edgelm_engine::perplexity_observed(engine, tokens, ctx, observer, &mut |c| {
+        eprint!("[{}]{:.4},", c.index + 1, c.ppl)
+    })?;
     eprintln!(" {:.1} s", t0.elapsed().as_secs_f64());
-    Ok((n_chunks, r.ppl))
+    Ok(r.ppl)
 }
 
 /// Ranks the blocks by how little they turn the residual stream on the calibration text.
@@ -673,35 +696,59 @@ struct MomentSums {
     failure: Option<String>,
 }
 
+/// Each wanted projection's moment accumulator, in file order: (weight, output side, key,
+/// width). q/k/v and gate/up read one input and share one key.
+fn moment_plan(
+    src: &GgufFile,
+    tensors: &fancy_regex::Regex,
+    side: Side,
+) -> Vec<(String, bool, String, usize)> {
+    let mut plan = Vec::new();
+    for t in src.tensors() {
+        if t.dims.len() != 2 || !tensors.is_match(&t.name).unwrap_or(false) {
+            continue;
+        }
+        let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        let output = side == Side::Narrower && rows < cols;
+        let key = if output {
+            format!("{}:out", t.name)
+        } else {
+            let layer = edgelm_compress::mix::layer_of(&t.name);
+            let role = t.name.rsplit('.').nth(1).unwrap_or("");
+            match (layer, role) {
+                (Some(l), "attn_q" | "attn_k" | "attn_v") => format!("{l}:attn_in"),
+                (Some(l), "ffn_gate" | "ffn_up") => format!("{l}:ffn_in"),
+                _ => format!("{}:in", t.name),
+            }
+        };
+        plan.push((
+            t.name.clone(),
+            output,
+            key,
+            if output { rows } else { cols },
+        ));
+    }
+    plan
+}
+
 impl MomentCollector {
+    /// Collects the moments of `plan`'s weights in `layers` (every layer when None) and of
+    /// those outside the blocks.
     fn new(
-        src: &GgufFile,
-        tensors: &fancy_regex::Regex,
-        side: Side,
+        plan: &[(String, bool, String, usize)],
+        layers: Option<&std::collections::BTreeSet<usize>>,
         threads: usize,
     ) -> Result<MomentCollector> {
-        let mut plan = std::collections::HashMap::new();
-        for t in src.tensors() {
-            if t.dims.len() != 2 || !tensors.is_match(&t.name).unwrap_or(false) {
-                continue;
-            }
-            let (cols, rows) = (t.dims[0], t.dims[1]);
-            let output = side == Side::Narrower && rows < cols;
-            let key = if output {
-                format!("{}:out", t.name)
-            } else {
-                let layer = edgelm_compress::mix::layer_of(&t.name);
-                let role = t.name.rsplit('.').nth(1).unwrap_or("");
-                match (layer, role) {
-                    (Some(l), "attn_q" | "attn_k" | "attn_v") => format!("{l}:attn_in"),
-                    (Some(l), "ffn_gate" | "ffn_up") => format!("{l}:ffn_in"),
-                    _ => format!("{}:in", t.name),
-                }
-            };
-            plan.insert(t.name.clone(), (output, key));
-        }
+        let wanted = |name: &str| match (edgelm_compress::mix::layer_of(name), layers) {
+            (Some(l), Some(set)) => set.contains(&l),
+            _ => true,
+        };
         Ok(MomentCollector {
-            plan,
+            plan: plan
+                .iter()
+                .filter(|(name, ..)| wanted(name))
+                .map(|(name, output, key, _)| (name.clone(), (*output, key.clone())))
+                .collect(),
             sums: Default::default(),
             compute: edgelm_kernels::Compute::new(edgelm_kernels::Isa::from_env()?, threads),
         })
@@ -778,6 +825,163 @@ impl edgelm_models::Observer for MomentCollector {
     }
 }
 
+/// Error feedback's input moments, a few layers at a time: as many consecutive layers (in the
+/// file's order) per pass over the calibration text as `budget` bytes of moments hold — every
+/// layer in one pass when they fit. A pass runs when quantizing first asks for a layer it has
+/// not collected, after the previous pass's moments are dropped, so memory stays within the
+/// budget on models whose moments would not fit (a 7B model's `ffn_down` inputs alone need
+/// 1.4 GB per layer) at the cost of one forward pass per group.
+struct LayeredMoments {
+    plan: Vec<(String, bool, String, usize)>,
+    passes: Vec<std::collections::BTreeSet<usize>>,
+    threads: usize,
+    engine: edgelm_engine::Engine,
+    tokens: Vec<u32>,
+    ctx: usize,
+    /// The pass whose moments are held, and those moments.
+    held: std::sync::Mutex<Option<(usize, edgelm_compress::lowrank::Moments)>>,
+}
+
+impl LayeredMoments {
+    fn new(
+        src: &GgufFile,
+        engine: edgelm_engine::Engine,
+        tokens: Vec<u32>,
+        ctx: usize,
+        budget: u64,
+        threads: usize,
+    ) -> Result<LayeredMoments> {
+        // Every projection's inputs; the token embedding table is a lookup, not one.
+        let wanted = fancy_regex::Regex::new(r"^(?!token_embd\.)")?;
+        let plan = moment_plan(src, &wanted, Side::Inputs);
+        let (passes, per_pass, total) = plan_passes(&plan, budget);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        if passes.len() > 1 {
+            eprintln!(
+                "error feedback: the calibration moments need {:.0} MiB, over the {:.0} MiB \
+                 budget (--feedback-memory): collected in {} passes of at most {:.0} MiB",
+                mib(total),
+                mib(budget),
+                passes.len(),
+                mib(per_pass)
+            );
+        }
+        Ok(LayeredMoments {
+            plan,
+            passes,
+            threads,
+            engine,
+            tokens,
+            ctx,
+            held: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn run_pass(&self, pass: usize) -> Result<edgelm_compress::lowrank::Moments> {
+        let layers = &self.passes[pass];
+        let collector = MomentCollector::new(&self.plan, Some(layers), self.threads)?;
+        let what = match self.passes.len() {
+            1 => "collecting input moments".to_string(),
+            n => format!(
+                "collecting input moments, pass {} of {n} (layers {})",
+                pass + 1,
+                layer_runs(layers)
+            ),
+        };
+        observe(&self.engine, &self.tokens, self.ctx, &collector, &what)?;
+        collector.into_moments()
+    }
+}
+
+/// Layers as runs: "0–1, 10–17".
+fn layer_runs(layers: &std::collections::BTreeSet<usize>) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &l in layers {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == l => *end = l,
+            _ => runs.push((l, l)),
+        }
+    }
+    runs.iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}–{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Groups the blocks' layers, in order of first appearance, into passes whose moments fit
+/// `budget` bytes beside those of the matrices outside the blocks (collected in every pass); a
+/// layer over the budget alone gets a pass of its own. Returns the passes, the largest pass's
+/// bytes and all the moments' bytes.
+fn plan_passes(
+    plan: &[(String, bool, String, usize)],
+    budget: u64,
+) -> (Vec<std::collections::BTreeSet<usize>>, u64, u64) {
+    let mut seen = std::collections::HashSet::new();
+    let mut outside = 0u64;
+    let mut layers: Vec<(usize, u64)> = Vec::new();
+    for (name, _, key, width) in plan {
+        if !seen.insert(key.as_str()) {
+            continue;
+        }
+        let bytes = (width * width * std::mem::size_of::<f32>()) as u64;
+        match edgelm_compress::mix::layer_of(name) {
+            Some(l) => match layers.iter_mut().find(|(m, _)| *m == l) {
+                Some((_, b)) => *b += bytes,
+                None => layers.push((l, bytes)),
+            },
+            None => outside += bytes,
+        }
+    }
+    let mut passes = Vec::new();
+    let (mut pass, mut bytes, mut largest) = (std::collections::BTreeSet::new(), outside, 0);
+    for (l, b) in &layers {
+        if !pass.is_empty() && bytes + b > budget {
+            largest = largest.max(bytes);
+            passes.push(std::mem::take(&mut pass));
+            bytes = outside;
+        }
+        pass.insert(*l);
+        bytes += b;
+    }
+    largest = largest.max(bytes);
+    passes.push(pass);
+    let total = outside + layers.iter().map(|(_, b)| b).sum::<u64>();
+    (passes, largest, total)
+}
+
+impl edgelm_compress::quantize::MomentSource for LayeredMoments {
+    fn input_moments(&self, tensor: &str) -> edgelm_compress::Result<Option<Arc<Vec<f32>>>> {
+        let failed =
+            |e: anyhow::Error| edgelm_compress::CompressError::Calibration(format!("{e:#}"));
+        let mut held = self
+            .held
+            .lock()
+            .map_err(|_| failed(anyhow::anyhow!("a pass panicked")))?;
+        // Matrices outside the blocks are in every pass: the one held will do.
+        let pass = match edgelm_compress::mix::layer_of(tensor) {
+            Some(l) => self.passes.iter().position(|p| p.contains(&l)),
+            None => Some(held.as_ref().map_or(0, |(p, _)| *p)),
+        };
+        let Some(pass) = pass else {
+            return Ok(None);
+        };
+        if held.as_ref().map(|(p, _)| *p) != Some(pass) {
+            *held = None;
+            *held = Some((pass, self.run_pass(pass).map_err(failed)?));
+        }
+        match held.as_ref() {
+            Some((_, m)) => edgelm_compress::quantize::MomentSource::input_moments(m, tensor),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Runs the calibration text through the model, collecting second moments for `tensors`.
 fn collect_moments(
     a: &LowRankArgs,
@@ -789,7 +993,8 @@ fn collect_moments(
         .model
         .threads
         .unwrap_or_else(edgelm_kernels::physical_cores);
-    let collector = MomentCollector::new(src, tensors, Side::Narrower, threads)?;
+    let collector =
+        MomentCollector::new(&moment_plan(src, tensors, Side::Narrower), None, threads)?;
     calibrate(
         &a.model,
         file,
@@ -865,4 +1070,47 @@ pub fn lowrank(a: LowRankArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (weight, output side, key, width) rows as `moment_plan` makes them, in a file's order.
+    fn plan(rows: &[(&str, &str, usize)]) -> Vec<(String, bool, String, usize)> {
+        rows.iter()
+            .map(|(name, key, width)| (name.to_string(), false, key.to_string(), *width))
+            .collect()
+    }
+
+    #[test]
+    fn passes_group_layers_in_file_order_within_the_budget() {
+        // Names sorted as text put block 10 before block 2, as some files do.
+        let rows = plan(&[
+            ("blk.0.attn_q.weight", "0:attn_in", 4),
+            ("blk.0.attn_k.weight", "0:attn_in", 4),
+            ("blk.0.ffn_down.weight", "blk.0.ffn_down.weight:in", 8),
+            ("blk.1.ffn_down.weight", "blk.1.ffn_down.weight:in", 8),
+            ("blk.10.ffn_down.weight", "blk.10.ffn_down.weight:in", 8),
+            ("blk.2.ffn_down.weight", "blk.2.ffn_down.weight:in", 8),
+            ("output.weight", "output.weight:in", 2),
+        ]);
+        let bytes = |w: u64| w * w * 4;
+        let layer0 = bytes(4) + bytes(8); // q and k share one accumulator
+        let total = layer0 + 3 * bytes(8) + bytes(2);
+        // Room for everything: one pass.
+        let (passes, largest, all) = plan_passes(&rows, u64::MAX);
+        assert_eq!(passes.len(), 1);
+        assert_eq!((largest, all), (total, total));
+        // Room for two layers' inputs beside the output head's: 0+1, then 10+2.
+        let (passes, largest, _) = plan_passes(&rows, bytes(2) + layer0 + bytes(8));
+        let sets: Vec<Vec<usize>> = passes.iter().map(|p| p.iter().copied().collect()).collect();
+        assert_eq!(sets, vec![vec![0, 1], vec![2, 10]]);
+        assert_eq!(largest, bytes(2) + layer0 + bytes(8));
+        // A budget below one layer still makes progress, a layer per pass.
+        let (passes, _, _) = plan_passes(&rows, 1);
+        assert_eq!(passes.len(), 4);
+        assert_eq!(layer_runs(&passes[0]), "0");
+        assert_eq!(layer_runs(&[0, 1, 2, 10, 11, 13].into()), "0–2, 10–11, 13");
+    }
 }

@@ -182,6 +182,30 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
         log.contains("rounded with error feedback"),
         "no matrix was fed back: {log}"
     );
+    // Under a memory budget a third of the moments' size the moments are collected a few
+    // layers per pass, and the file is the same to the byte.
+    let passes = dir.join("edgelm-q4_0-feedback-passes.gguf");
+    let o = run(edgelm()
+        .args(["quantize", &s(&f16), &s(&passes), "--type", "Q4_0"])
+        .args([
+            "--imatrix",
+            &s(&ours),
+            "-f",
+            &s(&calib),
+            "-c",
+            "256",
+            "--chunks",
+            "3",
+            "--feedback-memory",
+            "140M",
+        ]));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("collected in 3 passes"), "{log}");
+    assert!(
+        std::fs::read(&passes).expect("read") == std::fs::read(&fed).expect("read"),
+        "the file quantized in passes differs from the one-pass file"
+    );
+    std::fs::remove_file(&passes).expect("cleanup");
     files.push(fed);
     for (name, im) in [("ours", &ours), ("ours-dat", &ours_dat)] {
         let out = dir.join(format!("llama-q4_k_m-{name}.gguf"));

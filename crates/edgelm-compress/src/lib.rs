@@ -38,6 +38,8 @@ pub enum CompressError {
     Unsupported(String),
     #[error("{0}")]
     BadArgument(String),
+    #[error("collecting the calibration moments: {0}")]
+    Calibration(String),
     #[error("interrupted; no output was written")]
     Interrupted,
     #[error("a worker thread panicked while quantizing")]

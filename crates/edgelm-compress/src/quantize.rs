@@ -12,6 +12,7 @@ use crate::mix::{self, FileType, ModelShape, Overrides};
 use crate::{CompressError, Result};
 use edgelm_gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use std::path::Path;
+use std::sync::Arc;
 
 pub struct QuantizeOptions<'a> {
     pub file_type: FileType,
@@ -20,13 +21,30 @@ pub struct QuantizeOptions<'a> {
     pub imatrix_name: Option<String>,
     /// Σ x·xᵀ of each projection's inputs on calibration text: rounding errors are fed back
     /// ([`crate::gptq`]) in every matrix with an entry but the token embedding table.
-    pub moments: Option<&'a Moments>,
+    pub moments: Option<&'a dyn MomentSource>,
     /// Label recorded in the output's metadata (`quantize.feedback.dataset`).
     pub moments_name: Option<String>,
     /// `--tensor-type REGEX=TYPE`, first match wins; replaces the mix rules for that tensor.
     pub tensor_types: Vec<(fancy_regex::Regex, GgmlType)>,
     pub overrides: Overrides,
     pub threads: usize,
+}
+
+/// Where error feedback finds a weight matrix's input moments (Σ x·xᵀ over calibration text),
+/// asked for in the file's tensor order as each matrix is reached, so a source may collect them
+/// a few layers at a time rather than hold every layer's at once.
+pub trait MomentSource: Sync {
+    fn input_moments(&self, tensor: &str) -> Result<Option<Arc<Vec<f32>>>>;
+}
+
+/// Moments collected beforehand, all at once.
+impl MomentSource for Moments {
+    fn input_moments(&self, tensor: &str) -> Result<Option<Arc<Vec<f32>>>> {
+        Ok(match self.get(tensor) {
+            Some(SecondMoments::Inputs(h)) => Some(h.clone()),
+            _ => None,
+        })
+    }
 }
 
 /// One tensor's decision.
@@ -212,7 +230,7 @@ pub fn quantize(
     crate::write_atomically(out, |f| {
         let mut stream = w.stream_to(&table, f)?;
         // q/k/v (and gate/up) share one input's moments, so one factorization.
-        let mut last: Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)> = None;
+        let mut last: Option<(Arc<Vec<f32>>, Arc<Compensator>)> = None;
         let total = planned.len();
         for (index, (t, chosen)) in planned.iter().enumerate() {
             let data = quantize_tensor(
@@ -258,13 +276,21 @@ fn quantize_tensor(
     index: usize,
     total: usize,
     compute: Option<&edgelm_kernels::Compute>,
-    last: &mut Option<(std::sync::Arc<Vec<f32>>, std::sync::Arc<Compensator>)>,
+    last: &mut Option<(Arc<Vec<f32>>, Arc<Compensator>)>,
     summary: &mut Summary,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<Vec<u8>> {
     let view = src
         .tensor(&t.name)
         .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
+    let converted = t.convert && t.from != t.to;
+    // Asked before the tensor's progress starts: the source may run a calibration pass.
+    let moments = match opts.moments {
+        Some(m) if converted && t.to.block_elems() > 1 && t.name != "token_embd.weight" => {
+            m.input_moments(&t.name)?
+        }
+        _ => None,
+    };
     if !progress(&Progress {
         index,
         total,
@@ -274,7 +300,7 @@ fn quantize_tensor(
         return Err(CompressError::Interrupted);
     }
     summary.bytes_in += view.data.len() as u64;
-    if !t.convert || t.from == t.to {
+    if !converted {
         // Copied, or already the target type: requantizing would only add error.
         return Ok(view.data.to_vec());
     }
@@ -304,20 +330,12 @@ fn quantize_tensor(
         }
         None => None,
     };
-    let moments = match opts.moments.and_then(|m| m.get(&t.name)) {
-        Some(SecondMoments::Inputs(h))
-            if t.to.block_elems() > 1 && t.name != "token_embd.weight" =>
-        {
-            Some(h)
-        }
-        _ => None,
-    };
     let compensator = match (moments, compute) {
         (Some(h), Some(compute)) => {
             let c = match last.as_ref() {
-                Some((seen, c)) if std::sync::Arc::ptr_eq(seen, h) => c.clone(),
+                Some((seen, c)) if Arc::ptr_eq(seen, &h) => c.clone(),
                 _ => {
-                    let c = std::sync::Arc::new(Compensator::new(h, t.cols, compute)?);
+                    let c = Arc::new(Compensator::new(&h, t.cols, compute)?);
                     *last = Some((h.clone(), c.clone()));
                     c
                 }
