@@ -112,6 +112,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         tensor_types.push((fancy_regex::Regex::new(re)?, *ty));
     }
     let threads = a.threads.unwrap_or_else(edgelm_kernels::physical_cores);
+    // Ctrl-C stops at the next chunk of rows (or of calibration text) and leaves no output.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
     let moments = match &a.calibration {
         Some(file) => {
             let model = crate::ModelArgs {
@@ -133,7 +136,13 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                 .feedback_memory
                 .unwrap_or_else(|| edgelm_models::available_memory().map_or(u64::MAX, |m| m / 2));
             Some(LayeredMoments::new(
-                &src, engine, tokens, a.ctx, budget, threads,
+                &src,
+                engine,
+                tokens,
+                a.ctx,
+                budget,
+                threads,
+                interrupted.clone(),
             )?)
         }
         None => None,
@@ -172,9 +181,6 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             m.datasets.join(", ")
         );
     }
-    // Ctrl-C stops at the next chunk of rows and leaves no output behind.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
     let start = std::time::Instant::now();
     let mut bar: Option<indicatif::ProgressBar> = None;
     let summary = quantize::quantize(&src, &a.output, &opts, &mut |p| {
@@ -444,7 +450,7 @@ fn calibrate(
 ) -> Result<(usize, f64)> {
     let (engine, _) = crate::load(model)?;
     let tokens = calibration_tokens(&engine, file, ctx, max_chunks)?;
-    let ppl = observe(&engine, &tokens, ctx, observer, what)?;
+    let ppl = observe(&engine, &tokens, ctx, observer, what, &|| false)?;
     Ok((tokens.len() / ctx, ppl))
 }
 
@@ -477,22 +483,45 @@ fn calibration_tokens(
 }
 
 /// Runs `tokens` through the model in chunks of `ctx`, showing `observer` every step; returns
-/// the perplexity over them. `what` names what is collected, for the log.
+/// the perplexity over them. `what` names what is collected, for the log. `stop` is asked
+/// between chunks: when it says so the run ends with [`Interrupted`].
 fn observe(
     engine: &edgelm_engine::Engine,
     tokens: &[u32],
     ctx: usize,
     observer: &dyn edgelm_models::Observer,
     what: &str,
+    stop: &dyn Fn() -> bool,
 ) -> Result<f64> {
-    eprintln!("{what}: {} chunks of {ctx} tokens", tokens.len() / ctx);
+    let n_chunks = tokens.len() / ctx;
+    eprintln!("{what}: {n_chunks} chunks of {ctx} tokens");
     let t0 = std::time::Instant::now();
-    let r = edgelm_engine::perplexity_observed(engine, tokens, ctx, observer, &mut |c| {
-        eprint!("[{}]{:.4},", c.index + 1, c.ppl)
-    })?;
+    // Every chunk scores as many tokens: the whole text's perplexity is the geometric mean.
+    let mut log_ppl = 0f64;
+    for (i, chunk) in tokens.chunks_exact(ctx).enumerate() {
+        if stop() {
+            eprintln!();
+            return Err(Interrupted.into());
+        }
+        let r = edgelm_engine::perplexity_observed(engine, chunk, ctx, observer, &mut |_| {})?;
+        log_ppl += r.ppl.ln();
+        eprint!("[{}]{:.4},", i + 1, (log_ppl / (i + 1) as f64).exp());
+    }
     eprintln!(" {:.1} s", t0.elapsed().as_secs_f64());
-    Ok(r.ppl)
+    Ok((log_ppl / n_chunks as f64).exp())
 }
+
+/// A calibration pass stopped by Ctrl-C.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Ranks the blocks by how little they turn the residual stream on the calibration text.
 fn block_influence(a: &PruneArgs) -> Result<edgelm_compress::prune::BlockInfluence> {
@@ -838,6 +867,8 @@ struct LayeredMoments {
     engine: edgelm_engine::Engine,
     tokens: Vec<u32>,
     ctx: usize,
+    /// Ctrl-C: a pass stops at its next chunk.
+    interrupted: Arc<AtomicBool>,
     /// The pass whose moments are held, and those moments.
     held: std::sync::Mutex<Option<(usize, edgelm_compress::lowrank::Moments)>>,
 }
@@ -850,6 +881,7 @@ impl LayeredMoments {
         ctx: usize,
         budget: u64,
         threads: usize,
+        interrupted: Arc<AtomicBool>,
     ) -> Result<LayeredMoments> {
         // Every projection's inputs; the token embedding table is a lookup, not one.
         let wanted = fancy_regex::Regex::new(r"^(?!token_embd\.)")?;
@@ -873,6 +905,7 @@ impl LayeredMoments {
             engine,
             tokens,
             ctx,
+            interrupted,
             held: std::sync::Mutex::new(None),
         })
     }
@@ -888,7 +921,15 @@ impl LayeredMoments {
                 layer_runs(layers)
             ),
         };
-        observe(&self.engine, &self.tokens, self.ctx, &collector, &what)?;
+        let stop = || self.interrupted.load(Ordering::Relaxed);
+        observe(
+            &self.engine,
+            &self.tokens,
+            self.ctx,
+            &collector,
+            &what,
+            &stop,
+        )?;
         collector.into_moments()
     }
 }
@@ -957,8 +998,10 @@ fn plan_passes(
 
 impl edgelm_compress::quantize::MomentSource for LayeredMoments {
     fn input_moments(&self, tensor: &str) -> edgelm_compress::Result<Option<Arc<Vec<f32>>>> {
-        let failed =
-            |e: anyhow::Error| edgelm_compress::CompressError::Calibration(format!("{e:#}"));
+        let failed = |e: anyhow::Error| match e.downcast_ref::<Interrupted>() {
+            Some(_) => edgelm_compress::CompressError::Interrupted,
+            None => edgelm_compress::CompressError::Calibration(format!("{e:#}")),
+        };
         let mut held = self
             .held
             .lock()

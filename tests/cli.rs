@@ -771,6 +771,63 @@ fn quantize_refuses_bad_arguments() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Ctrl-C while `quantize -f` runs the calibration text stops it at the next chunk, with no
+/// file left under the output's name or its temporary one.
+#[test]
+fn quantize_interrupted_while_calibrating_leaves_nothing() {
+    use std::io::Read;
+    let source = common::model_path(MODEL);
+    let dir = std::env::temp_dir().join(format!("edgelm-cli-interrupt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Text enough for many chunks: this repository's compression bench script, four times.
+    let calib = dir.join("calibration.txt");
+    let mut text = String::new();
+    for _ in 0..4 {
+        text.push_str(include_str!("../bench/compression"));
+    }
+    std::fs::write(&calib, text).unwrap();
+    let out = dir.join("out.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args([
+            "quantize",
+            &source.to_string_lossy(),
+            &out.to_string_lossy(),
+        ])
+        .args(["--type", "Q4_0", "-f", &calib.to_string_lossy(), "-c", "64"])
+        .args(["--chunks", "1000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting edgelm quantize");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let mut log = Vec::new();
+    let mut byte = [0u8; 1];
+    // The first chunk's perplexity shows the pass is under way.
+    while !String::from_utf8_lossy(&log).contains("[1]") {
+        match stderr.read(&mut byte) {
+            Ok(1) => log.push(byte[0]),
+            _ => panic!(
+                "quantize ended before calibrating: {}",
+                String::from_utf8_lossy(&log)
+            ),
+        }
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    stderr.read_to_end(&mut log).expect("reading stderr");
+    let status = child.wait().expect("waiting for quantize");
+    let log = String::from_utf8_lossy(&log);
+    assert!(!status.success() && log.contains("interrupted"), "{log}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["calibration.txt".to_string()], "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Prune and lowrank refuse what cannot work before doing any, and say why.
 #[test]
 fn prune_and_lowrank_refuse_bad_arguments() {
