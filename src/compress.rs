@@ -58,9 +58,9 @@ pub struct QuantizeArgs {
     /// Calibration chunks to run at most (8 of 512 is what COMPRESSION.md measures).
     #[arg(long, default_value_t = 8, requires = "calibration")]
     chunks: usize,
-    /// Memory for the calibration moments (e.g. 4G, 500M; default: half of what is free once
-    /// the model is loaded). Where every layer's would not fit, they are collected a few layers
-    /// at a time, one pass over the calibration text per group.
+    /// Memory for the calibration moments (e.g. 4G, 500M; default: half of the available
+    /// memory once the model is loaded). Where all would not fit, they are collected a few
+    /// layers at a time, one pass over the calibration text per group.
     #[arg(long = "feedback-memory", value_name = "SIZE", value_parser = edgelm_server::parse_size, requires = "calibration")]
     feedback_memory: Option<u64>,
 }
@@ -113,8 +113,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     }
     let threads = a.threads.unwrap_or_else(edgelm_kernels::physical_cores);
     // Ctrl-C stops at the next chunk of rows (or of calibration text) and leaves no output.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let interrupted = ctrl_c()?;
     let moments = match &a.calibration {
         Some(file) => {
             let model = crate::ModelArgs {
@@ -130,11 +129,22 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             };
             let (engine, _) = crate::load(&model)?;
             let tokens = calibration_tokens(&engine, file, a.ctx, a.chunks)?;
-            // Half of what is free once the model is loaded, leaving room for the output's
-            // tensors and the factorizations.
-            let budget = a
-                .feedback_memory
-                .unwrap_or_else(|| edgelm_models::available_memory().map_or(u64::MAX, |m| m / 2));
+            // Half of what the system can give once the model is loaded: room beside the
+            // moments for the factorizations and the output's tensors.
+            let budget = match (a.feedback_memory, edgelm_models::available_memory()) {
+                (Some(bytes), _) => Budget {
+                    bytes,
+                    source: "--feedback-memory",
+                },
+                (None, Some(free)) => Budget {
+                    bytes: free / 2,
+                    source: "half the available memory; --feedback-memory sets it",
+                },
+                (None, None) => Budget {
+                    bytes: u64::MAX,
+                    source: "unbounded where the available memory is unknown",
+                },
+            };
             Some(LayeredMoments::new(
                 &src,
                 engine,
@@ -454,6 +464,16 @@ fn calibrate(
     Ok((tokens.len() / ctx, ppl))
 }
 
+/// A flag the first Ctrl-C raises, for a run to stop at its next step and leave no output; a
+/// second Ctrl-C ends the process at once (exit status 130), as it would without the flag.
+fn ctrl_c() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::SIGINT;
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())?;
+    signal_hook::flag::register(SIGINT, flag.clone())?;
+    Ok(flag)
+}
+
 /// The first whole chunks of `ctx` tokens (at most `max_chunks`) of the text `file`.
 fn calibration_tokens(
     engine: &edgelm_engine::Engine,
@@ -461,6 +481,9 @@ fn calibration_tokens(
     ctx: usize,
     max_chunks: usize,
 ) -> Result<Vec<u32>> {
+    if ctx < 4 {
+        bail!("-c {ctx} is too small: a calibration chunk needs at least 4 tokens");
+    }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut tokens = engine.tokenizer.encode(
@@ -470,7 +493,7 @@ fn calibration_tokens(
             parse_special: false,
         },
     )?;
-    let n_chunks = (tokens.len() / ctx.max(1)).min(max_chunks);
+    let n_chunks = (tokens.len() / ctx).min(max_chunks);
     if n_chunks == 0 {
         bail!(
             "{} holds {} tokens, less than one chunk of {ctx} (-c)",
@@ -614,8 +637,7 @@ pub fn prune(a: PruneArgs) -> Result<()> {
         let l: Vec<String> = opts.drop_layers.iter().map(|v| v.to_string()).collect();
         eprintln!("dropping layers {}", l.join(", "));
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let interrupted = ctrl_c()?;
     let t0 = std::time::Instant::now();
     let s = prune::prune(&src, &a.output, &opts, &mut |_, _, _| {
         !interrupted.load(Ordering::Relaxed)
@@ -725,13 +747,8 @@ struct MomentSums {
     failure: Option<String>,
 }
 
-/// Each wanted projection's moment accumulator, in file order: (weight, output side, key,
-/// width). q/k/v and gate/up read one input and share one key.
-fn moment_plan(
-    src: &GgufFile,
-    tensors: &fancy_regex::Regex,
-    side: Side,
-) -> Vec<(String, bool, String, usize)> {
+/// Each wanted projection's moment accumulator, in file order.
+fn moment_plan(src: &GgufFile, tensors: &fancy_regex::Regex, side: Side) -> Vec<MomentEntry> {
     let mut plan = Vec::new();
     for t in src.tensors() {
         if t.dims.len() != 2 || !tensors.is_match(&t.name).unwrap_or(false) {
@@ -750,33 +767,46 @@ fn moment_plan(
                 _ => format!("{}:in", t.name),
             }
         };
-        plan.push((
-            t.name.clone(),
+        plan.push(MomentEntry {
+            weight: t.name.clone(),
             output,
             key,
-            if output { rows } else { cols },
-        ));
+            width: if output { rows } else { cols },
+        });
     }
     plan
 }
 
+/// Layers as runs: "0-1, 10-17".
+fn layer_runs(layers: &std::collections::BTreeSet<usize>) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &l in layers {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == l => *end = l,
+            _ => runs.push((l, l)),
+        }
+    }
+    runs.iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl MomentCollector {
-    /// Collects the moments of `plan`'s weights in `layers` (every layer when None) and of
-    /// those outside the blocks.
-    fn new(
-        plan: &[(String, bool, String, usize)],
-        layers: Option<&std::collections::BTreeSet<usize>>,
+    /// Collects the moments of `entries`.
+    fn new<'a>(
+        entries: impl Iterator<Item = &'a MomentEntry>,
         threads: usize,
     ) -> Result<MomentCollector> {
-        let wanted = |name: &str| match (edgelm_compress::mix::layer_of(name), layers) {
-            (Some(l), Some(set)) => set.contains(&l),
-            _ => true,
-        };
         Ok(MomentCollector {
-            plan: plan
-                .iter()
-                .filter(|(name, ..)| wanted(name))
-                .map(|(name, output, key, _)| (name.clone(), (*output, key.clone())))
+            plan: entries
+                .map(|e| (e.weight.clone(), (e.output, e.key.clone())))
                 .collect(),
             sums: Default::default(),
             compute: edgelm_kernels::Compute::new(edgelm_kernels::Isa::from_env()?, threads),
@@ -854,146 +884,213 @@ impl edgelm_models::Observer for MomentCollector {
     }
 }
 
-/// Error feedback's input moments, a few layers at a time: as many consecutive layers (in the
-/// file's order) per pass over the calibration text as `budget` bytes of moments hold — every
-/// layer in one pass when they fit. A pass runs when quantizing first asks for a layer it has
-/// not collected, after the previous pass's moments are dropped, so memory stays within the
-/// budget on models whose moments would not fit (a 7B model's `ffn_down` inputs alone need
-/// 1.4 GB per layer) at the cost of one forward pass per group.
+/// Error feedback's input moments, a few layers at a time. The weights are cut, in the file's
+/// order (the order quantizing asks for them), into passes whose moments fit the budget — one
+/// pass when everything fits — each pass one run of the calibration text collecting only its
+/// weights' moments. The first pass runs at once (so a bad calibration text fails before any
+/// output exists); each later one when quantizing reaches its first weight, after the previous
+/// pass's moments are dropped. The engine is dropped after the last pass.
 struct LayeredMoments {
-    plan: Vec<(String, bool, String, usize)>,
-    passes: Vec<std::collections::BTreeSet<usize>>,
+    plan: Vec<MomentEntry>,
+    /// The pass of each entry of `plan`.
+    pass_of: std::collections::HashMap<String, usize>,
+    passes: usize,
     threads: usize,
-    engine: edgelm_engine::Engine,
     tokens: Vec<u32>,
     ctx: usize,
     /// Ctrl-C: a pass stops at its next chunk.
     interrupted: Arc<AtomicBool>,
+    state: std::sync::Mutex<PassState>,
+}
+
+struct PassState {
+    /// Until the last pass has run.
+    engine: Option<edgelm_engine::Engine>,
     /// The pass whose moments are held, and those moments.
-    held: std::sync::Mutex<Option<(usize, edgelm_compress::lowrank::Moments)>>,
+    held: Option<(usize, edgelm_compress::lowrank::Moments)>,
 }
 
 impl LayeredMoments {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         src: &GgufFile,
         engine: edgelm_engine::Engine,
         tokens: Vec<u32>,
         ctx: usize,
-        budget: u64,
+        budget: Budget,
         threads: usize,
         interrupted: Arc<AtomicBool>,
     ) -> Result<LayeredMoments> {
         // Every projection's inputs; the token embedding table is a lookup, not one.
         let wanted = fancy_regex::Regex::new(r"^(?!token_embd\.)")?;
         let plan = moment_plan(src, &wanted, Side::Inputs);
-        let (passes, per_pass, total) = plan_passes(&plan, budget);
+        let passes = plan_passes(&plan, budget.bytes);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        if passes.len() > 1 {
+        if passes.count > 1 || passes.largest > budget.bytes {
             eprintln!(
                 "error feedback: the calibration moments need {:.0} MiB, over the {:.0} MiB \
-                 budget (--feedback-memory): collected in {} passes of at most {:.0} MiB",
-                mib(total),
-                mib(budget),
-                passes.len(),
-                mib(per_pass)
+                 budget ({}): collected in {} passes over the calibration text, the largest \
+                 {:.0} MiB",
+                mib(passes.total),
+                mib(budget.bytes),
+                budget.source,
+                passes.count,
+                mib(passes.largest)
             );
         }
-        Ok(LayeredMoments {
+        let pass_of = plan
+            .iter()
+            .zip(&passes.of_entry)
+            .map(|(e, &p)| (e.weight.clone(), p))
+            .collect();
+        let source = LayeredMoments {
             plan,
-            passes,
+            pass_of,
+            passes: passes.count,
             threads,
-            engine,
             tokens,
             ctx,
             interrupted,
-            held: std::sync::Mutex::new(None),
-        })
+            state: std::sync::Mutex::new(PassState {
+                engine: Some(engine),
+                held: None,
+            }),
+        };
+        {
+            let mut state = source
+                .state
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the calibration state was poisoned by a panic"))?;
+            source.run_pass(&mut state, 0)?;
+        }
+        Ok(source)
     }
 
-    fn run_pass(&self, pass: usize) -> Result<edgelm_compress::lowrank::Moments> {
-        let layers = &self.passes[pass];
-        let collector = MomentCollector::new(&self.plan, Some(layers), self.threads)?;
-        let what = match self.passes.len() {
+    /// Runs pass `pass` over the calibration text, holding its moments in place of the last
+    /// pass's (dropped first: the two never coexist).
+    fn run_pass(&self, state: &mut PassState, pass: usize) -> Result<()> {
+        state.held = None;
+        let engine = state
+            .engine
+            .as_ref()
+            .context("the calibration model was dropped after the last pass")?;
+        let entries: Vec<&MomentEntry> = self
+            .plan
+            .iter()
+            .filter(|e| self.pass_of.get(&e.weight) == Some(&pass))
+            .collect();
+        let collector = MomentCollector::new(entries.iter().copied(), self.threads)?;
+        let what = match self.passes {
             1 => "collecting input moments".to_string(),
-            n => format!(
-                "collecting input moments, pass {} of {n} (layers {})",
-                pass + 1,
-                layer_runs(layers)
-            ),
+            n => {
+                let layers = entries
+                    .iter()
+                    .filter_map(|e| edgelm_compress::mix::layer_of(&e.weight))
+                    .collect();
+                format!(
+                    "collecting input moments, pass {} of {n} (layers {})",
+                    pass + 1,
+                    layer_runs(&layers)
+                )
+            }
         };
         let stop = || self.interrupted.load(Ordering::Relaxed);
-        observe(
-            &self.engine,
-            &self.tokens,
-            self.ctx,
-            &collector,
-            &what,
-            &stop,
-        )?;
-        collector.into_moments()
+        observe(engine, &self.tokens, self.ctx, &collector, &what, &stop)?;
+        state.held = Some((pass, collector.into_moments()?));
+        if pass + 1 == self.passes {
+            state.engine = None;
+        }
+        Ok(())
     }
 }
 
-/// Layers as runs: "0–1, 10–17".
-fn layer_runs(layers: &std::collections::BTreeSet<usize>) -> String {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for &l in layers {
-        match runs.last_mut() {
-            Some((_, end)) if *end + 1 == l => *end = l,
-            _ => runs.push((l, l)),
+/// What bounds the moments held at once, and where that bound came from (for the log).
+struct Budget {
+    bytes: u64,
+    source: &'static str,
+}
+
+/// One weight's moment accumulator: q/k/v and gate/up read one input and share one key.
+struct MomentEntry {
+    weight: String,
+    /// Moments of the outputs (else of the inputs).
+    output: bool,
+    key: String,
+    /// The moments' side: width × width values.
+    width: usize,
+}
+
+/// How [`plan_passes`] cut the weights.
+struct Passes {
+    /// The pass of each plan entry.
+    of_entry: Vec<usize>,
+    count: usize,
+    /// Bytes of the largest pass's moments, and of all of them.
+    largest: u64,
+    total: u64,
+}
+
+/// Cuts `plan` (in file order) into consecutive runs whose moments fit `budget` bytes, a run
+/// never ending inside a layer unless that layer alone is over the budget (a key shared by
+/// weights of two runs is collected, and counted, in both).
+fn plan_passes(plan: &[MomentEntry], budget: u64) -> Passes {
+    let bytes_of = |e: &MomentEntry| (e.width as u64) * (e.width as u64) * 4;
+    let total: u64 = {
+        let mut seen = std::collections::HashSet::new();
+        plan.iter()
+            .filter(|e| seen.insert(e.key.as_str()))
+            .map(bytes_of)
+            .sum()
+    };
+    // Groups of consecutive entries of one layer (or outside the blocks), with their bytes.
+    let mut groups: Vec<(std::ops::Range<usize>, u64)> = Vec::new();
+    let mut seen_in_group = std::collections::HashSet::new();
+    for (i, e) in plan.iter().enumerate() {
+        let layer = edgelm_compress::mix::layer_of(&e.weight);
+        let same = i > 0 && edgelm_compress::mix::layer_of(&plan[i - 1].weight) == layer;
+        if !same {
+            groups.push((i..i, 0));
+            seen_in_group.clear();
         }
-    }
-    runs.iter()
-        .map(|&(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}–{b}")
+        if let Some((range, bytes)) = groups.last_mut() {
+            range.end = i + 1;
+            if seen_in_group.insert(e.key.as_str()) {
+                *bytes += bytes_of(e);
             }
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Groups the blocks' layers, in order of first appearance, into passes whose moments fit
-/// `budget` bytes beside those of the matrices outside the blocks (collected in every pass); a
-/// layer over the budget alone gets a pass of its own. Returns the passes, the largest pass's
-/// bytes and all the moments' bytes.
-fn plan_passes(
-    plan: &[(String, bool, String, usize)],
-    budget: u64,
-) -> (Vec<std::collections::BTreeSet<usize>>, u64, u64) {
-    let mut seen = std::collections::HashSet::new();
-    let mut outside = 0u64;
-    let mut layers: Vec<(usize, u64)> = Vec::new();
-    for (name, _, key, width) in plan {
-        if !seen.insert(key.as_str()) {
-            continue;
-        }
-        let bytes = (width * width * std::mem::size_of::<f32>()) as u64;
-        match edgelm_compress::mix::layer_of(name) {
-            Some(l) => match layers.iter_mut().find(|(m, _)| *m == l) {
-                Some((_, b)) => *b += bytes,
-                None => layers.push((l, bytes)),
-            },
-            None => outside += bytes,
         }
     }
-    let mut passes = Vec::new();
-    let (mut pass, mut bytes, mut largest) = (std::collections::BTreeSet::new(), outside, 0);
-    for (l, b) in &layers {
-        if !pass.is_empty() && bytes + b > budget {
+    let mut of_entry = vec![0; plan.len()];
+    let (mut pass, mut bytes, mut largest, mut keys) =
+        (0, 0u64, 0u64, std::collections::HashSet::new());
+    for (range, _) in &groups {
+        let new: u64 = {
+            let mut fresh = std::collections::HashSet::new();
+            plan[range.clone()]
+                .iter()
+                .filter(|e| !keys.contains(e.key.as_str()) && fresh.insert(e.key.as_str()))
+                .map(bytes_of)
+                .sum()
+        };
+        if bytes > 0 && bytes + new > budget {
             largest = largest.max(bytes);
-            passes.push(std::mem::take(&mut pass));
-            bytes = outside;
+            pass += 1;
+            bytes = 0;
+            keys.clear();
         }
-        pass.insert(*l);
-        bytes += b;
+        for i in range.clone() {
+            of_entry[i] = pass;
+            if keys.insert(plan[i].key.as_str()) {
+                bytes += bytes_of(&plan[i]);
+            }
+        }
     }
     largest = largest.max(bytes);
-    passes.push(pass);
-    let total = outside + layers.iter().map(|(_, b)| b).sum::<u64>();
-    (passes, largest, total)
+    Passes {
+        of_entry,
+        count: pass + 1,
+        largest,
+        total,
+    }
 }
 
 impl edgelm_compress::quantize::MomentSource for LayeredMoments {
@@ -1002,23 +1099,17 @@ impl edgelm_compress::quantize::MomentSource for LayeredMoments {
             Some(_) => edgelm_compress::CompressError::Interrupted,
             None => edgelm_compress::CompressError::Calibration(format!("{e:#}")),
         };
-        let mut held = self
-            .held
-            .lock()
-            .map_err(|_| failed(anyhow::anyhow!("a pass panicked")))?;
-        // Matrices outside the blocks are in every pass: the one held will do.
-        let pass = match edgelm_compress::mix::layer_of(tensor) {
-            Some(l) => self.passes.iter().position(|p| p.contains(&l)),
-            None => Some(held.as_ref().map_or(0, |(p, _)| *p)),
-        };
-        let Some(pass) = pass else {
+        let Some(&pass) = self.pass_of.get(tensor) else {
             return Ok(None);
         };
-        if held.as_ref().map(|(p, _)| *p) != Some(pass) {
-            *held = None;
-            *held = Some((pass, self.run_pass(pass).map_err(failed)?));
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| failed(anyhow::anyhow!("a pass panicked")))?;
+        if state.held.as_ref().map(|(p, _)| *p) != Some(pass) {
+            self.run_pass(&mut state, pass).map_err(failed)?;
         }
-        match held.as_ref() {
+        match &state.held {
             Some((_, m)) => edgelm_compress::quantize::MomentSource::input_moments(m, tensor),
             None => Ok(None),
         }
@@ -1037,7 +1128,7 @@ fn collect_moments(
         .threads
         .unwrap_or_else(edgelm_kernels::physical_cores);
     let collector =
-        MomentCollector::new(&moment_plan(src, tensors, Side::Narrower), None, threads)?;
+        MomentCollector::new(moment_plan(src, tensors, Side::Narrower).iter(), threads)?;
     calibrate(
         &a.model,
         file,
@@ -1082,8 +1173,7 @@ pub fn lowrank(a: LowRankArgs) -> Result<()> {
             .unwrap_or_else(edgelm_kernels::physical_cores),
         description: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
     };
-    let interrupted = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let interrupted = ctrl_c()?;
     let t0 = std::time::Instant::now();
     let s = lowrank::lowrank(&src, &a.output, &opts, &mut |f, done, total| {
         eprintln!(
@@ -1119,41 +1209,50 @@ pub fn lowrank(a: LowRankArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// (weight, output side, key, width) rows as `moment_plan` makes them, in a file's order.
-    fn plan(rows: &[(&str, &str, usize)]) -> Vec<(String, bool, String, usize)> {
+    /// Entries as `moment_plan` makes them, in a file's order: (weight, key, width).
+    fn plan(rows: &[(&str, &str, usize)]) -> Vec<MomentEntry> {
         rows.iter()
-            .map(|(name, key, width)| (name.to_string(), false, key.to_string(), *width))
+            .map(|(weight, key, width)| MomentEntry {
+                weight: weight.to_string(),
+                output: false,
+                key: key.to_string(),
+                width: *width,
+            })
             .collect()
     }
 
     #[test]
-    fn passes_group_layers_in_file_order_within_the_budget() {
-        // Names sorted as text put block 10 before block 2, as some files do.
+    fn passes_cut_the_file_order_within_the_budget() {
+        // Names sorted as text put block 10 before block 2, as some files do; block 1's weights
+        // are split by block 10's, and the output head comes last.
         let rows = plan(&[
             ("blk.0.attn_q.weight", "0:attn_in", 4),
             ("blk.0.attn_k.weight", "0:attn_in", 4),
             ("blk.0.ffn_down.weight", "blk.0.ffn_down.weight:in", 8),
             ("blk.1.ffn_down.weight", "blk.1.ffn_down.weight:in", 8),
             ("blk.10.ffn_down.weight", "blk.10.ffn_down.weight:in", 8),
+            ("blk.1.attn_q.weight", "1:attn_in", 4),
             ("blk.2.ffn_down.weight", "blk.2.ffn_down.weight:in", 8),
             ("output.weight", "output.weight:in", 2),
         ]);
         let bytes = |w: u64| w * w * 4;
-        let layer0 = bytes(4) + bytes(8); // q and k share one accumulator
-        let total = layer0 + 3 * bytes(8) + bytes(2);
+        let total = 2 * bytes(4) + 4 * bytes(8) + bytes(2);
         // Room for everything: one pass.
-        let (passes, largest, all) = plan_passes(&rows, u64::MAX);
-        assert_eq!(passes.len(), 1);
-        assert_eq!((largest, all), (total, total));
-        // Room for two layers' inputs beside the output head's: 0+1, then 10+2.
-        let (passes, largest, _) = plan_passes(&rows, bytes(2) + layer0 + bytes(8));
-        let sets: Vec<Vec<usize>> = passes.iter().map(|p| p.iter().copied().collect()).collect();
-        assert_eq!(sets, vec![vec![0, 1], vec![2, 10]]);
-        assert_eq!(largest, bytes(2) + layer0 + bytes(8));
-        // A budget below one layer still makes progress, a layer per pass.
-        let (passes, _, _) = plan_passes(&rows, 1);
-        assert_eq!(passes.len(), 4);
-        assert_eq!(layer_runs(&passes[0]), "0");
-        assert_eq!(layer_runs(&[0, 1, 2, 10, 11, 13].into()), "0–2, 10–11, 13");
+        let p = plan_passes(&rows, u64::MAX);
+        assert_eq!((p.count, p.largest, p.total), (1, total, total));
+        assert!(p.of_entry.iter().all(|&i| i == 0));
+        // Room for two of the wide inputs and a narrow one: q and k share one accumulator, so
+        // block 0 is one of each; each pass is a run of the file order, and block 1, split in
+        // two by block 10, is collected where each of its weights is. The head does not fit
+        // beside the second pass's three.
+        let p = plan_passes(&rows, 2 * bytes(8) + bytes(4));
+        assert_eq!(p.of_entry, vec![0, 0, 0, 0, 1, 1, 1, 2]);
+        assert_eq!(p.count, 3);
+        assert_eq!(p.largest, bytes(4) + 2 * bytes(8));
+        // A budget below one layer still makes progress, a run of one layer per pass.
+        let p = plan_passes(&rows, 1);
+        assert_eq!(p.of_entry, vec![0, 0, 0, 1, 2, 3, 4, 5]);
+        assert_eq!(p.largest, bytes(4) + bytes(8));
+        assert_eq!(layer_runs(&[0, 1, 2, 10, 11, 13].into()), "0-2, 10-11, 13");
     }
 }

@@ -756,6 +756,10 @@ fn quantize_refuses_bad_arguments() {
             vec!["--type", "Q4_0", "-f", &junk_s],
             "less than one chunk of 512",
         ),
+        (
+            vec!["--type", "Q4_0", "-f", &junk_s, "-c", "0"],
+            "-c 0 is too small",
+        ),
     ] {
         let o = edgelm(&[&["quantize", &src, &out_s][..], &args].concat());
         let err = String::from_utf8_lossy(&o.stderr);
@@ -820,6 +824,17 @@ fn quantize_interrupted_while_calibrating_leaves_nothing() {
     let status = child.wait().expect("waiting for quantize");
     let log = String::from_utf8_lossy(&log);
     assert!(!status.success() && log.contains("interrupted"), "{log}");
+    // Stopped inside the pass, not after it: fewer chunks ran than it had.
+    let count = |after: &str, until: char| -> Option<usize> {
+        let rest = &log[log.rfind(after)? + after.len()..];
+        rest[..rest.find(until)?].trim().parse().ok()
+    };
+    let planned = count("collecting input moments: ", ' ').expect("the pass's chunk count");
+    let ran = count("[", ']').expect("a chunk's perplexity");
+    assert!(
+        ran < planned,
+        "all {planned} chunks ran before stopping: {log}"
+    );
     let left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -58,25 +58,30 @@ impl CompressError {
 pub type Result<T> = std::result::Result<T, CompressError>;
 
 /// Writes through `write` into a temporary file beside `path`, then renames it into place: an
-/// interrupted or failed run leaves nothing under `path` (and removes its temporary file).
+/// interrupted or failed run — an error or a panic — leaves nothing under `path` and removes
+/// its temporary file.
 pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<()> {
-    let tmp = temporary_name(path);
-    let io = |e| CompressError::io(path, e);
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut buf = std::io::BufWriter::new(file);
-        write(&mut buf)?;
-        let file = buf.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    /// Removes the temporary file when dropped before the rename, unwinding included.
+    struct Partial(PathBuf);
+    impl Drop for Partial {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
-    result
+    let tmp = Partial(temporary_name(path));
+    let io = |e| CompressError::io(path, e);
+    let file = std::fs::File::create(&tmp.0).map_err(io)?;
+    let mut buf = std::io::BufWriter::new(file);
+    write(&mut buf)?;
+    let file = buf.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp.0, path).map_err(io)?;
+    // Renamed: nothing is left to remove.
+    std::mem::forget(tmp);
+    Ok(())
 }
 
 /// `dir/.name.partial-PID`: hidden, unique per process, on the same file system as `path`.

@@ -268,8 +268,8 @@ pub fn quantize(
 /// One tensor's bytes in the output: copied, or converted to its planned type (with error
 /// feedback where the calibration moments have an entry).
 #[allow(clippy::too_many_arguments)]
-fn quantize_tensor(
-    src: &GgufFile,
+fn quantize_tensor<'a>(
+    src: &'a GgufFile,
     opts: &QuantizeOptions,
     t: &TensorPlan,
     chosen: GgmlType,
@@ -279,15 +279,19 @@ fn quantize_tensor(
     last: &mut Option<(Arc<Vec<f32>>, Arc<Compensator>)>,
     summary: &mut Summary,
     progress: &mut dyn FnMut(&Progress) -> bool,
-) -> Result<Vec<u8>> {
+) -> Result<std::borrow::Cow<'a, [u8]>> {
     let view = src
         .tensor(&t.name)
         .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
     let converted = t.convert && t.from != t.to;
-    // Asked before the tensor's progress starts: the source may run a calibration pass.
+    // Asked before the tensor's progress starts: the source may run a calibration pass. The last
+    // factorization is let go first, so a pass never runs beside the previous pass's moments.
     let moments = match opts.moments {
         Some(m) if converted && t.to.block_elems() > 1 && t.name != "token_embd.weight" => {
-            m.input_moments(&t.name)?
+            let previous = last.take();
+            let h = m.input_moments(&t.name)?;
+            *last = previous.filter(|(seen, _)| h.as_ref().is_some_and(|h| Arc::ptr_eq(seen, h)));
+            h
         }
         _ => None,
     };
@@ -302,7 +306,7 @@ fn quantize_tensor(
     summary.bytes_in += view.data.len() as u64;
     if !converted {
         // Copied, or already the target type: requantizing would only add error.
-        return Ok(view.data.to_vec());
+        return Ok(std::borrow::Cow::Borrowed(view.data));
     }
     if chosen != t.to {
         summary.fallbacks.push((t.name.clone(), chosen, t.to));
@@ -359,7 +363,7 @@ fn quantize_tensor(
             rows_done: rows,
         })
     };
-    Ok(match &compensator {
+    Ok(std::borrow::Cow::Owned(match &compensator {
         Some((c, compute)) => feed_back(
             view.data,
             t,
@@ -375,7 +379,7 @@ fn quantize_tensor(
             opts.threads,
             &mut rows_done,
         )?,
-    })
+    }))
 }
 
 /// Rows of `src` (type `t.from`) requantized to `t.to` on `threads` threads.

@@ -263,6 +263,27 @@ fn interrupted_run_writes_nothing() {
     assert!(!path.exists() && !crate::temporary_name(&path).exists());
 }
 
+/// A writer that fails or panics midway leaves neither the output nor its temporary file.
+#[test]
+fn failed_or_panicking_writes_leave_nothing() {
+    use std::io::Write;
+    let path = scratch("panicked.gguf");
+    let e = crate::write_atomically(&path, |f| {
+        f.write_all(b"GGUF").expect("write");
+        Err(crate::CompressError::Interrupted)
+    });
+    assert!(e.is_err());
+    assert!(!path.exists() && !crate::temporary_name(&path).exists());
+    let unwound = std::panic::catch_unwind(|| {
+        crate::write_atomically(&path, |f| {
+            f.write_all(b"GGUF").expect("write");
+            panic!("a bug midway");
+        })
+    });
+    assert!(unwound.is_err());
+    assert!(!path.exists() && !crate::temporary_name(&path).exists());
+}
+
 /// Inputs of `cols` columns driven by a few shared factors (correlated, as a layer's are), `tokens`
 /// rows of them.
 pub(crate) fn correlated_inputs(rng: &mut Rng, tokens: usize, cols: usize) -> Vec<f32> {

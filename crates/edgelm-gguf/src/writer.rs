@@ -199,11 +199,13 @@ pub struct GgufStream<W: Write> {
 
 impl<W: Write> GgufStream<W> {
     /// Writes the next tensor of the table, which must be `name` with exactly its size in bytes.
+    /// A tensor refused or not written stays next, so the file can never be finished without it.
     pub fn put(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
         let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
-        let Some((next, bytes)) = self.pending.next() else {
+        let Some((next, bytes)) = self.pending.as_slice().first() else {
             return Err(invalid(format!("tensor {name:?} is not in the table")));
         };
+        let bytes = *bytes;
         if next != name || bytes != data.len() as u64 {
             return Err(invalid(format!(
                 "tensor {name:?} of {} bytes given where the table has {next:?} of {bytes}",
@@ -212,8 +214,15 @@ impl<W: Write> GgufStream<W> {
         }
         self.write_header()?;
         self.out.write_all(data)?;
-        let padding = align_up(bytes, self.alignment) - bytes;
-        self.out.write_all(&vec![0u8; padding as usize])
+        let mut padding = align_up(bytes, self.alignment) - bytes;
+        const ZEROS: [u8; 64] = [0; 64];
+        while padding > 0 {
+            let n = padding.min(ZEROS.len() as u64);
+            self.out.write_all(&ZEROS[..n as usize])?;
+            padding -= n;
+        }
+        self.pending.next();
+        Ok(())
     }
 
     /// The output, once every tensor of the table was put.
@@ -372,6 +381,8 @@ mod tests {
         let mut s = meta.stream_to(&table, Vec::new()).unwrap();
         s.put("w", &at_once.tensors[0].data).unwrap();
         assert!(s.put("q", &[7u8; 33]).is_err());
+        // The refused tensor is still owed: the file cannot be finished without it.
+        assert!(s.finish().is_err());
         let mut s = meta.stream_to(&table, Vec::new()).unwrap();
         s.put("w", &at_once.tensors[0].data).unwrap();
         s.put("q", &[7u8; 34]).unwrap();
