@@ -1042,27 +1042,21 @@ fn plan_passes(plan: &[MomentEntry], budget: u64) -> Passes {
             .map(bytes_of)
             .sum()
     };
-    // Groups of consecutive entries of one layer (or outside the blocks), with their bytes.
-    let mut groups: Vec<(std::ops::Range<usize>, u64)> = Vec::new();
-    let mut seen_in_group = std::collections::HashSet::new();
+    // Groups of consecutive entries of one layer (or outside the blocks).
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, e) in plan.iter().enumerate() {
         let layer = edgelm_compress::mix::layer_of(&e.weight);
-        let same = i > 0 && edgelm_compress::mix::layer_of(&plan[i - 1].weight) == layer;
-        if !same {
-            groups.push((i..i, 0));
-            seen_in_group.clear();
-        }
-        if let Some((range, bytes)) = groups.last_mut() {
-            range.end = i + 1;
-            if seen_in_group.insert(e.key.as_str()) {
-                *bytes += bytes_of(e);
+        match groups.last_mut() {
+            Some(g) if edgelm_compress::mix::layer_of(&plan[i - 1].weight) == layer => {
+                g.end = i + 1
             }
+            _ => groups.push(i..i + 1),
         }
     }
     let mut of_entry = vec![0; plan.len()];
     let (mut pass, mut bytes, mut largest, mut keys) =
         (0, 0u64, 0u64, std::collections::HashSet::new());
-    for (range, _) in &groups {
+    for range in &groups {
         let new: u64 = {
             let mut fresh = std::collections::HashSet::new();
             plan[range.clone()]

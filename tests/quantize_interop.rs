@@ -163,23 +163,17 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
         ]));
         files.push(out);
     }
-    // Error feedback from the calibration text changes values, not the format.
+    // Error feedback from the calibration text changes values, not the format; quantized with
+    // the moments held within `budget`, its log.
+    let feedback = |out: &Path, budget: &str| {
+        let o = run(edgelm()
+            .args(["quantize", &s(&f16), &s(out), "--type", "Q4_0"])
+            .args(["--imatrix", &s(&ours), "-f", &s(&calib), "-c", "256"])
+            .args(["--chunks", "3", "--feedback-memory", budget]));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
     let fed = dir.join("edgelm-q4_0-feedback.gguf");
-    let o = run(edgelm()
-        .args(["quantize", &s(&f16), &s(&fed), "--type", "Q4_0"])
-        .args([
-            "--imatrix",
-            &s(&ours),
-            "-f",
-            &s(&calib),
-            "-c",
-            "256",
-            "--chunks",
-            "3",
-            "--feedback-memory",
-            "1T",
-        ]));
-    let log = String::from_utf8_lossy(&o.stderr);
+    let log = feedback(&fed, "1T");
     assert!(
         log.contains("rounded with error feedback") && !log.contains("passes"),
         "no matrix was fed back, or not in one pass: {log}"
@@ -187,21 +181,7 @@ fn quantized_files_and_importance_matrices_interoperate_with_llama_cpp() {
     // Under a memory budget a third of the moments' size the moments are collected a few
     // layers per pass, and the file is the same to the byte.
     let passes = dir.join("edgelm-q4_0-feedback-passes.gguf");
-    let o = run(edgelm()
-        .args(["quantize", &s(&f16), &s(&passes), "--type", "Q4_0"])
-        .args([
-            "--imatrix",
-            &s(&ours),
-            "-f",
-            &s(&calib),
-            "-c",
-            "256",
-            "--chunks",
-            "3",
-            "--feedback-memory",
-            "140M",
-        ]));
-    let log = String::from_utf8_lossy(&o.stderr);
+    let log = feedback(&passes, "140M");
     assert!(log.contains("collected in 3 passes"), "{log}");
     assert!(
         std::fs::read(&passes).expect("read") == std::fs::read(&fed).expect("read"),
