@@ -23,7 +23,9 @@ impl Compute {
         match self.isa() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2`/`Avx512` are only chosen when the CPU has AVX2 and FMA.
-            Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::avx2::glu(act, gate, up) },
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => unsafe {
+                crate::x86::avx2::glu(act, gate, up)
+            },
             _ => glu_scalar(act, gate, up),
         }
     }

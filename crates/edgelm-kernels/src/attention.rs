@@ -452,15 +452,21 @@ impl Compute {
         let isa = self.isa();
         match (isa, kind(&kv.keys)) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512, Kind::F32) => with_keys::<Avx2, f32>(isa, call),
+            (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, Kind::F32) => {
+                with_keys::<Avx2, f32>(isa, call)
+            }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, Kind::F16) => with_keys::<Avx2, u16>(isa, call),
+            (Isa::Avx2 | Isa::AvxVnni, Kind::F16) => with_keys::<Avx2, u16>(isa, call),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512, Kind::F16) => with_keys::<Avx512, u16>(isa, call),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512, Kind::Q8_0) => with_keys::<Avx2, BlockQ8_0>(isa, call),
+            (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, Kind::Q8_0) => {
+                with_keys::<Avx2, BlockQ8_0>(isa, call)
+            }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512, Kind::Q4_0) => with_keys::<Avx2, BlockQ4_0>(isa, call),
+            (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, Kind::Q4_0) => {
+                with_keys::<Avx2, BlockQ4_0>(isa, call)
+            }
             (_, Kind::F32) => with_keys::<Scalar, f32>(isa, call),
             (_, Kind::F16) => with_keys::<Scalar, u16>(isa, call),
             (_, Kind::Q8_0) => with_keys::<Scalar, BlockQ8_0>(isa, call),
@@ -473,15 +479,15 @@ impl Compute {
 fn with_keys<KO: KeyOps<K>, K: KvElem>(isa: Isa, c: Call<'_, '_>) {
     match (isa, kind(&c.kv.values)) {
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512, Kind::F32) => typed::<KO, K, Avx2, f32>(c),
+        (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, Kind::F32) => typed::<KO, K, Avx2, f32>(c),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, Kind::F16) => typed::<KO, K, Avx2, u16>(c),
+        (Isa::Avx2 | Isa::AvxVnni, Kind::F16) => typed::<KO, K, Avx2, u16>(c),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512, Kind::F16) => typed::<KO, K, Avx512, u16>(c),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512, Kind::Q8_0) => typed::<KO, K, Avx2, BlockQ8_0>(c),
+        (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, Kind::Q8_0) => typed::<KO, K, Avx2, BlockQ8_0>(c),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512, Kind::Q4_0) => typed::<KO, K, Avx2, BlockQ4_0>(c),
+        (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, Kind::Q4_0) => typed::<KO, K, Avx2, BlockQ4_0>(c),
         (_, Kind::F32) => typed::<KO, K, Scalar, f32>(c),
         (_, Kind::F16) => typed::<KO, K, Scalar, u16>(c),
         (_, Kind::Q8_0) => typed::<KO, K, Scalar, BlockQ8_0>(c),

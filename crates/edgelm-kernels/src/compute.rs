@@ -221,7 +221,7 @@ impl Compute {
         // to an f32 panel first (which only pays back over many tokens).
         #[cfg(target_arch = "x86_64")]
         if w.ty == GgmlType::F16
-            && matches!(isa, Isa::Avx2 | Isa::Avx512)
+            && matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
             && n_tokens <= 4
             && (w.data.as_ptr() as usize).is_multiple_of(2)
         {
@@ -714,7 +714,7 @@ impl Compute {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2`/`Avx512` are only chosen when the CPU has AVX2 and FMA.
-            Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::avx2::dot(a, b) },
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => unsafe { crate::x86::avx2::dot(a, b) },
             _ => scalar_dot(a, b),
         }
     }
@@ -724,7 +724,7 @@ impl Compute {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `dot`.
-            Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::avx2::axpy(a, x, y) },
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => unsafe { crate::x86::avx2::axpy(a, x, y) },
             _ => x.iter().zip(y.iter_mut()).for_each(|(x, y)| *y += a * x),
         }
     }
@@ -798,12 +798,12 @@ fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the Avx2 tier is chosen only on CPUs with AVX2, FMA and F16C (Isa); `src` is
         // one row of `dst.len()` 16-bit values (shapes checked by the caller).
-        (Isa::Avx2 | Isa::Avx512, GgmlType::F16) => unsafe {
+        (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, GgmlType::F16) => unsafe {
             crate::x86::avx2::f16_to_f32(src, dst)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Isa::Avx2 | Isa::Avx512, GgmlType::BF16) => unsafe {
+        (Isa::Avx2 | Isa::AvxVnni | Isa::Avx512, GgmlType::BF16) => unsafe {
             crate::x86::avx2::bf16_to_f32(src, dst)
         },
         // Shape and type were checked by the caller, so this cannot fail.
@@ -824,7 +824,7 @@ fn panel_times_x(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
             let mut r = 0;
             while r < rows {
                 let nr = (rows - r).min(4);

@@ -74,7 +74,7 @@ impl Compute {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => attend::<Avx512>(block, hd, kv, scale, scratch, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => attend::<Avx2>(block, hd, kv, scale, scratch, out),
+            Isa::Avx2 | Isa::AvxVnni => attend::<Avx2>(block, hd, kv, scale, scratch, out),
             _ => attend::<Scalar>(block, hd, kv, scale, scratch, out),
         }
     }
@@ -441,7 +441,7 @@ mod tests {
                             #[cfg(target_arch = "x86_64")]
                             Isa::Avx512 => Avx512::gemm((m, n, k), pa, st, pb, n, pc, n),
                             #[cfg(target_arch = "x86_64")]
-                            Isa::Avx2 => Avx2::gemm((m, n, k), pa, st, pb, n, pc, n),
+                            Isa::Avx2 | Isa::AvxVnni => Avx2::gemm((m, n, k), pa, st, pb, n, pc, n),
                             _ => Scalar::gemm((m, n, k), pa, st, pb, n, pc, n),
                         }
                     }
@@ -483,7 +483,9 @@ mod tests {
             let want = softmax_scalar(&mut s, rp, &mut m, &mut l, &mut a);
             let got = match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Avx512 => Avx2::softmax(&mut s2, rp, &mut m2, &mut l2, &mut a2),
+                Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+                    Avx2::softmax(&mut s2, rp, &mut m2, &mut l2, &mut a2)
+                }
                 _ => Scalar::softmax(&mut s2, rp, &mut m2, &mut l2, &mut a2),
             };
             assert_eq!(want, got, "{isa}: whether a maximum grew");

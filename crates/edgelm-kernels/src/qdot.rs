@@ -176,6 +176,7 @@ pub fn kernel_for(isa: Isa, ty: GgmlType) -> Option<QuantKernel> {
                 crate::x86::avx512_quant::kernel(ty).or_else(|| crate::x86::avx2_quant::kernel(ty));
             return Some(k.unwrap_or(scalar));
         }
+        Isa::AvxVnni => return Some(crate::x86::avx2_quant::vnni_kernel(ty).unwrap_or(scalar)),
         Isa::Avx2 => return Some(crate::x86::avx2_quant::kernel(ty).unwrap_or(scalar)),
         Isa::Scalar => {}
     }

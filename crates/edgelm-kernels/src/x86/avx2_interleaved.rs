@@ -6,6 +6,11 @@
 //! go back to signed bytes and take the sign trick (`maddubs(|q|, sign(a, q))`, ≤ 2·128·127),
 //! one `madd` per image; IQ4_NL's nibbles, shuffled onto its signed grid, take the same path.
 //! Integer sums are exact for activation quants in [−127, 127] — all the Q8 quantizers produce.
+//!
+//! The same kernels make the AVX-VNNI tier (`P_VNNI`): there every type's codes are unsigned
+//! (Q8_0's stored `q + 128`, IQ4_NL's `GRID + 128`), each sum is seeded with the activations'
+//! `−offset·Σa`, and one VEX `vpdpbusd` per image and token replaces the `maddubs` chain, as in
+//! the AVX-512 kernels on 256 bits (|sum| ≤ 32·255·128 + 128·32·128: exact for any bytes).
 
 use super::{
     half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0, T_Q4_1,
@@ -18,16 +23,30 @@ use crate::qdot::{DecodeFn, DecodedDotFn, InterleavedDotFn, Out, PanelPrefill};
 use edgelm_quant::GgmlType;
 use std::arch::x86_64::*;
 
-/// The interleaved row dot for `ty`, if it has one.
-pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
+/// How a kernel multiplies codes by activation bytes: AVX2's `maddubs` chains.
+pub(super) const P_MADDUBS: u8 = 0;
+/// AVX-VNNI's 256-bit `vpdpbusd` (the CPU has `avx_vnni`).
+pub(super) const P_VNNI: u8 = 1;
+/// `vpdpbusd` emulated exactly with AVX2, so the VNNI kernels' arithmetic is tested on every
+/// AVX2 machine (only the instruction itself needs one with `avx_vnni`).
+#[cfg(test)]
+const P_EMULATED: u8 = 2;
+
+/// Whether product `P` takes unsigned codes for every type (the `vpdpbusd` forms).
+const fn unsigned_codes(p: u8) -> bool {
+    p != P_MADDUBS
+}
+
+/// The interleaved row dot for `ty` with product `P`, if it has one.
+pub(super) fn row_dot_for<const P: u8>(ty: GgmlType) -> Option<InterleavedDotFn> {
     use GgmlType::*;
     Some(match ty {
-        Q4_0 => row_dot::<T_Q4_0>,
-        Q4_1 => row_dot::<T_Q4_1>,
-        Q5_0 => row_dot::<T_Q5_0>,
-        Q5_1 => row_dot::<T_Q5_1>,
-        Q8_0 => row_dot::<T_Q8_0>,
-        IQ4_NL => row_dot::<T_IQ4_NL>,
+        Q4_0 => row_dot::<T_Q4_0, P>,
+        Q4_1 => row_dot::<T_Q4_1, P>,
+        Q5_0 => row_dot::<T_Q5_0, P>,
+        Q5_1 => row_dot::<T_Q5_1, P>,
+        Q8_0 => row_dot::<T_Q8_0, P>,
+        IQ4_NL => row_dot::<T_IQ4_NL, P>,
         _ => return None,
     })
 }
@@ -36,8 +55,8 @@ pub fn row_dot_for(ty: GgmlType) -> Option<InterleavedDotFn> {
 /// order); each `acts[j]` one packed token.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C.
-unsafe fn row_dot<const T: u8>(
+/// The CPU has AVX2, FMA and F16C (and AVX-VNNI for `P_VNNI`).
+unsafe fn row_dot<const T: u8, const P: u8>(
     w: &[u8],
     row_bytes: usize,
     n_rows: usize,
@@ -47,7 +66,14 @@ unsafe fn row_dot<const T: u8>(
     let Some(nb) = whole_panel_tiles(weight_type(T), w, row_bytes, n_rows, acts, out) else {
         return;
     };
-    panel_times_tokens(w.as_ptr(), nb, acts, out, &half_kernels!(half_panel, T));
+    let kernels = match P {
+        P_MADDUBS => half_kernels!(half_panel, T),
+        P_VNNI => half_kernels!(half_panel_vnni, T),
+        #[cfg(test)]
+        P_EMULATED => half_kernels!(half_panel_emulated, T),
+        _ => unreachable!("a product tag without kernels"),
+    };
+    panel_times_tokens(w.as_ptr(), nb, acts, out, &kernels);
 }
 
 /// Constants of the unpacking, built once per kernel call.
@@ -58,6 +84,7 @@ struct Unpack {
     sixteen: __m256i,
     flip: __m256i,
     grid: __m256i,
+    grid_unsigned: __m256i,
 }
 
 impl Unpack {
@@ -77,17 +104,28 @@ impl Unpack {
             grid: _mm256_broadcastsi128_si256(_mm_loadu_si128(
                 edgelm_quant::iq4_nl::GRID.as_ptr().cast(),
             )),
+            grid_unsigned: _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                edgelm_quant::iq4_nl::GRID
+                    .map(|v| (v as i32 + 128) as u8)
+                    .as_ptr()
+                    .cast(),
+            )),
         }
     }
 
     /// Image `g` of half `half` of the tile at `tp` as eight rows' 8-bit codes: unsigned
-    /// (nibbles, plus 16 for a set fifth bit), or signed for Q8_0 (its quants) and IQ4_NL (its
-    /// grid levels).
+    /// (nibbles, plus 16 for a set fifth bit), or for `maddubs` (`P_MADDUBS`) signed for Q8_0
+    /// (its quants) and IQ4_NL (its grid levels).
     ///
     /// # Safety
     /// `tp` is a whole tile of type `T`; the CPU has AVX2.
     #[inline(always)]
-    unsafe fn image<const T: u8>(&self, tp: *const u8, g: usize, half: usize) -> __m256i {
+    unsafe fn image<const T: u8, const P: u8>(
+        &self,
+        tp: *const u8,
+        g: usize,
+        half: usize,
+    ) -> __m256i {
         let f = match format(weight_type(T)) {
             Some(f) => f,
             None => unreachable!("interleaved kernels exist only for interleavable types"),
@@ -100,15 +138,19 @@ impl Unpack {
             } else {
                 _mm256_and_si256(_mm256_srli_epi16::<4>(x), self.low)
             };
-            if f.grid {
-                _mm256_shuffle_epi8(self.grid, nibble)
-            } else {
-                nibble
+            match (f.grid, unsigned_codes(P)) {
+                (false, _) => nibble,
+                (true, false) => _mm256_shuffle_epi8(self.grid, nibble),
+                (true, true) => _mm256_shuffle_epi8(self.grid_unsigned, nibble),
             }
         } else {
-            // Back to the signed quant.
             let x = _mm256_loadu_si256(tp.add(lay.quants + 64 * g + 32 * half).cast());
-            _mm256_xor_si256(x, self.flip)
+            if unsigned_codes(P) {
+                x
+            } else {
+                // Back to the signed quant.
+                _mm256_xor_si256(x, self.flip)
+            }
         };
         if f.high {
             let mask = tp
@@ -124,7 +166,7 @@ impl Unpack {
     }
 }
 
-/// Whether type `T`'s codes are signed (they take the sign trick).
+/// Whether type `T`'s codes are signed for `maddubs` (they take the sign trick).
 const fn signed(t: u8) -> bool {
     t == T_Q8_0 || t == T_IQ4_NL
 }
@@ -138,13 +180,38 @@ const fn run(t: u8) -> usize {
     }
 }
 
-/// [`HalfKernel`] over an interleaved panel (`nb` tiles).
+/// [`HalfKernel`]s over an interleaved panel (`nb` tiles), one per product, each compiled for
+/// the features its product needs.
+macro_rules! half_panel_for {
+    ($name:ident, $p:expr, $features:literal) => {
+        /// [`HalfKernel`] over an interleaved panel (`nb` tiles).
+        ///
+        /// # Safety
+        /// As [`row_dot`], lengths checked there; `out` is valid for the eight rows of N tokens.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8, const N: usize>(
+            w: *const u8,
+            nb: usize,
+            half: usize,
+            a: &[*const u8; TOKENS],
+            out: Out,
+        ) {
+            half_panel_body::<T, N, { $p }>(w, nb, half, a, out)
+        }
+    };
+}
+half_panel_for!(half_panel, P_MADDUBS, "avx2,fma,f16c");
+half_panel_for!(half_panel_vnni, P_VNNI, "avx2,fma,f16c,avxvnni");
+#[cfg(test)]
+half_panel_for!(half_panel_emulated, P_EMULATED, "avx2,fma,f16c");
+
+/// The body of the `half_panel` kernels.
 ///
 /// # Safety
-/// As [`row_dot`], lengths checked there; `out` is valid for the eight rows of N tokens.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_panel<const T: u8, const N: usize>(
+/// As [`row_dot`]; inlined only into kernels with the features product `P` needs.
+#[inline(always)]
+unsafe fn half_panel_body<const T: u8, const N: usize, const P: u8>(
     w: *const u8,
     nb: usize,
     half: usize,
@@ -167,8 +234,8 @@ unsafe fn half_panel<const T: u8, const N: usize>(
         } else {
             _mm256_setzero_ps()
         };
-        block_times_tokens::<T, N>(
-            |g| unpack.image::<T>(tp, g, half),
+        block_times_tokens::<T, N, P>(
+            |g| unpack.image::<T, P>(tp, g, half),
             halves(lay.d),
             m,
             a,
@@ -183,12 +250,12 @@ unsafe fn half_panel<const T: u8, const N: usize>(
 }
 
 /// One block of eight rows (images `image(0..8)`, scales `dw`, mins `m`) times tokens
-/// `a[..N]` at activation offset `at`, added to `acc`.
+/// `a[..N]` at activation offset `at`, added to `acc`, with product `P`.
 ///
 /// # Safety
-/// Each `a[j]` holds a packed block at `at`; the CPU has AVX2, FMA.
+/// Each `a[j]` holds a packed block at `at`; the CPU has AVX2, FMA (and AVX-VNNI for `P_VNNI`).
 #[inline(always)]
-unsafe fn block_times_tokens<const T: u8, const N: usize>(
+unsafe fn block_times_tokens<const T: u8, const N: usize, const P: u8>(
     image: impl Fn(usize) -> __m256i,
     dw: __m256,
     m: __m256,
@@ -199,29 +266,52 @@ unsafe fn block_times_tokens<const T: u8, const N: usize>(
     let Some(f) = format(weight_type(T)) else {
         return;
     };
-    let ones = _mm256_set1_epi16(1);
+    let act_word =
+        |j: usize, g: usize| _mm256_set1_epi32(a[j].add(at + 4 * g).cast::<i32>().read_unaligned());
     let mut sums: [__m256i; N] = core::array::from_fn(|j| {
-        if f.min || signed(T) {
+        if f.min || (signed(T) && !unsigned_codes(P)) {
             _mm256_setzero_si256()
         } else {
             _mm256_set1_epi32(a[j].add(at + 36).cast::<i32>().read_unaligned())
         }
     });
-    let mut s16 = [_mm256_setzero_si256(); N];
-    for g in 0..8 {
-        let v = image(g);
-        let magnitude = _mm256_abs_epi8(v);
-        for j in 0..N {
-            let x = _mm256_set1_epi32(a[j].add(at + 4 * g).cast::<i32>().read_unaligned());
-            let p = if signed(T) {
-                _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
-            } else {
-                _mm256_maddubs_epi16(v, x)
-            };
-            s16[j] = _mm256_add_epi16(s16[j], p);
-            if (g + 1) % run(T) == 0 {
-                sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(s16[j], ones));
-                s16[j] = _mm256_setzero_si256();
+    if unsigned_codes(P) {
+        // With one or two tokens a second chain of sums hides `vpdpbusd`'s latency.
+        let mut odd = [_mm256_setzero_si256(); N];
+        for g in 0..8 {
+            let v = image(g);
+            for j in 0..N {
+                let chain = if N <= 2 && g % 2 == 1 {
+                    &mut odd[j]
+                } else {
+                    &mut sums[j]
+                };
+                *chain = dpbusd::<P>(*chain, v, act_word(j, g));
+            }
+        }
+        if N <= 2 {
+            for j in 0..N {
+                sums[j] = _mm256_add_epi32(sums[j], odd[j]);
+            }
+        }
+    } else {
+        let ones = _mm256_set1_epi16(1);
+        let mut s16 = [_mm256_setzero_si256(); N];
+        for g in 0..8 {
+            let v = image(g);
+            let magnitude = _mm256_abs_epi8(v);
+            for j in 0..N {
+                let x = act_word(j, g);
+                let p = if signed(T) {
+                    _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
+                } else {
+                    _mm256_maddubs_epi16(v, x)
+                };
+                s16[j] = _mm256_add_epi16(s16[j], p);
+                if (g + 1) % run(T) == 0 {
+                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(s16[j], ones));
+                    s16[j] = _mm256_setzero_si256();
+                }
             }
         }
     }
@@ -236,19 +326,47 @@ unsafe fn block_times_tokens<const T: u8, const N: usize>(
     }
 }
 
+/// `acc` plus, in each 32-bit lane, the four products of unsigned bytes of `u` with the signed
+/// bytes of `s` beside them: `vpdpbusd`, or for `P_EMULATED` its exact AVX2 equal (bytes
+/// widened to 16 bits, products ≤ 255·128, summed in pairs by `madd`).
+///
+/// # Safety
+/// The CPU has AVX-VNNI for `P_VNNI`, AVX2 for `P_EMULATED`.
+#[inline(always)]
+unsafe fn dpbusd<const P: u8>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    match P {
+        P_VNNI => _mm256_dpbusd_avx_epi32(acc, u, s),
+        #[cfg(test)]
+        P_EMULATED => {
+            let even = _mm256_set1_epi16(0x00FF);
+            let u_even = _mm256_and_si256(u, even);
+            let u_odd = _mm256_srli_epi16::<8>(u);
+            let s_even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(s));
+            let s_odd = _mm256_srai_epi16::<8>(s);
+            let pairs = _mm256_add_epi32(
+                _mm256_madd_epi16(u_even, s_even),
+                _mm256_madd_epi16(u_odd, s_odd),
+            );
+            _mm256_add_epi32(acc, pairs)
+        }
+        _ => unreachable!("maddubs kernels take no vpdpbusd"),
+    }
+}
+
 /// Bytes of one decoded block of eight rows: eight images of codes, `d` and `m` as f32.
 const DECODED_BLOCK: usize = 8 * 32 + 2 * 32;
 
-/// [`crate::qdot::PanelPrefill`] for the interleaved legacy formats, where one exists.
-pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
+/// [`crate::qdot::PanelPrefill`] for the interleaved legacy formats with product `P`, where
+/// one exists.
+pub(super) fn prefill_for<const P: u8>(ty: GgmlType) -> Option<PanelPrefill> {
     use GgmlType::*;
     let (decode, dot): (DecodeFn, DecodedDotFn) = match ty {
-        Q4_0 => (decode::<T_Q4_0>, decoded_dot::<T_Q4_0>),
-        Q4_1 => (decode::<T_Q4_1>, decoded_dot::<T_Q4_1>),
-        Q5_0 => (decode::<T_Q5_0>, decoded_dot::<T_Q5_0>),
-        Q5_1 => (decode::<T_Q5_1>, decoded_dot::<T_Q5_1>),
-        Q8_0 => (decode::<T_Q8_0>, decoded_dot::<T_Q8_0>),
-        IQ4_NL => (decode::<T_IQ4_NL>, decoded_dot::<T_IQ4_NL>),
+        Q4_0 => (decode::<T_Q4_0, P>, decoded_dot::<T_Q4_0, P>),
+        Q4_1 => (decode::<T_Q4_1, P>, decoded_dot::<T_Q4_1, P>),
+        Q5_0 => (decode::<T_Q5_0, P>, decoded_dot::<T_Q5_0, P>),
+        Q5_1 => (decode::<T_Q5_1, P>, decoded_dot::<T_Q5_1, P>),
+        Q8_0 => (decode::<T_Q8_0, P>, decoded_dot::<T_Q8_0, P>),
+        IQ4_NL => (decode::<T_IQ4_NL, P>, decoded_dot::<T_IQ4_NL, P>),
         _ => return None,
     };
     Some(PanelPrefill {
@@ -261,17 +379,18 @@ pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
     })
 }
 
-/// [`DecodeFn`]: the whole interleaved panel at `w` to codes and f32 scales, half by half
-/// (half `h`, block `b` at `(h·nb + b)·DECODED_BLOCK`), so a token pass reads one run.
+/// [`DecodeFn`]: the whole interleaved panel at `w` to codes (in product `P`'s form) and f32
+/// scales, half by half (half `h`, block `b` at `(h·nb + b)·DECODED_BLOCK`), so a token pass
+/// reads one run.
 ///
 /// # Safety
 /// The CPU has AVX2 and F16C.
-unsafe fn decode<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
-    decode_tiles::<T>(w, row_bytes, dst)
+unsafe fn decode<const T: u8, const P: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    decode_tiles::<T, P>(w, row_bytes, dst)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_tiles<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+unsafe fn decode_tiles<const T: u8, const P: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
     let Some(f) = format(weight_type(T)) else {
         return;
     };
@@ -288,7 +407,7 @@ unsafe fn decode_tiles<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) 
             let tp = w.as_ptr().add(b * lay.len);
             let rec = dst.as_mut_ptr().add((half * nb + b) * DECODED_BLOCK);
             for g in 0..8 {
-                _mm256_storeu_si256(rec.add(32 * g).cast(), unpack.image::<T>(tp, g, half));
+                _mm256_storeu_si256(rec.add(32 * g).cast(), unpack.image::<T, P>(tp, g, half));
             }
             let halves =
                 |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(tp.add(at + 16 * half).cast()));
@@ -304,48 +423,66 @@ unsafe fn decode_tiles<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) 
 /// [`TOKENS`] tokens over each half.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `dec` is [`decode`]'s output for `cols` columns.
-unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out: Out) {
+/// The CPU has AVX2, FMA and F16C (and AVX-VNNI for `P_VNNI`); `dec` is [`decode`]'s output
+/// for `cols` columns and the same `P`.
+unsafe fn decoded_dot<const T: u8, const P: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out: Out) {
     let nb = cols / 32;
     let act_bytes = packed_act_bytes(weight_type(T), cols);
     assert!(
         dec.len() >= 2 * nb * DECODED_BLOCK && acts.iter().all(|a| a.len() >= act_bytes),
         "decoded_dot: decoded panel or activations too short"
     );
-    panel_times_tokens(dec.as_ptr(), nb, acts, out, &half_kernels!(decoded_half, T));
+    let kernels = match P {
+        P_MADDUBS => half_kernels!(decoded_half, T),
+        P_VNNI => half_kernels!(decoded_half_vnni, T),
+        #[cfg(test)]
+        P_EMULATED => half_kernels!(decoded_half_emulated, T),
+        _ => unreachable!("a product tag without kernels"),
+    };
+    panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
 }
 
-/// [`HalfKernel`] over a decoded panel (each half `nb` blocks, one after the other).
-///
-/// # Safety
-/// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decoded_half<const T: u8, const N: usize>(
-    dec: *const u8,
-    nb: usize,
-    half: usize,
-    a: &[*const u8; TOKENS],
-    out: Out,
-) {
-    let d = dec.add(half * nb * DECODED_BLOCK);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for b in 0..nb {
-        let rec = d.add(b * DECODED_BLOCK);
-        block_times_tokens::<T, N>(
-            |g| _mm256_loadu_si256(rec.add(32 * g).cast()),
-            _mm256_loadu_ps(rec.add(256).cast()),
-            _mm256_loadu_ps(rec.add(288).cast()),
-            a,
-            b * ACT_BLOCK_BYTES,
-            &mut acc,
-        );
-    }
-    for (j, v) in acc.iter().enumerate() {
-        // SAFETY: token j's eight rows of `out` are valid (caller).
-        _mm256_storeu_ps(out.ptr.add(j * out.ld), *v);
-    }
+/// [`HalfKernel`]s over a decoded panel (each half `nb` blocks, one after the other), one per
+/// product, each compiled for the features its product needs.
+macro_rules! decoded_half_for {
+    ($name:ident, $p:expr, $features:literal) => {
+        /// [`HalfKernel`] over a decoded panel.
+        ///
+        /// # Safety
+        /// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8, const N: usize>(
+            dec: *const u8,
+            nb: usize,
+            half: usize,
+            a: &[*const u8; TOKENS],
+            out: Out,
+        ) {
+            let d = dec.add(half * nb * DECODED_BLOCK);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let rec = d.add(b * DECODED_BLOCK);
+                block_times_tokens::<T, N, { $p }>(
+                    |g| _mm256_loadu_si256(rec.add(32 * g).cast()),
+                    _mm256_loadu_ps(rec.add(256).cast()),
+                    _mm256_loadu_ps(rec.add(288).cast()),
+                    a,
+                    b * ACT_BLOCK_BYTES,
+                    &mut acc,
+                );
+            }
+            for (j, v) in acc.iter().enumerate() {
+                // SAFETY: token j's eight rows of `out` are valid (caller).
+                _mm256_storeu_ps(out.ptr.add(j * out.ld), *v);
+            }
+        }
+    };
 }
+decoded_half_for!(decoded_half, P_MADDUBS, "avx2,fma,f16c");
+decoded_half_for!(decoded_half_vnni, P_VNNI, "avx2,fma,f16c,avxvnni");
+#[cfg(test)]
+decoded_half_for!(decoded_half_emulated, P_EMULATED, "avx2,fma,f16c");
 
 #[cfg(test)]
 mod tests {
@@ -359,12 +496,42 @@ mod tests {
 
     /// Random panels of 1–40 blocks, 1..=9 tokens: every output, of the row dot and of the
     /// decode-once prompt path, equals the integer reference on the GGUF rows within f32
-    /// reordering, and the packed scalar dot likewise; the two paths agree bit for bit.
+    /// reordering, and the packed scalar dot likewise; both paths of every product (AVX2's
+    /// `maddubs`, `vpdpbusd` emulated, AVX-VNNI's where the CPU has it) agree bit for bit.
     #[test]
     fn avx2_interleaved_row_dot_matches_scalar() {
         if !crate::Isa::available().contains(&crate::Isa::Avx2) {
             eprintln!("skipping: this CPU lacks AVX2/FMA/F16C; the path is untested");
             return;
+        }
+        type Product = (&'static str, InterleavedDotFn, PanelPrefill);
+        let kernels = |ty: GgmlType| -> Vec<Product> {
+            let mut k = vec![
+                (
+                    "maddubs",
+                    row_dot_for::<P_MADDUBS>(ty).unwrap(),
+                    prefill_for::<P_MADDUBS>(ty).unwrap(),
+                ),
+                (
+                    "emulated vpdpbusd",
+                    row_dot_for::<P_EMULATED>(ty).unwrap(),
+                    prefill_for::<P_EMULATED>(ty).unwrap(),
+                ),
+            ];
+            if crate::Isa::available().contains(&crate::Isa::AvxVnni) {
+                k.push((
+                    "avx-vnni",
+                    row_dot_for::<P_VNNI>(ty).unwrap(),
+                    prefill_for::<P_VNNI>(ty).unwrap(),
+                ));
+            }
+            k
+        };
+        if !crate::Isa::available().contains(&crate::Isa::AvxVnni) {
+            eprintln!(
+                "skipping the AVX-VNNI kernels: this CPU lacks avx_vnni (their arithmetic is \
+                 tested through the emulated vpdpbusd)"
+            );
         }
         let mut rng = Rng(0x5151_7A7A_0101_2323);
         for ty in [
@@ -376,8 +543,7 @@ mod tests {
             GgmlType::IQ4_NL,
         ] {
             let act_ty = int_dot::activation_type(ty);
-            let dot = row_dot_for(ty).unwrap();
-            let prefill = prefill_for(ty).unwrap();
+            let products = kernels(ty);
             for nb in [1usize, 3, 16, 28, 40] {
                 let row_bytes = nb * ty.block_bytes();
                 let rows: Vec<Vec<u8>> = (0..PANEL)
@@ -405,35 +571,39 @@ mod tests {
                         packed.push(p);
                     }
                     let refs: Vec<&[u8]> = packed.iter().map(|p| p.as_slice()).collect();
-                    let mut out = vec![f32::NAN; n * PANEL];
-                    // SAFETY: the CPU was checked; lengths match.
-                    unsafe { dot(&wp, row_bytes, PANEL, &refs, Out::slice(&mut out, PANEL)) };
-                    // The decode-once prompt path on the same panel.
-                    let mut decoded = vec![f32::NAN; n * PANEL];
-                    let mut dec = vec![0xA5u8; (prefill.bytes)(nb * 32)];
-                    // SAFETY: as above; `dec` has the decoded panel's length.
-                    unsafe {
-                        (prefill.decode)(&wp, row_bytes, &mut dec);
-                        (prefill.dot)(&dec, nb * 32, &refs, Out::slice(&mut decoded, PANEL));
-                    }
-                    assert_eq!(
-                        out, decoded,
-                        "{ty:?} {nb} blocks, {n} tokens: not bit for bit"
-                    );
-                    for (r, row) in rows.iter().enumerate() {
-                        for j in 0..n {
-                            let (got, dgot) = (out[j * PANEL + r], decoded[j * PANEL + r]);
-                            let want = int_dot::vec_dot(ty, row, &std_acts[j]).unwrap();
-                            let scalar = packed_dot(ty, row, &packed[j]).unwrap();
-                            let tol = 1e-5 * magnitude(ty, row, &std_acts[j]) + 1e-6;
-                            assert!(
-                                (got - want).abs() <= tol
-                                    && (got - scalar).abs() <= tol
-                                    && (dgot - want).abs() <= tol,
-                                "{ty:?} {nb} blocks, {n} tokens, row {r} token {j}: avx2 {got} \
-                                 decoded {dgot} int_dot {want} packed {scalar}"
-                            );
+                    let mut first: Option<Vec<f32>> = None;
+                    for (name, dot, prefill) in &products {
+                        let mut out = vec![f32::NAN; n * PANEL];
+                        // SAFETY: the CPU was checked; lengths match.
+                        unsafe { dot(&wp, row_bytes, PANEL, &refs, Out::slice(&mut out, PANEL)) };
+                        // The decode-once prompt path on the same panel.
+                        let mut decoded = vec![f32::NAN; n * PANEL];
+                        let mut dec = vec![0xA5u8; (prefill.bytes)(nb * 32)];
+                        // SAFETY: as above; `dec` has the decoded panel's length.
+                        unsafe {
+                            (prefill.decode)(&wp, row_bytes, &mut dec);
+                            (prefill.dot)(&dec, nb * 32, &refs, Out::slice(&mut decoded, PANEL));
                         }
+                        let at = format!("{name} {ty:?} {nb} blocks, {n} tokens");
+                        assert_eq!(out, decoded, "{at}: paths not bit for bit");
+                        if let Some(first) = &first {
+                            assert_eq!(&out, first, "{at}: products not bit for bit");
+                            continue;
+                        }
+                        for (r, row) in rows.iter().enumerate() {
+                            for j in 0..n {
+                                let got = out[j * PANEL + r];
+                                let want = int_dot::vec_dot(ty, row, &std_acts[j]).unwrap();
+                                let scalar = packed_dot(ty, row, &packed[j]).unwrap();
+                                let tol = 1e-5 * magnitude(ty, row, &std_acts[j]) + 1e-6;
+                                assert!(
+                                    (got - want).abs() <= tol && (got - scalar).abs() <= tol,
+                                    "{at}, row {r} token {j}: {got}, int_dot {want}, \
+                                     packed {scalar}"
+                                );
+                            }
+                        }
+                        first = Some(out);
                     }
                 }
             }

@@ -13,6 +13,7 @@
 //! whose scale underflows f16 to 0, which contribute 0 either way. Only the f32 accumulation order differs from the scalar
 //! reference. The quantizers are byte-exact against `edgelm_quant::quantize_row`.
 
+use super::avx2_interleaved::P_MADDUBS;
 use super::{hsum, hsum_i32, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
 use crate::Isa;
@@ -62,8 +63,8 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         isa: Isa::Avx2,
         row_dot,
         quantize,
-        interleaved: super::avx2_interleaved::row_dot_for(ty),
-        prefill: super::avx2_interleaved::prefill_for(ty),
+        interleaved: super::avx2_interleaved::row_dot_for::<P_MADDUBS>(ty),
+        prefill: super::avx2_interleaved::prefill_for::<P_MADDUBS>(ty),
     })
 }
 
