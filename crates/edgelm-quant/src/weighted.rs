@@ -354,18 +354,37 @@ pub(crate) fn f16r(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
 }
 
-/// Whether the rounding of `ty` also weighs each value by its own size. Measured by KL
-/// divergence (COMPRESSION.md): it pays on the k-quants of 4 bits or fewer always, on the other
-/// 4-bit types only without an importance matrix (with one, importance alone is best on SmolLM2
-/// and Gemma 3; Qwen prefers the factor on its FFN inputs: no diagonal rule wins on all three),
-/// and costs on finer grids.
-fn weighs_magnitude(ty: GgmlType, has_importance: bool) -> bool {
+/// Whether the rounding of `ty` also weighs each value by its own size, given the row's
+/// importance if any. Measured by KL divergence (COMPRESSION.md): it pays on the k-quants of 4
+/// bits or fewer always; on the other 4-bit types without an importance matrix, or with one
+/// that barely tells the columns apart ([`is_flat`]: Qwen's FFN inputs) — with an informative
+/// one, importance alone is best (SmolLM2, Gemma 3, Qwen's other inputs); it costs on finer
+/// grids.
+fn weighs_magnitude(ty: GgmlType, importance: Option<&[f32]>) -> bool {
     use GgmlType::*;
     match ty {
         Q2_K | Q3_K | Q4_K => true,
-        Q4_0 | Q4_1 | IQ4_NL | IQ4_XS => !has_importance,
+        Q4_0 | Q4_1 | IQ4_NL | IQ4_XS => importance.is_none_or(is_flat),
         _ => false,
     }
+}
+
+/// Ratio of an importance row's 99th percentile to its median below which it is flat: it says
+/// little about which columns matter beyond what the weights' own sizes say. Qwen's FFN inputs
+/// sit at 2.4–4.9, every other projection input of the three models at 5 or more but four
+/// FFN inputs and one attention output of SmolLM2 and Gemma 3 (COMPRESSION.md).
+const FLAT_IMPORTANCE: f32 = 5.0;
+
+/// Whether `importance` is flat ([`FLAT_IMPORTANCE`]).
+fn is_flat(importance: &[f32]) -> bool {
+    let mut v = importance.to_vec();
+    let n = v.len();
+    if n == 0 {
+        return false;
+    }
+    let p99 = *v.select_nth_unstable_by(n * 99 / 100, f32::total_cmp).1;
+    let median = *v.select_nth_unstable_by(n / 2, f32::total_cmp).1;
+    p99 < FLAT_IMPORTANCE * median
 }
 
 /// The weight of each value's error in a row of type `ty`, given the row's importance (an
@@ -375,7 +394,7 @@ fn weighs_magnitude(ty: GgmlType, has_importance: bool) -> bool {
 /// independent inputs); on coarse grids the value's own size also steers the error away from
 /// the large weights (ggml weighs by the same form).
 pub fn error_weights(ty: GgmlType, x: &[f32], importance: Option<&[f32]>, out: &mut [f32]) {
-    let magnitude = weighs_magnitude(ty, importance.is_some());
+    let magnitude = weighs_magnitude(ty, importance);
     let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
     for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
         let imp = importance.map_or(1.0, |m| m[i].max(0.0));
@@ -391,6 +410,33 @@ pub fn error_weights(ty: GgmlType, x: &[f32], importance: Option<&[f32]>, out: &
 mod tests {
     use super::*;
     use crate::tests::Rng;
+
+    /// With an importance row whose 99th percentile is within [`FLAT_IMPORTANCE`] of its median
+    /// the 4-bit legacy and IQ4 types weigh magnitude as well, as without one; with a peaked
+    /// row, importance alone; the k-quants of 4 bits or fewer always, finer types never.
+    #[test]
+    fn magnitude_joins_a_flat_importance_only() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let flat: Vec<f32> = (0..256).map(|i| 1.0 + (i % 7) as f32 * 0.3).collect();
+        let mut peaked = flat.clone();
+        for v in peaked.iter_mut().step_by(16) {
+            *v *= 50.0;
+        }
+        let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let mut w = vec![0f32; x.len()];
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS] {
+            error_weights(ty, &x, Some(&flat), &mut w);
+            for ((&w, &v), &m) in w.iter().zip(&x).zip(&flat) {
+                assert_eq!(w, m * (sigma2 + v * v).sqrt(), "{ty:?}, flat importance");
+            }
+            error_weights(ty, &x, Some(&peaked), &mut w);
+            assert_eq!(w, peaked, "{ty:?}, peaked importance");
+        }
+        error_weights(GgmlType::Q4_K, &x, Some(&peaked), &mut w);
+        assert_ne!(w, peaked, "Q4_K weighs magnitude always");
+        error_weights(GgmlType::Q5_0, &x, Some(&flat), &mut w);
+        assert_eq!(w, flat, "Q5_0 never weighs magnitude");
+    }
 
     /// Brute force over a fine scale grid with nearest levels and exact refit: the search comes
     /// within a fraction of a percent of it, and beats the extreme-on-the-end rounding always.
