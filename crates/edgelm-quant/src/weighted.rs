@@ -416,7 +416,9 @@ mod tests {
     /// row, importance alone; the k-quants of 4 bits or fewer always, finer types never.
     #[test]
     fn magnitude_joins_a_flat_importance_only() {
-        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
         let flat: Vec<f32> = (0..256).map(|i| 1.0 + (i % 7) as f32 * 0.3).collect();
         let mut peaked = flat.clone();
         for v in peaked.iter_mut().step_by(16) {
@@ -424,7 +426,12 @@ mod tests {
         }
         let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let mut w = vec![0f32; x.len()];
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
+        ] {
             error_weights(ty, &x, Some(&flat), &mut w);
             for ((&w, &v), &m) in w.iter().zip(&x).zip(&flat) {
                 assert_eq!(w, m * (sigma2 + v * v).sqrt(), "{ty:?}, flat importance");
