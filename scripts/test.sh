@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
+# Every SIMD intrinsic inlined: a call left in a kernel is a silent 10x slowdown no test times.
+./scripts/check-intrinsics-inlined target/release/edgelm
 for model in smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct; do
     ./target/release/edgelm pull "$model"
 done

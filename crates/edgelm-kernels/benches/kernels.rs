@@ -161,15 +161,26 @@ fn matmuls(c: &mut Criterion) {
 }
 
 /// One token against a weight far larger than the caches, as decoding reads it: GGUF order
-/// and, where the ISA repacks, interleaved.
+/// and, where the ISA repacks, interleaved. The rate to compare with the memory's read
+/// bandwidth (`bench/read_bandwidth.c`).
 fn decode_stream(c: &mut Criterion) {
+    decode_one_token(c, "decode_stream", 96 << 20);
+}
+
+/// The same on 1 MiB of weights, which stay in the two cores' L2 caches: the kernels' own
+/// speed, which decides decoding where memory is faster than the cores.
+fn decode_cached(c: &mut Criterion) {
+    decode_one_token(c, "decode_cached", 1 << 20);
+}
+
+fn decode_one_token(c: &mut Criterion, name: &str, weight_bytes: usize) {
     let cols = 896;
     for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_1] {
-        let rows = (96 << 20) / ty.bytes_for(cols as u64).unwrap() as usize;
+        let rows = weight_bytes / ty.bytes_for(cols as u64).unwrap() as usize;
         let weights = quantized(ty, &random_floats(rows * cols, 3));
         let x = random_floats(cols, 5);
         let mut out = vec![0f32; rows];
-        let mut group = c.benchmark_group(format!("decode_stream_{ty}_{rows}x{cols}"));
+        let mut group = c.benchmark_group(format!("{name}_{ty}_{rows}x{cols}"));
         group.throughput(Throughput::Bytes(weights.len() as u64));
         group.sample_size(20);
         for isa in Isa::available() {
@@ -264,6 +275,7 @@ criterion_group!(
     row_dots,
     matmuls,
     decode_stream,
+    decode_cached,
     prefill,
     pool_dispatch
 );

@@ -11,8 +11,10 @@
 //! A panel keeps the bytes of its sixteen GGUF rows (tile `b` at `16·block·b`), so memory plans
 //! hold and any run of whole panels can be repacked on its own. A last panel of fewer than
 //! sixteen rows stays in GGUF order. A tile, byte offsets:
-//! - fifth bits (Q5_0, Q5_1): eight 64-bit masks, mask `g` bit `4·r + q` = the fifth bit of
-//!   row `r`'s element `4·g + q`;
+//! - fifth bits (Q5_0, Q5_1): a 64-byte bit plane lined up with the images: bit `g` of byte
+//!   `4·r + q` = the fifth bit of row `r`'s element `4·g + q` (image `g`'s byte there), so one
+//!   shift and mask put image `g`'s fifth bits at bit 4 of its bytes (AVX2), or one test makes
+//!   its 64-bit mask (AVX-512);
 //! - quants: nibble types four 64-byte images, lane `r` of image `h` = row `r`'s quant bytes
 //!   `4·h..4·h + 4` (low nibbles elements `4·h + q`, high nibbles `16 + 4·h + q`, the GGUF
 //!   pairing); Q8_0 eight images of `q + 128` (so every weight is unsigned);
@@ -41,7 +43,7 @@ use half::f16;
 
 /// The version of this layout: bumped whenever the bytes of a repacked weight change, so
 /// repack caches written by other versions are rewritten rather than misread.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Rows per interleaved panel: one per 32-bit lane of a 512-bit register.
 pub const PANEL: usize = 16;
@@ -315,12 +317,9 @@ fn put_block(ty: GgmlType, f: Format, blk: &[u8], r: usize, tile: &mut [u8]) {
     }
     if let Some(h) = fh {
         let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
-        for g in 0..8 {
-            let at = lay.high + 8 * g;
-            let mut mask = u64::from_le_bytes(tile[at..at + 8].try_into().unwrap_or([0; 8]));
-            mask &= !(15u64 << (4 * r));
-            mask |= ((qh >> (4 * g) & 15) as u64) << (4 * r);
-            tile[at..at + 8].copy_from_slice(&mask.to_le_bytes());
+        for q in 0..4 {
+            tile[lay.high + 4 * r + q] =
+                (0..8).fold(0u8, |plane, g| plane | ((qh >> (4 * g + q) & 1) as u8) << g);
         }
     }
 }
@@ -369,10 +368,11 @@ fn get_block(ty: GgmlType, f: Format, tile: &[u8], r: usize, blk: &mut [u8]) {
     }
     if let Some(h) = fh {
         let mut qh = 0u32;
-        for g in 0..8 {
-            let at = lay.high + 8 * g;
-            let mask = u64::from_le_bytes(tile[at..at + 8].try_into().unwrap_or([0; 8]));
-            qh |= ((mask >> (4 * r) & 15) as u32) << (4 * g);
+        for q in 0..4 {
+            let plane = tile[lay.high + 4 * r + q];
+            for g in 0..8 {
+                qh |= ((plane >> g & 1) as u32) << (4 * g + q);
+            }
         }
         blk[h..h + 4].copy_from_slice(&qh.to_le_bytes());
     }

@@ -79,8 +79,6 @@ unsafe fn row_dot<const T: u8, const P: u8>(
 /// Constants of the unpacking, built once per kernel call.
 struct Unpack {
     low: __m256i,
-    spread: __m256i,
-    bits: __m256i,
     sixteen: __m256i,
     flip: __m256i,
     grid: __m256i,
@@ -92,13 +90,6 @@ impl Unpack {
     unsafe fn new() -> Unpack {
         Unpack {
             low: _mm256_set1_epi8(0x0F),
-            // Fifth bits: byte k of the half's 32-bit mask word spread over bytes 8k..8k + 8,
-            // then each byte tests its own bit.
-            spread: _mm256_setr_epi8(
-                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
-                3, 3, 3, 3,
-            ),
-            bits: _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64),
             sixteen: _mm256_set1_epi8(16),
             flip: _mm256_set1_epi8(-128),
             grid: _mm256_broadcastsi128_si256(_mm_loadu_si128(
@@ -153,13 +144,16 @@ impl Unpack {
             }
         };
         if f.high {
-            let mask = tp
-                .add(lay.high + 8 * g + 4 * half)
-                .cast::<i32>()
-                .read_unaligned();
-            let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(mask), self.spread);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, self.bits), self.bits);
-            _mm256_add_epi8(v, _mm256_and_si256(set, self.sixteen))
+            // Bit g of the half's bit-plane bytes is image g's fifth bit: shifted to bit 4 (left
+            // by 4 − g, or right by g − 4: a negative count, as u64 past 15, shifts to zero) and
+            // masked; what crosses from the neighbouring byte of the 16-bit lane lands on bits
+            // 0..3 or 5..7. Once `g` is constant the zero shift folds away.
+            let plane = _mm256_loadu_si256(tp.add(lay.high + 32 * half).cast());
+            let at_bit4 = _mm256_or_si256(
+                _mm256_sll_epi16(plane, _mm_cvtsi64_si128(4 - g as i64)),
+                _mm256_srl_epi16(plane, _mm_cvtsi64_si128(g as i64 - 4)),
+            );
+            _mm256_add_epi8(v, _mm256_and_si256(at_bit4, self.sixteen))
         } else {
             v
         }
@@ -228,15 +222,18 @@ unsafe fn half_panel_body<const T: u8, const N: usize, const P: u8>(
         // SAFETY (weight reads): tile b lies inside the panel; half `half` of each 64-byte image
         // is 32 bytes at +32·half. Activation reads inside token j's block b.
         let tp = w.add(b * lay.len);
-        let halves = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(tp.add(at + 16 * half).cast()));
         let m = if f.min {
-            halves(lay.m)
+            half_scales(tp, lay.m, half)
         } else {
             _mm256_setzero_ps()
         };
         block_times_tokens::<T, N, P>(
-            |g| unpack.image::<T, P>(tp, g, half),
-            halves(lay.d),
+            &TileImages {
+                unpack: &unpack,
+                tp,
+                half,
+            },
+            half_scales(tp, lay.d, half),
             m,
             a,
             b * ACT_BLOCK_BYTES,
@@ -249,14 +246,67 @@ unsafe fn half_panel_body<const T: u8, const N: usize, const P: u8>(
     }
 }
 
-/// One block of eight rows (images `image(0..8)`, scales `dw`, mins `m`) times tokens
+/// Half `half` of a tile's f16 fields at `at`, as f32.
+///
+/// # Safety
+/// `tp + at` holds the field's 32 bytes; the CPU has F16C.
+#[inline(always)]
+unsafe fn half_scales(tp: *const u8, at: usize, half: usize) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(tp.add(at + 16 * half).cast()))
+}
+
+/// Where a block's eight images of codes come from. A trait, not a closure: a closure is a
+/// function of its own without the caller's target features, so the intrinsics in it would
+/// not be inlined (each a call: Q5_0's decoding ran at a tenth of the memory's speed).
+trait Images {
+    /// Image `g` of the block (codes in product `P`'s form).
+    ///
+    /// # Safety
+    /// The source is valid for its block; the CPU has AVX2.
+    unsafe fn image<const T: u8, const P: u8>(&self, g: usize) -> __m256i;
+}
+
+/// Half `half` of the interleaved tile at `tp`, unpacked image by image.
+struct TileImages<'a> {
+    unpack: &'a Unpack,
+    tp: *const u8,
+    half: usize,
+}
+
+impl Images for TileImages<'_> {
+    #[inline(always)]
+    unsafe fn image<const T: u8, const P: u8>(&self, g: usize) -> __m256i {
+        self.unpack.image::<T, P>(self.tp, g, self.half)
+    }
+}
+
+/// A block of [`decode`]'s output: eight images of codes, one after the other.
+struct DecodedImages(*const u8);
+
+impl Images for DecodedImages {
+    #[inline(always)]
+    unsafe fn image<const T: u8, const P: u8>(&self, g: usize) -> __m256i {
+        _mm256_loadu_si256(self.0.add(32 * g).cast())
+    }
+}
+
+/// Token `j`'s activation bytes `4·g..4·g + 4` of the block at `at`, in every lane.
+///
+/// # Safety
+/// `a[j]` holds a packed block at `at`; the CPU has AVX.
+#[inline(always)]
+unsafe fn act_word(a: &[*const u8; TOKENS], j: usize, at: usize, g: usize) -> __m256i {
+    _mm256_set1_epi32(a[j].add(at + 4 * g).cast::<i32>().read_unaligned())
+}
+
+/// One block of eight rows (images `images.image(0..8)`, scales `dw`, mins `m`) times tokens
 /// `a[..N]` at activation offset `at`, added to `acc`, with product `P`.
 ///
 /// # Safety
 /// Each `a[j]` holds a packed block at `at`; the CPU has AVX2, FMA (and AVX-VNNI for `P_VNNI`).
 #[inline(always)]
 unsafe fn block_times_tokens<const T: u8, const N: usize, const P: u8>(
-    image: impl Fn(usize) -> __m256i,
+    images: &impl Images,
     dw: __m256,
     m: __m256,
     a: &[*const u8; TOKENS],
@@ -266,27 +316,25 @@ unsafe fn block_times_tokens<const T: u8, const N: usize, const P: u8>(
     let Some(f) = format(weight_type(T)) else {
         return;
     };
-    let act_word =
-        |j: usize, g: usize| _mm256_set1_epi32(a[j].add(at + 4 * g).cast::<i32>().read_unaligned());
-    let mut sums: [__m256i; N] = core::array::from_fn(|j| {
-        if f.min || (signed(T) && !unsigned_codes(P)) {
-            _mm256_setzero_si256()
-        } else {
-            _mm256_set1_epi32(a[j].add(at + 36).cast::<i32>().read_unaligned())
+    let mut sums = [_mm256_setzero_si256(); N];
+    if !(f.min || (signed(T) && !unsigned_codes(P))) {
+        // The offset term `−offset·Σa` (word 9 of the block) seeds the sums.
+        for (j, s) in sums.iter_mut().enumerate() {
+            *s = act_word(a, j, at, 9);
         }
-    });
+    }
     if unsigned_codes(P) {
         // With one or two tokens a second chain of sums hides `vpdpbusd`'s latency.
         let mut odd = [_mm256_setzero_si256(); N];
         for g in 0..8 {
-            let v = image(g);
+            let v = images.image::<T, P>(g);
             for j in 0..N {
                 let chain = if N <= 2 && g % 2 == 1 {
                     &mut odd[j]
                 } else {
                     &mut sums[j]
                 };
-                *chain = dpbusd::<P>(*chain, v, act_word(j, g));
+                *chain = dpbusd::<P>(*chain, v, act_word(a, j, at, g));
             }
         }
         if N <= 2 {
@@ -298,10 +346,10 @@ unsafe fn block_times_tokens<const T: u8, const N: usize, const P: u8>(
         let ones = _mm256_set1_epi16(1);
         let mut s16 = [_mm256_setzero_si256(); N];
         for g in 0..8 {
-            let v = image(g);
+            let v = images.image::<T, P>(g);
             let magnitude = _mm256_abs_epi8(v);
             for j in 0..N {
-                let x = act_word(j, g);
+                let x = act_word(a, j, at, g);
                 let p = if signed(T) {
                     _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
                 } else {
@@ -409,11 +457,9 @@ unsafe fn decode_tiles<const T: u8, const P: u8>(w: &[u8], row_bytes: usize, dst
             for g in 0..8 {
                 _mm256_storeu_si256(rec.add(32 * g).cast(), unpack.image::<T, P>(tp, g, half));
             }
-            let halves =
-                |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(tp.add(at + 16 * half).cast()));
-            _mm256_storeu_ps(rec.add(256).cast(), halves(lay.d));
+            _mm256_storeu_ps(rec.add(256).cast(), half_scales(tp, lay.d, half));
             if f.min {
-                _mm256_storeu_ps(rec.add(288).cast(), halves(lay.m));
+                _mm256_storeu_ps(rec.add(288).cast(), half_scales(tp, lay.m, half));
             }
         }
     }
@@ -464,7 +510,7 @@ macro_rules! decoded_half_for {
             for b in 0..nb {
                 let rec = d.add(b * DECODED_BLOCK);
                 block_times_tokens::<T, N, { $p }>(
-                    |g| _mm256_loadu_si256(rec.add(32 * g).cast()),
+                    &DecodedImages(rec),
                     _mm256_loadu_ps(rec.add(256).cast()),
                     _mm256_loadu_ps(rec.add(288).cast()),
                     a,

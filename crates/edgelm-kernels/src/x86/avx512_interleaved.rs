@@ -152,9 +152,11 @@ unsafe fn legacy_panel<const T: u8, const N: usize>(
             }
         }
         if f.high {
+            // Bit g of the plane's bytes: image g's fifth bits.
+            let plane = _mm512_loadu_si512(tp.add(lay.high).cast());
             for (g, v) in wv.iter_mut().enumerate() {
-                let m = tp.add(lay.high + 8 * g).cast::<u64>().read_unaligned();
-                *v = _mm512_mask_add_epi8(*v, _cvtu64_mask64(m), *v, sixteen);
+                let set = _mm512_test_epi8_mask(plane, _mm512_set1_epi8((1u8 << g) as i8));
+                *v = _mm512_mask_add_epi8(*v, set, *v, sixteen);
             }
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(lay.d).cast()));
