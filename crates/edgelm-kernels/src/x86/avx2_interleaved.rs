@@ -222,6 +222,17 @@ unsafe fn half_panel_body<const T: u8, const N: usize, const P: u8>(
         // SAFETY (weight reads): tile b lies inside the panel; half `half` of each 64-byte image
         // is 32 bytes at +32·half. Activation reads inside token j's block b.
         let tp = w.add(b * lay.len);
+        if half == 1 {
+            // The second half reads the panel from L1 and would leave memory idle: fetch the
+            // same tile of the next panel meanwhile (a hint: past the weights it does nothing).
+            let next = tp.wrapping_add(nb * lay.len);
+            let mut at = 0;
+            while at < lay.len {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+                at += 64;
+            }
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(lay.len - 1).cast());
+        }
         let m = if f.min {
             half_scales(tp, lay.m, half)
         } else {
