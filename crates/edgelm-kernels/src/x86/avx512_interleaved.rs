@@ -134,6 +134,15 @@ unsafe fn legacy_panel<const T: u8, const N: usize>(
     for b in 0..nb {
         // SAFETY (weight reads): tile b lies inside the panel's `PANEL · row_bytes` bytes.
         let tp = w.add(b * lay.len);
+        // The same tile of the next panel, one panel ahead of the reads (a hint: past the
+        // weights it does nothing).
+        let next = tp.wrapping_add(nb * lay.len);
+        let mut at = 0;
+        while at < lay.len {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+            at += 64;
+        }
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(lay.len - 1).cast());
         let mut wv = [_mm512_setzero_si512(); 8];
         if f.nibbles {
             for h in 0..4 {
