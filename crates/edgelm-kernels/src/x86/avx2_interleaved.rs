@@ -13,8 +13,8 @@
 //! the AVX-512 kernels on 256 bits (|sum| ≤ 32·255·128 + 128·32·128: exact for any bytes).
 
 use super::{
-    half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0, T_Q4_1,
-    T_Q5_0, T_Q5_1, T_Q8_0,
+    half_kernels, panel_times_tokens, prefetch, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0,
+    T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0,
 };
 use crate::interleave::{
     format, packed_act_bytes, tile_layout, whole_panel_tiles, ACT_BLOCK_BYTES, PANEL,
@@ -224,14 +224,8 @@ unsafe fn half_panel_body<const T: u8, const N: usize, const P: u8>(
         let tp = w.add(b * lay.len);
         if half == 1 {
             // The second half reads the panel from L1 and would leave memory idle: fetch the
-            // same tile of the next panel meanwhile (a hint: past the weights it does nothing).
-            let next = tp.wrapping_add(nb * lay.len);
-            let mut at = 0;
-            while at < lay.len {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
-                at += 64;
-            }
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(lay.len - 1).cast());
+            // same tile of the next panel meanwhile.
+            prefetch(tp.wrapping_add(nb * lay.len), lay.len);
         }
         let m = if f.min {
             half_scales(tp, lay.m, half)

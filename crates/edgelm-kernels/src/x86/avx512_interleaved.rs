@@ -15,7 +15,8 @@
 //! `−32·Σa`). Integer sums stay exact (|Q6_K's| ≤ 16·128·(16·63·128 + 32·16·128) < 2³¹).
 
 use super::{
-    weight_type, T_IQ4_NL, T_IQ4_XS, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0,
+    prefetch, weight_type, T_IQ4_NL, T_IQ4_XS, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K,
+    T_Q6_K, T_Q8_0,
 };
 use crate::interleave::{
     format, tile_layout, whole_panel_tiles, KFormat, ACT_BLOCK_BYTES, IQ4_XS_TILE, PANEL,
@@ -134,15 +135,8 @@ unsafe fn legacy_panel<const T: u8, const N: usize>(
     for b in 0..nb {
         // SAFETY (weight reads): tile b lies inside the panel's `PANEL · row_bytes` bytes.
         let tp = w.add(b * lay.len);
-        // The same tile of the next panel, one panel ahead of the reads (a hint: past the
-        // weights it does nothing).
-        let next = tp.wrapping_add(nb * lay.len);
-        let mut at = 0;
-        while at < lay.len {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
-            at += 64;
-        }
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(lay.len - 1).cast());
+        // The same tile of the next panel: one panel (9–17 KB) ahead of the reads.
+        prefetch(tp.wrapping_add(nb * lay.len), lay.len);
         let mut wv = [_mm512_setzero_si512(); 8];
         if f.nibbles {
             for h in 0..4 {

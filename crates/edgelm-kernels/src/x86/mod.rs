@@ -125,6 +125,28 @@ unsafe fn panel_times_tokens(
     }
 }
 
+/// Hints the `len` bytes at `p` (some distance ahead of the reads) into L1, so a stream of
+/// weights keeps memory busy while the kernel works on what it has.
+#[inline(always)]
+fn prefetch(p: *const u8, len: usize) {
+    let mut at = 0;
+    while at < len {
+        // SAFETY: a prefetch never faults (past the weights it does nothing); SSE is baseline.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(at).cast(),
+            )
+        };
+        at += 64;
+    }
+    // SAFETY: as above.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            p.wrapping_add(len - 1).cast(),
+        )
+    };
+}
+
 /// The little-endian f32 at `p`.
 ///
 /// # Safety
