@@ -233,6 +233,23 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     for (name, want, got) in &summary.fallbacks {
         eprintln!("fallback: {name}: rows are not whole {want} blocks, wrote {got}");
     }
+    let list = |l: &[usize]| {
+        l.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for p in &summary.placements {
+        eprintln!(
+            "{}: {} in layers {} (the {} that lose the most as {}; by position: {})",
+            p.role,
+            p.to,
+            list(&p.layers),
+            p.layers.len(),
+            p.usual,
+            list(&p.by_position)
+        );
+    }
     if summary.fed_back > 0 {
         eprintln!(
             "{} weight matrices rounded with error feedback from the calibration inputs",

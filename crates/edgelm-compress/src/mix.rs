@@ -6,6 +6,8 @@
 //! size. One deliberate difference: a 256-block type that does not fit a tensor's rows falls
 //! back as llama.cpp's does (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, IQ4_XS → IQ4_NL), except
 //! Q2_K and Q3_K, which take IQ4_NL rather than Q4_0: the same 4.5 bits per weight, less error.
+//! And one more: where the `_M` mixes give a third of the layers more bits by position, as many
+//! layers get them, but chosen by measured loss ([`extra_bits_by_layer`]).
 
 use edgelm_gguf::GgmlType;
 
@@ -236,6 +238,18 @@ pub struct Overrides {
 /// Layers at the ends and every third in between: where the `_M` mixes spend more bits.
 fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// Where a mix gives some layers of a role a higher type by position (`use_more_bits`): that
+/// type and the role's usual one. [`crate::quantize::plan`] keeps how many layers get it but
+/// chooses which by measured rounding loss.
+pub fn extra_bits_by_layer(ft: FileType, role: Role) -> Option<(GgmlType, GgmlType)> {
+    match (ft, role) {
+        (FileType::Q4_K_M | FileType::Q5_K_M, Role::AttnV | Role::FfnDown) => {
+            Some((GgmlType::Q6_K, ft.base()))
+        }
+        _ => None,
+    }
 }
 
 /// The layer index in a `blk.N.…` name.

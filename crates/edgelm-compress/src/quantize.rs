@@ -78,6 +78,7 @@ pub struct Summary {
     pub without_importance: Vec<String>,
     /// Weight matrices rounded with error feedback.
     pub fed_back: usize,
+    pub placements: Vec<Placement>,
 }
 
 impl Summary {
@@ -106,14 +107,42 @@ pub fn model_shape(f: &GgufFile) -> ModelShape {
     }
 }
 
-/// Every tensor's type under `opts`, with the rule's choice before the row-length fallback.
-pub fn plan(f: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<(TensorPlan, GgmlType)>> {
+/// Every tensor's decision, and where measured loss placed a mix's extra bits.
+#[derive(Debug)]
+pub struct Plan {
+    /// Each tensor with the rule's choice before the row-length fallback, in the file's order.
+    pub tensors: Vec<(TensorPlan, GgmlType)>,
+    pub placements: Vec<Placement>,
+}
+
+/// The layers of one role given a mix's higher type: as many as llama.cpp's positional rule
+/// (the ends and every third layer) gives it, chosen as those that lose the most rounding to
+/// the usual type rather than by position. The file's size is the same either way, and a
+/// source that was itself quantized keeps its higher-precision layers: llama.cpp picks them
+/// by the order tensors come in the file, so files it wrote from the same model differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// The tensors' name after `blk.N.`, e.g. `ffn_down.weight`.
+    pub role: String,
+    pub to: GgmlType,
+    pub usual: GgmlType,
+    pub layers: Vec<usize>,
+    pub by_position: Vec<usize>,
+}
+
+/// Rows measured per tensor to rank [`Placement`]s: evenly spaced, enough for a ranking.
+const LOSS_SAMPLE_ROWS: usize = 256;
+
+/// Every tensor's type under `opts` (see [`Plan`]).
+pub fn plan(f: &GgufFile, opts: &QuantizeOptions) -> Result<Plan> {
     let shape = model_shape(f);
     let overrides = Overrides {
         has_imatrix: opts.imatrix.is_some(),
         ..opts.overrides
     };
     let mut out = Vec::new();
+    // Tensors typed by the mix rules rather than a user's pattern.
+    let mut by_rule = Vec::new();
     for t in f.tensors() {
         let cols = t.dims.first().copied().unwrap_or(1) as usize;
         let n: u64 = t.dims.iter().product();
@@ -124,6 +153,7 @@ pub fn plan(f: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<(TensorPlan, Ggm
         };
         let convert = mix::is_quantizable(&t.name, t.dims.len());
         let mut chosen = t.ty;
+        let mut typed_by_rule = false;
         if convert {
             if !edgelm_quant::can_dequantize(t.ty) {
                 return Err(CompressError::Unsupported(format!(
@@ -136,11 +166,13 @@ pub fn plan(f: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<(TensorPlan, Ggm
                 .iter()
                 .find(|(re, _)| re.is_match(&t.name).unwrap_or(false))
                 .map(|(_, ty)| *ty);
+            typed_by_rule = manual.is_none();
             chosen = match manual {
                 Some(ty) => ty,
                 None => mix::rule_type(opts.file_type, &t.name, cols, &shape, &overrides),
             };
         }
+        by_rule.push(typed_by_rule);
         let to = if convert {
             mix::fit_rows(chosen, cols)
         } else {
@@ -158,7 +190,133 @@ pub fn plan(f: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<(TensorPlan, Ggm
             chosen,
         ));
     }
-    Ok(out)
+    let mut placements = Vec::new();
+    if !overrides.pure {
+        for role in [mix::Role::AttnV, mix::Role::FfnDown] {
+            if let Some((high, usual)) = mix::extra_bits_by_layer(opts.file_type, role) {
+                let members: Vec<usize> = (0..out.len())
+                    .filter(|&i| by_rule[i] && mix::Role::of(&out[i].0.name) == role)
+                    .collect();
+                placements.extend(place_extra_bits(f, opts, &mut out, &members, high, usual)?);
+            }
+        }
+    }
+    Ok(Plan {
+        tensors: out,
+        placements,
+    })
+}
+
+/// Re-chooses which of `members` (one role's tensors, one per layer) get `high` rather than
+/// `usual`: the same number as the rules gave it, those whose rounding loss falls the most.
+/// Left as the rules put them when the tensors differ in shape (sizes would change) or both
+/// types come out the same after the row-length fallback.
+fn place_extra_bits(
+    f: &GgufFile,
+    opts: &QuantizeOptions,
+    planned: &mut [(TensorPlan, GgmlType)],
+    members: &[usize],
+    high: GgmlType,
+    usual: GgmlType,
+) -> Result<Option<Placement>> {
+    let Some(&first) = members.first() else {
+        return Ok(None);
+    };
+    let (rows, cols) = (planned[first].0.rows, planned[first].0.cols);
+    let (high_fit, usual_fit) = (mix::fit_rows(high, cols), mix::fit_rows(usual, cols));
+    let upgraded = members.iter().filter(|&&i| planned[i].1 == high).count();
+    let uniform = members.iter().all(|&i| {
+        let (t, chosen) = &planned[i];
+        (t.rows, t.cols) == (rows, cols) && (*chosen == high || *chosen == usual)
+    });
+    if !uniform || high_fit == usual_fit || upgraded == 0 || upgraded == members.len() {
+        return Ok(None);
+    }
+    let mut ranked = Vec::with_capacity(members.len());
+    for &i in members {
+        let t = &planned[i].0;
+        let importance = opts.imatrix.and_then(|m| m.importance(&t.name));
+        let importance = importance.as_deref().filter(|v| v.len() == t.cols);
+        let gain = rounding_loss(f, t, usual_fit, importance, opts.threads)?
+            - rounding_loss(f, t, high_fit, importance, opts.threads)?;
+        // Ties keep the rules' choice.
+        let layer = mix::layer_of(&t.name).unwrap_or(0);
+        ranked.push((gain, planned[i].1 == high, i, layer));
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+    let mut by_position: Vec<usize> = ranked.iter().filter(|r| r.1).map(|r| r.3).collect();
+    let mut layers = Vec::with_capacity(upgraded);
+    for (rank, &(_, _, i, layer)) in ranked.iter().enumerate() {
+        let (t, chosen) = &mut planned[i];
+        *chosen = if rank < upgraded { high } else { usual };
+        t.to = mix::fit_rows(*chosen, t.cols);
+        if rank < upgraded {
+            layers.push(layer);
+        }
+    }
+    layers.sort_unstable();
+    by_position.sort_unstable();
+    let name = &planned[first].0.name;
+    let role = name.splitn(3, '.').nth(2).unwrap_or(name).to_string();
+    Ok(Some(Placement {
+        role,
+        to: high_fit,
+        usual: usual_fit,
+        layers,
+        by_position,
+    }))
+}
+
+/// What rounding `t` to `ty` loses, relative: Σ importance·error² over Σ importance·weight² on
+/// up to [`LOSS_SAMPLE_ROWS`] evenly spaced rows (importance 1 without an imatrix).
+fn rounding_loss(
+    f: &GgufFile,
+    t: &TensorPlan,
+    ty: GgmlType,
+    importance: Option<&[f32]>,
+    threads: usize,
+) -> Result<f64> {
+    let view = f
+        .tensor(&t.name)
+        .ok_or_else(|| CompressError::Unsupported(format!("tensor {} has no data", t.name)))?;
+    let in_row = edgelm_quant::row_bytes(t.from, t.cols)?;
+    let out_row = edgelm_quant::row_bytes(ty, t.cols)?;
+    let n = t.rows.min(LOSS_SAMPLE_ROWS);
+    let sampled: Vec<usize> = (0..n).map(|k| k * t.rows / n.max(1)).collect();
+    let per_thread = n.div_ceil(threads.max(1)).max(1);
+    let sums = std::thread::scope(|s| {
+        let handles: Vec<_> = sampled
+            .chunks(per_thread)
+            .map(|rows| {
+                s.spawn(move || -> Result<(f64, f64)> {
+                    let (mut row, mut back) = (vec![0f32; t.cols], vec![0f32; t.cols]);
+                    let mut q = vec![0u8; out_row];
+                    let (mut err, mut energy) = (0f64, 0f64);
+                    for &r in rows {
+                        let src = &view.data[r * in_row..(r + 1) * in_row];
+                        edgelm_quant::dequantize_row(t.from, src, &mut row)?;
+                        crate::rows::check_finite(&t.name, &row)?;
+                        edgelm_quant::quantize_row_weighted(ty, &row, importance, &mut q)?;
+                        edgelm_quant::dequantize_row(ty, &q, &mut back)?;
+                        for (j, (&w, &b)) in row.iter().zip(&back).enumerate() {
+                            let imp = importance.map_or(1.0, |v| v[j] as f64);
+                            err += imp * (w - b) as f64 * (w - b) as f64;
+                            energy += imp * w as f64 * w as f64;
+                        }
+                    }
+                    Ok((err, energy))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(CompressError::Panicked)))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (err, energy) = sums
+        .iter()
+        .fold((0.0, 0.0), |(e, w), &(a, b)| (e + a, w + b));
+    Ok(if energy > 0.0 { err / energy } else { 0.0 })
 }
 
 /// Quantizes `src` into `out`; `progress` is called as each tensor starts and as its rows
@@ -170,7 +328,10 @@ pub fn quantize(
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<Summary> {
-    let planned = plan(src, opts)?;
+    let Plan {
+        tensors: planned,
+        placements,
+    } = plan(src, opts)?;
     let mut w = GgufWriter::new();
     for (k, v) in src.metadata() {
         w.set(k, v.clone());
@@ -203,6 +364,7 @@ pub fn quantize(
         fallbacks: Vec::new(),
         without_importance: Vec::new(),
         fed_back: 0,
+        placements,
     };
     // Feedback's products run on the f32 kernels, on the ISA the moments were collected with
     // (EDGELM_ISA if set).

@@ -153,34 +153,81 @@ fn every_file_type_round_trips() {
     }
 }
 
-/// Q4_K_M's mix: the tied 96-wide table Q8_0, ffn_down of layer 1 (the last eighth of two
-/// layers: more bits) Q6_K and of layer 0 Q4_K; a `--tensor-type` pattern wins over the rules.
+fn planned_type(plan: &crate::quantize::Plan, name: &str) -> GgmlType {
+    plan.tensors
+        .iter()
+        .find(|(p, _)| p.name == name)
+        .map(|(p, _)| p.to)
+        .expect("planned")
+}
+
+/// Q4_K_M's mix: the tied 96-wide table Q8_0, one of the two layers' ffn_down (the last eighth
+/// by position; see the next test) Q6_K and the other Q4_K; a `--tensor-type` pattern wins over
+/// the rules.
 #[test]
 fn mix_rules_and_patterns_choose_types() {
     let src = source(None);
     let mut o = options(FileType::Q4_K_M);
-    let planned = crate::quantize::plan(&src, &o).expect("plan");
-    let ty = |name: &str| {
-        planned
-            .iter()
-            .find(|(p, _)| p.name == name)
-            .map(|(p, _)| p.to)
-            .expect("planned")
-    };
+    let plan = crate::quantize::plan(&src, &o).expect("plan");
+    let ty = |name: &str| planned_type(&plan, name);
     assert_eq!(ty("token_embd.weight"), GgmlType::Q8_0);
-    assert_eq!(ty("blk.1.ffn_down.weight"), GgmlType::Q6_K);
-    assert_eq!(ty("blk.0.ffn_down.weight"), GgmlType::Q4_K);
+    let mut down = [ty("blk.0.ffn_down.weight"), ty("blk.1.ffn_down.weight")];
+    down.sort_by_key(|t| t.name());
+    assert_eq!(down, [GgmlType::Q4_K, GgmlType::Q6_K]);
     assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q4_K);
     assert_eq!(ty("blk.0.attn_norm.weight"), GgmlType::F32);
     o.tensor_types = vec![(
         fancy_regex::Regex::new(r"attn_q\.weight$").expect("regex"),
         GgmlType::Q8_0,
     )];
-    let planned = crate::quantize::plan(&src, &o).expect("plan");
-    assert!(planned
+    let plan = crate::quantize::plan(&src, &o).expect("plan");
+    assert!(plan
+        .tensors
         .iter()
         .filter(|(p, _)| p.name.ends_with("attn_q.weight"))
         .all(|(p, _)| p.to == GgmlType::Q8_0));
+}
+
+/// A mix's extra bits go to the layer that loses the most without them: with one layer's
+/// ffn_down already on Q4_K's grid (as in a file written from a Q4_K_M one) the other gets
+/// Q6_K, whichever position says; the file's size stays the same.
+#[test]
+fn extra_bits_go_where_rounding_loses_most() {
+    for on_grid in [0usize, 1] {
+        let mut rng = Rng(7);
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", Value::String("llama".into()));
+        w.set("llama.block_count", Value::U32(2));
+        for l in 0..2 {
+            let mut x: Vec<f32> = (0..512 * 48).map(|_| rng.normal() * 0.05).collect();
+            if l == on_grid {
+                let n = x.len() as u64;
+                let mut q = vec![0u8; GgmlType::Q4_K.bytes_for(n).expect("blocks") as usize];
+                edgelm_quant::quantize_row(GgmlType::Q4_K, &x, &mut q).expect("encode");
+                edgelm_quant::dequantize_row(GgmlType::Q4_K, &q, &mut x).expect("decode");
+            }
+            let bytes = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let name = format!("blk.{l}.ffn_down.weight");
+            w.add_tensor(&name, &[512, 48], GgmlType::F32, bytes)
+                .expect("add");
+        }
+        let src = GgufFile::from_bytes(w.to_bytes()).expect("parse");
+        let plan = crate::quantize::plan(&src, &options(FileType::Q4_K_M)).expect("plan");
+        let other = 1 - on_grid;
+        let name = |l: usize| format!("blk.{l}.ffn_down.weight");
+        assert_eq!(planned_type(&plan, &name(other)), GgmlType::Q6_K);
+        assert_eq!(planned_type(&plan, &name(on_grid)), GgmlType::Q4_K);
+        assert_eq!(
+            plan.placements,
+            vec![crate::quantize::Placement {
+                role: "ffn_down.weight".into(),
+                to: GgmlType::Q6_K,
+                usual: GgmlType::Q4_K,
+                layers: vec![other],
+                by_position: vec![1],
+            }]
+        );
+    }
 }
 
 /// An importance matrix moves the error onto the columns that matter: the error weighted by
