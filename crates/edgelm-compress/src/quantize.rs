@@ -78,6 +78,7 @@ pub struct Summary {
     pub without_importance: Vec<String>,
     /// Weight matrices rounded with error feedback.
     pub fed_back: usize,
+    /// Where the mix's extra bits went.
     pub placements: Vec<Placement>,
 }
 

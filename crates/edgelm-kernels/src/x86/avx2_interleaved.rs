@@ -30,7 +30,7 @@ pub(super) const P_VNNI: u8 = 1;
 /// `vpdpbusd` emulated exactly with AVX2, so the VNNI kernels' arithmetic is tested on every
 /// AVX2 machine (only the instruction itself needs one with `avx_vnni`).
 #[cfg(test)]
-const P_EMULATED: u8 = 2;
+pub(super) const P_EMULATED: u8 = 2;
 
 /// Whether product `P` takes unsigned codes for every type (the `vpdpbusd` forms).
 const fn unsigned_codes(p: u8) -> bool {
@@ -386,7 +386,7 @@ unsafe fn block_times_tokens<const T: u8, const N: usize, const P: u8>(
 /// # Safety
 /// The CPU has AVX-VNNI for `P_VNNI`, AVX2 for `P_EMULATED`.
 #[inline(always)]
-unsafe fn dpbusd<const P: u8>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+pub(super) unsafe fn dpbusd<const P: u8>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     match P {
         P_VNNI => _mm256_dpbusd_avx_epi32(acc, u, s),
         #[cfg(test)]

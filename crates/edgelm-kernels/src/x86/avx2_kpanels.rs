@@ -11,7 +11,14 @@
 //!
 //! i16 bounds: a group is four images, `4·2·c·127` with `c ≤ 31` (Q5_K) or `|c| ≤ 32` (Q6_K)
 //! stays below 2¹⁵; i32 sums of a super-block stay below 2³¹ (|scale| ≤ 128).
+//!
+//! On the AVX-VNNI tier (`P_VNNI`) each group's four images go through `vpdpbusd` straight into
+//! i32 (Q6_K's with the same sign trick) and one `vpmulld` by the group's scale replaces the
+//! `maddubs` chain and its `madd`: the same integers, so results are bit for bit AVX2's.
 
+#[cfg(test)]
+use super::avx2_interleaved::P_EMULATED;
+use super::avx2_interleaved::{dpbusd, P_MADDUBS, P_VNNI};
 use super::{
     half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS, T_Q4_K, T_Q5_K, T_Q6_K,
 };
@@ -29,13 +36,13 @@ const D_AT: usize = SCALES_AT + 16 * 32;
 const DMIN_AT: usize = D_AT + 32;
 const MINS_AT: usize = DMIN_AT + 32;
 
-/// The decode-once prompt path of a k-quant, where one exists.
-pub fn prefill_for(ty: GgmlType) -> Option<PanelPrefill> {
+/// The decode-once prompt path of a k-quant with product `P`, where one exists.
+pub(super) fn prefill_for<const P: u8>(ty: GgmlType) -> Option<PanelPrefill> {
     use GgmlType::*;
     let (decode, dot): (DecodeFn, DecodedDotFn) = match ty {
-        Q4_K => (decode::<T_Q4_K>, decoded_dot::<T_Q4_K>),
-        Q5_K => (decode::<T_Q5_K>, decoded_dot::<T_Q5_K>),
-        Q6_K => (decode::<T_Q6_K>, decoded_dot::<T_Q6_K>),
+        Q4_K => (decode::<T_Q4_K>, decoded_dot::<T_Q4_K, P>),
+        Q5_K => (decode::<T_Q5_K>, decoded_dot::<T_Q5_K, P>),
+        Q6_K => (decode::<T_Q6_K>, decoded_dot::<T_Q6_K, P>),
         _ => return None,
     };
     Some(PanelPrefill {
@@ -247,14 +254,22 @@ unsafe fn decode<const T: u8>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
 /// half.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `dec` is [`decode`]'s output for `cols` columns.
-unsafe fn decoded_dot<const T: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out: Out) {
+/// The CPU has AVX2, FMA and F16C (and AVX-VNNI for `P_VNNI`); `dec` is [`decode`]'s output
+/// for `cols` columns.
+unsafe fn decoded_dot<const T: u8, const P: u8>(dec: &[u8], cols: usize, acts: &[&[u8]], out: Out) {
     let nb = cols / 256;
     assert!(
         dec.len() >= 2 * nb * K_BLOCK && acts.iter().all(|a| a.len() >= nb * Q8K_BYTES),
         "decoded_dot: decoded panel or activations too short"
     );
-    panel_times_tokens(dec.as_ptr(), nb, acts, out, &half_kernels!(decoded_half, T));
+    let kernels = match P {
+        P_MADDUBS => half_kernels!(decoded_half, T),
+        P_VNNI => half_kernels!(decoded_half_vnni, T),
+        #[cfg(test)]
+        P_EMULATED => half_kernels!(decoded_half_emulated, T),
+        _ => unreachable!("a product tag without kernels"),
+    };
+    panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
 }
 
 /// The 32-bit word at `p`, broadcast.
@@ -266,13 +281,39 @@ unsafe fn bcast(p: *const u8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
 }
 
-/// [`HalfKernel`] over a decoded panel (each half `nb` super-blocks, one after the other).
+/// [`HalfKernel`]s over a decoded panel (each half `nb` super-blocks, one after the other),
+/// one per product, each compiled for the features its product needs.
+macro_rules! decoded_half_for {
+    ($name:ident, $p:expr, $features:literal) => {
+        /// [`HalfKernel`] over a decoded panel.
+        ///
+        /// # Safety
+        /// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8, const N: usize>(
+            dec: *const u8,
+            nb: usize,
+            half: usize,
+            a: &[*const u8; TOKENS],
+            out: Out,
+        ) {
+            decoded_half_body::<T, N, { $p }>(dec, nb, half, a, out)
+        }
+    };
+}
+decoded_half_for!(decoded_half, P_MADDUBS, "avx2,fma,f16c");
+decoded_half_for!(decoded_half_vnni, P_VNNI, "avx2,fma,f16c,avxvnni");
+#[cfg(test)]
+decoded_half_for!(decoded_half_emulated, P_EMULATED, "avx2,fma,f16c");
+
+/// The body of the `decoded_half` kernels: inlined into each, so its intrinsics compile with
+/// that kernel's features.
 ///
 /// # Safety
-/// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decoded_half<const T: u8, const N: usize>(
+/// As [`decoded_dot`]; the CPU has what product `P` needs.
+#[inline(always)]
+unsafe fn decoded_half_body<const T: u8, const N: usize, const P: u8>(
     dec: *const u8,
     nb: usize,
     half: usize,
@@ -287,23 +328,32 @@ unsafe fn decoded_half<const T: u8, const N: usize>(
         let at = b * Q8K_BYTES;
         let mut sums = [_mm256_setzero_si256(); N];
         for g in 0..16 {
-            let mut s16 = [_mm256_setzero_si256(); N];
+            // i16 pair sums (`maddubs`) or i32 sums (`vpdpbusd`) of the group's four images.
+            let mut part = [_mm256_setzero_si256(); N];
             for i in 0..4 {
                 let v = _mm256_load_si256(rec.add(32 * (4 * g + i)).cast());
-                let magnitude = _mm256_abs_epi8(v);
+                let magnitude = if signed { _mm256_abs_epi8(v) } else { v };
                 for j in 0..N {
                     let x = bcast(a[j].add(at + Q8K_QS + 16 * g + 4 * i));
-                    let p = if signed {
-                        _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, v))
+                    let x = if signed { _mm256_sign_epi8(x, v) } else { x };
+                    part[j] = if P == P_MADDUBS {
+                        _mm256_add_epi16(part[j], _mm256_maddubs_epi16(magnitude, x))
                     } else {
-                        _mm256_maddubs_epi16(v, x)
+                        dpbusd::<P>(part[j], magnitude, x)
                     };
-                    s16[j] = _mm256_add_epi16(s16[j], p);
                 }
             }
             let sc = _mm256_load_si256(rec.add(SCALES_AT + 32 * g).cast());
-            for j in 0..N {
-                sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(s16[j], sc));
+            if P == P_MADDUBS {
+                for j in 0..N {
+                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(part[j], sc));
+                }
+            } else {
+                // The scale sits in both 16-bit halves of its lane.
+                let sc = _mm256_srai_epi32::<16>(sc);
+                for j in 0..N {
+                    sums[j] = _mm256_add_epi32(sums[j], _mm256_mullo_epi32(part[j], sc));
+                }
             }
         }
         let dw = _mm256_load_ps(rec.add(D_AT).cast());
@@ -337,18 +387,34 @@ mod tests {
     use crate::test_rng::Rng;
     use edgelm_quant::{int_dot, quantize_row};
 
-    /// A random panel of every k-quant with a prompt path, 1–9 tokens: the decoded dot equals
-    /// the integer reference on the GGUF rows within f32 reordering, and the AVX2 row dots
-    /// exactly.
+    /// A random panel of every k-quant with a prompt path, 1–9 tokens: the decoded dot of every
+    /// product (`maddubs`, `vpdpbusd` emulated, AVX-VNNI's where the CPU has it) equals the
+    /// integer reference on the GGUF rows within f32 reordering, and the AVX2 row dots exactly.
     #[test]
     fn decoded_k_panels_match_the_integer_reference() {
         if !crate::Isa::available().contains(&crate::Isa::Avx2) {
             eprintln!("skipping: this CPU lacks AVX2/FMA/F16C; the path is untested");
             return;
         }
+        let vnni = crate::Isa::available().contains(&crate::Isa::AvxVnni);
+        if !vnni {
+            eprintln!(
+                "skipping the AVX-VNNI k-quant panels: this CPU lacks avx_vnni (their arithmetic \
+                 is tested through the emulated vpdpbusd)"
+            );
+        }
         let mut rng = Rng(0x0DEC_0DE5_4B51);
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
-            let p = prefill_for(ty).unwrap();
+        for (ty, product) in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K]
+            .into_iter()
+            .flat_map(|ty| [(ty, P_MADDUBS), (ty, P_EMULATED), (ty, P_VNNI)])
+            .filter(|&(_, p)| p != P_VNNI || vnni)
+        {
+            let p = match product {
+                P_MADDUBS => prefill_for::<P_MADDUBS>(ty),
+                P_EMULATED => prefill_for::<P_EMULATED>(ty),
+                _ => prefill_for::<P_VNNI>(ty),
+            }
+            .unwrap();
             let row_dot = crate::qdot::kernel_for(crate::Isa::Avx2, ty).unwrap();
             for nb in [1usize, 3, 19] {
                 let cols = nb * 256;
@@ -394,7 +460,10 @@ mod tests {
                     }
                     // Bit for bit the row dots' results: a token's result must not depend on
                     // its batch.
-                    assert_eq!(out, rows_out, "{ty:?} {nb} blocks, {n} tokens");
+                    assert_eq!(
+                        out, rows_out,
+                        "{ty:?} product {product}: {nb} blocks, {n} tokens"
+                    );
                     for (r, row) in rows.iter().enumerate() {
                         for (j, a) in acts.iter().enumerate() {
                             let want = int_dot::vec_dot(ty, row, a).unwrap();

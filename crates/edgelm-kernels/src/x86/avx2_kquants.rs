@@ -46,7 +46,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         row_dot,
         quantize: quantize_row_q8_k,
         interleaved: None,
-        prefill: super::avx2_kpanels::prefill_for(ty),
+        prefill: super::avx2_kpanels::prefill_for::<{ super::avx2_interleaved::P_MADDUBS }>(ty),
     })
 }
 

@@ -1,7 +1,8 @@
 //! AVX2 kernels of the fast path: row dots of quantized weights with 8-bit activations, and the
 //! activation quantizers. Legacy 32-element formats live in `avx2_legacy`, k-quants in
 //! `avx2_kquants`; each kernel is tested against the scalar reference in `edgelm_quant`. The
-//! AVX-VNNI tier is AVX2's table with `vpdpbusd` in the legacy formats' interleaved kernels.
+//! AVX-VNNI tier is AVX2's table with `vpdpbusd` in the legacy formats' interleaved kernels and
+//! the k-quants' prompt panels.
 
 use crate::qdot::QuantKernel;
 use edgelm_quant::GgmlType;
@@ -12,7 +13,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
 }
 
 /// The AVX-VNNI kernel for a weight type, where one exists: AVX2's, with the interleaved row
-/// dot and prompt path of the legacy formats on `vpdpbusd`.
+/// dot and prompt path of the legacy formats and the k-quants' prompt path on `vpdpbusd`.
 pub fn vnni_kernel(ty: GgmlType) -> Option<QuantKernel> {
     use super::avx2_interleaved::{prefill_for, row_dot_for, P_VNNI};
     let k = kernel(ty)?;
@@ -23,6 +24,13 @@ pub fn vnni_kernel(ty: GgmlType) -> Option<QuantKernel> {
             prefill: prefill_for::<P_VNNI>(ty),
             ..k
         },
-        None => k,
+        None => match super::avx2_kpanels::prefill_for::<P_VNNI>(ty) {
+            Some(prefill) => QuantKernel {
+                isa: crate::Isa::AvxVnni,
+                prefill: Some(prefill),
+                ..k
+            },
+            None => k,
+        },
     })
 }
