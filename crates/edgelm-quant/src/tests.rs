@@ -347,3 +347,22 @@ fn activation_types() {
         assert_eq!(at(k), Q8_K);
     }
 }
+
+/// A model requantized from a k-quant file keeps its values where the new type can hold them:
+/// Q4_K's values (codes 0..15 under 6-bit scales and mins) are Q5_K values too, and each
+/// requantizes to the same values within f32 rounding, with or without importance weights.
+#[test]
+fn k_quant_grids_requantize_exactly() {
+    let mut rng = Rng(23);
+    let x = rng.vec(8 * 256, 0.05, 0.0);
+    let on_grid = dequant(GgmlType::Q4_K, &quant(GgmlType::Q4_K, &x), x.len());
+    let importance: Vec<f32> = (0..x.len()).map(|_| 0.1 + rng.uniform()).collect();
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+        for imp in [None, Some(&importance[..])] {
+            let mut q = vec![0u8; bytes_for(ty, x.len())];
+            quantize_row_weighted(ty, &on_grid, imp, &mut q).expect("quantize");
+            let e = rel_rmse(&on_grid, &dequant(ty, &q, x.len()));
+            assert!(e < 1e-4, "{ty:?} importance {}: {e}", imp.is_some());
+        }
+    }
+}

@@ -64,33 +64,80 @@ pub(crate) struct AsymBlock<const NSUB: usize> {
 /// by the same search, each sub-block weighted by how much its error grows with a change of
 /// its scale (`Σ w q²`) or min (`Σ w`); then levels re-assigned for the coded values, `d` and
 /// `dmin` refit, and each sub-block's codes moved by ±1 wherever that lowers its error.
+///
+/// A super-block a k-quant wrote before (a requantized model) has sub-blocks on grids whose
+/// steps are integer multiples of one `d`: the fit that tries each sub-block's own step, coded
+/// the same way, is kept too where it ends with the smaller error. (Alone it would not do:
+/// elsewhere the exact step of a sub-block codes badly against the others'.)
 pub(crate) fn quantize_asym<const NSUB: usize>(
     x: &[f32; QK_K],
     w: &[f32; QK_K],
     nmax: i32,
     smax: i32,
 ) -> AsymBlock<NSUB> {
-    let sub = QK_K / NSUB;
-    let (mut scales, mut mins) = ([0f32; NSUB], [0f32; NSUB]);
-    let (mut ws, mut wm) = ([0f32; NSUB], [0f32; NSUB]);
-    let mut q = [0u8; QK_K];
-    for j in 0..NSUB {
-        let r = j * sub..(j + 1) * sub;
-        let (s, m, _) = fit_affine(
-            &x[r.clone()],
-            &w[r.clone()],
-            nmax,
-            true,
-            false,
-            &mut q[r.clone()],
-            |v| v,
-        );
-        (scales[j], mins[j]) = (s, -m);
-        for i in r {
-            ws[j] += w[i] * (q[i] as f32).powi(2);
-            wm[j] += w[i];
-        }
+    let free = SubFits::<NSUB>::new(x, w, nmax, false);
+    let (out, err) = code_asym(x, w, nmax, smax, &free, false);
+    let grid = SubFits::<NSUB>::new(x, w, nmax, true);
+    let (on_grid, grid_err) = code_asym(x, w, nmax, smax, &grid, true);
+    if grid_err < err {
+        on_grid
+    } else {
+        out
     }
+}
+
+/// Each sub-block's free (scale, min) and the weights of their coding.
+struct SubFits<const NSUB: usize> {
+    scales: [f32; NSUB],
+    mins: [f32; NSUB],
+    /// `Σ w q²` and `Σ w` per sub-block: how its error grows with its scale and its min.
+    ws: [f32; NSUB],
+    wm: [f32; NSUB],
+}
+
+impl<const NSUB: usize> SubFits<NSUB> {
+    fn new(x: &[f32; QK_K], w: &[f32; QK_K], nmax: i32, grid: bool) -> Self {
+        let sub = QK_K / NSUB;
+        let mut f = SubFits {
+            scales: [0f32; NSUB],
+            mins: [0f32; NSUB],
+            ws: [0f32; NSUB],
+            wm: [0f32; NSUB],
+        };
+        let mut q = [0u8; QK_K];
+        for j in 0..NSUB {
+            let r = j * sub..(j + 1) * sub;
+            let (s, m, _) = fit_affine(
+                &x[r.clone()],
+                &w[r.clone()],
+                nmax,
+                true,
+                grid,
+                &mut q[r.clone()],
+                |v| v,
+            );
+            (f.scales[j], f.mins[j]) = (s, -m);
+            for i in r {
+                f.ws[j] += w[i] * (q[i] as f32).powi(2);
+                f.wm[j] += w[i];
+            }
+        }
+        f
+    }
+}
+
+/// The sub-blocks' fits coded against `d` and `dmin` (with `grid`, the step of a grid the
+/// scales already sit on tried too), then refined: the block and its weighted error.
+fn code_asym<const NSUB: usize>(
+    x: &[f32; QK_K],
+    w: &[f32; QK_K],
+    nmax: i32,
+    smax: i32,
+    fits: &SubFits<NSUB>,
+    grid: bool,
+) -> (AsymBlock<NSUB>, f32) {
+    let sub = QK_K / NSUB;
+    let mut q = [0u8; QK_K];
     let mut codes = [0i8; NSUB];
     let mut out = AsymBlock {
         d: 0.0,
@@ -99,9 +146,20 @@ pub(crate) fn quantize_asym<const NSUB: usize>(
         mn: [0; NSUB],
         q: [0; QK_K],
     };
-    out.d = fit_scale(&scales, &ws, 0, smax, false, &mut codes, f16r).0;
+    let code = |values: &[f32; NSUB], weights: &[f32; NSUB], codes: &mut [i8; NSUB]| {
+        let (d, err) = fit_scale(values, weights, 0, smax, grid, codes, f16r);
+        let mut whole = [0i8; NSUB];
+        match fit_divisor(values, weights, smax, &mut whole) {
+            Some((dd, e)) if grid && e < err => {
+                *codes = whole;
+                dd
+            }
+            _ => d,
+        }
+    };
+    out.d = code(&fits.scales, &fits.ws, &mut codes);
     out.sc = codes.map(|c| c as u8);
-    out.dmin = fit_scale(&mins, &wm, 0, smax, false, &mut codes, f16r).0;
+    out.dmin = code(&fits.mins, &fits.wm, &mut codes);
     out.mn = codes.map(|c| c as u8);
 
     // Levels of sub-block `j` for codes (sc, mn) and their weighted error.
@@ -193,7 +251,39 @@ pub(crate) fn quantize_asym<const NSUB: usize>(
         }
     }
     out.q = q;
-    out
+    (out, err)
+}
+
+/// The `d` among `max(values) / c` for whole `c` in `1..=smax` (as f16 stores it) with the
+/// least weighted error of `values ≈ d·code`, codes in `0..=smax`: where the values are whole
+/// multiples of one `d`, as a k-quant's coded scales are, that `d` exactly.
+fn fit_divisor<const N: usize>(
+    values: &[f32; N],
+    weights: &[f32; N],
+    smax: i32,
+    codes: &mut [i8; N],
+) -> Option<(f32, f32)> {
+    let max = values.iter().copied().fold(0f32, f32::max);
+    let mut best: Option<(f32, f32)> = None;
+    for c in 1..=smax {
+        let d = f16r(max / c as f32);
+        if !(d > 0.0) {
+            continue;
+        }
+        let mut err = 0f32;
+        for (&v, &w) in values.iter().zip(weights) {
+            let e = v - d * (v / d).round().clamp(0.0, smax as f32);
+            err += w * e * e;
+        }
+        if best.is_none_or(|(_, b)| err < b) {
+            best = Some((d, err));
+        }
+    }
+    let (d, err) = best?;
+    for (code, &v) in codes.iter_mut().zip(values) {
+        *code = (v / d).round().clamp(0.0, smax as f32) as i8;
+    }
+    Some((d, err))
 }
 
 /// A super-block of 16 sub-blocks of 16 quantized to signed scale codes in
