@@ -67,8 +67,8 @@ pub(crate) struct AsymBlock<const NSUB: usize> {
 ///
 /// A super-block a k-quant wrote before (a requantized model) has sub-blocks on grids whose
 /// steps are integer multiples of one `d`: the fit that tries each sub-block's own step, coded
-/// the same way, is kept too where it ends with the smaller error. (Alone it would not do:
-/// elsewhere the exact step of a sub-block codes badly against the others'.)
+/// the same way, is taken instead where it ends with at most half the error. (Alone it would
+/// not do: elsewhere the exact step of a sub-block codes badly against the others'.)
 pub(crate) fn quantize_asym<const NSUB: usize>(
     x: &[f32; QK_K],
     w: &[f32; QK_K],
@@ -79,7 +79,9 @@ pub(crate) fn quantize_asym<const NSUB: usize>(
     let (out, err) = code_asym(x, w, nmax, smax, &free, false);
     let grid = SubFits::<NSUB>::new(x, w, nmax, true);
     let (on_grid, grid_err) = code_asym(x, w, nmax, smax, &grid, true);
-    if grid_err < err {
+    // Only a clear win: where a block is on a grid the error falls by far more, and narrow wins
+    // elsewhere measured worse in KL divergence (SmolLM2 Q4_K_S 0.0290 at half, 0.0298 at any).
+    if grid_err < 0.5 * err {
         on_grid
     } else {
         out
