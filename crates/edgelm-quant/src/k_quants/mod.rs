@@ -151,8 +151,11 @@ fn code_asym<const NSUB: usize>(
     let code = |values: &[f32; NSUB], weights: &[f32; NSUB], codes: &mut [i8; NSUB]| {
         let (d, err) = fit_scale(values, weights, 0, smax, grid, codes, f16r);
         let mut whole = [0i8; NSUB];
-        match fit_divisor(values, weights, smax, &mut whole) {
-            Some((dd, e)) if grid && e < err => {
+        match grid
+            .then(|| fit_divisor(values, weights, smax, &mut whole))
+            .flatten()
+        {
+            Some((dd, e)) if e < err => {
                 *codes = whole;
                 dd
             }
