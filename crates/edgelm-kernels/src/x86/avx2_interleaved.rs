@@ -13,8 +13,8 @@
 //! the AVX-512 kernels on 256 bits (|sum| ≤ 32·255·128 + 128·32·128: exact for any bytes).
 
 use super::{
-    half_kernels, panel_times_tokens, prefetch, weight_type, HalfKernel, TOKENS, T_IQ4_NL, T_Q4_0,
-    T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0,
+    half_kernel_for_product, half_kernels, panel_times_tokens, prefetch, weight_type, HalfKernel,
+    TOKENS, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0,
 };
 use crate::interleave::{
     format, packed_act_bytes, tile_layout, whole_panel_tiles, ACT_BLOCK_BYTES, PANEL,
@@ -174,31 +174,20 @@ const fn run(t: u8) -> usize {
     }
 }
 
-/// [`HalfKernel`]s over an interleaved panel (`nb` tiles), one per product, each compiled for
-/// the features its product needs.
-macro_rules! half_panel_for {
-    ($name:ident, $p:expr, $features:literal) => {
-        /// [`HalfKernel`] over an interleaved panel (`nb` tiles).
-        ///
-        /// # Safety
-        /// As [`row_dot`], lengths checked there; `out` is valid for the eight rows of N tokens.
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const T: u8, const N: usize>(
-            w: *const u8,
-            nb: usize,
-            half: usize,
-            a: &[*const u8; TOKENS],
-            out: Out,
-        ) {
-            half_panel_body::<T, N, { $p }>(w, nb, half, a, out)
-        }
-    };
-}
-half_panel_for!(half_panel, P_MADDUBS, "avx2,fma,f16c");
-half_panel_for!(half_panel_vnni, P_VNNI, "avx2,fma,f16c,avxvnni");
+half_kernel_for_product!(half_panel, half_panel_body, P_MADDUBS, "avx2,fma,f16c");
+half_kernel_for_product!(
+    half_panel_vnni,
+    half_panel_body,
+    P_VNNI,
+    "avx2,fma,f16c,avxvnni"
+);
 #[cfg(test)]
-half_panel_for!(half_panel_emulated, P_EMULATED, "avx2,fma,f16c");
+half_kernel_for_product!(
+    half_panel_emulated,
+    half_panel_body,
+    P_EMULATED,
+    "avx2,fma,f16c"
+);
 
 /// The body of the `half_panel` kernels.
 ///
@@ -493,47 +482,51 @@ unsafe fn decoded_dot<const T: u8, const P: u8>(dec: &[u8], cols: usize, acts: &
     panel_times_tokens(dec.as_ptr(), nb, acts, out, &kernels);
 }
 
-/// [`HalfKernel`]s over a decoded panel (each half `nb` blocks, one after the other), one per
-/// product, each compiled for the features its product needs.
-macro_rules! decoded_half_for {
-    ($name:ident, $p:expr, $features:literal) => {
-        /// [`HalfKernel`] over a decoded panel.
-        ///
-        /// # Safety
-        /// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const T: u8, const N: usize>(
-            dec: *const u8,
-            nb: usize,
-            half: usize,
-            a: &[*const u8; TOKENS],
-            out: Out,
-        ) {
-            let d = dec.add(half * nb * DECODED_BLOCK);
-            let mut acc = [_mm256_setzero_ps(); N];
-            for b in 0..nb {
-                let rec = d.add(b * DECODED_BLOCK);
-                block_times_tokens::<T, N, { $p }>(
-                    &DecodedImages(rec),
-                    _mm256_loadu_ps(rec.add(256).cast()),
-                    _mm256_loadu_ps(rec.add(288).cast()),
-                    a,
-                    b * ACT_BLOCK_BYTES,
-                    &mut acc,
-                );
-            }
-            for (j, v) in acc.iter().enumerate() {
-                // SAFETY: token j's eight rows of `out` are valid (caller).
-                _mm256_storeu_ps(out.ptr.add(j * out.ld), *v);
-            }
-        }
-    };
+/// [`HalfKernel`] body over a decoded panel (each half `nb` blocks, one after the other).
+///
+/// # Safety
+/// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens; inlined only into kernels
+/// with the features product `P` needs.
+#[inline(always)]
+unsafe fn decoded_half_body<const T: u8, const N: usize, const P: u8>(
+    dec: *const u8,
+    nb: usize,
+    half: usize,
+    a: &[*const u8; TOKENS],
+    out: Out,
+) {
+    let d = dec.add(half * nb * DECODED_BLOCK);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let rec = d.add(b * DECODED_BLOCK);
+        block_times_tokens::<T, N, P>(
+            &DecodedImages(rec),
+            _mm256_loadu_ps(rec.add(256).cast()),
+            _mm256_loadu_ps(rec.add(288).cast()),
+            a,
+            b * ACT_BLOCK_BYTES,
+            &mut acc,
+        );
+    }
+    for (j, v) in acc.iter().enumerate() {
+        // SAFETY: token j's eight rows of `out` are valid (caller).
+        _mm256_storeu_ps(out.ptr.add(j * out.ld), *v);
+    }
 }
-decoded_half_for!(decoded_half, P_MADDUBS, "avx2,fma,f16c");
-decoded_half_for!(decoded_half_vnni, P_VNNI, "avx2,fma,f16c,avxvnni");
+half_kernel_for_product!(decoded_half, decoded_half_body, P_MADDUBS, "avx2,fma,f16c");
+half_kernel_for_product!(
+    decoded_half_vnni,
+    decoded_half_body,
+    P_VNNI,
+    "avx2,fma,f16c,avxvnni"
+);
 #[cfg(test)]
-decoded_half_for!(decoded_half_emulated, P_EMULATED, "avx2,fma,f16c");
+half_kernel_for_product!(
+    decoded_half_emulated,
+    decoded_half_body,
+    P_EMULATED,
+    "avx2,fma,f16c"
+);
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,8 @@
 use super::avx2_interleaved::P_EMULATED;
 use super::avx2_interleaved::{dpbusd, P_MADDUBS, P_VNNI};
 use super::{
-    half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS, T_Q4_K, T_Q5_K, T_Q6_K,
+    half_kernel_for_product, half_kernels, panel_times_tokens, weight_type, HalfKernel, TOKENS,
+    T_Q4_K, T_Q5_K, T_Q6_K,
 };
 use crate::interleave::PANEL;
 use crate::qdot::{DecodeFn, DecodedDotFn, Out, PanelPrefill};
@@ -281,31 +282,20 @@ unsafe fn bcast(p: *const u8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
 }
 
-/// [`HalfKernel`]s over a decoded panel (each half `nb` super-blocks, one after the other),
-/// one per product, each compiled for the features its product needs.
-macro_rules! decoded_half_for {
-    ($name:ident, $p:expr, $features:literal) => {
-        /// [`HalfKernel`] over a decoded panel.
-        ///
-        /// # Safety
-        /// As [`decoded_dot`]; `out` is valid for the eight rows of N tokens.
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const T: u8, const N: usize>(
-            dec: *const u8,
-            nb: usize,
-            half: usize,
-            a: &[*const u8; TOKENS],
-            out: Out,
-        ) {
-            decoded_half_body::<T, N, { $p }>(dec, nb, half, a, out)
-        }
-    };
-}
-decoded_half_for!(decoded_half, P_MADDUBS, "avx2,fma,f16c");
-decoded_half_for!(decoded_half_vnni, P_VNNI, "avx2,fma,f16c,avxvnni");
+half_kernel_for_product!(decoded_half, decoded_half_body, P_MADDUBS, "avx2,fma,f16c");
+half_kernel_for_product!(
+    decoded_half_vnni,
+    decoded_half_body,
+    P_VNNI,
+    "avx2,fma,f16c,avxvnni"
+);
 #[cfg(test)]
-decoded_half_for!(decoded_half_emulated, P_EMULATED, "avx2,fma,f16c");
+half_kernel_for_product!(
+    decoded_half_emulated,
+    decoded_half_body,
+    P_EMULATED,
+    "avx2,fma,f16c"
+);
 
 /// The body of the `decoded_half` kernels: inlined into each, so its intrinsics compile with
 /// that kernel's features.

@@ -99,6 +99,30 @@ macro_rules! half_kernels {
 }
 use half_kernels;
 
+/// A [`HalfKernel`] `$name` running `$body::<T, N, $p>` (an `#[inline(always)]` body generic
+/// over the product tag), compiled with `$features` so the body's intrinsics inline with the
+/// features that product needs.
+macro_rules! half_kernel_for_product {
+    ($name:ident, $body:ident, $p:expr, $features:literal) => {
+        /// [`HalfKernel`] of one product.
+        ///
+        /// # Safety
+        /// As the body's; the CPU has the features this kernel is compiled with.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8, const N: usize>(
+            panel: *const u8,
+            nb: usize,
+            half: usize,
+            a: &[*const u8; TOKENS],
+            out: crate::qdot::Out,
+        ) {
+            $body::<T, N, { $p }>(panel, nb, half, a, out)
+        }
+    };
+}
+use half_kernel_for_product;
+
 /// Both halves of a panel against every token, [`TOKENS`] at a time: `kernels[n - 1]` takes a
 /// chunk of n tokens (a last short chunk repeats its last pointer into the unused slots).
 ///
