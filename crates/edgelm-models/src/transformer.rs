@@ -628,10 +628,13 @@ impl Transformer {
         let group = n_head / shape.n_head_kv;
         let scale = self.hp.attn_scale;
         // A task is one token's group of query heads sharing a kv head (each key and value is
-        // read once for the group) — or a single head when that leaves threads idle (a short
-        // decode).
-        let few_tasks = positions.len() * shape.n_head_kv < 4 * c.n_threads();
-        let per_task = if few_tasks { 1 } else { group };
+        // read and widened once for the group) — or a single head when there are fewer groups
+        // than threads (a lone token of a model with one kv head).
+        let per_task = if positions.len() * shape.n_head_kv < c.n_threads() {
+            1
+        } else {
+            group
+        };
         let tasks_per_token = n_head / per_task;
         // `out` is (token, head, head_dim): task i's heads are its i-th chunk.
         c.par_chunks_mut(out, per_task * hd, &|task, o| {
