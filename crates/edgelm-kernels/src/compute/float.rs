@@ -4,7 +4,14 @@
 use super::{scalar_dot, Compute, SharedOut, Weight, ROWS_PER_TASK};
 use crate::Isa;
 use edgelm_quant::{dequantize_row, GgmlType};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 use std::cell::RefCell;
+
+/// How far ahead of its tile the few-token F16 product requests rows (8 KiB measured best on
+/// Gemma 3's 1280-byte rows, within noise of 16 KiB on SmolLM2's 1152).
+#[cfg(target_arch = "x86_64")]
+const F16_PREFETCH_BYTES: usize = 8 << 10;
 
 thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -21,23 +28,36 @@ impl Compute {
         out: &mut [f32],
         row_bytes: usize,
     ) {
-        let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
         let shared = SharedOut(out.as_mut_ptr());
         let isa = self.isa;
         // A few tokens read each F16 row once: multiply it as stored instead of converting it
-        // to an f32 panel first (which only pays back over many tokens).
+        // to an f32 panel first (which only pays back over many tokens), each thread streaming
+        // one contiguous range of rows (as the quantized products while decoding).
         #[cfg(target_arch = "x86_64")]
         if w.ty == GgmlType::F16
             && matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
             && n_tokens <= 4
             && (w.data.as_ptr() as usize).is_multiple_of(2)
         {
-            self.pool.run(n_tasks, &|task| {
-                let r0 = task * ROWS_PER_TASK;
-                let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
+            let per_task = w
+                .rows
+                .div_ceil(self.pool.n_threads())
+                .next_multiple_of(ROWS_PER_TASK);
+            self.pool.run(w.rows.div_ceil(per_task), &|task| {
+                let r0 = task * per_task;
+                let r1 = (r0 + per_task).min(w.rows);
                 let mut r = r0;
                 while r < r1 {
                     let nr = (r1 - r).min(4);
+                    // Rows a few KiB ahead requested now: one core streaming F16 rows read ~17
+                    // GB/s here without, and decoding ran 30–50% faster with.
+                    let ahead = r + (F16_PREFETCH_BYTES / row_bytes).max(4);
+                    let next = (ahead * row_bytes).min(w.data.len())
+                        ..((ahead + nr) * row_bytes).min(w.data.len());
+                    for line in w.data[next].chunks(64) {
+                        // SAFETY: SSE is part of x86-64; a prefetch reads nothing.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+                    }
                     let mut t = 0;
                     while t < n_tokens {
                         let nt = (n_tokens - t).min(3);
@@ -64,6 +84,7 @@ impl Compute {
             });
             return;
         }
+        let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
         self.pool.run(n_tasks, &|task| {
             let r0 = task * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
@@ -92,7 +113,6 @@ impl Compute {
     }
 }
 
-/// Every row of an f32 panel against every token row of `x`, reported through `put(r, t, v)`.
 /// One weight row as f32: 16-bit floats converted eight at a time where the ISA can, the rest
 /// (and the precise path's quantized types) through edgelm-quant's dequantizer.
 fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
@@ -115,6 +135,7 @@ fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Every row of an f32 panel against every token row of `x`, reported through `put(r, t, v)`.
 fn panel_times_x(
     isa: Isa,
     panel: &[f32],
