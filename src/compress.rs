@@ -826,7 +826,7 @@ impl MomentCollector {
                 .map(|e| (e.weight.clone(), (e.output, e.key.clone())))
                 .collect(),
             sums: Default::default(),
-            compute: edgelm_kernels::Compute::new(edgelm_kernels::Isa::from_env()?, threads),
+            compute: edgelm_kernels::Compute::precise(edgelm_kernels::Isa::from_env()?, threads),
         })
     }
 

@@ -20,7 +20,7 @@ pub fn model_path(name: &str) -> PathBuf {
 }
 
 pub fn engine(name: &str, isa: Isa) -> Engine {
-    Engine::load(&model_path(name), Compute::new(isa, 2))
+    Engine::load(&model_path(name), Compute::precise(isa, 2))
         .unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
 

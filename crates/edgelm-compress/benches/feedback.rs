@@ -32,7 +32,7 @@ fn random_floats(n: usize, mut seed: u64) -> Vec<f32> {
 }
 
 fn feedback(c: &mut Criterion) {
-    let compute = Compute::new(Isa::detect(), edgelm_kernels::physical_cores());
+    let compute = Compute::precise(Isa::detect(), edgelm_kernels::physical_cores());
     let mut g = c.benchmark_group("feedback");
     g.sample_size(10);
     for cols in [896, 4864] {

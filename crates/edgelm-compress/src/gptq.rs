@@ -456,7 +456,7 @@ mod tests {
     fn computes() -> Vec<Compute> {
         edgelm_kernels::Isa::available()
             .into_iter()
-            .map(|isa| Compute::new(isa, 3))
+            .map(|isa| Compute::precise(isa, 3))
             .collect()
     }
 
@@ -589,7 +589,7 @@ mod tests {
     fn feedback_lowers_the_output_error() {
         let mut rng = Rng(11);
         let (tokens, cols, rows) = (1024, 512, 8);
-        let compute = Compute::new(edgelm_kernels::Isa::detect(), 2);
+        let compute = Compute::precise(edgelm_kernels::Isa::detect(), 2);
         let (x, c, weights) = setup(&mut rng, tokens, cols, &compute);
         let output_error = |w: &[f32], q: &[f32]| -> f64 {
             (0..tokens)
@@ -628,7 +628,7 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_refused() {
-        let compute = Compute::new(edgelm_kernels::Isa::Scalar, 1);
+        let compute = Compute::precise(edgelm_kernels::Isa::Scalar, 1);
         assert!(Compensator::new(&[1.0; 8], 3, &compute).is_err());
         assert!(Compensator::new(&[0.0; 9], 3, &compute).is_err());
         let c = Compensator::new(&[1.0, 0.0, 0.0, 1.0], 2, &compute).expect("identity");

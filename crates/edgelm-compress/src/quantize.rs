@@ -373,7 +373,7 @@ pub fn quantize(
         Some(_) => {
             let isa = edgelm_kernels::Isa::from_env()
                 .map_err(|e| CompressError::BadArgument(e.to_string()))?;
-            Some(edgelm_kernels::Compute::new(isa, opts.threads))
+            Some(edgelm_kernels::Compute::precise(isa, opts.threads))
         }
         None => None,
     };

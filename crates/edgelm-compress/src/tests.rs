@@ -355,7 +355,7 @@ fn second_moments_match_a_direct_sum() {
     // Wider than one band of rows, and not a whole number of them.
     let (tokens, cols) = (37, 600);
     let x = correlated_inputs(&mut rng, tokens, cols);
-    let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
+    let compute = edgelm_kernels::Compute::precise(edgelm_kernels::Isa::detect(), 2);
     let mut sum = vec![1f32; cols * cols];
     crate::lowrank::add_second_moments(&compute, &mut sum, &x, cols, tokens).expect("adds");
     crate::lowrank::mirror_lower(&mut sum, cols);
@@ -386,7 +386,7 @@ fn feedback_lowers_the_output_error_of_a_file() {
     let cols = 512;
     let x = correlated_inputs(&mut rng, 1024, cols);
     let mut h = vec![0f32; cols * cols];
-    let compute = edgelm_kernels::Compute::new(edgelm_kernels::Isa::detect(), 2);
+    let compute = edgelm_kernels::Compute::precise(edgelm_kernels::Isa::detect(), 2);
     crate::lowrank::add_second_moments(&compute, &mut h, &x, cols, 1024).expect("adds");
     crate::lowrank::mirror_lower(&mut h, cols);
     let h = std::sync::Arc::new(h);

@@ -38,7 +38,7 @@ fn edgelm_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<Vec<f32>>> {
     Isa::available()
         .into_iter()
         .map(|isa| {
-            let c = Compute::new(isa, 2);
+            let c = Compute::precise(isa, 2);
             let mut cache = KvCache::new(&model.hp, KvConfig::new(64, KvType::F32)).expect("cache");
             cache.alloc();
             let batch = Batch::from_tokens(tokens, 0, 0, true);

@@ -63,7 +63,7 @@ mod tests {
                 glu_scalar(act, &mut want, &up);
                 for isa in Isa::available() {
                     let mut got = gate.clone();
-                    Compute::new(isa, 1).glu(act, &mut got, &up);
+                    Compute::precise(isa, 1).glu(act, &mut got, &up);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-5 * w.abs() + 1e-30,

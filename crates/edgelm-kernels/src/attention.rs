@@ -986,7 +986,7 @@ pub(crate) mod tests {
         };
         let scale = 0.3f32;
         for isa in Isa::available() {
-            let c = Compute::new(isa, 1);
+            let c = Compute::precise(isa, 1);
             let mut out = vec![0f32; heads * hd];
             c.attend_heads(&q, hd, &kv, scale, &mut Vec::new(), &mut out);
             for r in 0..heads {
@@ -1044,7 +1044,7 @@ pub(crate) mod tests {
                 n: len,
             };
             for isa in Isa::available() {
-                let c = Compute::new(isa, 1);
+                let c = Compute::precise(isa, 1);
                 let mut whole = vec![0f32; heads * hd];
                 c.attend_heads(&q, hd, &view(0, n), 0.3, &mut Vec::new(), &mut whole);
                 let cuts = [(0, 0), (0, 123), (123, 100), (223, 77)];

@@ -123,8 +123,8 @@ impl SharedOut {
 }
 
 impl Compute {
-    /// A precise-path context (the reference arithmetic).
-    pub fn new(isa: Isa, threads: usize) -> Compute {
+    /// A precise-path context (the reference arithmetic: f32 activations, dequantized weights).
+    pub fn precise(isa: Isa, threads: usize) -> Compute {
         Compute::with_precision(isa, threads, Precision::Precise)
     }
 
@@ -458,7 +458,7 @@ mod tests {
     fn matmul_matches_reference_on_every_isa() {
         let mut rng = Rng(0x1234_5678_9abc_def1);
         for isa in Isa::available() {
-            let c = Compute::new(isa, 2);
+            let c = Compute::precise(isa, 2);
             for &(rows, cols, n_tokens) in
                 &[(1, 1, 1), (5, 13, 2), (37, 40, 7), (16, 64, 3), (33, 96, 5)]
             {
@@ -494,7 +494,7 @@ mod tests {
     fn simd_dot_and_axpy_match_scalar() {
         let mut rng = Rng(99);
         for isa in Isa::available() {
-            let c = Compute::new(isa, 1);
+            let c = Compute::precise(isa, 1);
             for n in [0, 1, 7, 8, 9, 31, 64, 100] {
                 let a: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
                 let b: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
@@ -798,7 +798,7 @@ mod tests {
 
     #[test]
     fn shape_errors() {
-        let c = Compute::new(Isa::Scalar, 1);
+        let c = Compute::precise(Isa::Scalar, 1);
         let data = vec![0u8; 16];
         let w = Weight {
             ty: GgmlType::F32,

@@ -582,7 +582,7 @@ mod tests {
                 };
                 let first = spans[0].0;
                 for isa in Isa::available() {
-                    let c = Compute::new(isa, 1);
+                    let c = Compute::precise(isa, 1);
                     let mut got = vec![f32::NAN; tokens * q_stride];
                     let whole = view(first, n - first);
                     c.attend_block(&block, hd, &whole, 0.3, &mut Vec::new(), &mut got[hd..]);

@@ -10,7 +10,7 @@ fn main() {
     let t0 = std::time::Instant::now();
     let model = edgelm_models::load(file).unwrap();
     eprintln!("load {:?}", t0.elapsed());
-    let c = Compute::new(Isa::from_env().unwrap(), 2);
+    let c = Compute::precise(Isa::from_env().unwrap(), 2);
     for line in std::fs::read_to_string(&a[3]).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         if v["model"] != a[1].as_str() {

@@ -19,7 +19,7 @@ const SEQ_LEN: usize = 12;
 fn computes() -> Vec<Compute> {
     Isa::available()
         .into_iter()
-        .map(|isa| Compute::new(isa, 2))
+        .map(|isa| Compute::precise(isa, 2))
         .collect()
 }
 
@@ -257,7 +257,7 @@ fn comparison_catches_plausible_mistakes() {
     for arch in Arch::ALL {
         let m = TinyModel::random(&Spec::tiny(arch), 1 + arch as u64);
         let model = load(&m);
-        let c = Compute::new(Isa::Scalar, 1);
+        let c = Compute::precise(Isa::Scalar, 1);
         let tokens = Rng::new(5).tokens(SEQ_LEN, m.spec.n_vocab);
         let got = one_batch(&model, &c, &mut new_cache(&model, 32, 16), &tokens);
         let mut flaws = vec![Flaw::SwappedRopePairs, Flaw::InterleavedGqa];
@@ -292,7 +292,7 @@ fn gemma3_sliding_window_blocks_match_reference() {
     let model = load(&m);
     let tokens = Rng::new(6).tokens(3 * SEQ_LEN, m.spec.n_vocab);
     let want = reference_logits(&m, &tokens, Flaw::None);
-    let c = Compute::new(Isa::detect(), 2);
+    let c = Compute::precise(Isa::detect(), 2);
     for (block_len, step) in [(1, 1), (2, 3), (4, 4), (4, 7)] {
         let mut cache = new_cache(&model, 64, block_len);
         let got = in_steps(&model, &c, &mut cache, 0, &tokens, 0, step);
@@ -315,7 +315,7 @@ fn sequences_over_many_small_blocks_match_reference() {
             rng.tokens(2 * SEQ_LEN, m.spec.n_vocab),
             rng.tokens(SEQ_LEN, m.spec.n_vocab),
         );
-        let c = Compute::new(Isa::detect(), 2);
+        let c = Compute::precise(Isa::detect(), 2);
         let what = format!("{} blocks of 2", arch.name());
         let got = one_batch(&model, &c, &mut new_cache(&model, 64, 2), &a);
         assert_close(&got, &reference_logits(&m, &a, Flaw::None), &what);
@@ -342,7 +342,7 @@ fn truncate_then_continue_matches_reference() {
     for arch in [Arch::Llama, Arch::Gemma3] {
         let m = TinyModel::random(&Spec::tiny(arch), 10);
         let model = load(&m);
-        let c = Compute::new(Isa::detect(), 2);
+        let c = Compute::precise(Isa::detect(), 2);
         let mut rng = Rng::new(11);
         let first = rng.tokens(16, m.spec.n_vocab);
         for block_len in [1, 2, 4] {
@@ -514,7 +514,7 @@ fn context_shift_equals_a_fresh_run_over_the_kept_tokens() {
         ] {
             let m = TinyModel::random(&Spec { n_layer: 1, ..spec }, 21);
             let model = load(&m);
-            let c = Compute::new(Isa::detect(), 2);
+            let c = Compute::precise(Isa::detect(), 2);
             let tokens = Rng::new(5).tokens(held + next, m.spec.n_vocab);
             // With the prefix cache on and a fork sharing every block: the shift copies what
             // the fork holds and unindexes the rest, and the fork goes on untouched.
@@ -563,7 +563,7 @@ fn context_shift_equals_a_fresh_run_over_the_kept_tokens() {
 fn context_shift_refuses_what_a_window_released() {
     let m = TinyModel::random(&Spec::tiny(Arch::Gemma3), 3);
     let model = load(&m);
-    let c = Compute::new(Isa::detect(), 2);
+    let c = Compute::precise(Isa::detect(), 2);
     let tokens = Rng::new(5).tokens(28, m.spec.n_vocab);
     let cfg = KvConfig {
         block_len: 4,
@@ -690,7 +690,7 @@ fn rope_wider_than_the_heads_is_refused() {
 fn token_outside_vocabulary_is_rejected() {
     let m = TinyModel::random(&Spec::tiny(Arch::Llama), 1);
     let model = load(&m);
-    let c = Compute::new(Isa::detect(), 1);
+    let c = Compute::precise(Isa::detect(), 1);
     let mut cache = new_cache(&model, 32, 16);
     let bad = m.spec.n_vocab as u32;
     let e = model
@@ -716,7 +716,7 @@ fn token_outside_vocabulary_is_rejected() {
 fn positions_must_continue_the_cache() {
     let m = TinyModel::random(&Spec::tiny(Arch::Qwen2), 1);
     let model = load(&m);
-    let c = Compute::new(Isa::detect(), 1);
+    let c = Compute::precise(Isa::detect(), 1);
     let tokens = Rng::new(2).tokens(8, m.spec.n_vocab);
     let mut cache = new_cache(&model, 32, 16);
     model
@@ -780,7 +780,7 @@ fn positions_must_continue_the_cache() {
 fn full_context_is_reported() {
     let m = TinyModel::random(&Spec::tiny(Arch::Gemma3), 1);
     let model = load(&m);
-    let c = Compute::new(Isa::detect(), 1);
+    let c = Compute::precise(Isa::detect(), 1);
     let tokens = Rng::new(3).tokens(9, m.spec.n_vocab);
 
     let mut cache = new_cache(&model, 8, 16);
@@ -845,7 +845,7 @@ fn saved_state_restores_and_bad_states_are_refused() {
         ] {
             let m = TinyModel::random(&spec, 12);
             let model = load(&m);
-            let c = Compute::new(Isa::detect(), 2);
+            let c = Compute::precise(Isa::detect(), 2);
             let tokens = Rng::new(13).tokens(4 * SEQ_LEN, m.spec.n_vocab);
             let split = 3 * SEQ_LEN + 1;
             let cfg = KvConfig {
@@ -1010,7 +1010,7 @@ fn an_observer_sees_every_projection_input() {
         let m = TinyModel::random(&spec, 11 + arch as u64);
         let model = load(&m);
         let tokens = Rng::new(3).tokens(SEQ_LEN, spec.n_vocab);
-        let c = Compute::new(Isa::Scalar, 1);
+        let c = Compute::precise(Isa::Scalar, 1);
         let mut batch = Batch::new();
         for (i, &t) in tokens.iter().enumerate() {
             batch.push(t, i, 0, i >= SEQ_LEN - 3);

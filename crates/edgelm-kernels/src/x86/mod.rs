@@ -152,7 +152,7 @@ unsafe fn panel_times_tokens(
 /// Hints the `len` bytes at `p` (some distance ahead of the reads) into L1, so a stream of
 /// weights keeps memory busy while the kernel works on what it has.
 #[inline(always)]
-fn prefetch(p: *const u8, len: usize) {
+pub(crate) fn prefetch(p: *const u8, len: usize) {
     let mut at = 0;
     while at < len {
         // SAFETY: a prefetch never faults (past the weights it does nothing); SSE is baseline.
