@@ -755,8 +755,8 @@ mod tests {
     }
 
     /// F32, F16 and BF16 weights on every ISA this CPU runs, for token counts on both sides of
-    /// the fused F16 path (≤ 4 tokens) and row lengths off the eight-lane step, against an f64
-    /// product of the stored values.
+    /// the fused F16 path (≤ 4 tokens) and through the strips of many tokens, row lengths off the
+    /// eight-lane step, against an f64 product of the stored values.
     #[test]
     fn float_weights_match_the_scalar_reference_on_every_path() {
         let mut rng = Rng(91);
@@ -765,14 +765,16 @@ mod tests {
             .into_iter()
             .flat_map(|ty| [(ty, 43), (ty, 96)])
         {
-            let rows = 21;
+            // 37 rows: a partial strip after whole ones of 16 and of 32.
+            let rows = 37;
             let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
             let mut data = vec![0u8; edgelm_quant::row_bytes(ty, cols).unwrap() * rows];
             edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
             let mut stored = vec![0f32; rows * cols];
             edgelm_quant::dequantize_row(ty, &data, &mut stored).unwrap();
             let w = Weight::gguf(ty, rows, cols, &data);
-            for n_tokens in [1, 2, 3, 4, 5, 9] {
+            // Past one and two strip tiles of 6 and 12 tokens, with tails.
+            for n_tokens in [1, 2, 3, 4, 5, 9, 14, 29] {
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
                 for isa in Isa::available() {
                     let mut out = vec![0f32; rows * n_tokens];

@@ -1,5 +1,6 @@
 //! The precise path's products, and the fast path's for float weights: rows widened to f32
-//! panels (or F16 rows multiplied as stored, for a few tokens), every product and sum in f32.
+//! strips of rows side by side (or F16 rows multiplied as stored, for a few tokens), every
+//! product and sum in f32.
 
 use super::{scalar_dot, Compute, SharedOut, Weight, ROWS_PER_TASK};
 use crate::Isa;
@@ -11,7 +12,13 @@ use std::cell::RefCell;
 #[cfg(target_arch = "x86_64")]
 const F16_PREFETCH_BYTES: usize = 8 << 10;
 
+/// A strip kernel: `(strip, k, x, first token, tokens, out)`, as `avx512_float::strip_tile`.
+#[cfg(target_arch = "x86_64")]
+type StripTile<const W: usize, const T: usize> =
+    unsafe fn(&[f32], usize, &[f32], usize, usize, &mut [[f32; W]; T]);
+
 thread_local! {
+    /// A task's widened rows: one row (scalar path), or a row and a strip (x86).
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -61,7 +68,7 @@ impl Compute {
                         // aligned, checked above) and tokens t..t+nt of `x` are in bounds;
                         // (token, row) pairs of this task's rows are written by it alone.
                         unsafe {
-                            float_tile(
+                            f16_tile(
                                 isa,
                                 |i| w.data[i * row_bytes..].as_ptr().cast::<u16>(),
                                 r,
@@ -80,30 +87,94 @@ impl Compute {
             });
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            Isa::Avx512 => {
+                use crate::x86::avx512_float::{strip_tile, STRIP_ROWS, STRIP_TOKENS};
+                return self.strip_product::<STRIP_ROWS, STRIP_TOKENS>(
+                    w, x, n_tokens, shared, row_bytes, strip_tile,
+                );
+            }
+            Isa::Avx2 | Isa::AvxVnni => {
+                use crate::x86::avx2::{strip_tile, STRIP_ROWS, STRIP_TOKENS};
+                return self.strip_product::<STRIP_ROWS, STRIP_TOKENS>(
+                    w, x, n_tokens, shared, row_bytes, strip_tile,
+                );
+            }
+            Isa::Scalar => {}
+        }
         let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
         self.pool.run(n_tasks, &|task| {
             let r0 = task * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
-            PANEL.with(|panel| {
-                let mut panel = panel.borrow_mut();
-                panel.resize(ROWS_PER_TASK * w.cols, 0.0);
+            PANEL.with_borrow_mut(|row| {
+                row.resize(w.cols, 0.0);
                 for r in r0..r1 {
-                    let dst = &mut panel[(r - r0) * w.cols..(r - r0 + 1) * w.cols];
-                    float_row(isa, w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], dst);
+                    float_row(isa, w.ty, &w.data[r * row_bytes..(r + 1) * row_bytes], row);
+                    for t in 0..n_tokens {
+                        let v = scalar_dot(row, &x[t * w.cols..(t + 1) * w.cols]);
+                        // SAFETY: (t, r) is inside `out` and owned by this task alone.
+                        unsafe { *shared.get().add(t * w.rows + r) = v }
+                    }
                 }
-                let rows = r1 - r0;
-                panel_times_x(
-                    isa,
-                    &panel[..rows * w.cols],
-                    rows,
-                    w.cols,
-                    x,
-                    n_tokens,
-                    |r, t, v| {
-                        // SAFETY: (t, r0 + r) is inside `out` and owned by this task alone.
-                        unsafe { *shared.get().add(t * w.rows + r0 + r) = v }
-                    },
-                );
+            });
+        });
+    }
+
+    /// Many tokens against float weights: each task widens `W` rows into a strip (element i of
+    /// every row side by side, zeros past the last row) and multiplies it by every token, `T` at
+    /// a time, with `tile`. The strip is read from cache once per `T` tokens; every token row
+    /// once per strip.
+    #[cfg(target_arch = "x86_64")]
+    fn strip_product<const W: usize, const T: usize>(
+        &self,
+        w: Weight<'_>,
+        x: &[f32],
+        n_tokens: usize,
+        out: SharedOut,
+        row_bytes: usize,
+        tile: StripTile<W, T>,
+    ) {
+        let (isa, cols) = (self.isa, w.cols);
+        self.pool.run(w.rows.div_ceil(W), &|task| {
+            let r0 = task * W;
+            let rows = W.min(w.rows - r0);
+            PANEL.with_borrow_mut(|buffer| {
+                // One row as f32, then the strip on a cache-line boundary (a vector of a
+                // misaligned strip would span two lines at every step).
+                buffer.resize(cols + W * cols + 16, 0.0);
+                let (row, rest) = buffer.split_at_mut(cols);
+                let skew = rest.as_ptr().align_offset(64).min(16);
+                let strip = &mut rest[skew..skew + W * cols];
+                for r in 0..W {
+                    if r < rows {
+                        let src = &w.data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+                        float_row(isa, w.ty, src, row);
+                    } else {
+                        row.fill(0.0);
+                    }
+                    for (i, &v) in row.iter().enumerate() {
+                        strip[i * W + r] = v;
+                    }
+                }
+                let mut tile_out = [[0f32; W]; T];
+                for t in (0..n_tokens).step_by(T) {
+                    let nt = T.min(n_tokens - t);
+                    // SAFETY: `tile` is this CPU's kernel (chosen from `isa`); the strip holds
+                    // W·cols floats and `x` holds tokens t..t+nt of `cols` (shapes checked).
+                    unsafe { tile(strip, cols, x, t, nt, &mut tile_out) };
+                    for (j, values) in tile_out[..nt].iter().enumerate() {
+                        // SAFETY: rows r0..r0+rows of token t+j are inside `out` and written
+                        // by this task alone.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out.get().add((t + j) * w.rows + r0),
+                                rows,
+                            )
+                        };
+                        dst.copy_from_slice(&values[..rows]);
+                    }
+                }
             });
         });
     }
@@ -131,115 +202,17 @@ fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Every row of an f32 panel against every token row of `x`, reported through `put(r, t, v)`.
-fn panel_times_x(
-    isa: Isa,
-    panel: &[f32],
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n_tokens: usize,
-    mut put: impl FnMut(usize, usize, f32),
-) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
-            let mut r = 0;
-            while r < rows {
-                let nr = (rows - r).min(4);
-                let mut t = 0;
-                while t < n_tokens {
-                    let nt = (n_tokens - t).min(3);
-                    // SAFETY: AVX2/FMA present (Isa); row r+i and token t+j are in bounds.
-                    unsafe {
-                        float_tile(
-                            isa,
-                            |i| panel[i * cols..].as_ptr(),
-                            r,
-                            nr,
-                            cols,
-                            x,
-                            t,
-                            nt,
-                            &mut put,
-                        )
-                    };
-                    t += nt;
-                }
-                r += nr;
-            }
-        }
-        _ => {
-            for r in 0..rows {
-                let w = &panel[r * cols..(r + 1) * cols];
-                for t in 0..n_tokens {
-                    put(r, t, scalar_dot(w, &x[t * cols..(t + 1) * cols]));
-                }
-            }
-        }
-    }
-}
-
-/// A weight row element the float tiles multiply as stored: f32, or F16 bits (widened by
-/// F16C, or by AVX-512's 16-wide convert).
-#[cfg(target_arch = "x86_64")]
-trait TileElem: Sized {
-    /// The tile on `isa` (AVX2 or AVX-512).
-    ///
-    /// # Safety
-    /// The CPU has what `isa`'s kernel needs; every pointer is valid for `k` elements.
-    unsafe fn tile<const R: usize, const T: usize>(
-        isa: Isa,
-        w: &[*const Self; R],
-        xs: &[*const f32; T],
-        k: usize,
-        out: &mut [[f32; T]; R],
-    );
-}
-
-#[cfg(target_arch = "x86_64")]
-impl TileElem for f32 {
-    unsafe fn tile<const R: usize, const T: usize>(
-        isa: Isa,
-        w: &[*const f32; R],
-        xs: &[*const f32; T],
-        k: usize,
-        out: &mut [[f32; T]; R],
-    ) {
-        match isa {
-            Isa::Avx512 => crate::x86::avx512_float::tile::<R, T>(w, xs, k, out),
-            _ => crate::x86::avx2::tile::<R, T>(w, xs, k, out),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl TileElem for u16 {
-    unsafe fn tile<const R: usize, const T: usize>(
-        isa: Isa,
-        w: &[*const u16; R],
-        xs: &[*const f32; T],
-        k: usize,
-        out: &mut [[f32; T]; R],
-    ) {
-        match isa {
-            Isa::Avx512 => crate::x86::avx512_float::tile_f16::<R, T>(w, xs, k, out),
-            _ => crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out),
-        }
-    }
-}
-
-/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic kernel on `isa`
-/// (AVX2 or AVX-512); `row(i)` points at weight row i.
+/// Dispatch a runtime-sized tile of F16 rows (≤4 rows × ≤3 tokens) to its const-generic kernel
+/// on `isa` (AVX2 or AVX-512); `row(i)` points at weight row i's 16-bit values.
 ///
 /// # Safety
 /// `isa`'s features (AVX2, FMA and F16C at least) are available; rows `r..r+nr` hold `cols`
 /// elements each and tokens `t..t+nt` of `x` exist.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn float_tile<E: TileElem>(
+unsafe fn f16_tile(
     isa: Isa,
-    row: impl Fn(usize) -> *const E,
+    row: impl Fn(usize) -> *const u16,
     r: usize,
     nr: usize,
     cols: usize,
@@ -248,19 +221,22 @@ unsafe fn float_tile<E: TileElem>(
     nt: usize,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
-    unsafe fn go<E: TileElem, const R: usize, const T: usize>(
+    unsafe fn go<const R: usize, const T: usize>(
         isa: Isa,
-        row: impl Fn(usize) -> *const E,
+        row: impl Fn(usize) -> *const u16,
         r: usize,
         cols: usize,
         x: &[f32],
         t: usize,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
-        let w: [*const E; R] = std::array::from_fn(|i| row(r + i));
+        let w: [*const u16; R] = std::array::from_fn(|i| row(r + i));
         let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
         let mut out = [[0f32; T]; R];
-        E::tile::<R, T>(isa, &w, &xs, cols, &mut out);
+        match isa {
+            Isa::Avx512 => crate::x86::avx512_float::tile_f16::<R, T>(&w, &xs, cols, &mut out),
+            _ => crate::x86::avx2::tile_f16::<R, T>(&w, &xs, cols, &mut out),
+        }
         for (i, row) in out.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 put(r + i, t + j, *v);
@@ -268,17 +244,17 @@ unsafe fn float_tile<E: TileElem>(
         }
     }
     match (nr, nt) {
-        (4, 3) => go::<E, 4, 3>(isa, row, r, cols, x, t, put),
-        (4, 2) => go::<E, 4, 2>(isa, row, r, cols, x, t, put),
-        (4, 1) => go::<E, 4, 1>(isa, row, r, cols, x, t, put),
-        (3, 3) => go::<E, 3, 3>(isa, row, r, cols, x, t, put),
-        (3, 2) => go::<E, 3, 2>(isa, row, r, cols, x, t, put),
-        (3, 1) => go::<E, 3, 1>(isa, row, r, cols, x, t, put),
-        (2, 3) => go::<E, 2, 3>(isa, row, r, cols, x, t, put),
-        (2, 2) => go::<E, 2, 2>(isa, row, r, cols, x, t, put),
-        (2, 1) => go::<E, 2, 1>(isa, row, r, cols, x, t, put),
-        (1, 3) => go::<E, 1, 3>(isa, row, r, cols, x, t, put),
-        (1, 2) => go::<E, 1, 2>(isa, row, r, cols, x, t, put),
-        _ => go::<E, 1, 1>(isa, row, r, cols, x, t, put),
+        (4, 3) => go::<4, 3>(isa, row, r, cols, x, t, put),
+        (4, 2) => go::<4, 2>(isa, row, r, cols, x, t, put),
+        (4, 1) => go::<4, 1>(isa, row, r, cols, x, t, put),
+        (3, 3) => go::<3, 3>(isa, row, r, cols, x, t, put),
+        (3, 2) => go::<3, 2>(isa, row, r, cols, x, t, put),
+        (3, 1) => go::<3, 1>(isa, row, r, cols, x, t, put),
+        (2, 3) => go::<2, 3>(isa, row, r, cols, x, t, put),
+        (2, 2) => go::<2, 2>(isa, row, r, cols, x, t, put),
+        (2, 1) => go::<2, 1>(isa, row, r, cols, x, t, put),
+        (1, 3) => go::<1, 3>(isa, row, r, cols, x, t, put),
+        (1, 2) => go::<1, 2>(isa, row, r, cols, x, t, put),
+        _ => go::<1, 1>(isa, row, r, cols, x, t, put),
     }
 }

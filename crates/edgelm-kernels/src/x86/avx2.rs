@@ -43,6 +43,65 @@ pub unsafe fn tile<const R: usize, const T: usize>(
     }
 }
 
+/// Rows of a strip: two vectors of eight.
+pub const STRIP_ROWS: usize = 16;
+/// Tokens of a strip tile: 2×6 accumulators, two weight vectors and a broadcast fill 15 of the
+/// 16 registers.
+pub const STRIP_TOKENS: usize = 6;
+
+/// `out[j][r] = Σ_i strip[i·16 + r]·x[(t + j)·k + i]` for tokens `t..t + nt` (`nt` ≤ 6): the
+/// strip holds 16 weight rows side by side (element i of every row together), so each step is
+/// two weight loads, one broadcast per token and no horizontal sums.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `strip` holds `16·k` floats and `x` tokens `t..t + nt` of `k`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn strip_tile(
+    strip: &[f32],
+    k: usize,
+    x: &[f32],
+    t: usize,
+    nt: usize,
+    out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
+) {
+    match nt {
+        1 => strip_tile_n::<1>(strip, k, x, t, out),
+        2 => strip_tile_n::<2>(strip, k, x, t, out),
+        3 => strip_tile_n::<3>(strip, k, x, t, out),
+        4 => strip_tile_n::<4>(strip, k, x, t, out),
+        5 => strip_tile_n::<5>(strip, k, x, t, out),
+        6 => strip_tile_n::<6>(strip, k, x, t, out),
+        _ => unreachable!("a strip tile has 1 to 6 tokens"),
+    }
+}
+
+#[inline(always)]
+unsafe fn strip_tile_n<const T: usize>(
+    strip: &[f32],
+    k: usize,
+    x: &[f32],
+    t: usize,
+    out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
+) {
+    debug_assert!(strip.len() >= STRIP_ROWS * k && x.len() >= (t + T) * k);
+    let xs: [*const f32; T] = std::array::from_fn(|j| x.as_ptr().add((t + j) * k));
+    let w = strip.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for i in 0..k {
+        let w0 = _mm256_loadu_ps(w.add(i * STRIP_ROWS));
+        let w1 = _mm256_loadu_ps(w.add(i * STRIP_ROWS + 8));
+        for j in 0..T {
+            let xv = _mm256_broadcast_ss(&*xs[j].add(i));
+            acc[j][0] = _mm256_fmadd_ps(w0, xv, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w1, xv, acc[j][1]);
+        }
+    }
+    for j in 0..T {
+        _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j][0]);
+        _mm256_storeu_ps(out[j].as_mut_ptr().add(8), acc[j][1]);
+    }
+}
+
 /// `Σ a[i]·b[i]`.
 ///
 /// # Safety

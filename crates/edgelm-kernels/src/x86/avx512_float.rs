@@ -1,24 +1,11 @@
-//! AVX-512 f32 tiles for float weights (f32 rows, or f16 rows widened 16 at a time): the AVX2
-//! tiles of `avx2.rs` at twice the width, with the tail past a multiple of 16 read under a mask
-//! instead of summed in scalar. Callers guarantee AVX-512 F/BW/VL (checked once by `Isa`).
+//! AVX-512 f32 kernels for float weights: F16 rows against a few tokens (the AVX2 tiles of
+//! `avx2.rs` at twice the width, the tail past a multiple of 16 read under a mask), and strips
+//! of 32 widened rows against many. Callers guarantee AVX-512 F/BW/VL (checked once by `Isa`).
 
 use std::arch::x86_64::*;
 
-/// `out[r][t] = Σ w[r][i]·x[t][i]` over `k` elements: R×T accumulators of 16 lanes.
-///
-/// # Safety
-/// The CPU supports AVX-512 F; every pointer is valid for `k` floats.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn tile<const R: usize, const T: usize>(
-    w: &[*const f32; R],
-    x: &[*const f32; T],
-    k: usize,
-    out: &mut [[f32; T]; R],
-) {
-    tile_with::<R, T, f32>(w, x, k, out, |p, i, m| _mm512_maskz_loadu_ps(m, p.add(i)))
-}
-
-/// [`tile`] with f16 rows `w` (bit patterns).
+/// `out[r][t] = Σ w[r][i]·x[t][i]` over `k` elements for f16 rows `w` (bit patterns): R×T
+/// accumulators of 16 lanes, the tail past a multiple of 16 read under a mask.
 ///
 /// # Safety
 /// The CPU supports AVX-512 F, BW and VL; every pointer is valid for `k` elements.
@@ -29,21 +16,6 @@ pub unsafe fn tile_f16<const R: usize, const T: usize>(
     k: usize,
     out: &mut [[f32; T]; R],
 ) {
-    tile_with::<R, T, u16>(w, x, k, out, |p, i, m| {
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(i).cast()))
-    })
-}
-
-/// The tile loop; `load(row, i, mask)` reads 16 weights from element `i` as f32, lanes outside
-/// `mask` zero.
-#[inline(always)]
-unsafe fn tile_with<const R: usize, const T: usize, E>(
-    w: &[*const E; R],
-    x: &[*const f32; T],
-    k: usize,
-    out: &mut [[f32; T]; R],
-    load: impl Fn(*const E, usize, u16) -> __m512,
-) {
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut step = |i: usize, mask: u16| {
         let mut xv = [_mm512_setzero_ps(); T];
@@ -51,7 +23,7 @@ unsafe fn tile_with<const R: usize, const T: usize, E>(
             xv[t] = _mm512_maskz_loadu_ps(mask, x[t].add(i));
         }
         for r in 0..R {
-            let wv = load(w[r], i, mask);
+            let wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w[r].add(i).cast()));
             for t in 0..T {
                 acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
             }
@@ -70,5 +42,64 @@ unsafe fn tile_with<const R: usize, const T: usize, E>(
         for t in 0..T {
             out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
         }
+    }
+}
+
+/// Rows of a strip: two vectors of sixteen.
+pub const STRIP_ROWS: usize = 32;
+/// Tokens of a strip tile: 2×12 accumulators, two weight vectors and a broadcast fill 27 of the
+/// 32 registers.
+pub const STRIP_TOKENS: usize = 12;
+
+/// `out[j][r] = Σ_i strip[i·32 + r]·x[(t + j)·k + i]` for tokens `t..t + nt` (`nt` ≤ 12): the
+/// strip holds 32 weight rows side by side (element i of every row together), so each step
+/// is two weight loads, one broadcast per token and no horizontal sums.
+///
+/// # Safety
+/// The CPU supports AVX-512 F; `strip` holds `32·k` floats and `x` tokens `t..t + nt` of `k`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn strip_tile(
+    strip: &[f32],
+    k: usize,
+    x: &[f32],
+    t: usize,
+    nt: usize,
+    out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
+) {
+    macro_rules! by_tokens {
+        ($($n:literal)*) => {
+            match nt {
+                $($n => strip_tile_n::<$n>(strip, k, x, t, out),)*
+                _ => unreachable!("a strip tile has 1 to 12 tokens"),
+            }
+        };
+    }
+    by_tokens!(1 2 3 4 5 6 7 8 9 10 11 12)
+}
+
+#[inline(always)]
+unsafe fn strip_tile_n<const T: usize>(
+    strip: &[f32],
+    k: usize,
+    x: &[f32],
+    t: usize,
+    out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
+) {
+    debug_assert!(strip.len() >= STRIP_ROWS * k && x.len() >= (t + T) * k);
+    let xs: [*const f32; T] = std::array::from_fn(|j| x.as_ptr().add((t + j) * k));
+    let w = strip.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    for i in 0..k {
+        let w0 = _mm512_loadu_ps(w.add(i * STRIP_ROWS));
+        let w1 = _mm512_loadu_ps(w.add(i * STRIP_ROWS + 16));
+        for j in 0..T {
+            let xv = _mm512_set1_ps(*xs[j].add(i));
+            acc[j][0] = _mm512_fmadd_ps(w0, xv, acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(w1, xv, acc[j][1]);
+        }
+    }
+    for j in 0..T {
+        _mm512_storeu_ps(out[j].as_mut_ptr(), acc[j][0]);
+        _mm512_storeu_ps(out[j].as_mut_ptr().add(16), acc[j][1]);
     }
 }
