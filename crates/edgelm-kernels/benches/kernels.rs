@@ -259,6 +259,29 @@ fn prefill(c: &mut Criterion) {
     }
 }
 
+/// F16 weights against a few to many tokens: the fused row tiles and the strips.
+fn float_tokens(c: &mut Criterion) {
+    let (rows, cols) = (1024, 896);
+    let weights = quantized(GgmlType::F16, &random_floats(rows * cols, 3));
+    let w = Weight::gguf(GgmlType::F16, rows, cols, &weights);
+    let compute = Compute::with_precision(Isa::detect(), 1, Precision::Fast);
+    let mut group = c.benchmark_group(format!("f16_{rows}x{cols}"));
+    group.sample_size(20);
+    for tokens in [4, 6, 8, 12, 16, 24] {
+        let x = random_floats(tokens * cols, 5);
+        let mut out = vec![0f32; rows * tokens];
+        group.throughput(Throughput::Elements((rows * cols * tokens) as u64));
+        group.bench_function(format!("{tokens}"), |b| {
+            b.iter(|| {
+                compute
+                    .matmul(w, &x, tokens, &mut out)
+                    .expect("shapes match")
+            })
+        });
+    }
+    group.finish();
+}
+
 fn pool_dispatch(c: &mut Criterion) {
     let pool = ThreadPool::new(2);
     c.bench_function("pool_dispatch_2_threads", |b| {
@@ -277,6 +300,7 @@ criterion_group!(
     decode_stream,
     decode_cached,
     prefill,
+    float_tokens,
     pool_dispatch
 );
 criterion_main!(benches);

@@ -755,7 +755,7 @@ mod tests {
     }
 
     /// F32, F16 and BF16 weights on every ISA this CPU runs, for token counts on both sides of
-    /// the fused F16 path (≤ 4 tokens) and through the strips of many tokens, row lengths off the
+    /// F16 rows multiplied as stored (≤ 24 tokens) and through the strips, row lengths off the
     /// eight-lane step, against an f64 product of the stored values.
     #[test]
     fn float_weights_match_the_scalar_reference_on_every_path() {
@@ -773,8 +773,9 @@ mod tests {
             let mut stored = vec![0f32; rows * cols];
             edgelm_quant::dequantize_row(ty, &data, &mut stored).unwrap();
             let w = Weight::gguf(ty, rows, cols, &data);
-            // Past one and two strip tiles of 6 and 12 tokens, with tails.
-            for n_tokens in [1, 2, 3, 4, 5, 9, 14, 29] {
+            // Past the F16 rows as stored (≤ 24 tokens), whole strip tiles of 6 and 12 tokens and
+            // partial ones.
+            for n_tokens in [1, 2, 3, 4, 5, 9, 14, 29, 36] {
                 let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.unit()).collect();
                 for isa in Isa::available() {
                     let mut out = vec![0f32; rows * n_tokens];

@@ -12,6 +12,13 @@ use std::cell::RefCell;
 #[cfg(target_arch = "x86_64")]
 const F16_PREFETCH_BYTES: usize = 8 << 10;
 
+/// Up to this many tokens an F16 product multiplies the rows as stored; more take the strips,
+/// whose widening and transposing (~155 µs per million weights on one Zen 5 core) pays back
+/// from about 32 tokens: `cargo bench --bench kernels -- f16_`, 1024×896, one thread, µs by
+/// tokens as stored / strips: 6: 77 / 175, 12: 155 / 199, 24: 279 / 295.
+#[cfg(target_arch = "x86_64")]
+const F16_AS_STORED_MAX_TOKENS: usize = 24;
+
 /// A strip kernel: `(strip, k, x, first token, tokens, out)`, as `avx512_float::strip_tile`.
 #[cfg(target_arch = "x86_64")]
 type StripTile<const W: usize, const T: usize> =
@@ -35,13 +42,13 @@ impl Compute {
     ) {
         let shared = SharedOut(out.as_mut_ptr());
         let isa = self.isa;
-        // A few tokens read each F16 row once: multiply it as stored instead of converting it
-        // to an f32 panel first (which only pays back over many tokens), each thread streaming
+        // A few tokens read each F16 row once: multiply it as stored instead of widening it into
+        // a strip first (which only pays back over many tokens), each thread streaming
         // one contiguous range of rows (as the quantized products while decoding).
         #[cfg(target_arch = "x86_64")]
         if w.ty == GgmlType::F16
             && matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
-            && n_tokens <= 4
+            && n_tokens <= F16_AS_STORED_MAX_TOKENS
             && (w.data.as_ptr() as usize).is_multiple_of(2)
         {
             let per_task = w
@@ -140,23 +147,22 @@ impl Compute {
             let r0 = task * W;
             let rows = W.min(w.rows - r0);
             PANEL.with_borrow_mut(|buffer| {
-                // One row as f32, then the strip on a cache-line boundary (a vector of a
+                // The rows as f32, then the strip on a cache-line boundary (a vector of a
                 // misaligned strip would span two lines at every step).
-                buffer.resize(cols + W * cols + 16, 0.0);
-                let (row, rest) = buffer.split_at_mut(cols);
+                buffer.resize(2 * W * cols + 16, 0.0);
+                let (widened, rest) = buffer.split_at_mut(W * cols);
                 let skew = rest.as_ptr().align_offset(64).min(16);
                 let strip = &mut rest[skew..skew + W * cols];
-                for r in 0..W {
+                for (r, row) in widened.chunks_exact_mut(cols).enumerate() {
                     if r < rows {
                         let src = &w.data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
                         float_row(isa, w.ty, src, row);
                     } else {
                         row.fill(0.0);
                     }
-                    for (i, &v) in row.iter().enumerate() {
-                        strip[i * W + r] = v;
-                    }
                 }
+                // SAFETY: AVX2 present (every x86 tier has it); `widened` holds W rows of `cols`.
+                unsafe { transpose_into_strip::<W>(widened, cols, strip) };
                 let mut tile_out = [[0f32; W]; T];
                 for t in (0..n_tokens).step_by(T) {
                     let nt = T.min(n_tokens - t);
@@ -256,5 +262,36 @@ unsafe fn f16_tile(
         (1, 3) => go::<1, 3>(isa, row, r, cols, x, t, put),
         (1, 2) => go::<1, 2>(isa, row, r, cols, x, t, put),
         _ => go::<1, 1>(isa, row, r, cols, x, t, put),
+    }
+}
+
+/// `strip[i·W + r] = widened[r·cols + i]`: 8×8 blocks transposed in registers, the columns past
+/// the last whole block one by one (row by row in scalar the transpose cost more than 300 µs per
+/// million weights, as much as the products of 40 tokens).
+///
+/// # Safety
+/// The CPU supports AVX2; `widened` and `strip` hold `W·cols` floats, W a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+unsafe fn transpose_into_strip<const W: usize>(widened: &[f32], cols: usize, strip: &mut [f32]) {
+    assert!(W.is_multiple_of(8) && widened.len() >= W * cols && strip.len() >= W * cols);
+    let whole = cols / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        for r in (0..W).step_by(8) {
+            // SAFETY: rows r..r+8 at columns i..i+8 and strip rows i..i+8 at lanes r..r+8 are
+            // inside the slices (asserted above).
+            unsafe {
+                crate::x86::avx2::transpose8(
+                    widened.as_ptr().add(r * cols + i),
+                    cols,
+                    strip.as_mut_ptr().add(i * W + r),
+                    W,
+                )
+            };
+        }
+    }
+    for i in whole..cols {
+        for r in 0..W {
+            strip[i * W + r] = widened[r * cols + i];
+        }
     }
 }

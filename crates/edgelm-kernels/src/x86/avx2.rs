@@ -43,6 +43,35 @@ pub unsafe fn tile<const R: usize, const T: usize>(
     }
 }
 
+/// An 8×8 block transposed: `dst[j·dst_stride + q] = src[q·src_stride + j]` for q, j < 8.
+///
+/// # Safety
+/// The CPU supports AVX2; `src` holds 8 rows of 8 floats `src_stride` apart, `dst` room for 8
+/// rows of 8 `dst_stride` apart.
+#[target_feature(enable = "avx2")]
+pub unsafe fn transpose8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    let r: [__m256; 8] = std::array::from_fn(|q| _mm256_loadu_ps(src.add(q * src_stride)));
+    // Pairs of rows interleaved, then pairs of pairs: s[c] holds columns c and c + 4 of rows
+    // 0–3 (and s[c + 4] of rows 4–7), one column per 128-bit half.
+    let mut s = [_mm256_setzero_ps(); 8];
+    for half in [0, 4] {
+        let t0 = _mm256_unpacklo_ps(r[half], r[half + 1]);
+        let t1 = _mm256_unpackhi_ps(r[half], r[half + 1]);
+        let t2 = _mm256_unpacklo_ps(r[half + 2], r[half + 3]);
+        let t3 = _mm256_unpackhi_ps(r[half + 2], r[half + 3]);
+        s[half] = _mm256_shuffle_ps::<0x44>(t0, t2);
+        s[half + 1] = _mm256_shuffle_ps::<0xee>(t0, t2);
+        s[half + 2] = _mm256_shuffle_ps::<0x44>(t1, t3);
+        s[half + 3] = _mm256_shuffle_ps::<0xee>(t1, t3);
+    }
+    for c in 0..4 {
+        let low = _mm256_permute2f128_ps::<0x20>(s[c], s[c + 4]);
+        let high = _mm256_permute2f128_ps::<0x31>(s[c], s[c + 4]);
+        _mm256_storeu_ps(dst.add(c * dst_stride), low);
+        _mm256_storeu_ps(dst.add((c + 4) * dst_stride), high);
+    }
+}
+
 /// Rows of a strip: two vectors of eight.
 pub const STRIP_ROWS: usize = 16;
 /// Tokens of a strip tile: 2×6 accumulators, two weight vectors and a broadcast fill 15 of the
@@ -382,6 +411,28 @@ pub unsafe fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use crate::test_rng::Rng;
+
+    #[test]
+    fn transpose8_matches_scalar() {
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("skipping: this CPU lacks AVX2; the transpose is untested");
+            return;
+        }
+        let mut rng = Rng(8);
+        let src: Vec<f32> = (0..8 * 11).map(|_| rng.unit()).collect();
+        let mut dst = vec![0f32; 8 * 13];
+        // SAFETY: AVX2 checked above; 8 rows of 11 and of 13 floats.
+        unsafe { super::transpose8(src.as_ptr().add(2), 11, dst.as_mut_ptr().add(1), 13) };
+        for q in 0..8 {
+            for j in 0..8 {
+                assert_eq!(
+                    dst[1 + j * 13 + q],
+                    src[2 + q * 11 + j],
+                    "row {q} column {j}"
+                );
+            }
+        }
+    }
 
     /// Every one of the 65 536 half-precision values (F16 and BF16), at lengths off the
     /// eight-lane step, against edgelm-quant's scalar conversion: bit for bit (NaN for NaN).
