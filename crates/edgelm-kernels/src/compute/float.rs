@@ -12,12 +12,13 @@ use std::cell::RefCell;
 #[cfg(target_arch = "x86_64")]
 const F16_PREFETCH_BYTES: usize = 8 << 10;
 
-/// Up to this many tokens an F16 product multiplies the rows as stored; more take the strips,
-/// whose widening and transposing (~155 µs per million weights on one Zen 5 core) pays back
-/// from about 32 tokens: `cargo bench --bench kernels -- f16_`, 1024×896, one thread, µs by
-/// tokens as stored / strips: 6: 77 / 175, 12: 155 / 199, 24: 279 / 295.
+/// Up to this many tokens a float product reads its rows as they are (F16) or widened four at
+/// a time; more take the strips, whose widening and transposing (~155 µs per million weights on
+/// one Zen 5 core) pays back from about 32 tokens: `cargo bench --bench kernels -- f16_`,
+/// 1024×896, one thread, µs by tokens, rows as stored / strips: 6: 77 / 175, 12: 155 / 199, 24:
+/// 279 / 295.
 #[cfg(target_arch = "x86_64")]
-const F16_AS_STORED_MAX_TOKENS: usize = 24;
+const FEW_TOKENS_MAX: usize = 24;
 
 /// A strip kernel: `(strip, k, x, first token, tokens, out)`, as `avx512_float::strip_tile`.
 #[cfg(target_arch = "x86_64")]
@@ -42,15 +43,13 @@ impl Compute {
     ) {
         let shared = SharedOut(out.as_mut_ptr());
         let isa = self.isa;
-        // A few tokens read each F16 row once: multiply it as stored instead of widening it into
-        // a strip first (which only pays back over many tokens), each thread streaming
-        // one contiguous range of rows (as the quantized products while decoding).
+        // A few tokens read each row once: F16 rows are multiplied as stored, other rows widened
+        // four at a time into a small buffer, instead of a strip (which only pays back over many
+        // tokens); each thread streams one contiguous range of rows (as the quantized products
+        // while decoding).
         #[cfg(target_arch = "x86_64")]
-        if w.ty == GgmlType::F16
-            && matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
-            && n_tokens <= F16_AS_STORED_MAX_TOKENS
-            && (w.data.as_ptr() as usize).is_multiple_of(2)
-        {
+        if matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512) && n_tokens <= FEW_TOKENS_MAX {
+            let as_stored = w.ty == GgmlType::F16 && (w.data.as_ptr() as usize).is_multiple_of(2);
             let per_task = w
                 .rows
                 .div_ceil(self.pool.n_threads())
@@ -58,39 +57,49 @@ impl Compute {
             self.pool.run(w.rows.div_ceil(per_task), &|task| {
                 let r0 = task * per_task;
                 let r1 = (r0 + per_task).min(w.rows);
-                let mut r = r0;
-                while r < r1 {
-                    let nr = (r1 - r).min(4);
-                    // Rows a few KiB ahead requested now: one core streaming F16 rows read ~17
-                    // GB/s here without, and decoding ran 30–50% faster with.
-                    let ahead = r + (F16_PREFETCH_BYTES / row_bytes).max(4);
-                    crate::x86::prefetch(
-                        w.data.as_ptr().wrapping_add(ahead * row_bytes),
-                        nr * row_bytes,
-                    );
-                    let mut t = 0;
-                    while t < n_tokens {
-                        let nt = (n_tokens - t).min(3);
-                        // SAFETY: AVX2/FMA/F16C present (Isa); rows r..r+nr of `w` (2-byte
-                        // aligned, checked above) and tokens t..t+nt of `x` are in bounds;
-                        // (token, row) pairs of this task's rows are written by it alone.
-                        unsafe {
-                            f16_tile(
-                                isa,
-                                |i| w.data[i * row_bytes..].as_ptr().cast::<u16>(),
-                                r,
-                                nr,
-                                w.cols,
-                                x,
-                                t,
-                                nt,
-                                &mut |i, j, v| *shared.get().add(j * w.rows + i) = v,
-                            )
+                PANEL.with_borrow_mut(|widened| {
+                    widened.resize(4 * w.cols, 0.0);
+                    let mut r = r0;
+                    while r < r1 {
+                        let nr = (r1 - r).min(4);
+                        // Rows a few KiB ahead requested now: one core streaming F16 rows read
+                        // ~17 GB/s here without, and decoding ran 30–50% faster with.
+                        let ahead = r + (F16_PREFETCH_BYTES / row_bytes).max(4);
+                        crate::x86::prefetch(
+                            w.data.as_ptr().wrapping_add(ahead * row_bytes),
+                            nr * row_bytes,
+                        );
+                        if !as_stored {
+                            for (i, row) in widened.chunks_exact_mut(w.cols).take(nr).enumerate() {
+                                let src = &w.data[(r + i) * row_bytes..(r + i + 1) * row_bytes];
+                                float_row(isa, w.ty, src, row);
+                            }
+                        }
+                        let mut put = |i: usize, j: usize, v: f32| {
+                            // SAFETY: (token j, row i) is inside `out`, and this task's rows
+                            // are written by it alone.
+                            unsafe { *shared.get().add(j * w.rows + i) = v }
                         };
-                        t += nt;
+                        let mut t = 0;
+                        while t < n_tokens {
+                            let nt = (n_tokens - t).min(3);
+                            // SAFETY: AVX2/FMA/F16C present (Isa); rows r..r+nr (of `w`, 2-byte
+                            // aligned as checked, or widened) and tokens t..t+nt of `x` are in
+                            // bounds.
+                            unsafe {
+                                if as_stored {
+                                    let row = |i| w.data[i * row_bytes..].as_ptr().cast::<u16>();
+                                    few_tile(isa, row, r, nr, w.cols, x, t, nt, &mut put)
+                                } else {
+                                    let row = |i| widened[(i - r) * w.cols..].as_ptr();
+                                    few_tile(isa, row, r, nr, w.cols, x, t, nt, &mut put)
+                                }
+                            };
+                            t += nt;
+                        }
+                        r += nr;
                     }
-                    r += nr;
-                }
+                });
             });
             return;
         }
@@ -208,17 +217,64 @@ fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Dispatch a runtime-sized tile of F16 rows (≤4 rows × ≤3 tokens) to its const-generic kernel
-/// on `isa` (AVX2 or AVX-512); `row(i)` points at weight row i's 16-bit values.
+/// A weight row element the few-token tiles multiply as they are: F16 bits (widened by F16C, or
+/// by AVX-512's 16-wide convert), or f32.
+#[cfg(target_arch = "x86_64")]
+trait TileElem: Sized {
+    /// The R×T tile on `isa`.
+    ///
+    /// # Safety
+    /// The CPU has what `isa`'s kernel needs; every pointer is valid for `k` elements.
+    unsafe fn tile<const R: usize, const T: usize>(
+        isa: Isa,
+        w: &[*const Self; R],
+        xs: &[*const f32; T],
+        k: usize,
+        out: &mut [[f32; T]; R],
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileElem for u16 {
+    unsafe fn tile<const R: usize, const T: usize>(
+        isa: Isa,
+        w: &[*const u16; R],
+        xs: &[*const f32; T],
+        k: usize,
+        out: &mut [[f32; T]; R],
+    ) {
+        match isa {
+            Isa::Avx512 => crate::x86::avx512_float::tile_f16::<R, T>(w, xs, k, out),
+            _ => crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileElem for f32 {
+    /// AVX2's on every tier: rows widened from memory-bound types, read from L1.
+    unsafe fn tile<const R: usize, const T: usize>(
+        _isa: Isa,
+        w: &[*const f32; R],
+        xs: &[*const f32; T],
+        k: usize,
+        out: &mut [[f32; T]; R],
+    ) {
+        crate::x86::avx2::tile::<R, T>(w, xs, k, out)
+    }
+}
+
+/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic kernel on `isa`
+/// (AVX2 or AVX-512); `row(i)` points at weight row i.
 ///
 /// # Safety
 /// `isa`'s features (AVX2, FMA and F16C at least) are available; rows `r..r+nr` hold `cols`
 /// elements each and tokens `t..t+nt` of `x` exist.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn f16_tile(
+unsafe fn few_tile<E: TileElem>(
     isa: Isa,
-    row: impl Fn(usize) -> *const u16,
+    row: impl Fn(usize) -> *const E,
     r: usize,
     nr: usize,
     cols: usize,
@@ -227,22 +283,19 @@ unsafe fn f16_tile(
     nt: usize,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
-    unsafe fn go<const R: usize, const T: usize>(
+    unsafe fn go<E: TileElem, const R: usize, const T: usize>(
         isa: Isa,
-        row: impl Fn(usize) -> *const u16,
+        row: impl Fn(usize) -> *const E,
         r: usize,
         cols: usize,
         x: &[f32],
         t: usize,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
-        let w: [*const u16; R] = std::array::from_fn(|i| row(r + i));
+        let w: [*const E; R] = std::array::from_fn(|i| row(r + i));
         let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
         let mut out = [[0f32; T]; R];
-        match isa {
-            Isa::Avx512 => crate::x86::avx512_float::tile_f16::<R, T>(&w, &xs, cols, &mut out),
-            _ => crate::x86::avx2::tile_f16::<R, T>(&w, &xs, cols, &mut out),
-        }
+        E::tile::<R, T>(isa, &w, &xs, cols, &mut out);
         for (i, row) in out.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 put(r + i, t + j, *v);
@@ -250,18 +303,18 @@ unsafe fn f16_tile(
         }
     }
     match (nr, nt) {
-        (4, 3) => go::<4, 3>(isa, row, r, cols, x, t, put),
-        (4, 2) => go::<4, 2>(isa, row, r, cols, x, t, put),
-        (4, 1) => go::<4, 1>(isa, row, r, cols, x, t, put),
-        (3, 3) => go::<3, 3>(isa, row, r, cols, x, t, put),
-        (3, 2) => go::<3, 2>(isa, row, r, cols, x, t, put),
-        (3, 1) => go::<3, 1>(isa, row, r, cols, x, t, put),
-        (2, 3) => go::<2, 3>(isa, row, r, cols, x, t, put),
-        (2, 2) => go::<2, 2>(isa, row, r, cols, x, t, put),
-        (2, 1) => go::<2, 1>(isa, row, r, cols, x, t, put),
-        (1, 3) => go::<1, 3>(isa, row, r, cols, x, t, put),
-        (1, 2) => go::<1, 2>(isa, row, r, cols, x, t, put),
-        _ => go::<1, 1>(isa, row, r, cols, x, t, put),
+        (4, 3) => go::<E, 4, 3>(isa, row, r, cols, x, t, put),
+        (4, 2) => go::<E, 4, 2>(isa, row, r, cols, x, t, put),
+        (4, 1) => go::<E, 4, 1>(isa, row, r, cols, x, t, put),
+        (3, 3) => go::<E, 3, 3>(isa, row, r, cols, x, t, put),
+        (3, 2) => go::<E, 3, 2>(isa, row, r, cols, x, t, put),
+        (3, 1) => go::<E, 3, 1>(isa, row, r, cols, x, t, put),
+        (2, 3) => go::<E, 2, 3>(isa, row, r, cols, x, t, put),
+        (2, 2) => go::<E, 2, 2>(isa, row, r, cols, x, t, put),
+        (2, 1) => go::<E, 2, 1>(isa, row, r, cols, x, t, put),
+        (1, 3) => go::<E, 1, 3>(isa, row, r, cols, x, t, put),
+        (1, 2) => go::<E, 1, 2>(isa, row, r, cols, x, t, put),
+        _ => go::<E, 1, 1>(isa, row, r, cols, x, t, put),
     }
 }
 
