@@ -799,6 +799,45 @@ mod tests {
         }
     }
 
+    /// A token's product with float weights is the same bits alone, in a few tokens (rows as
+    /// stored or widened four at a time) and among many (the strips): what `edgelm serve`
+    /// promises, a greedy answer that does not depend on the load.
+    #[test]
+    fn float_products_do_not_depend_on_the_batch() {
+        let mut rng = Rng(17);
+        let (rows, n) = (37, 40);
+        for (ty, cols) in [GgmlType::F32, GgmlType::F16, GgmlType::BF16]
+            .into_iter()
+            .flat_map(|ty| [(ty, 43), (ty, 96)])
+        {
+            let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+            let mut data = vec![0u8; edgelm_quant::row_bytes(ty, cols).unwrap() * rows];
+            edgelm_quant::quantize_row(ty, &wf, &mut data).unwrap();
+            let w = Weight::gguf(ty, rows, cols, &data);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.unit()).collect();
+            for isa in Isa::available() {
+                for precision in [Precision::Fast, Precision::Precise] {
+                    let c = Compute::with_precision(isa, 2, precision);
+                    let product = |first: usize, count: usize| {
+                        let mut out = vec![0f32; rows * count];
+                        c.matmul(w, &x[first * cols..(first + count) * cols], count, &mut out)
+                            .unwrap();
+                        out
+                    };
+                    let all = product(0, n);
+                    for (first, count) in [(0, 1), (7, 1), (39, 1), (3, 5), (10, 24), (2, 30)] {
+                        assert_eq!(
+                            product(first, count),
+                            all[first * rows..(first + count) * rows],
+                            "{ty} {isa:?} {precision:?}: tokens {first}..{} alone",
+                            first + count
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn shape_errors() {
         let c = Compute::precise(Isa::Scalar, 1);

@@ -20,10 +20,11 @@ const F16_PREFETCH_BYTES: usize = 8 << 10;
 #[cfg(target_arch = "x86_64")]
 const FEW_TOKENS_MAX: usize = 24;
 
-/// A strip kernel: `(strip, k, x, first token, tokens, out)`, as `avx512_float::strip_tile`.
+/// A strip kernel: `(strip, steps, x, k, first token, tokens, phase, out)`, as
+/// `avx2::strip_tile`.
 #[cfg(target_arch = "x86_64")]
 type StripTile<const W: usize, const T: usize> =
-    unsafe fn(&[f32], usize, &[f32], usize, usize, &mut [[f32; W]; T]);
+    unsafe fn(&[f32], usize, &[f32], usize, usize, usize, usize, &mut [[f32; W]; T]);
 
 thread_local! {
     /// A task's widened rows: one row (scalar path), or a row and a strip (x86).
@@ -89,10 +90,10 @@ impl Compute {
                             unsafe {
                                 if as_stored {
                                     let row = |i| w.data[i * row_bytes..].as_ptr().cast::<u16>();
-                                    few_tile(isa, row, r, nr, w.cols, x, t, nt, &mut put)
+                                    few_tile(row, r, nr, w.cols, x, t, nt, &mut put)
                                 } else {
                                     let row = |i| widened[(i - r) * w.cols..].as_ptr();
-                                    few_tile(isa, row, r, nr, w.cols, x, t, nt, &mut put)
+                                    few_tile(row, r, nr, w.cols, x, t, nt, &mut put)
                                 }
                             };
                             t += nt;
@@ -137,10 +138,13 @@ impl Compute {
         });
     }
 
-    /// Many tokens against float weights: each task widens `W` rows into a strip (element i of
-    /// every row side by side, zeros past the last row) and multiplies it by every token, `T` at
-    /// a time, with `tile`. The strip is read from cache once per `T` tokens; every token row
-    /// once per strip.
+    /// Many tokens against float weights: each task widens `W` rows into a strip — element i of
+    /// every row side by side, zeros past the last row, ordered by phase (i mod 8) then i / 8 —
+    /// and multiplies it by every token, `T` at a time, with `tile`, one phase after another.
+    /// The phases' sums are added in `hsum`'s order and the columns past the last multiple of 8
+    /// one by one, as the few-token tiles do: a token's products are the same bits whatever
+    /// else the batch holds (what `edgelm serve` promises), and the strip is still read from
+    /// cache once per `T` tokens.
     #[cfg(target_arch = "x86_64")]
     fn strip_product<const W: usize, const T: usize>(
         &self,
@@ -152,6 +156,7 @@ impl Compute {
         tile: StripTile<W, T>,
     ) {
         let (isa, cols) = (self.isa, w.cols);
+        let (k8, steps) = (cols / 8 * 8, cols / 8);
         self.pool.run(w.rows.div_ceil(W), &|task| {
             let r0 = task * W;
             let rows = W.min(w.rows - r0);
@@ -161,7 +166,7 @@ impl Compute {
                 buffer.resize(2 * W * cols + 16, 0.0);
                 let (widened, rest) = buffer.split_at_mut(W * cols);
                 let skew = rest.as_ptr().align_offset(64).min(16);
-                let strip = &mut rest[skew..skew + W * cols];
+                let strip = &mut rest[skew..skew + W * k8];
                 for (r, row) in widened.chunks_exact_mut(cols).enumerate() {
                     if r < rows {
                         let src = &w.data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
@@ -172,13 +177,18 @@ impl Compute {
                 }
                 // SAFETY: AVX2 present (every x86 tier has it); `widened` holds W rows of `cols`.
                 unsafe { transpose_into_strip::<W>(widened, cols, strip) };
-                let mut tile_out = [[0f32; W]; T];
+                let mut phases = [[[0f32; W]; T]; 8];
                 for t in (0..n_tokens).step_by(T) {
                     let nt = T.min(n_tokens - t);
-                    // SAFETY: `tile` is this CPU's kernel (chosen from `isa`); the strip holds
-                    // W·cols floats and `x` holds tokens t..t+nt of `cols` (shapes checked).
-                    unsafe { tile(strip, cols, x, t, nt, &mut tile_out) };
-                    for (j, values) in tile_out[..nt].iter().enumerate() {
+                    for (phase, sums) in phases.iter_mut().enumerate() {
+                        let part = &strip[phase * steps * W..(phase + 1) * steps * W];
+                        // SAFETY: `tile` is this CPU's kernel (chosen from `isa`); `part` holds
+                        // W·steps floats and `x` tokens t..t+nt of `cols` ≥ 8·steps (shapes
+                        // checked).
+                        unsafe { tile(part, steps, x, cols, t, nt, phase, sums) };
+                    }
+                    for j in 0..nt {
+                        let token = &x[(t + j) * cols..(t + j + 1) * cols];
                         // SAFETY: rows r0..r0+rows of token t+j are inside `out` and written
                         // by this task alone.
                         let dst = unsafe {
@@ -187,7 +197,15 @@ impl Compute {
                                 rows,
                             )
                         };
-                        dst.copy_from_slice(&values[..rows]);
+                        for (r, d) in dst.iter_mut().enumerate() {
+                            let p = |phase: usize| phases[phase][j][r];
+                            let mut s =
+                                ((p(0) + p(4)) + (p(2) + p(6))) + ((p(1) + p(5)) + (p(3) + p(7)));
+                            for i in k8..cols {
+                                s += widened[r * cols + i] * token[i];
+                            }
+                            *d = s;
+                        }
                     }
                 }
             });
@@ -217,16 +235,16 @@ fn float_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// A weight row element the few-token tiles multiply as they are: F16 bits (widened by F16C, or
-/// by AVX-512's 16-wide convert), or f32.
+/// A weight row element the few-token tiles multiply as they are: F16 bits (widened by F16C) or
+/// f32. AVX2's eight-lane tiles on every tier: their summation order (eight FMA chains, `hsum`,
+/// then the tail) is the one the strips reproduce, and these products are bound by memory.
 #[cfg(target_arch = "x86_64")]
 trait TileElem: Sized {
-    /// The R×T tile on `isa`.
+    /// The R×T tile.
     ///
     /// # Safety
-    /// The CPU has what `isa`'s kernel needs; every pointer is valid for `k` elements.
+    /// The CPU has AVX2, FMA and F16C; every pointer is valid for `k` elements.
     unsafe fn tile<const R: usize, const T: usize>(
-        isa: Isa,
         w: &[*const Self; R],
         xs: &[*const f32; T],
         k: usize,
@@ -237,24 +255,18 @@ trait TileElem: Sized {
 #[cfg(target_arch = "x86_64")]
 impl TileElem for u16 {
     unsafe fn tile<const R: usize, const T: usize>(
-        isa: Isa,
         w: &[*const u16; R],
         xs: &[*const f32; T],
         k: usize,
         out: &mut [[f32; T]; R],
     ) {
-        match isa {
-            Isa::Avx512 => crate::x86::avx512_float::tile_f16::<R, T>(w, xs, k, out),
-            _ => crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out),
-        }
+        crate::x86::avx2::tile_f16::<R, T>(w, xs, k, out)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 impl TileElem for f32 {
-    /// AVX2's on every tier: rows widened from memory-bound types, read from L1.
     unsafe fn tile<const R: usize, const T: usize>(
-        _isa: Isa,
         w: &[*const f32; R],
         xs: &[*const f32; T],
         k: usize,
@@ -264,16 +276,15 @@ impl TileElem for f32 {
     }
 }
 
-/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic kernel on `isa`
-/// (AVX2 or AVX-512); `row(i)` points at weight row i.
+/// Dispatch a runtime-sized tile (≤4 rows × ≤3 tokens) to its const-generic kernel; `row(i)`
+/// points at weight row i.
 ///
 /// # Safety
-/// `isa`'s features (AVX2, FMA and F16C at least) are available; rows `r..r+nr` hold `cols`
+/// AVX2, FMA and F16C are available; rows `r..r+nr` hold `cols`
 /// elements each and tokens `t..t+nt` of `x` exist.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn few_tile<E: TileElem>(
-    isa: Isa,
     row: impl Fn(usize) -> *const E,
     r: usize,
     nr: usize,
@@ -284,7 +295,6 @@ unsafe fn few_tile<E: TileElem>(
     put: &mut impl FnMut(usize, usize, f32),
 ) {
     unsafe fn go<E: TileElem, const R: usize, const T: usize>(
-        isa: Isa,
         row: impl Fn(usize) -> *const E,
         r: usize,
         cols: usize,
@@ -295,7 +305,7 @@ unsafe fn few_tile<E: TileElem>(
         let w: [*const E; R] = std::array::from_fn(|i| row(r + i));
         let xs: [*const f32; T] = std::array::from_fn(|j| x[(t + j) * cols..].as_ptr());
         let mut out = [[0f32; T]; R];
-        E::tile::<R, T>(isa, &w, &xs, cols, &mut out);
+        E::tile::<R, T>(&w, &xs, cols, &mut out);
         for (i, row) in out.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 put(r + i, t + j, *v);
@@ -303,48 +313,45 @@ unsafe fn few_tile<E: TileElem>(
         }
     }
     match (nr, nt) {
-        (4, 3) => go::<E, 4, 3>(isa, row, r, cols, x, t, put),
-        (4, 2) => go::<E, 4, 2>(isa, row, r, cols, x, t, put),
-        (4, 1) => go::<E, 4, 1>(isa, row, r, cols, x, t, put),
-        (3, 3) => go::<E, 3, 3>(isa, row, r, cols, x, t, put),
-        (3, 2) => go::<E, 3, 2>(isa, row, r, cols, x, t, put),
-        (3, 1) => go::<E, 3, 1>(isa, row, r, cols, x, t, put),
-        (2, 3) => go::<E, 2, 3>(isa, row, r, cols, x, t, put),
-        (2, 2) => go::<E, 2, 2>(isa, row, r, cols, x, t, put),
-        (2, 1) => go::<E, 2, 1>(isa, row, r, cols, x, t, put),
-        (1, 3) => go::<E, 1, 3>(isa, row, r, cols, x, t, put),
-        (1, 2) => go::<E, 1, 2>(isa, row, r, cols, x, t, put),
-        _ => go::<E, 1, 1>(isa, row, r, cols, x, t, put),
+        (4, 3) => go::<E, 4, 3>(row, r, cols, x, t, put),
+        (4, 2) => go::<E, 4, 2>(row, r, cols, x, t, put),
+        (4, 1) => go::<E, 4, 1>(row, r, cols, x, t, put),
+        (3, 3) => go::<E, 3, 3>(row, r, cols, x, t, put),
+        (3, 2) => go::<E, 3, 2>(row, r, cols, x, t, put),
+        (3, 1) => go::<E, 3, 1>(row, r, cols, x, t, put),
+        (2, 3) => go::<E, 2, 3>(row, r, cols, x, t, put),
+        (2, 2) => go::<E, 2, 2>(row, r, cols, x, t, put),
+        (2, 1) => go::<E, 2, 1>(row, r, cols, x, t, put),
+        (1, 3) => go::<E, 1, 3>(row, r, cols, x, t, put),
+        (1, 2) => go::<E, 1, 2>(row, r, cols, x, t, put),
+        _ => go::<E, 1, 1>(row, r, cols, x, t, put),
     }
 }
 
-/// `strip[i·W + r] = widened[r·cols + i]`: 8×8 blocks transposed in registers, the columns past
-/// the last whole block one by one (row by row in scalar the transpose cost more than 300 µs per
-/// million weights, as much as the products of 40 tokens).
+/// `strip[((i mod 8)·(cols / 8) + i / 8)·W + r] = widened[r·cols + i]` for i below the last
+/// multiple of 8 (the strip by phase), 8×8 blocks transposed in registers (row by row in scalar
+/// the transpose cost more than 300 µs per million weights, as much as the products of 40
+/// tokens).
 ///
 /// # Safety
-/// The CPU supports AVX2; `widened` and `strip` hold `W·cols` floats, W a multiple of 8.
+/// The CPU supports AVX2; `widened` holds `W·cols` floats and `strip` `W·(cols / 8)·8`, W a
+/// multiple of 8.
 #[cfg(target_arch = "x86_64")]
 unsafe fn transpose_into_strip<const W: usize>(widened: &[f32], cols: usize, strip: &mut [f32]) {
-    assert!(W.is_multiple_of(8) && widened.len() >= W * cols && strip.len() >= W * cols);
-    let whole = cols / 8 * 8;
-    for i in (0..whole).step_by(8) {
+    let steps = cols / 8;
+    assert!(W.is_multiple_of(8) && widened.len() >= W * cols && strip.len() >= W * steps * 8);
+    for m in 0..steps {
         for r in (0..W).step_by(8) {
-            // SAFETY: rows r..r+8 at columns i..i+8 and strip rows i..i+8 at lanes r..r+8 are
-            // inside the slices (asserted above).
+            // SAFETY: rows r..r+8 at columns 8m..8m+8 are inside `widened`; phase l's lanes
+            // r..r+8 at step m, (l·steps + m)·W + r, are inside the strip (asserted above).
             unsafe {
                 crate::x86::avx2::transpose8(
-                    widened.as_ptr().add(r * cols + i),
+                    widened.as_ptr().add(r * cols + 8 * m),
                     cols,
-                    strip.as_mut_ptr().add(i * W + r),
-                    W,
+                    strip.as_mut_ptr().add(m * W + r),
+                    steps * W,
                 )
             };
-        }
-    }
-    for i in whole..cols {
-        for r in 0..W {
-            strip[i * W + r] = widened[r * cols + i];
         }
     }
 }

@@ -78,28 +78,35 @@ pub const STRIP_ROWS: usize = 16;
 /// 16 registers.
 pub const STRIP_TOKENS: usize = 6;
 
-/// `out[j][r] = Σ_i strip[i·16 + r]·x[(t + j)·k + i]` for tokens `t..t + nt` (`nt` ≤ 6): the
-/// strip holds 16 weight rows side by side (element i of every row together), so each step is
-/// two weight loads, one broadcast per token and no horizontal sums.
+/// One phase of a strip tile: `out[j][r] = Σ_m strip[m·16 + r]·x[(t + j)·k + 8m + phase]` over
+/// `steps` steps for tokens `t..t + nt` (`nt` ≤ 6). The strip holds 16 weight rows side by side,
+/// element 8m + phase of every row at step m, so each step is two weight loads, one broadcast per
+/// token and no horizontal sums; each sum is one FMA chain in m — what lane `phase` of [`tile`]
+/// computes — so the caller can add the eight phases in `hsum`'s order and get [`tile`]'s
+/// results bit for bit, whatever the number of tokens.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `strip` holds `16·k` floats and `x` tokens `t..t + nt` of `k`.
+/// The CPU supports AVX2 and FMA; `strip` holds `16·steps` floats and `x` tokens `t..t + nt` of
+/// `k` with `8·steps + phase` ≤ `k`.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn strip_tile(
     strip: &[f32],
-    k: usize,
+    steps: usize,
     x: &[f32],
+    k: usize,
     t: usize,
     nt: usize,
+    phase: usize,
     out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
 ) {
     match nt {
-        1 => strip_tile_n::<1>(strip, k, x, t, out),
-        2 => strip_tile_n::<2>(strip, k, x, t, out),
-        3 => strip_tile_n::<3>(strip, k, x, t, out),
-        4 => strip_tile_n::<4>(strip, k, x, t, out),
-        5 => strip_tile_n::<5>(strip, k, x, t, out),
-        6 => strip_tile_n::<6>(strip, k, x, t, out),
+        1 => strip_tile_n::<1>(strip, steps, x, k, t, phase, out),
+        2 => strip_tile_n::<2>(strip, steps, x, k, t, phase, out),
+        3 => strip_tile_n::<3>(strip, steps, x, k, t, phase, out),
+        4 => strip_tile_n::<4>(strip, steps, x, k, t, phase, out),
+        5 => strip_tile_n::<5>(strip, steps, x, k, t, phase, out),
+        6 => strip_tile_n::<6>(strip, steps, x, k, t, phase, out),
         _ => unreachable!("a strip tile has 1 to 6 tokens"),
     }
 }
@@ -107,20 +114,23 @@ pub unsafe fn strip_tile(
 #[inline(always)]
 unsafe fn strip_tile_n<const T: usize>(
     strip: &[f32],
-    k: usize,
+    steps: usize,
     x: &[f32],
+    k: usize,
     t: usize,
+    phase: usize,
     out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
 ) {
-    debug_assert!(strip.len() >= STRIP_ROWS * k && x.len() >= (t + T) * k);
-    let xs: [*const f32; T] = std::array::from_fn(|j| x.as_ptr().add((t + j) * k));
+    debug_assert!(strip.len() >= STRIP_ROWS * steps && x.len() >= (t + T) * k);
+    debug_assert!(steps == 0 || 8 * (steps - 1) + phase < k);
+    let xs: [*const f32; T] = std::array::from_fn(|j| x.as_ptr().add((t + j) * k + phase));
     let w = strip.as_ptr();
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
-    for i in 0..k {
-        let w0 = _mm256_loadu_ps(w.add(i * STRIP_ROWS));
-        let w1 = _mm256_loadu_ps(w.add(i * STRIP_ROWS + 8));
+    for m in 0..steps {
+        let w0 = _mm256_loadu_ps(w.add(m * STRIP_ROWS));
+        let w1 = _mm256_loadu_ps(w.add(m * STRIP_ROWS + 8));
         for j in 0..T {
-            let xv = _mm256_broadcast_ss(&*xs[j].add(i));
+            let xv = _mm256_broadcast_ss(&*xs[j].add(8 * m));
             acc[j][0] = _mm256_fmadd_ps(w0, xv, acc[j][0]);
             acc[j][1] = _mm256_fmadd_ps(w1, xv, acc[j][1]);
         }
