@@ -267,7 +267,7 @@ fn float_tokens(c: &mut Criterion) {
     let compute = Compute::with_precision(Isa::detect(), 1, Precision::Fast);
     let mut group = c.benchmark_group(format!("f16_{rows}x{cols}"));
     group.sample_size(20);
-    for tokens in [4, 6, 8, 12, 16, 24] {
+    for tokens in [4, 6, 8, 12, 16, 24, 32, 64, 256] {
         let x = random_floats(tokens * cols, 5);
         let mut out = vec![0f32; rows * tokens];
         group.throughput(Throughput::Elements((rows * cols * tokens) as u64));
