@@ -1,13 +1,13 @@
-//! The precise path's products, and the fast path's for float weights: rows widened to f32
-//! strips of rows side by side (or F16 rows multiplied as stored, for a few tokens), every
-//! product and sum in f32.
+//! The precise path's products, and the fast path's for float weights: for a few tokens rows
+//! read as stored (F16) or widened to f32 four at a time, for many rows widened into strips (rows
+//! side by side); every product and sum in f32, in the same order either way.
 
 use super::{scalar_dot, Compute, SharedOut, Weight, ROWS_PER_TASK};
 use crate::Isa;
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
 
-/// How far ahead of its tile the few-token F16 product requests rows (8 KiB measured best on
+/// How far ahead of its tile the few-token product requests rows (8 KiB measured best on
 /// Gemma 3's 1280-byte rows, within noise of 16 KiB on SmolLM2's 1152).
 #[cfg(target_arch = "x86_64")]
 const F16_PREFETCH_BYTES: usize = 8 << 10;
@@ -27,7 +27,7 @@ type StripTile<const W: usize, const T: usize> =
     unsafe fn(&[f32], usize, &[f32], usize, usize, usize, usize, &mut [[f32; W]; T]);
 
 thread_local! {
-    /// A task's widened rows: one row (scalar path), or a row and a strip (x86).
+    /// A task's widened rows: one row (scalar path), four (few tokens), or W rows and their strip.
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
