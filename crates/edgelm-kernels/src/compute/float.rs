@@ -7,10 +7,10 @@ use crate::Isa;
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
 
-/// How far ahead of its tile the few-token product requests rows (8 KiB measured best on
-/// Gemma 3's 1280-byte rows, within noise of 16 KiB on SmolLM2's 1152).
+/// How far ahead of its tile the few-token product requests rows, whatever their float type
+/// (8 KiB measured best on Gemma 3's 1280-byte F16 rows, within noise of 16 KiB on SmolLM2's 1152).
 #[cfg(target_arch = "x86_64")]
-const F16_PREFETCH_BYTES: usize = 8 << 10;
+const PREFETCH_AHEAD_BYTES: usize = 8 << 10;
 
 /// Up to this many tokens a float product reads its rows as they are (F16) or widened four at
 /// a time; more take the strips, whose widening and transposing (~155 µs per million weights on
@@ -65,7 +65,7 @@ impl Compute {
                         let nr = (r1 - r).min(4);
                         // Rows a few KiB ahead requested now: one core streaming F16 rows read
                         // ~17 GB/s here without, and decoding ran 30–50% faster with.
-                        let ahead = r + (F16_PREFETCH_BYTES / row_bytes).max(4);
+                        let ahead = r + (PREFETCH_AHEAD_BYTES / row_bytes).max(4);
                         crate::x86::prefetch(
                             w.data.as_ptr().wrapping_add(ahead * row_bytes),
                             nr * row_bytes,
@@ -280,8 +280,8 @@ impl TileElem for f32 {
 /// points at weight row i.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; rows `r..r+nr` hold `cols`
-/// elements each and tokens `t..t+nt` of `x` exist.
+/// AVX2, FMA and F16C are available; rows `r..r+nr` hold `cols` elements each and tokens
+/// `t..t+nt` of `x` exist.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn few_tile<E: TileElem>(

@@ -28,15 +28,21 @@ pub unsafe fn strip_tile(
     phase: usize,
     out: &mut [[f32; STRIP_ROWS]; STRIP_TOKENS],
 ) {
-    macro_rules! by_tokens {
-        ($($n:literal)*) => {
-            match nt {
-                $($n => strip_tile_n::<$n>(strip, steps, x, k, t, phase, out),)*
-                _ => unreachable!("a strip tile has 1 to 12 tokens"),
-            }
-        };
+    match nt {
+        1 => strip_tile_n::<1>(strip, steps, x, k, t, phase, out),
+        2 => strip_tile_n::<2>(strip, steps, x, k, t, phase, out),
+        3 => strip_tile_n::<3>(strip, steps, x, k, t, phase, out),
+        4 => strip_tile_n::<4>(strip, steps, x, k, t, phase, out),
+        5 => strip_tile_n::<5>(strip, steps, x, k, t, phase, out),
+        6 => strip_tile_n::<6>(strip, steps, x, k, t, phase, out),
+        7 => strip_tile_n::<7>(strip, steps, x, k, t, phase, out),
+        8 => strip_tile_n::<8>(strip, steps, x, k, t, phase, out),
+        9 => strip_tile_n::<9>(strip, steps, x, k, t, phase, out),
+        10 => strip_tile_n::<10>(strip, steps, x, k, t, phase, out),
+        11 => strip_tile_n::<11>(strip, steps, x, k, t, phase, out),
+        12 => strip_tile_n::<12>(strip, steps, x, k, t, phase, out),
+        _ => unreachable!("a strip tile has 1 to 12 tokens"),
     }
-    by_tokens!(1 2 3 4 5 6 7 8 9 10 11 12)
 }
 
 #[inline(always)]
