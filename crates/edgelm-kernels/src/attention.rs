@@ -374,6 +374,8 @@ pub(crate) fn kind(p: &KvPlane<'_>) -> Kind {
 struct Call<'a, 'b> {
     q: &'b [f32],
     hd: usize,
+    /// Kv heads side by side in each slot of `kv`, attended by equal groups of `q`'s heads.
+    kv_heads: usize,
     kv: &'b KvBlocks<'a>,
     scale: f32,
     scores: &'b mut Vec<f32>,
@@ -406,6 +408,7 @@ impl Compute {
         self.dispatch(Call {
             q,
             hd,
+            kv_heads: 1,
             kv,
             scale,
             scores,
@@ -418,11 +421,17 @@ impl Compute {
     /// `Σ_j e^(s_rj − m_r) · v_j` and `stats` holds every head's `m_r` (the largest scaled score),
     /// then every head's `Σ_j e^(s_rj − m_r)`. Parts of one query's keys, attended in parallel,
     /// combine exactly with [`merge_partials`] (flash decoding).
+    ///
+    /// `q`'s heads are `kv_heads` equal groups, group g attending the kv head in columns
+    /// `g·hd .. (g + 1)·hd` of `kv`'s slots: one call over every kv head reads whole slot rows,
+    /// in order, where a call per kv head reads a strided part of each. Each head's arithmetic
+    /// is the same either way.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_heads_partial(
         &self,
         q: &[f32],
         hd: usize,
+        kv_heads: usize,
         kv: &KvBlocks<'_>,
         scale: f32,
         scores: &mut Vec<f32>,
@@ -436,9 +445,14 @@ impl Compute {
         if kv.n == 0 || hd == 0 {
             return;
         }
+        assert!(
+            kv_heads > 0 && heads.is_multiple_of(kv_heads),
+            "attention: {heads} query heads do not make {kv_heads} equal groups"
+        );
         self.dispatch(Call {
             q,
             hd,
+            kv_heads,
             kv,
             scale,
             scores,
@@ -521,6 +535,19 @@ impl<K, V> Rows<'_, K, V> {
             self.v.wrapping_add(slot * self.v_stride),
         )
     }
+
+    /// Hints the key rows (`k_bytes` each) and value rows (`v_bytes`) of `keys` into L1.
+    #[inline]
+    fn prefetch(&self, keys: std::ops::Range<usize>, k_bytes: usize, v_bytes: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for j in keys {
+            let (k, v) = self.get(j);
+            crate::x86::prefetch(k.cast(), k_bytes);
+            crate::x86::prefetch(v.cast(), v_bytes);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (keys, k_bytes, v_bytes);
+    }
 }
 
 impl KvPlane<'_> {
@@ -578,7 +605,7 @@ fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) 
     let hd = c.hd;
     let k = K::of(kv.keys).expect("dispatched on the key type");
     let v = W::of(kv.values).expect("dispatched on the value type");
-    check_view(kv, hd);
+    check_view(kv, c.kv_heads * hd);
     let rows = Rows {
         k: k.as_ptr(),
         v: v.as_ptr(),
@@ -588,7 +615,8 @@ fn typed<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(c: Call<'_, '_>) 
         blocks: kv.blocks,
         first: kv.first,
     };
-    attend::<KO, K, VO, W>(c.q, hd, kv.n, &rows, c.scale, c.scores, c.out, c.stats)
+    let heads = (c.q, hd, c.kv_heads);
+    attend::<KO, K, VO, W>(heads, kv.n, &rows, c.scale, c.scores, c.out, c.stats)
 }
 
 /// Keys per block of the online softmax: their scores stay in L1 between the two passes.
@@ -600,8 +628,7 @@ const KEY_BLOCK: usize = 64;
 /// in `partial`). `out` starts zeroed.
 #[allow(clippy::too_many_arguments)]
 fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
-    q: &[f32],
-    hd: usize,
+    (q, hd, kv_heads): (&[f32], usize, usize),
     n_keys: usize,
     kv: &Rows<'_, K, W>,
     scale: f32,
@@ -610,11 +637,25 @@ fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
     partial: Option<&mut [f32]>,
 ) {
     let heads = q.len() / hd;
+    let group = heads / kv_heads;
+    // Elements of K and W between two kv heads' columns of a slot.
+    let (k_next, v_next) = (hd / K::PER, hd / W::PER);
     scores.clear();
     scores.resize(heads * (KEY_BLOCK + 2), 0.0);
     let (block, stats) = scores.split_at_mut(heads * KEY_BLOCK);
     let (maxes, sums) = stats.split_at_mut(heads);
     maxes.fill(f32::NEG_INFINITY);
+    // Key and value rows are requested a block ahead, four at a time beside the key tiles
+    // that use the block before (so the requests overlap the arithmetic), the first block's
+    // all at once: between two tokens the weights stream through the caches and evict the KV rows,
+    // and one head group's rows are short and strided, so a prefetcher finds no stream in
+    // them and each key tile otherwise waited for memory in turn.
+    let row_bytes = |per: usize, size: usize| hd / per * size;
+    let (k_bytes, v_bytes) = (
+        kv_heads * row_bytes(K::PER, std::mem::size_of::<K>()),
+        kv_heads * row_bytes(W::PER, std::mem::size_of::<W>()),
+    );
+    kv.prefetch(0..n_keys.min(KEY_BLOCK), k_bytes, v_bytes);
     VALUES.with_borrow_mut(|values| {
         for b0 in (0..n_keys).step_by(KEY_BLOCK) {
             let nb = (n_keys - b0).min(KEY_BLOCK);
@@ -624,28 +665,34 @@ fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
             let mut j0 = 0;
             while j0 < nb {
                 let nk = (nb - j0).min(4);
+                let ahead = (b0 + j0 + KEY_BLOCK).min(n_keys);
+                kv.prefetch(ahead..(ahead + nk).min(n_keys), k_bytes, v_bytes);
                 let mut keys = [std::ptr::null::<K>(); 4];
                 for (i, k) in keys[..nk].iter_mut().enumerate() {
                     let (kj, vj) = kv.get(b0 + j0 + i);
                     *k = kj;
                     values.push(vj as usize);
                 }
-                let mut r0 = 0;
-                while r0 < heads {
-                    let nr = (heads - r0).min(KO::TILE_HEADS);
-                    let rows: [*const f32; 4] =
-                        std::array::from_fn(|t| q[(r0 + t.min(nr - 1)) * hd..].as_ptr());
-                    let mut put = |r: usize, t: usize, v: f32| {
-                        block[(r0 + t) * KEY_BLOCK + j0 + r] = v * scale;
-                    };
-                    key_tile::<KO, K>(&keys, nk, &rows, nr, hd, &mut put);
-                    r0 += nr;
+                // Heads tiled within their group, as a call per kv head tiles them.
+                for g in 0..kv_heads {
+                    let keys = keys.map(|k| k.wrapping_add(g * k_next));
+                    let mut r0 = g * group;
+                    while r0 < (g + 1) * group {
+                        let nr = ((g + 1) * group - r0).min(KO::TILE_HEADS);
+                        let rows: [*const f32; 4] =
+                            std::array::from_fn(|t| q[(r0 + t.min(nr - 1)) * hd..].as_ptr());
+                        let mut put = |r: usize, t: usize, v: f32| {
+                            block[(r0 + t) * KEY_BLOCK + j0 + r] = v * scale;
+                        };
+                        key_tile::<KO, K>(&keys, nk, &rows, nr, hd, &mut put);
+                        r0 += nr;
+                    }
                 }
                 j0 += nk;
             }
             for r in 0..heads {
                 let row = &mut block[r * KEY_BLOCK..r * KEY_BLOCK + nb];
-                let max = row.iter().copied().fold(maxes[r], f32::max);
+                let max = row_max(row, maxes[r]);
                 // exp(-inf) = 0 on the first block, where output and sum are still zero.
                 let rescale = (maxes[r] - max).exp();
                 if rescale != 1.0 {
@@ -657,13 +704,20 @@ fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
                 sums[r] += KO::exp_shifted(row, max);
                 maxes[r] = max;
             }
-            let vptrs: &[*const W] =
-                // SAFETY: `usize` and `*const W` have the same size and alignment; the
-                // addresses came from live value rows.
-                unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) };
+            // Group g's value rows: kv head 0's shifted by g heads' columns.
+            for g in 1..kv_heads {
+                let shift = g * v_next * std::mem::size_of::<W>();
+                values.extend_from_within(..nb);
+                values[g * nb..].iter_mut().for_each(|v| *v += shift);
+            }
             let mut r0 = 0;
             while r0 < heads {
-                let nr = (heads - r0).min(4);
+                let g = r0 / group;
+                let nr = ((g + 1) * group - r0).min(4);
+                let vptrs: &[*const W] =
+                    // SAFETY: `usize` and `*const W` have the same size and alignment; the
+                    // addresses came from live value rows.
+                    unsafe { std::slice::from_raw_parts(values[g * nb..].as_ptr().cast(), nb) };
                 let p = |r: usize| block[(r0 + r.min(nr - 1)) * KEY_BLOCK..].as_ptr();
                 let base = out.as_mut_ptr();
                 // SAFETY: row r0 + r < heads lies inside `out`.
@@ -694,6 +748,21 @@ fn attend<KO: KeyOps<K>, K: KvElem, VO: ValueOps<W>, W: KvElem>(
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|o| *o *= inv);
     }
+}
+
+/// The largest of `init` and `row` (NaNs ignored, as `f32::max` does) in sixteen independent
+/// lanes, which the compiler turns into vector maxima: one chained `max` per key cost as much
+/// as the key's scores. The maximum of a set does not depend on the order it is taken in.
+fn row_max(row: &[f32], init: f32) -> f32 {
+    let mut lanes = [init; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    let rest = chunks.remainder().iter().copied().fold(init, f32::max);
+    lanes.iter().copied().fold(rest, f32::max)
 }
 
 /// Combines partial attentions of the same `heads` query heads over disjoint parts of their
@@ -1053,6 +1122,7 @@ pub(crate) mod tests {
                     c.attend_heads_partial(
                         &q,
                         hd,
+                        1,
                         &view(*first, *len),
                         0.3,
                         &mut Vec::new(),
@@ -1068,6 +1138,76 @@ pub(crate) mod tests {
                         (a - b).abs() < 1e-5,
                         "{isa} {kinds:?} value {i}: {a} vs {b}"
                     );
+                }
+            }
+        }
+    }
+
+    /// `p` from column `col` of slot 0 on (a whole number of blocks for quantized planes).
+    fn from_column(p: KvPlane<'_>, col: usize) -> KvPlane<'_> {
+        match p {
+            KvPlane::F32(x) => KvPlane::F32(&x[col..]),
+            KvPlane::F16(x) => KvPlane::F16(&x[col..]),
+            KvPlane::Q8_0(x) => KvPlane::Q8_0(&x[col / KV_BLOCK..]),
+            KvPlane::Q4_0(x) => KvPlane::Q4_0(&x[col / KV_BLOCK..]),
+        }
+    }
+
+    /// One call over every kv head of the slots gives each head bit for bit what a call per kv
+    /// head gives it, on every path and type (keys spanning several blocks of the online
+    /// softmax, groups off the head tiles).
+    #[test]
+    fn one_call_over_every_kv_head_equals_a_call_per_kv_head() {
+        let mut rng = crate::test_rng::Rng(0x9a11);
+        let mut rnd = || rng.unit();
+        for (hd, kv_heads, group, n) in [(64, 3, 3, 150usize), (32, 2, 7, 70), (64, 2, 1, 9)] {
+            let heads = kv_heads * group;
+            let width = kv_heads * hd;
+            let q: Vec<f32> = (0..heads * hd).map(|_| rnd() * 4.0).collect();
+            let mut rows = || -> Vec<Vec<f32>> {
+                (0..n)
+                    .map(|_| (0..width).map(|_| rnd()).collect())
+                    .collect()
+            };
+            let (keys, vals) = (rows(), rows());
+            // A spare block's worth of NaN past each slot's heads: read only by mistake.
+            let stride = width + KV_BLOCK;
+            let blocks: Vec<u32> = (0..n.div_ceil(4) as u32).rev().collect();
+            let slot = |j: usize| (blocks[j / 4] as usize) * 4 + j % 4;
+            for kinds in [
+                (Kind::F16, Kind::F16),
+                (Kind::Q8_0, Kind::Q4_0),
+                (Kind::F32, Kind::Q8_0),
+            ] {
+                let (kp, _) = store(kinds.0, &keys, slot, blocks.len() * 4, stride);
+                let (vp, _) = store(kinds.1, &vals, slot, blocks.len() * 4, stride);
+                let view = |col: usize| KvBlocks {
+                    keys: from_column(kp.view(), col),
+                    values: from_column(vp.view(), col),
+                    stride,
+                    block_len: 4,
+                    blocks: &blocks,
+                    first: 0,
+                    n,
+                };
+                for isa in Isa::available() {
+                    let c = Compute::precise(isa, 1);
+                    let mut all = (vec![0f32; heads * hd], vec![0f32; 2 * heads]);
+                    let mut scratch = Vec::new();
+                    let (o, st) = (&mut all.0, &mut all.1);
+                    c.attend_heads_partial(&q, hd, kv_heads, &view(0), 0.3, &mut scratch, o, st);
+                    for g in 0..kv_heads {
+                        let hs = g * group..(g + 1) * group;
+                        let (mut o, mut st) = (vec![0f32; group * hd], vec![0f32; 2 * group]);
+                        let qg = &q[hs.start * hd..hs.end * hd];
+                        let kv = view(g * hd);
+                        c.attend_heads_partial(qg, hd, 1, &kv, 0.3, &mut scratch, &mut o, &mut st);
+                        let label = format!("{isa} {kinds:?} hd {hd} kv head {g}");
+                        assert_eq!(o, all.0[hs.start * hd..hs.end * hd], "{label}: output");
+                        assert_eq!(st[..group], all.1[hs.clone()], "{label}: maxima");
+                        let sums = heads + hs.start..heads + hs.end;
+                        assert_eq!(st[group..], all.1[sums], "{label}: sums");
+                    }
                 }
             }
         }

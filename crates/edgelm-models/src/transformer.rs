@@ -763,7 +763,7 @@ impl Transformer {
                 let kv = cache.view(seq, layer, from, to - from, cols.clone());
                 let (o, stats) = chunk.split_at_mut(heads * hd);
                 SCORES.with_borrow_mut(|scores| {
-                    c.attend_heads_partial(q, hd, &kv, scale, scores, o, stats)
+                    c.attend_heads_partial(q, hd, 1, &kv, scale, scores, o, stats)
                 });
             }
             let it = buf.chunks_exact(part_len).map(|p| p.split_at(heads * hd));
@@ -772,9 +772,9 @@ impl Transformer {
     }
 
     /// Attention of lone tokens (decoding) of which some read long contexts: each token's keys
-    /// are cut into [`parts`] attended in parallel, every part by all the query heads of a kv
-    /// head (each key read and widened once for the group), then merged exactly in order
-    /// (flash decoding).
+    /// are cut into [`parts`] attended in parallel, every part by all the query heads at once
+    /// (each kv head's keys read and widened once for its group, whole slot rows streamed in
+    /// order), then merged exactly in order (flash decoding).
     #[allow(clippy::too_many_arguments)]
     fn attention_split(
         &self,
@@ -789,44 +789,41 @@ impl Transformer {
     ) {
         let hd = self.hp.head_dim;
         let (n_head, n_kv) = (shape.n_head, shape.n_head_kv);
-        let group = n_head / n_kv;
+        let q_dim = n_head * hd;
         let scale = self.hp.attn_scale;
-        let part_len = group * hd + 2 * group;
+        let part_len = q_dim + 2 * n_head;
         let span = |t: usize| {
             let first = first_key(shape.window, positions[t]);
             (first, positions[t] + 1 - first)
         };
         SPLIT.with_borrow_mut(|(tasks, buf)| {
-            // Task i attends part `part` of `parts` of token t's keys for kv head kv_h; the
-            // parts of one (token, kv head) are adjacent.
+            // Task i attends part `part` of `parts` of token t's keys; the parts of one token
+            // are adjacent.
             tasks.clear();
             for t in 0..positions.len() {
                 let parts = parts(span(t).1);
-                for kv_h in 0..n_kv {
-                    tasks.extend((0..parts).map(|part| (t, kv_h, part, parts)));
-                }
+                tasks.extend((0..parts).map(|part| (t, part, parts)));
             }
             buf.clear();
             buf.resize(tasks.len() * part_len, 0.0);
             let tasks = &*tasks;
             c.par_chunks_mut(buf, part_len, &|task, chunk| {
-                let (t, kv_h, part, parts) = tasks[task];
+                let (t, part, parts) = tasks[task];
                 let (first, n) = span(t);
                 let (from, to) = part_span(first, n, part, parts);
-                let kv = cache.view(seqs[t], layer, from, to - from, kv_h * hd..(kv_h + 1) * hd);
-                let heads =
-                    (t * n_head + kv_h * group) * hd..(t * n_head + (kv_h + 1) * group) * hd;
-                let (o, stats) = chunk.split_at_mut(group * hd);
+                let kv = cache.view(seqs[t], layer, from, to - from, 0..n_kv * hd);
+                let (o, stats) = chunk.split_at_mut(q_dim);
+                let q = &q[t * q_dim..(t + 1) * q_dim];
                 SCORES.with_borrow_mut(|scores| {
-                    c.attend_heads_partial(&q[heads.clone()], hd, &kv, scale, scores, o, stats)
+                    c.attend_heads_partial(q, hd, n_kv, &kv, scale, scores, o, stats)
                 });
             });
             let mut at = 0;
-            for o in out.chunks_exact_mut(group * hd) {
-                let parts = tasks[at].3;
+            for o in out.chunks_exact_mut(q_dim) {
+                let parts = tasks[at].2;
                 let mine = &buf[at * part_len..(at + parts) * part_len];
-                let it = mine.chunks_exact(part_len).map(|p| p.split_at(group * hd));
-                merge_partials(it, group, hd, o);
+                let it = mine.chunks_exact(part_len).map(|p| p.split_at(q_dim));
+                merge_partials(it, n_head, hd, o);
                 at += parts;
             }
         });
@@ -861,7 +858,7 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The tasks and unmerged parts of a split attention (the calling thread's).
     #[allow(clippy::type_complexity)]
-    static SPLIT: std::cell::RefCell<(Vec<(usize, usize, usize, usize)>, Vec<f32>)> =
+    static SPLIT: std::cell::RefCell<(Vec<(usize, usize, usize)>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
