@@ -542,6 +542,12 @@ mod tests {
         if !have_cpu() {
             return;
         }
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl");
+        if !avx512 {
+            eprintln!("skipping the AVX-512 quantizers: this CPU lacks AVX-512 F/BW/VL");
+        }
         let mut rng = Rng(0xD1B5_4A32_D192_ED03);
         for round in 0..200 {
             let nb = 1 + round % 23;
@@ -552,10 +558,16 @@ mod tests {
                     x.swap(i, rng.below(i as u64 + 1) as usize);
                 }
             }
-            for (ty, f) in [
+            let mut quantizers = vec![
                 (GgmlType::Q8_0, quantize_row_q8_0 as QuantizeFn),
                 (GgmlType::Q8_1, quantize_row_q8_1),
-            ] {
+            ];
+            if avx512 {
+                use crate::x86::avx512_quant;
+                quantizers.push((GgmlType::Q8_0, avx512_quant::quantize_row_q8_0));
+                quantizers.push((GgmlType::Q8_1, avx512_quant::quantize_row_q8_1));
+            }
+            for (ty, f) in quantizers {
                 let mut want = vec![0u8; nb * ty.block_bytes()];
                 quantize_row(ty, &x, &mut want).unwrap();
                 let mut got = vec![0xAAu8; want.len()];
