@@ -270,12 +270,7 @@ pub unsafe fn quantize_row_q8_1(x: &[f32], out: &mut [u8]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_q8<const SUM: bool>(x: &[f32], out: &mut [u8]) {
-    let (bb, qoff) = if SUM { (36, 4) } else { (34, 2) };
-    let nb = x.len() / 32;
-    assert!(
-        x.len().is_multiple_of(32) && out.len() == nb * bb,
-        "quantize_q8: bad lengths"
-    );
+    let (nb, bb, qoff) = q8_blocks(x, out, SUM);
     let sign = _mm256_set1_ps(-0.0);
     for b in 0..nb {
         // SAFETY: b < nb; the block's 32 floats and bb bytes are inside `x` and `out`.
@@ -306,12 +301,35 @@ unsafe fn quantize_q8<const SUM: bool>(x: &[f32], out: &mut [u8]) {
         } else {
             0.0
         };
-        let h = _mm_cvtsi128_si32(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(
-            d, s, 0.0, 0.0,
-        )));
-        let h = (h as u32).to_le_bytes();
-        std::ptr::copy_nonoverlapping(h.as_ptr(), op, qoff);
+        put_q8_header(op, qoff, d, s);
     }
+}
+
+/// Blocks of 32 in `x`, bytes per Q8_1 (`sum`) or Q8_0 block and where its quants start;
+/// panics unless `out` holds exactly that many blocks.
+pub(super) fn q8_blocks(x: &[f32], out: &[u8], sum: bool) -> (usize, usize, usize) {
+    let (bb, qoff) = if sum { (36, 4) } else { (34, 2) };
+    let nb = x.len() / 32;
+    assert!(
+        x.len().is_multiple_of(32) && out.len() == nb * bb,
+        "quantize_q8: bad lengths"
+    );
+    (nb, bb, qoff)
+}
+
+/// A Q8 block's f16 fields before its quants at `op`: `d`, then (Q8_1, `qoff` 4) `s`, each
+/// rounded to nearest even as the scalar reference does.
+///
+/// # Safety
+/// The CPU has F16C; `op` is valid for `qoff` bytes.
+#[inline]
+#[target_feature(enable = "f16c")]
+pub(super) unsafe fn put_q8_header(op: *mut u8, qoff: usize, d: f32, s: f32) {
+    let h = _mm_cvtsi128_si32(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(
+        d, s, 0.0, 0.0,
+    )));
+    let h = (h as u32).to_le_bytes();
+    std::ptr::copy_nonoverlapping(h.as_ptr(), op, qoff);
 }
 
 /// `t.round() as i8` per lane, as i32: rounds half away from zero as `trunc(t + copysign(0.49999997,

@@ -30,46 +30,15 @@ pub unsafe fn tile_f16<const R: usize, const T: usize>(
         }
         i += 16;
     }
-    // Four keys' sums of one query row reduced together: 14 instructions instead of four
-    // reductions of 8 (they were half of a tile's instructions at a head size of 64).
-    let zero = _mm512_setzero_ps();
-    for t in 0..T {
-        let key = |r: usize| if r < R { acc[r][t] } else { zero };
-        let mut sums = [0f32; 4];
-        _mm_storeu_ps(sums.as_mut_ptr(), reduce4(key(0), key(1), key(2), key(3)));
-        for r in 0..R {
-            let mut s = sums[r];
+    for r in 0..R {
+        for t in 0..T {
+            let mut s = _mm512_reduce_add_ps(acc[r][t]);
             for j in k16..k {
                 s += half::f16::from_bits(*w[r].add(j)).to_f32() * *x[t].add(j);
             }
             out[r][t] = s;
         }
     }
-}
-
-/// The sums of `a`, `b`, `c` and `d`'s sixteen lanes, in that order.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-    // By 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3], likewise c and d.
-    let ab = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0x44>(a, b),
-        _mm512_shuffle_f32x4::<0xEE>(a, b),
-    );
-    let cd = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0x44>(c, d),
-        _mm512_shuffle_f32x4::<0xEE>(c, d),
-    );
-    // Quarter i: four partial sums of the i-th input.
-    let q = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0x88>(ab, cd),
-        _mm512_shuffle_f32x4::<0xDD>(ab, cd),
-    );
-    let q = _mm512_add_ps(q, _mm512_permute_ps::<0xB1>(q));
-    let q = _mm512_add_ps(q, _mm512_permute_ps::<0x4E>(q));
-    // Element 0 of each quarter holds its total.
-    let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, q))
 }
 
 /// `out[r] += Σ_j p[r][j] · v[j]` over f16 value rows of `hd` elements, 32 columns at a time.

@@ -27,6 +27,7 @@
 //! Q5_K) one `vpmaddwd` of the bsums with the mins, scaled by `dmin`. Integer sums are exact
 //! for every input byte; only the f32 accumulation order differs from `edgelm_quant::int_dot`.
 
+use super::avx2_legacy::{put_q8_header, q8_blocks};
 use super::{f32_at, u32_at, weight_type};
 use super::{T_Q2_K, T_Q3_K, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0};
 use crate::qdot::{row_tiles, Out, QuantKernel, QuantizeFn, RowDotFn};
@@ -131,12 +132,7 @@ pub unsafe fn quantize_row_q8_1(x: &[f32], out: &mut [u8]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_q8<const SUM: bool>(x: &[f32], out: &mut [u8]) {
-    let (bb, qoff) = if SUM { (36, 4) } else { (34, 2) };
-    let nb = x.len() / 32;
-    assert!(
-        x.len().is_multiple_of(32) && out.len() == nb * bb,
-        "quantize_q8: bad lengths"
-    );
+    let (nb, bb, qoff) = q8_blocks(x, out, SUM);
     let sign = _mm512_set1_epi32(i32::MIN);
     let below_half = _mm512_set1_epi32(0.499_999_97f32.to_bits() as i32);
     for b in 0..nb {
@@ -170,11 +166,7 @@ unsafe fn quantize_q8<const SUM: bool>(x: &[f32], out: &mut [u8]) {
         } else {
             0.0
         };
-        let h = _mm_cvtsi128_si32(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(
-            d, s, 0.0, 0.0,
-        )));
-        let h = (h as u32).to_le_bytes();
-        std::ptr::copy_nonoverlapping(h.as_ptr(), op, qoff);
+        put_q8_header(op, qoff, d, s);
     }
 }
 
