@@ -402,6 +402,11 @@ struct BenchArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_parser = ["md", "json"], default_value = "md")]
     output: String,
+    /// Measure the memory read bandwidth before and after every generation run (512 MiB
+    /// streamed by all threads) and report the share of it decoding draws: the weights one
+    /// token reads, per second.
+    #[arg(long)]
+    bandwidth: bool,
 }
 
 #[derive(Args)]
@@ -1058,7 +1063,9 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    use edgelm_engine::bench::{fill_depth, mean_sd, time_generation, time_prompt};
+    use edgelm_engine::bench::{
+        fill_depth, mean_sd, median, time_generation, time_prompt, BandwidthProbe,
+    };
     let (engine, load_ms) = load(&a.model)?;
     let reps = a.repetitions.max(1);
     let base = std::path::Path::new(&a.model.model)
@@ -1075,6 +1082,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         .sum();
     let threads = engine.compute.n_threads();
     let isa = engine.compute.isa();
+    let probe = a.bandwidth.then(BandwidthProbe::new);
+    let token_bytes = engine.model.decode_weight_bytes();
     let mut rows = Vec::new();
     let tests = a
         .n_prompt
@@ -1100,20 +1109,38 @@ fn bench(a: BenchArgs) -> Result<()> {
             _ => time_generation(&engine, &mut cache, &mut scratch, seq, depth, n, seed),
         };
         run(0)?; // warm-up: page in the weights, size the buffers and the KV cache
+        let probe = probe.as_ref().filter(|_| kind == "tg");
         let mut secs = Vec::with_capacity(reps);
+        let mut read_gbps = Vec::new();
         for r in 0..reps {
+            read_gbps.extend(probe.map(|p| p.read_gbps(&engine.compute)));
             secs.push(run(r as u64 + 1)?.as_secs_f64());
         }
+        read_gbps.extend(probe.map(|p| p.read_gbps(&engine.compute)));
         let tps: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
         let (mean, sd) = mean_sd(&tps);
         let (mean_ms, _) = mean_sd(&secs);
-        rows.push(serde_json::json!({
+        let mut row = serde_json::json!({
             "model": name, "size_bytes": engine.model.file().bytes().len(), "params": params,
             "isa": isa.to_string(), "precision": format!("{:?}", engine.compute.precision()).to_lowercase(), "threads": threads, "kv_types": engine.kv_types().to_string(),
             "test": if depth > 0 { format!("{kind}{n} @ d{depth}") } else { format!("{kind}{n}") }, "n_depth": depth,
             "n_prompt": if kind == "pp" { n } else { 0 }, "n_gen": if kind == "tg" { n } else { 0 },
             "avg_ts": mean, "stddev_ts": sd, "samples_ts": tps, "avg_ms": mean_ms * 1e3,
-        }));
+        });
+        if !read_gbps.is_empty() {
+            // Each run against the mean of the readings taken on either side of it.
+            let weight_gbps: Vec<f64> = tps.iter().map(|t| t * token_bytes as f64 / 1e9).collect();
+            let share: Vec<f64> = weight_gbps
+                .iter()
+                .zip(read_gbps.windows(2))
+                .map(|(w, around)| w / ((around[0] + around[1]) / 2.0))
+                .collect();
+            row["weight_bytes_per_token"] = token_bytes.into();
+            row["weight_gbps_samples"] = weight_gbps.into();
+            row["read_gbps_samples"] = read_gbps.into();
+            row["bandwidth_share_samples"] = share.into();
+        }
+        rows.push(row);
     }
     let peak = edgelm_models::peak_resident_memory().unwrap_or(0);
     if a.output == "json" {
@@ -1146,6 +1173,29 @@ fn bench(a: BenchArgs) -> Result<()> {
             "time to first token, {} prompt tokens: {:.1} ms",
             r["n_prompt"],
             r["avg_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let samples = |r: &serde_json::Value, key: &str| -> Vec<f64> {
+        r[key]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default()
+    };
+    for r in rows.iter().filter(|r| r.get("read_gbps_samples").is_some()) {
+        let share = samples(r, "bandwidth_share_samples");
+        let (lo, hi) = share
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+        println!(
+            "{}: {:.1} MB of weights per token at {:.1} GB/s against {:.1} GB/s read \
+             bandwidth: {:.0}% (median of runs; {:.0}–{:.0}%)",
+            r["test"].as_str().unwrap_or(""),
+            token_bytes as f64 / 1e6,
+            median(&samples(r, "weight_gbps_samples")),
+            median(&samples(r, "read_gbps_samples")),
+            100.0 * median(&share),
+            100.0 * lo,
+            100.0 * hi
         );
     }
     println!(

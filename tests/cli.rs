@@ -324,6 +324,7 @@ fn bench_times_tests_at_depth() {
         "2",
         "-o",
         "json",
+        "--bandwidth",
     ]);
     let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let tests: Vec<&str> = doc["results"]
@@ -333,8 +334,36 @@ fn bench_times_tests_at_depth() {
         .map(|r| r["test"].as_str().unwrap())
         .collect();
     assert_eq!(tests, ["pp16", "tg8", "pp16 @ d600", "tg8 @ d600"]);
+    let file_bytes = std::fs::metadata(common::model_path("gemma3-270m"))
+        .unwrap()
+        .len();
+    let count = |r: &serde_json::Value, key: &str| r[key].as_array().map(|v| v.len());
     for r in doc["results"].as_array().unwrap() {
         assert!(r["avg_ts"].as_f64().unwrap() > 0.0, "{r}");
+        if r["n_gen"].as_u64() == Some(0) {
+            // Prompts are bound by arithmetic, not read against the bandwidth.
+            assert_eq!(count(r, "read_gbps_samples"), None, "{r}");
+            continue;
+        }
+        // A reading before each of the two runs and one after the last.
+        assert_eq!(count(r, "read_gbps_samples"), Some(3), "{r}");
+        assert_eq!(count(r, "bandwidth_share_samples"), Some(2), "{r}");
+        for key in ["read_gbps_samples", "bandwidth_share_samples"] {
+            assert!(
+                r[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|v| v.as_f64().unwrap() > 0.0),
+                "{r}"
+            );
+        }
+        // Gemma 3 ties its head to the embedding: every matrix once is most of the file.
+        let token_bytes = r["weight_bytes_per_token"].as_u64().unwrap();
+        assert!(
+            token_bytes <= file_bytes && token_bytes > file_bytes * 9 / 10,
+            "{r}"
+        );
     }
 }
 

@@ -3,6 +3,7 @@
 //! tokens already in the cache (llama-bench's `-d`).
 
 use crate::{Engine, Result, Rng};
+use edgelm_kernels::Compute;
 use edgelm_models::{Batch, KvCache, Logits, Scratch, SeqId};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,66 @@ pub fn time_generation(
     Ok(elapsed)
 }
 
+/// The memory read bandwidth decoding is judged against: every thread of a pool streams its
+/// own contiguous share of a buffer far larger than any cache, as a decoding step streams its
+/// share of each weight matrix. Measured beside each timed run (this machine's bandwidth moves
+/// with its neighbours' load), never once for all.
+pub struct BandwidthProbe {
+    buf: Vec<u64>,
+}
+
+impl BandwidthProbe {
+    /// 512 MiB: many times the largest last-level cache of a laptop or server part.
+    pub const BYTES: usize = 512 << 20;
+
+    /// The buffer, written once so its pages are in place before any reading is timed.
+    pub fn new() -> BandwidthProbe {
+        BandwidthProbe {
+            buf: vec![1; Self::BYTES / 8],
+        }
+    }
+
+    /// GB/s (10⁹ bytes) read by every thread of `compute`'s pool at once, over two passes.
+    pub fn read_gbps(&self, compute: &Compute) -> f64 {
+        const PASSES: usize = 2;
+        let threads = compute.n_threads();
+        let share = self.buf.len().div_ceil(threads);
+        let t0 = Instant::now();
+        compute.pool().run(threads, &|task| {
+            let part = &self.buf[(task * share).min(self.buf.len())..]
+                [..share.min(self.buf.len().saturating_sub(task * share))];
+            for _ in 0..PASSES {
+                // Eight independent lanes per cache line: the loads, not the adds, set the pace.
+                let mut acc = [0u64; 8];
+                for line in part.chunks_exact(8) {
+                    for (a, v) in acc.iter_mut().zip(line) {
+                        *a ^= v;
+                    }
+                }
+                std::hint::black_box(acc);
+            }
+        });
+        (PASSES * Self::BYTES) as f64 / t0.elapsed().as_secs_f64() / 1e9
+    }
+}
+
+impl Default for BandwidthProbe {
+    fn default() -> Self {
+        BandwidthProbe::new()
+    }
+}
+
+/// Median of `xs` (the mean of the middle two for an even count; 0 when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Mean and sample standard deviation.
 pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
@@ -104,4 +165,16 @@ pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
         0.0
     };
     (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty_lists() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
 }

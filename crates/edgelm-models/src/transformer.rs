@@ -282,6 +282,19 @@ impl Transformer {
         total
     }
 
+    /// Bytes of weights one decoded token reads: every matrix once, and one row of an embedding
+    /// table that is not also the output head. Decoding speed over this is the bandwidth it
+    /// draws (the KV cache's bytes at depth come on top).
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let matrices: u64 = self.matrices().iter().map(|w| w.n_bytes() as u64).sum();
+        let lookup = if self.output.name == self.tok_embd.name {
+            0
+        } else {
+            (self.tok_embd.n_bytes() / self.tok_embd.rows.max(1)) as u64
+        };
+        matrices + lookup
+    }
+
     /// Bytes of weights resident after a run over `positions` tokens: every matrix the
     /// forward pass multiplies by, and of an embedding table that is not also the output head
     /// only the rows looked up — a page (4 KiB, or a whole row) per distinct token. Distinct

@@ -207,15 +207,16 @@ unsafe fn half_panel_body<const T: u8, const N: usize, const P: u8>(
     let lay = tile_layout(f);
     let unpack = Unpack::new();
     let mut acc = [_mm256_setzero_ps(); N];
+    // The next panel is fetched while this one is worked on, half a tile per step over both
+    // halves: all of it during the second half (which reads this panel from L1) left memory
+    // idle while the first ran.
+    let step_bytes = lay.len.div_ceil(2);
+    let next = w.wrapping_add(nb * lay.len + half * nb * step_bytes);
     for b in 0..nb {
         // SAFETY (weight reads): tile b lies inside the panel; half `half` of each 64-byte image
         // is 32 bytes at +32·half. Activation reads inside token j's block b.
         let tp = w.add(b * lay.len);
-        if half == 1 {
-            // The second half reads the panel from L1 and would leave memory idle: fetch the
-            // same tile of the next panel meanwhile.
-            prefetch(tp.wrapping_add(nb * lay.len), lay.len);
-        }
+        prefetch(next.wrapping_add(b * step_bytes), step_bytes);
         let m = if f.min {
             half_scales(tp, lay.m, half)
         } else {
