@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
+# Lints as errors, among them an `unsafe` block or impl without its SAFETY comment (Cargo.toml).
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --release --locked --all-targets -- -D warnings
+else
+    echo "clippy is not installed: lints not checked (rustup component add clippy)" >&2
+fi
 # Every SIMD intrinsic inlined: a call left in a kernel is a silent 10x slowdown no test times.
 ./scripts/check-intrinsics-inlined target/release/edgelm
 for model in smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct; do

@@ -100,6 +100,7 @@ pub enum ActivationPrecision {
 struct SharedBytes(*mut u8);
 // SAFETY: tasks write disjoint ranges, and `run` joins them before the borrow ends.
 unsafe impl Send for SharedBytes {}
+// SAFETY: as for `Send`.
 unsafe impl Sync for SharedBytes {}
 
 impl SharedBytes {
@@ -113,6 +114,7 @@ impl SharedBytes {
 struct SharedOut(*mut f32);
 // SAFETY: tasks write disjoint indices, and `run` joins them before the borrow ends.
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {

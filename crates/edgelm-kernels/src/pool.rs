@@ -53,6 +53,7 @@ struct Shared {
 // SAFETY: `job` is only written while all workers are idle (see `run`), and the task it points to
 // is `Sync`.
 unsafe impl Sync for Shared {}
+// SAFETY: as for `Sync`; every other field is itself `Send`.
 unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
