@@ -852,21 +852,41 @@ pub fn hadamard_rotate(rows: &mut [f32], n: usize) {
         n.is_power_of_two(),
         "Hadamard rotation of blocks of {n} values"
     );
-    let norm = 1.0 / (n as f32).sqrt();
-    for block in rows.chunks_exact_mut(n) {
-        let mut h = 1;
-        while h < n {
-            for i in (0..n).step_by(2 * h) {
-                for j in i..i + h {
-                    let (a, b) = (block[j], block[j + h]);
-                    block[j] = a + b;
-                    block[j + h] = a - b;
-                }
-            }
-            h *= 2;
-        }
-        block.iter_mut().for_each(|x| *x *= norm);
+    // The head widths models have, with the block length known at compile time: the loops
+    // unroll and vectorize without bounds checks (the same operations in the same order, so
+    // the same bits as the general loop). A prompt's queries and keys all pass here.
+    match n {
+        32 => rotate_blocks::<32>(rows),
+        64 => rotate_blocks::<64>(rows),
+        128 => rotate_blocks::<128>(rows),
+        256 => rotate_blocks::<256>(rows),
+        _ => rows.chunks_exact_mut(n).for_each(walsh_hadamard),
     }
+}
+
+fn rotate_blocks<const N: usize>(rows: &mut [f32]) {
+    for block in rows.chunks_exact_mut(N) {
+        let block: &mut [f32; N] = block.try_into().expect("chunks of N");
+        walsh_hadamard(block);
+    }
+}
+
+/// `block ← H·block/√n` in place, butterflies of span 1, 2, 4, … (the fast transform).
+#[inline(always)]
+fn walsh_hadamard(block: &mut [f32]) {
+    let n = block.len();
+    let norm = 1.0 / (n as f32).sqrt();
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            let (low, high) = block[i..i + 2 * h].split_at_mut(h);
+            for (a, b) in low.iter_mut().zip(high) {
+                (*a, *b) = (*a + *b, *a - *b);
+            }
+        }
+        h *= 2;
+    }
+    block.iter_mut().for_each(|x| *x *= norm);
 }
 
 #[cfg(test)]
@@ -1217,7 +1237,7 @@ pub(crate) mod tests {
     fn hadamard_rotation_is_orthogonal_and_its_own_inverse() {
         let mut rng = crate::test_rng::Rng(7);
         let mut rnd = || rng.unit();
-        for hd in [1, 2, 8, 64, 256] {
+        for hd in [1, 2, 8, 32, 64, 128, 256] {
             let a: Vec<f32> = (0..3 * hd).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..3 * hd).map(|_| rnd()).collect();
             let (mut ra, mut rb) = (a.clone(), b.clone());
@@ -1236,6 +1256,10 @@ pub(crate) mod tests {
                     "hd {hd}: a dot product changed"
                 );
             }
+            // The widths with a loop of their own give the general loop's bits.
+            let mut general = a.clone();
+            general.chunks_exact_mut(hd).for_each(walsh_hadamard);
+            assert_eq!(general, ra, "hd {hd}");
             // The first row of H is all ones: a constant head turns into one spike.
             let mut ones = vec![1f32; hd];
             hadamard_rotate(&mut ones, hd);

@@ -117,6 +117,20 @@ unsafe impl Send for SharedOut {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for SharedOut {}
 
+/// A raw pointer to elements of any type, shared by tasks that each touch their own.
+struct SharedMut<T>(*mut T);
+// SAFETY: tasks touch disjoint elements, and `run` joins them before the borrow ends; the
+// elements themselves may move between threads (`T: Send`).
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as for `Send`.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 impl SharedOut {
     /// A method, not a field access, so closures capture the whole `Sync` wrapper.
     fn get(self) -> *mut f32 {
@@ -315,15 +329,15 @@ impl Compute {
 impl Compute {
     /// Run `f(i, chunk)` over consecutive `chunk_len`-element chunks of `data` (the last may be
     /// shorter), spread over the pool: for element-wise work too large for one thread.
-    pub fn par_chunks_mut(
+    pub fn par_chunks_mut<T: Send>(
         &self,
-        data: &mut [f32],
+        data: &mut [T],
         chunk_len: usize,
-        f: &(dyn Fn(usize, &mut [f32]) + Sync),
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
     ) {
         let chunk_len = chunk_len.max(1);
         let len = data.len();
-        let shared = SharedOut(data.as_mut_ptr());
+        let shared = SharedMut(data.as_mut_ptr());
         self.pool.run(len.div_ceil(chunk_len), &|i| {
             let start = i * chunk_len;
             let n = chunk_len.min(len - start);

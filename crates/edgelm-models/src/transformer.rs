@@ -533,14 +533,10 @@ impl Transformer {
                 let r = value_rotation(hd);
                 c.par_chunks_mut(v, kv_dim, &|_, row| hadamard_rotate(row, r));
             }
-            for t in 0..n {
-                cache.write(
-                    seqs[t],
-                    li,
-                    positions[t],
-                    &k[t * kv_dim..(t + 1) * kv_dim],
-                    &v[t * kv_dim..(t + 1) * kv_dim],
-                );
+            if n == 1 {
+                cache.write(seqs[0], li, positions[0], k, v);
+            } else {
+                cache.write_rows(c, li, seqs, positions, k, v);
             }
 
             let att = fit(att, n * q_dim);

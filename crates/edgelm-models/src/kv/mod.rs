@@ -20,7 +20,7 @@ mod store;
 
 use crate::hparams::HParams;
 use crate::{ModelError, Result, MAX_CHUNK};
-use edgelm_kernels::KvBlocks;
+use edgelm_kernels::{Compute, KvBlocks};
 use prefix::{chain_key, Node, PrefixIndex, ROOT};
 use store::Group;
 
@@ -636,6 +636,31 @@ impl KvCache {
         let b = self.cfg.block_len;
         let blk = self.seqs[seq].as_ref().expect("reserved sequence").tables[g][pos / b];
         self.groups[g].write(i, blk as usize * b + pos % b, k, v);
+    }
+
+    /// [`KvCache::write`] for a chunk's tokens at once: token `t` of sequence `seqs[t]` at
+    /// position `positions[t]`, its key and value rows `t` of `k` and `v`. Quantized caches
+    /// encode the rows across `c`'s pool.
+    pub(crate) fn write_rows(
+        &mut self,
+        c: &Compute,
+        layer: usize,
+        seqs: &[SeqId],
+        positions: &[usize],
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let (g, i) = self.layer_slot[layer];
+        let b = self.cfg.block_len;
+        let slots: Vec<usize> = seqs
+            .iter()
+            .zip(positions)
+            .map(|(&seq, &pos)| {
+                let table = &self.seqs[seq].as_ref().expect("reserved sequence").tables[g];
+                table[pos / b] as usize * b + pos % b
+            })
+            .collect();
+        self.groups[g].write_rows(c, i, &slots, k, v);
     }
 
     /// Record the tokens just written for `seq`; with the prefix cache on, index the blocks

@@ -2,7 +2,7 @@
 //! `block_len` positions, and the bookkeeping of which blocks are held, cached or free.
 
 use super::{KvType, KvTypes};
-use edgelm_kernels::{BlockQ4_0, BlockQ8_0, KvPlane, KV_BLOCK};
+use edgelm_kernels::{BlockQ4_0, BlockQ8_0, Compute, KvPlane, KV_BLOCK};
 use edgelm_quant::{q4_0, q8_0};
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -61,6 +61,53 @@ impl Plane {
                     .enumerate()
                 {
                     q4_0::quantize_block_fitted(block(i), &mut b.0);
+                }
+            }
+        }
+    }
+
+    /// Stores row `t` of `rows` (`width` values each) at slot `slots[t]`: quantized planes
+    /// encode every row across the pool first (their least-squares rounding is a prompt's
+    /// largest serial cost otherwise), then copy the blocks into place.
+    fn write_rows(&mut self, c: &Compute, slots: &[usize], width: usize, rows: &[f32]) {
+        fn encoded<B: Copy + Send>(
+            c: &Compute,
+            rows: &[f32],
+            zero: B,
+            encode: fn(&[f32; KV_BLOCK], &mut B),
+        ) -> Vec<B> {
+            let mut out = vec![zero; rows.len() / KV_BLOCK];
+            let per_task = out.len().div_ceil(4 * c.n_threads()).max(1);
+            c.par_chunks_mut(&mut out, per_task, &|task, blocks| {
+                let first = task * per_task * KV_BLOCK;
+                for (b, x) in blocks.iter_mut().zip(rows[first..].chunks_exact(KV_BLOCK)) {
+                    encode(x.try_into().expect("whole blocks"), b);
+                }
+            });
+            out
+        }
+        fn place<B: Copy>(plane: &mut [B], slots: &[usize], per_row: usize, blocks: &[B]) {
+            for (&slot, row) in slots.iter().zip(blocks.chunks_exact(per_row)) {
+                plane[slot * per_row..][..per_row].copy_from_slice(row);
+            }
+        }
+        let per_row = width / KV_BLOCK;
+        match self {
+            Plane::Q8_0(p) => {
+                let blocks = encoded(c, rows, BlockQ8_0([0; 34]), |x, b| {
+                    q8_0::quantize_block_fitted(x, &mut b.0)
+                });
+                place(p, slots, per_row, &blocks);
+            }
+            Plane::Q4_0(p) => {
+                let blocks = encoded(c, rows, BlockQ4_0([0; 18]), |x, b| {
+                    q4_0::quantize_block_fitted(x, &mut b.0)
+                });
+                place(p, slots, per_row, &blocks);
+            }
+            Plane::F32(_) | Plane::F16(_) => {
+                for (&slot, row) in slots.iter().zip(rows.chunks_exact(width)) {
+                    self.write(slot * width, row);
                 }
             }
         }
@@ -289,6 +336,14 @@ impl Group {
         let d = l.kv_dim;
         l.keys.write(slot * d, &k[..d]);
         l.values.write(slot * d, &v[..d]);
+    }
+
+    /// [`Group::write`] for many slots at once, token `t`'s key and value rows at `slots[t]`.
+    pub fn write_rows(&mut self, c: &Compute, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
+        let l = &mut self.layers[layer];
+        let d = l.kv_dim;
+        l.keys.write_rows(c, slots, d, &k[..slots.len() * d]);
+        l.values.write_rows(c, slots, d, &v[..slots.len() * d]);
     }
 
     /// Passes the key of slot `slot` of layer `layer`, widened into `row`, through `f` and

@@ -289,3 +289,71 @@ fn fork_copies_a_shared_block_on_write() {
     assert_eq!(ta[0], tb[0], "the full first block stays shared");
     assert_ne!(ta[1], tb[1], "the written block was copied");
 }
+
+/// Every byte of a plane, whatever its type.
+fn plane_bytes(plane: KvPlane<'_>) -> Vec<u8> {
+    match plane {
+        KvPlane::F32(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        KvPlane::F16(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        KvPlane::Q8_0(x) => x.iter().flat_map(|b| b.0).collect(),
+        KvPlane::Q4_0(x) => x.iter().flat_map(|b| b.0).collect(),
+    }
+}
+
+/// A chunk's rows written at once — quantized ones encoded across the pool — store exactly what
+/// writing them token by token stores: every type, two sequences' runs in one chunk, positions
+/// crossing block boundaries.
+#[test]
+fn writing_a_chunk_at_once_equals_writing_token_by_token() {
+    let hp = HParams {
+        head_dim: 32,
+        ..hparams()
+    };
+    let compute = edgelm_kernels::Compute::precise(edgelm_kernels::Isa::Scalar, 2);
+    let mut rng = Lcg(5);
+    for ty in [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0] {
+        let cfg = KvConfig {
+            block_len: 4,
+            ..KvConfig::new(40, ty)
+        };
+        let (mut whole, mut single) = (
+            KvCache::new(&hp, cfg.clone()).unwrap(),
+            KvCache::new(&hp, cfg).unwrap(),
+        );
+        let mut seqs = Vec::new();
+        for cache in [&mut whole, &mut single] {
+            let (a, b) = (cache.alloc(), cache.alloc());
+            cache.reserve(a, 0, 7).unwrap();
+            cache.reserve(b, 0, 10).unwrap();
+            seqs = [vec![a; 7], vec![b; 10]].concat();
+        }
+        let positions: Vec<usize> = (0..7).chain(0..10).collect();
+        for (l, shape) in hp.layers.iter().enumerate() {
+            let d = shape.n_head_kv * hp.head_dim;
+            let mut row = || -> Vec<f32> {
+                (0..seqs.len() * d)
+                    .map(|_| rng.below(2001) as f32 / 100.0 - 10.0)
+                    .collect()
+            };
+            let (k, v) = (row(), row());
+            whole.write_rows(&compute, l, &seqs, &positions, &k, &v);
+            for (t, (&s, &p)) in seqs.iter().zip(&positions).enumerate() {
+                single.write(s, l, p, &k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d]);
+            }
+            let (x, y) = (
+                whole.view(seqs[0], l, 0, 7, 0..d),
+                single.view(seqs[0], l, 0, 7, 0..d),
+            );
+            assert_eq!(
+                plane_bytes(x.keys),
+                plane_bytes(y.keys),
+                "{ty:?} layer {l} keys"
+            );
+            assert_eq!(
+                plane_bytes(x.values),
+                plane_bytes(y.values),
+                "{ty:?} layer {l} values"
+            );
+        }
+    }
+}
