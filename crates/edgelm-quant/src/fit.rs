@@ -6,6 +6,9 @@
 
 /// Trial scales per side of the grid: the reference's and steps of 2.5% either way.
 const TRIALS: i32 = 4;
+/// Trials per end of the grid, and at most two ends.
+const PER_END: usize = 2 * TRIALS as usize + 1;
+const MAX_TRIALS: usize = 2 * PER_END;
 
 /// Levels in `lo..=hi` into `q` and the scale `d` (as f16 rounds it) for `x`.
 pub fn fit_symmetric(x: &[f32; 32], lo: i32, hi: i32, q: &mut [i8; 32]) -> f32 {
@@ -20,38 +23,70 @@ pub fn fit_symmetric(x: &[f32; 32], lo: i32, hi: i32, q: &mut [i8; 32]) -> f32 {
         q.fill(0);
         return 0.0;
     }
-    let mut best = (f32::INFINITY, 0f32);
-    let mut levels = [0i8; 32];
     // The extreme on either end of the grid (the longer one first: the reference's choice); a
     // grid symmetric about zero has one.
-    let ends: &[i32] = if lo == -hi { &[hi] } else { &[lo, hi] };
-    for &end in ends {
+    if lo == -hi {
+        fit_trials::<PER_END>(x, max, &[hi], lo, hi, q)
+    } else {
+        fit_trials::<MAX_TRIALS>(x, max, &[lo, hi], lo, hi, q)
+    }
+}
+
+/// [`fit_symmetric`]'s trials around the scales putting `max` on each of `ends`, `N` in all:
+/// a constant, so the loops over trials unroll and vectorize.
+fn fit_trials<const N: usize>(
+    x: &[f32; 32],
+    max: f32,
+    ends: &[i32],
+    lo: i32,
+    hi: i32,
+    q: &mut [i8; 32],
+) -> f32 {
+    let mut inv = [0f32; N];
+    for (e, &end) in ends.iter().enumerate() {
         for k in -TRIALS..=TRIALS {
             let d0 = max / (end as f32 * (1.0 + 0.025 * k as f32));
-            let inv = 1.0 / d0;
-            let (mut sxq, mut sqq) = (0f32, 0f32);
-            for (l, &v) in levels.iter_mut().zip(x) {
-                let r = round_away(v * inv).clamp(lo, hi) as f32;
-                *l = r as i8;
-                sxq += v * r;
-                sqq += r * r;
-            }
-            if sqq == 0.0 {
-                continue;
-            }
-            let d = half::f16::from_f32(sxq / sqq).to_f32();
-            let err: f32 = x
-                .iter()
-                .zip(&levels)
-                .map(|(&v, &l)| (v - d * l as f32).powi(2))
-                .sum();
-            if err < best.0 {
-                best = (err, d);
-                q.copy_from_slice(&levels);
-            }
+            inv[e * PER_END + (k + TRIALS) as usize] = 1.0 / d0;
         }
     }
-    best.1
+    // All trials side by side, element by element: each trial's sums still run in element
+    // order (the same bits as one trial after another), but the trials' chains of additions
+    // overlap instead of each waiting on its own.
+    let mut levels = [[0i8; 32]; N];
+    let (mut sxq, mut sqq) = ([0f32; N], [0f32; N]);
+    for (j, &v) in x.iter().enumerate() {
+        for t in 0..N {
+            let r = round_away(v * inv[t]).clamp(lo, hi) as f32;
+            levels[t][j] = r as i8;
+            sxq[t] += v * r;
+            sqq[t] += r * r;
+        }
+    }
+    let mut d = [0f32; N];
+    for t in 0..N {
+        if sqq[t] != 0.0 {
+            d[t] = half::f16::from_f32(sxq[t] / sqq[t]).to_f32();
+        }
+    }
+    let mut err = [0f32; N];
+    for (j, &v) in x.iter().enumerate() {
+        for t in 0..N {
+            err[t] += (v - d[t] * levels[t][j] as f32).powi(2);
+        }
+    }
+    let mut best: Option<(f32, usize)> = None;
+    for t in (0..N).filter(|&t| sqq[t] != 0.0) {
+        if err[t] < best.map_or(f32::INFINITY, |b| b.0) {
+            best = Some((err[t], t));
+        }
+    }
+    match best {
+        Some((_, t)) => {
+            q.copy_from_slice(&levels[t]);
+            d[t]
+        }
+        None => 0.0,
+    }
 }
 
 /// `t.round()` (ties away from zero) as an integer, saturating far outside any grid. Adding
