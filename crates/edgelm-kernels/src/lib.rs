@@ -7,6 +7,7 @@ mod compute;
 mod flash;
 pub mod interleave;
 mod isa;
+mod kv_quant;
 mod pool;
 pub mod qdot;
 #[cfg(target_arch = "x86_64")]
@@ -21,6 +22,7 @@ pub use compute::{
 };
 pub use flash::QueryBlock;
 pub use isa::{Isa, IsaError};
+pub use kv_quant::fit_symmetric;
 pub use pool::ThreadPool;
 #[cfg(test)]
 mod test_rng;

@@ -8,10 +8,26 @@
 const TRIALS: i32 = 4;
 /// Trials per end of the grid, and at most two ends.
 const PER_END: usize = 2 * TRIALS as usize + 1;
-const MAX_TRIALS: usize = 2 * PER_END;
+/// Trials of a grid with two ends (one longer than the other, as Q4_0's −8..=7).
+pub const MAX_TRIALS: usize = 2 * PER_END;
 
 /// Levels in `lo..=hi` into `q` and the scale `d` (as f16 rounds it) for `x`.
 pub fn fit_symmetric(x: &[f32; 32], lo: i32, hi: i32, q: &mut [i8; 32]) -> f32 {
+    let Some((inv, n)) = trial_inverses(x, lo, hi) else {
+        q.fill(0);
+        return 0.0;
+    };
+    if n == PER_END {
+        fit_trials::<PER_END>(x, inv[..PER_END].try_into().expect("one end"), lo, hi, q)
+    } else {
+        fit_trials::<MAX_TRIALS>(x, inv, lo, hi, q)
+    }
+}
+
+/// The inverses of the trial scales for `x` on the grid `lo..=hi`, and how many there are;
+/// `None` for a block of zeros. Around the scale putting the block's extreme on either end of
+/// the grid (the longer one first: the reference's choice); a grid symmetric about zero has one.
+pub fn trial_inverses(x: &[f32; 32], lo: i32, hi: i32) -> Option<([f32; MAX_TRIALS], usize)> {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -20,35 +36,40 @@ pub fn fit_symmetric(x: &[f32; 32], lo: i32, hi: i32, q: &mut [i8; 32]) -> f32 {
         }
     }
     if amax == 0.0 {
-        q.fill(0);
-        return 0.0;
+        return None;
     }
-    // The extreme on either end of the grid (the longer one first: the reference's choice); a
-    // grid symmetric about zero has one.
-    if lo == -hi {
-        fit_trials::<PER_END>(x, max, &[hi], lo, hi, q)
-    } else {
-        fit_trials::<MAX_TRIALS>(x, max, &[lo, hi], lo, hi, q)
-    }
-}
-
-/// [`fit_symmetric`]'s trials around the scales putting `max` on each of `ends`, `N` in all:
-/// a constant, so the loops over trials unroll and vectorize.
-fn fit_trials<const N: usize>(
-    x: &[f32; 32],
-    max: f32,
-    ends: &[i32],
-    lo: i32,
-    hi: i32,
-    q: &mut [i8; 32],
-) -> f32 {
-    let mut inv = [0f32; N];
+    let ends: &[i32] = if lo == -hi { &[hi] } else { &[lo, hi] };
+    let mut inv = [0f32; MAX_TRIALS];
     for (e, &end) in ends.iter().enumerate() {
         for k in -TRIALS..=TRIALS {
             let d0 = max / (end as f32 * (1.0 + 0.025 * k as f32));
             inv[e * PER_END + (k + TRIALS) as usize] = 1.0 / d0;
         }
     }
+    Some((inv, ends.len() * PER_END))
+}
+
+/// The trial kept: the first with the smallest error among those with any nonzero level
+/// (`sqq[t]`, the sum of squared levels, above 0).
+pub fn best_trial(err: &[f32], sqq: &[f32]) -> Option<usize> {
+    let mut best: Option<(f32, usize)> = None;
+    for t in (0..err.len()).filter(|&t| sqq[t] != 0.0) {
+        if err[t] < best.map_or(f32::INFINITY, |b| b.0) {
+            best = Some((err[t], t));
+        }
+    }
+    best.map(|b| b.1)
+}
+
+/// [`fit_symmetric`]'s `N` trials, at inverse scales `inv`: a constant count, so the loops over
+/// trials unroll and vectorize.
+fn fit_trials<const N: usize>(
+    x: &[f32; 32],
+    inv: [f32; N],
+    lo: i32,
+    hi: i32,
+    q: &mut [i8; 32],
+) -> f32 {
     // All trials side by side, element by element: each trial's sums still run in element
     // order (the same bits as one trial after another), but the trials' chains of additions
     // overlap instead of each waiting on its own.
@@ -74,14 +95,8 @@ fn fit_trials<const N: usize>(
             err[t] += (v - d[t] * levels[t][j] as f32).powi(2);
         }
     }
-    let mut best: Option<(f32, usize)> = None;
-    for t in (0..N).filter(|&t| sqq[t] != 0.0) {
-        if err[t] < best.map_or(f32::INFINITY, |b| b.0) {
-            best = Some((err[t], t));
-        }
-    }
-    match best {
-        Some((_, t)) => {
+    match best_trial(&err, &sqq) {
+        Some(t) => {
             q.copy_from_slice(&levels[t]);
             d[t]
         }

@@ -38,7 +38,15 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
 /// larger error, what the KV cache writes.
 pub fn quantize_block_fitted(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     let mut q = [0i8; 32];
-    let d = crate::fit::fit_symmetric(x, -8, 7, &mut q);
+    let d = crate::fit::fit_symmetric(x, LEVELS.0, LEVELS.1, &mut q);
+    pack(d, &q, b);
+}
+
+/// The grid a block's levels lie on.
+pub const LEVELS: (i32, i32) = (-8, 7);
+
+/// A block of scale `d` and levels `q` (in [`LEVELS`]) in the stored layout.
+pub fn pack(d: f32, q: &[i8; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     put_f16(b, 0, d);
     for j in 0..16 {
         b[2 + j] = (q[j] + 8) as u8 | ((q[j + 16] + 8) as u8) << 4;

@@ -28,7 +28,15 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
 /// −127..=127 as ggml's): never a larger error, what the KV cache writes.
 pub fn quantize_block_fitted(x: &[f32; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     let mut q = [0i8; 32];
-    let d = crate::fit::fit_symmetric(x, -127, 127, &mut q);
+    let d = crate::fit::fit_symmetric(x, LEVELS.0, LEVELS.1, &mut q);
+    pack(d, &q, b);
+}
+
+/// The grid the fitted rounding uses (ggml's: −128 is never produced).
+pub const LEVELS: (i32, i32) = (-127, 127);
+
+/// A block of scale `d` and levels `q` in the stored layout.
+pub fn pack(d: f32, q: &[i8; BLOCK_ELEMS], b: &mut [u8; BLOCK_BYTES]) {
     put_f16(b, 0, d);
     for j in 0..32 {
         b[2 + j] = q[j] as u8;

@@ -1,6 +1,7 @@
 //! Attention tiles over Q8_0 and Q4_0 cached keys and values: each block's 32 levels widened
 //! to f32 and scaled in registers, eight at a time, then used by every query head (or output
-//! row) of the tile, so the conversion is paid once per head group.
+//! row) of the tile, so the conversion is paid once per head group. And the rounding that
+//! writes those blocks, eight trial scales at a time ([`fit_trials`]).
 
 use super::hsum;
 use crate::attention::{BlockQ4_0, BlockQ8_0};
@@ -172,4 +173,65 @@ pub unsafe fn weighted_rows_q4_0<const R: usize>(
     out: &[*mut f32; R],
 ) {
     weighted(p, v, hd, out)
+}
+
+/// The trials of `edgelm_quant::fit` (the KV cache's least-squares rounding), eight per register:
+/// trial `t` at inverse scale `inv[t]` leaves its levels in `levels[j][t]`, its f16-rounded
+/// scale, squared error and sum of squared levels in `d[t]`, `err[t]`, `sqq[t]` — every sum in
+/// element order, multiplications and additions unfused, as the scalar trials run, so each
+/// value has their bits.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn fit_trials<const V: usize>(
+    x: &[f32; 32],
+    inv: &[f32; 24],
+    (lo, hi): (f32, f32),
+    levels: &mut [[f32; 24]; 32],
+    (d, err, sqq): (&mut [f32; 24], &mut [f32; 24], &mut [f32; 24]),
+) {
+    assert!(V <= 3, "fit_trials: at most 24 trials");
+    let sign = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.499_999_97);
+    let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    // SAFETY (all loads and stores): lanes 8t..8t + 8 with t < V ≤ 3 lie inside the 24-wide
+    // arrays.
+    let inv: [__m256; V] = core::array::from_fn(|t| _mm256_loadu_ps(inv.as_ptr().add(8 * t)));
+    let (mut sxq, mut sq) = ([_mm256_setzero_ps(); V], [_mm256_setzero_ps(); V]);
+    for (j, &xj) in x.iter().enumerate() {
+        let v = _mm256_set1_ps(xj);
+        for t in 0..V {
+            // Ties away from zero as the scalar `round_away`: add ½ (just below) with the
+            // sign, truncate; an undefined product (0·∞) rounds to 0 as its `as i32` does.
+            let p = _mm256_mul_ps(v, inv[t]);
+            let nudged = _mm256_add_ps(p, _mm256_or_ps(_mm256_and_ps(p, sign), half));
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(nudged);
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+            let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            _mm256_storeu_ps(levels[j].as_mut_ptr().add(8 * t), r);
+            sxq[t] = _mm256_add_ps(sxq[t], _mm256_mul_ps(v, r));
+            sq[t] = _mm256_add_ps(sq[t], _mm256_mul_ps(r, r));
+        }
+    }
+    let zero = _mm256_setzero_ps();
+    let scale: [__m256; V] = core::array::from_fn(|t| {
+        let fit = _mm256_div_ps(sxq[t], sq[t]);
+        let stored = _mm256_cvtph_ps(_mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(fit));
+        _mm256_and_ps(stored, _mm256_cmp_ps::<_CMP_NEQ_OQ>(sq[t], zero))
+    });
+    let mut e = [zero; V];
+    for (j, &xj) in x.iter().enumerate() {
+        let v = _mm256_set1_ps(xj);
+        for t in 0..V {
+            let l = _mm256_loadu_ps(levels[j].as_ptr().add(8 * t));
+            let diff = _mm256_sub_ps(v, _mm256_mul_ps(scale[t], l));
+            e[t] = _mm256_add_ps(e[t], _mm256_mul_ps(diff, diff));
+        }
+    }
+    for t in 0..V {
+        _mm256_storeu_ps(d.as_mut_ptr().add(8 * t), scale[t]);
+        _mm256_storeu_ps(err.as_mut_ptr().add(8 * t), e[t]);
+        _mm256_storeu_ps(sqq.as_mut_ptr().add(8 * t), sq[t]);
+    }
 }

@@ -74,7 +74,7 @@ impl Plane {
             c: &Compute,
             rows: &[f32],
             zero: B,
-            encode: fn(&[f32; KV_BLOCK], &mut B),
+            encode: &(dyn Fn(&[f32; KV_BLOCK], &mut B) + Sync),
         ) -> Vec<B> {
             let mut out = vec![zero; rows.len() / KV_BLOCK];
             let per_task = out.len().div_ceil(4 * c.n_threads()).max(1);
@@ -92,16 +92,23 @@ impl Plane {
             }
         }
         let per_row = width / KV_BLOCK;
+        // The rounding on the SIMD path: the same bits as `quantize_block_fitted`'s (`write`).
+        let fitted = |x: &[f32; KV_BLOCK], (lo, hi): (i32, i32)| {
+            let mut q = [0i8; KV_BLOCK];
+            (edgelm_kernels::fit_symmetric(c.isa(), x, lo, hi, &mut q), q)
+        };
         match self {
             Plane::Q8_0(p) => {
-                let blocks = encoded(c, rows, BlockQ8_0([0; 34]), |x, b| {
-                    q8_0::quantize_block_fitted(x, &mut b.0)
+                let blocks = encoded(c, rows, BlockQ8_0([0; 34]), &|x, b| {
+                    let (d, q) = fitted(x, q8_0::LEVELS);
+                    q8_0::pack(d, &q, &mut b.0)
                 });
                 place(p, slots, per_row, &blocks);
             }
             Plane::Q4_0(p) => {
-                let blocks = encoded(c, rows, BlockQ4_0([0; 18]), |x, b| {
-                    q4_0::quantize_block_fitted(x, &mut b.0)
+                let blocks = encoded(c, rows, BlockQ4_0([0; 18]), &|x, b| {
+                    let (d, q) = fitted(x, q4_0::LEVELS);
+                    q4_0::pack(d, &q, &mut b.0)
                 });
                 place(p, slots, per_row, &blocks);
             }

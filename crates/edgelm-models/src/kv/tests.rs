@@ -305,11 +305,17 @@ fn plane_bytes(plane: KvPlane<'_>) -> Vec<u8> {
 /// crossing block boundaries.
 #[test]
 fn writing_a_chunk_at_once_equals_writing_token_by_token() {
+    // Every path this CPU runs: the SIMD rounding must store what `write`'s scalar one does.
+    for isa in edgelm_kernels::Isa::available() {
+        chunk_at_once_equals_token_by_token(&edgelm_kernels::Compute::precise(isa, 2));
+    }
+}
+
+fn chunk_at_once_equals_token_by_token(compute: &edgelm_kernels::Compute) {
     let hp = HParams {
         head_dim: 32,
         ..hparams()
     };
-    let compute = edgelm_kernels::Compute::precise(edgelm_kernels::Isa::Scalar, 2);
     let mut rng = Lcg(5);
     for ty in [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0] {
         let cfg = KvConfig {
@@ -336,7 +342,7 @@ fn writing_a_chunk_at_once_equals_writing_token_by_token() {
                     .collect()
             };
             let (k, v) = (row(), row());
-            whole.write_rows(&compute, l, &seqs, &positions, &k, &v);
+            whole.write_rows(compute, l, &seqs, &positions, &k, &v);
             for (t, (&s, &p)) in seqs.iter().zip(&positions).enumerate() {
                 single.write(s, l, p, &k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d]);
             }
