@@ -533,11 +533,7 @@ impl Transformer {
                 let r = value_rotation(hd);
                 c.par_chunks_mut(v, kv_dim, &|_, row| hadamard_rotate(row, r));
             }
-            if n == 1 {
-                cache.write(seqs[0], li, positions[0], k, v);
-            } else {
-                cache.write_rows(c, li, seqs, positions, k, v);
-            }
+            cache.write_rows(c, li, seqs, positions, k, v);
 
             let att = fit(att, n * q_dim);
             self.attention(c, cache, li, shape, q, positions, seqs, att);

@@ -630,7 +630,9 @@ impl KvCache {
         Ok(())
     }
 
-    /// Store position `pos` of layer `layer` for `seq` (blocks reserved beforehand).
+    /// Store position `pos` of layer `layer` for `seq` (blocks reserved beforehand), token by
+    /// token with the scalar rounding: the reference [`KvCache::write_rows`] is tested against.
+    #[cfg(test)]
     pub(crate) fn write(&mut self, seq: SeqId, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (g, i) = self.layer_slot[layer];
         let b = self.cfg.block_len;

@@ -9,6 +9,9 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use std::collections::BTreeSet;
 use std::ops::Range;
 
+/// Fewest blocks a task of [`Plane::write_rows`] encodes (a block takes ~0.1 µs).
+const PARALLEL_BLOCKS: usize = 32;
+
 /// Keys or values of one layer, slot after slot (`kv_dim` values each), in the cache's type;
 /// quantized types hold whole blocks of [`KV_BLOCK`] values (the planner checks the widths).
 #[derive(Debug)]
@@ -66,7 +69,8 @@ impl Plane {
         }
     }
 
-    /// Stores row `t` of `rows` (`width` values each) at slot `slots[t]`: quantized planes
+    /// Stores row `t` of `rows` (`width` values each) at slot `slots[t]` (a token of a chunk,
+    /// or the one a decoding step writes): quantized planes
     /// encode every row across the pool first (their least-squares rounding is a prompt's
     /// largest serial cost otherwise), then copy the blocks into place.
     fn write_rows(&mut self, c: &Compute, slots: &[usize], width: usize, rows: &[f32]) {
@@ -77,7 +81,8 @@ impl Plane {
             encode: &(dyn Fn(&[f32; KV_BLOCK], &mut B) + Sync),
         ) -> Vec<B> {
             let mut out = vec![zero; rows.len() / KV_BLOCK];
-            let per_task = out.len().div_ceil(4 * c.n_threads()).max(1);
+            // A decoded token's few blocks take less time than a fork/join.
+            let per_task = out.len().div_ceil(4 * c.n_threads()).max(PARALLEL_BLOCKS);
             c.par_chunks_mut(&mut out, per_task, &|task, blocks| {
                 let first = task * per_task * KV_BLOCK;
                 for (b, x) in blocks.iter_mut().zip(rows[first..].chunks_exact(KV_BLOCK)) {
@@ -337,7 +342,9 @@ impl Group {
         }
     }
 
-    /// Store the key and value of slot `slot` (block · block_len + offset) of layer `layer`.
+    /// Store the key and value of slot `slot` (block · block_len + offset) of layer `layer`,
+    /// with the scalar rounding: the reference `write_rows` is tested against.
+    #[cfg(test)]
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let l = &mut self.layers[layer];
         let d = l.kv_dim;
