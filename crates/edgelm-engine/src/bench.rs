@@ -121,8 +121,7 @@ impl BandwidthProbe {
         let share = self.buf.len().div_ceil(threads);
         let t0 = Instant::now();
         compute.pool().run(threads, &|task| {
-            let part = &self.buf[(task * share).min(self.buf.len())..]
-                [..share.min(self.buf.len().saturating_sub(task * share))];
+            let part = self.buf.chunks(share).nth(task).unwrap_or_default();
             for _ in 0..PASSES {
                 // Eight independent lanes per cache line: the loads, not the adds, set the pace.
                 let mut acc = [0u64; 8];

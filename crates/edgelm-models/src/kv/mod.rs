@@ -226,6 +226,9 @@ pub struct KvCache {
     prefix: PrefixIndex,
     /// Ticks at every release, ordering evictions.
     clock: u64,
+    /// Slots of the rows [`KvCache::write_rows`] stores, kept so a decoding step allocates
+    /// nothing.
+    slots: Vec<usize>,
 }
 
 impl KvCache {
@@ -248,6 +251,7 @@ impl KvCache {
             seqs: Vec::new(),
             prefix: PrefixIndex::default(),
             clock: 0,
+            slots: Vec::new(),
         })
     }
 
@@ -654,15 +658,13 @@ impl KvCache {
     ) {
         let (g, i) = self.layer_slot[layer];
         let b = self.cfg.block_len;
-        let slots: Vec<usize> = seqs
-            .iter()
-            .zip(positions)
-            .map(|(&seq, &pos)| {
+        self.slots.clear();
+        self.slots
+            .extend(seqs.iter().zip(positions).map(|(&seq, &pos)| {
                 let table = &self.seqs[seq].as_ref().expect("reserved sequence").tables[g];
                 table[pos / b] as usize * b + pos % b
-            })
-            .collect();
-        self.groups[g].write_rows(c, i, &slots, k, v);
+            }));
+        self.groups[g].write_rows(c, i, &self.slots, k, v);
     }
 
     /// Record the tokens just written for `seq`; with the prefix cache on, index the blocks

@@ -70,29 +70,42 @@ impl Plane {
     }
 
     /// Stores row `t` of `rows` (`width` values each) at slot `slots[t]` (a token of a chunk,
-    /// or the one a decoding step writes): quantized planes
-    /// encode every row across the pool first (their least-squares rounding is a prompt's
-    /// largest serial cost otherwise), then copy the blocks into place.
+    /// or the one a decoding step writes). Quantized planes encode a chunk's rows across the
+    /// pool first (their least-squares rounding is a prompt's largest serial cost otherwise),
+    /// then copy the blocks into place; a few blocks (a decoded token's) take less time than
+    /// a fork/join and are encoded straight into their slots.
     fn write_rows(&mut self, c: &Compute, slots: &[usize], width: usize, rows: &[f32]) {
-        fn encoded<B: Copy + Send>(
+        fn store<B: Copy + Send>(
             c: &Compute,
+            plane: &mut [B],
+            slots: &[usize],
+            per_row: usize,
             rows: &[f32],
             zero: B,
             encode: &(dyn Fn(&[f32; KV_BLOCK], &mut B) + Sync),
-        ) -> Vec<B> {
-            let mut out = vec![zero; rows.len() / KV_BLOCK];
-            // A decoded token's few blocks take less time than a fork/join.
-            let per_task = out.len().div_ceil(4 * c.n_threads()).max(PARALLEL_BLOCKS);
-            c.par_chunks_mut(&mut out, per_task, &|task, blocks| {
+        ) {
+            fn whole(x: &[f32]) -> &[f32; KV_BLOCK] {
+                x.try_into().expect("whole blocks")
+            }
+            let n_blocks = rows.len() / KV_BLOCK;
+            if n_blocks <= PARALLEL_BLOCKS {
+                for (&slot, row) in slots.iter().zip(rows.chunks_exact(per_row * KV_BLOCK)) {
+                    let dst = &mut plane[slot * per_row..][..per_row];
+                    for (b, x) in dst.iter_mut().zip(row.chunks_exact(KV_BLOCK)) {
+                        encode(whole(x), b);
+                    }
+                }
+                return;
+            }
+            let mut encoded = vec![zero; n_blocks];
+            let per_task = n_blocks.div_ceil(4 * c.n_threads()).max(PARALLEL_BLOCKS);
+            c.par_chunks_mut(&mut encoded, per_task, &|task, blocks| {
                 let first = task * per_task * KV_BLOCK;
                 for (b, x) in blocks.iter_mut().zip(rows[first..].chunks_exact(KV_BLOCK)) {
-                    encode(x.try_into().expect("whole blocks"), b);
+                    encode(whole(x), b);
                 }
             });
-            out
-        }
-        fn place<B: Copy>(plane: &mut [B], slots: &[usize], per_row: usize, blocks: &[B]) {
-            for (&slot, row) in slots.iter().zip(blocks.chunks_exact(per_row)) {
+            for (&slot, row) in slots.iter().zip(encoded.chunks_exact(per_row)) {
                 plane[slot * per_row..][..per_row].copy_from_slice(row);
             }
         }
@@ -103,20 +116,14 @@ impl Plane {
             (edgelm_kernels::fit_symmetric(c.isa(), x, lo, hi, &mut q), q)
         };
         match self {
-            Plane::Q8_0(p) => {
-                let blocks = encoded(c, rows, BlockQ8_0([0; 34]), &|x, b| {
-                    let (d, q) = fitted(x, q8_0::LEVELS);
-                    q8_0::pack(d, &q, &mut b.0)
-                });
-                place(p, slots, per_row, &blocks);
-            }
-            Plane::Q4_0(p) => {
-                let blocks = encoded(c, rows, BlockQ4_0([0; 18]), &|x, b| {
-                    let (d, q) = fitted(x, q4_0::LEVELS);
-                    q4_0::pack(d, &q, &mut b.0)
-                });
-                place(p, slots, per_row, &blocks);
-            }
+            Plane::Q8_0(p) => store(c, p, slots, per_row, rows, BlockQ8_0([0; 34]), &|x, b| {
+                let (d, q) = fitted(x, q8_0::LEVELS);
+                q8_0::pack(d, &q, &mut b.0)
+            }),
+            Plane::Q4_0(p) => store(c, p, slots, per_row, rows, BlockQ4_0([0; 18]), &|x, b| {
+                let (d, q) = fitted(x, q4_0::LEVELS);
+                q4_0::pack(d, &q, &mut b.0)
+            }),
             Plane::F32(_) | Plane::F16(_) => {
                 for (&slot, row) in slots.iter().zip(rows.chunks_exact(width)) {
                     self.write(slot * width, row);
