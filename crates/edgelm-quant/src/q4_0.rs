@@ -60,7 +60,9 @@ pub fn quantize_block_weighted(
     b: &mut [u8; BLOCK_BYTES],
 ) {
     let mut q = [0i8; 32];
-    let (d, _) = crate::weighted::fit_scale(x, w, -8, 7, false, &mut q, crate::weighted::f16r);
+    let d = crate::weighted::f16_grid_scale(x, -8, 7, &mut q).unwrap_or_else(|| {
+        crate::weighted::fit_scale(x, w, -8, 7, false, &mut q, crate::weighted::f16r).0
+    });
     put_f16(b, 0, d);
     for j in 0..16 {
         b[2 + j] = (q[j] + 8) as u8 | ((q[j + 16] + 8) as u8) << 4;

@@ -49,7 +49,9 @@ pub fn quantize_block_weighted(
     b: &mut [u8; BLOCK_BYTES],
 ) {
     let mut q = [0i8; 32];
-    let (d, _) = crate::weighted::fit_scale(x, w, -16, 15, false, &mut q, crate::weighted::f16r);
+    let d = crate::weighted::f16_grid_scale(x, -16, 15, &mut q).unwrap_or_else(|| {
+        crate::weighted::fit_scale(x, w, -16, 15, false, &mut q, crate::weighted::f16r).0
+    });
     put_f16(b, 0, d);
     let mut qh = 0u32;
     for j in 0..16 {

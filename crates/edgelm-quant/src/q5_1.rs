@@ -49,8 +49,11 @@ pub fn quantize_block_weighted(
     b: &mut [u8; BLOCK_BYTES],
 ) {
     let mut q = [0u8; 32];
-    let (d, m, _) =
-        crate::weighted::fit_affine(x, w, 31, false, true, &mut q, crate::weighted::f16r);
+    let (d, m) = crate::weighted::f16_grid_affine(x, 31, &mut q).unwrap_or_else(|| {
+        let (d, m, _) =
+            crate::weighted::fit_affine(x, w, 31, false, true, &mut q, crate::weighted::f16r);
+        (d, m)
+    });
     put_f16(b, 0, d);
     put_f16(b, 2, m);
     let mut qh = 0u32;

@@ -51,7 +51,9 @@ pub fn quantize_block_weighted(
     b: &mut [u8; BLOCK_BYTES],
 ) {
     let mut q = [0i8; 32];
-    let (d, _) = crate::weighted::fit_scale(x, w, -127, 127, false, &mut q, crate::weighted::f16r);
+    let d = crate::weighted::f16_grid_scale(x, -127, 127, &mut q).unwrap_or_else(|| {
+        crate::weighted::fit_scale(x, w, -127, 127, false, &mut q, crate::weighted::f16r).0
+    });
     put_f16(b, 0, d);
     for j in 0..32 {
         b[2 + j] = q[j] as u8;
