@@ -95,45 +95,26 @@ pub enum ActivationPrecision {
     Refined,
 }
 
-/// Raw activation bytes shared by tasks that write disjoint token rows.
-#[derive(Clone, Copy)]
-struct SharedBytes(*mut u8);
-// SAFETY: tasks write disjoint ranges, and `run` joins them before the borrow ends.
-unsafe impl Send for SharedBytes {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for SharedBytes {}
-
-impl SharedBytes {
-    fn get(self) -> *mut u8 {
-        self.0
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint indices, and `run` joins them before the borrow ends.
-unsafe impl Send for SharedOut {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for SharedOut {}
-
-/// A raw pointer to elements of any type, shared by tasks that each touch their own.
-struct SharedMut<T>(*mut T);
+/// A raw pointer to elements shared by tasks that each touch their own (output values,
+/// activation bytes, cache blocks).
+struct Shared<T>(*mut T);
 // SAFETY: tasks touch disjoint elements, and `run` joins them before the borrow ends; the
 // elements themselves may move between threads (`T: Send`).
-unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Send for Shared<T> {}
 // SAFETY: as for `Send`.
-unsafe impl<T: Send> Sync for SharedMut<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
 
-impl<T> SharedMut<T> {
-    fn get(&self) -> *mut T {
-        self.0
+// By hand: a derive would ask `T: Copy`, and only the pointer is copied.
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
     }
 }
+impl<T> Copy for Shared<T> {}
 
-impl SharedOut {
+impl<T> Shared<T> {
     /// A method, not a field access, so closures capture the whole `Sync` wrapper.
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -214,7 +195,7 @@ impl Compute {
                 w,
                 row_bytes,
                 passes: passes(act),
-                out: SharedOut(out.as_mut_ptr()),
+                out: Shared(out.as_mut_ptr()),
             };
             self.run_plans(&[plan], x, n_tokens);
             return Ok(());
@@ -241,7 +222,7 @@ impl Compute {
                 w: p.w,
                 row_bytes,
                 passes: passes(p.act),
-                out: SharedOut(p.out.as_mut_ptr()),
+                out: Shared(p.out.as_mut_ptr()),
             });
         }
         if n == 0 || n > MAX_GROUP || plans[..n].iter().any(Option::is_none) {
@@ -300,7 +281,7 @@ impl Compute {
             return Err(bad());
         }
         let row_bytes = w.data.len() / w.rows;
-        let shared = SharedBytes(dst.as_mut_ptr());
+        let shared = Shared(dst.as_mut_ptr());
         let per_task = w
             .rows
             .div_ceil(4 * self.pool.n_threads())
@@ -337,7 +318,7 @@ impl Compute {
     ) {
         let chunk_len = chunk_len.max(1);
         let len = data.len();
-        let shared = SharedMut(data.as_mut_ptr());
+        let shared = Shared(data.as_mut_ptr());
         self.pool.run(len.div_ceil(chunk_len), &|i| {
             let start = i * chunk_len;
             let n = chunk_len.min(len - start);
@@ -367,7 +348,7 @@ impl Compute {
             );
             end = r.end;
         }
-        let shared = SharedOut(data.as_mut_ptr());
+        let shared = Shared(data.as_mut_ptr());
         self.pool.run(ranges.len(), &|i| {
             let r = &ranges[i];
             // SAFETY: the ranges are disjoint and inside `data` (checked above), and `run` joins

@@ -87,10 +87,7 @@ pub(crate) fn search(
     w: &[f32],
     round: impl Fn(f32) -> f32,
 ) -> (f32, f32, [u8; BLOCK_ELEMS]) {
-    let max = x
-        .iter()
-        .copied()
-        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let max = crate::weighted::signed_extreme(x);
     let mut q = [0u8; BLOCK_ELEMS];
     if max == 0.0 {
         return (0.0, 0.0, q);
@@ -205,10 +202,7 @@ mod tests {
             dequantize_block(&b, &mut y);
             let ours: f32 = (0..32).map(|i| w[i] * (x[i] - y[i]).powi(2)).sum();
             // One scale: the extreme on the grid's long end, nearest levels, no refit.
-            let max = x
-                .iter()
-                .copied()
-                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let max = crate::weighted::signed_extreme(&x);
             let d = half::f16::from_f32(max / GRID[0] as f32).to_f32();
             let single: f32 = (0..32)
                 .map(|i| {

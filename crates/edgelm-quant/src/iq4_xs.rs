@@ -54,10 +54,7 @@ pub fn quantize_block_weighted(
         let r = 32 * ib..32 * ib + 32;
         *s = iq4_nl::search(&x[r.clone()], &w[r], |d| d).0;
     }
-    let max = scales
-        .iter()
-        .copied()
-        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let max = crate::weighted::signed_extreme(&scales);
     b.fill(0);
     if max == 0.0 {
         put_codes(b, 0.0, &[32; 8], &[0; BLOCK_ELEMS]);

@@ -32,10 +32,7 @@ pub(crate) fn fit_scale(
     q: &mut [i8],
     round: impl Fn(f32) -> f32,
 ) -> (f32, f32) {
-    let max = x
-        .iter()
-        .copied()
-        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let max = signed_extreme(x);
     if max == 0.0 || !max.is_finite() {
         q.fill(0);
         return (0.0, error_scale(x, w, 0.0, q));
@@ -104,6 +101,13 @@ pub(crate) fn fit_scale(
     // Levels nearest under the stored scale itself (refitting may have moved it past a midpoint).
     try_scale(best.0, false, &mut best, q);
     (best.0, error_scale(x, w, best.0, q))
+}
+
+/// The value of largest magnitude (its sign kept; the first of equals), 0 for an empty block.
+pub(crate) fn signed_extreme(x: &[f32]) -> f32 {
+    x.iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m })
 }
 
 /// The smallest gap between distinct values of a short block: the step of the grid its values
@@ -350,10 +354,7 @@ fn f16_scales(bases: [Option<f32>; 3]) -> impl Iterator<Item = f32> {
 
 /// [`f16_scales`]' grid for `x ≈ d·q`, `q` in `lo..=hi`: the scale, its levels in `q`.
 pub(crate) fn f16_grid_scale(x: &[f32], lo: i32, hi: i32, q: &mut [i8]) -> Option<f32> {
-    let max = x
-        .iter()
-        .copied()
-        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let max = signed_extreme(x);
     if max == 0.0 || !max.is_finite() {
         return None;
     }

@@ -2,7 +2,7 @@
 //! fork/join over every product's row ranges (GGUF rows, interleaved panels, or panels decoded
 //! once for a prompt).
 
-use super::{Compute, Layout, SharedBytes, SharedOut, Weight, MAX_GROUP, ROWS_PER_TASK};
+use super::{Compute, Layout, Shared, Weight, MAX_GROUP, ROWS_PER_TASK};
 use crate::interleave::PANEL as INTERLEAVED_PANEL;
 use crate::interleave::{pack_activations, packed_act_bytes};
 use crate::qdot::{InterleavedDotFn, Out, PanelPrefill, QuantKernel, MAX_COLS};
@@ -116,7 +116,7 @@ impl Compute {
             }
         } else {
             let per_task = n_tokens.div_ceil(2 * self.pool.n_threads());
-            let shared_acts = SharedBytes(acts.as_mut_ptr());
+            let shared_acts = Shared(acts.as_mut_ptr());
             self.pool.run(n_tokens.div_ceil(per_task), &|task| {
                 for t in task * per_task..((task + 1) * per_task).min(n_tokens) {
                     // SAFETY: token t's bytes are inside `acts` and written by this task only;
@@ -142,7 +142,7 @@ pub(super) struct Plan<'a> {
     pub(super) row_bytes: usize,
     /// 1, or 2 for refined activations.
     pub(super) passes: usize,
-    pub(super) out: SharedOut,
+    pub(super) out: Shared<f32>,
 }
 
 impl Plan<'_> {
@@ -227,7 +227,7 @@ impl Plan<'_> {
             let r1 = (r0 + ROWS_PER_TASK).min(task_rows.end);
             if let Some(p) = prefill.filter(|_| r1 - r0 == INTERLEAVED_PANEL) {
                 let block = &w.data[r0 * row_bytes..r1 * row_bytes];
-                let at = SharedOut(shared.get().wrapping_add(r0));
+                let at = Shared(shared.get().wrapping_add(r0));
                 DECODED.with_borrow_mut(|lines| {
                     let len = (p.bytes)(w.cols);
                     lines.resize(len.div_ceil(64), Line([0; 64]));

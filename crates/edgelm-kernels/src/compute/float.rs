@@ -2,7 +2,7 @@
 //! read as stored (F16) or widened to f32 four at a time, for many rows widened into strips (rows
 //! side by side); every product and sum in f32, in the same order either way.
 
-use super::{scalar_dot, Compute, SharedOut, Weight, ROWS_PER_TASK};
+use super::{scalar_dot, Compute, Shared, Weight, ROWS_PER_TASK};
 use crate::Isa;
 use edgelm_quant::{dequantize_row, GgmlType};
 use std::cell::RefCell;
@@ -42,7 +42,7 @@ impl Compute {
         out: &mut [f32],
         row_bytes: usize,
     ) {
-        let shared = SharedOut(out.as_mut_ptr());
+        let shared = Shared(out.as_mut_ptr());
         let isa = self.isa;
         // A few tokens read each row once: F16 rows are multiplied as stored, other rows widened
         // four at a time into a small buffer, instead of a strip (which only pays back over many
@@ -151,7 +151,7 @@ impl Compute {
         w: Weight<'_>,
         x: &[f32],
         n_tokens: usize,
-        out: SharedOut,
+        out: Shared<f32>,
         row_bytes: usize,
         tile: StripTile<W, T>,
     ) {
