@@ -3,8 +3,8 @@
 //!
 //! ggml rounds at a fixed grid of trial scales around the block's extreme and keeps the best.
 //! Here a coarse sweep first puts the extreme from 0.7 to 4 times the grid's reach (clipping it
-//! when its weight is small pays) in steps of 2^⅛, then a fine sweep of 21 trials spanning a
-//! coarse step either side of the best;
+//! when its weight is small pays) in steps of 2^⅛, then a fine sweep spanning a coarse step
+//! either side of the best (affine grids also from several offsets around the minimum);
 //! every trial is refit to its weighted least-squares scale (and offset) as it will be stored,
 //! and the best is improved by alternating nearest-level assignment and refitting until the
 //! error stops falling.
@@ -17,6 +17,16 @@ const STEPS: i32 = 10;
 const COARSE: std::ops::RangeInclusive<i32> = -4..=16;
 /// Rounds of assignment and refit after the trials.
 const REFINE: usize = 8;
+/// Affine grids: starting offsets per coarse reach, and per fine reach (fractions of a step
+/// either side of the block minimum), the fine trials either side of the best coarse reach,
+/// and the rounds of assignment and refit each fine trial gets. Refitting from the minimum
+/// alone stops in a local optimum: on 4-bit blocks with log-normal weights it left 7.3% more
+/// weighted error than a dense search of scale and offset; these leave 1.3% in under twice the
+/// time (8 offsets per coarse reach and 3 rounds would leave 0.5% in 4×).
+const AFFINE_COARSE_OFFSETS: i32 = 2;
+const AFFINE_FINE_OFFSETS: i32 = 8;
+const AFFINE_FINE_STEPS: i32 = 2;
+const AFFINE_FINE_ROUNDS: usize = 2;
 
 /// The scale `d` (passed through `round`, as it will be stored) minimizing the weighted error
 /// of `x ≈ d·q` with integer levels `q` in `lo..=hi` (`lo ≤ 0 < hi`), the levels in `q`, and
@@ -253,44 +263,55 @@ pub(crate) fn fit_affine(
     let mut trial = [0f32; 256];
     let trial = &mut trial[..x.len()];
     let mut best = (0f32, 0f32, f64::INFINITY);
-    // Rounds at spacing `d0` from `m0`, then refits scale and offset (or keeps them); kept if it
-    // beats the best. One pass gathers the sums the error needs in closed form.
+    // Rounds at spacing `d0` from `m0`, then refits scale and offset (or keeps them), `rounds`
+    // times or until the refit stops moving; each kept if it beats the best. One pass gathers
+    // the sums the error needs in closed form.
     let mut try_spacing =
-        |d0: f32, m0: f32, refit: bool, best: &mut (f32, f32, f64), q: &mut [u8]| {
-            let inv = if d0 > 0.0 { 1.0 / d0 } else { 0.0 };
-            let (sxq, sqq, sq) = level_sums(xs, w, wx, inv, m0 - lo, 0, nmax, trial);
-            let (d, m) = if refit {
-                let det = sqq * sw - sq * sq;
-                let (mut d, mut m) = if det > 0.0 {
-                    (
-                        (sw * sxq - sq * sx) / det,
-                        (sqq * sx - sq * sxq) / det + lo as f64,
-                    )
-                } else if sw > 0.0 {
-                    (0.0, sx / sw + lo as f64)
-                } else {
-                    (0.0, lo as f64)
-                };
-                if offset_at_most_zero && m > 0.0 {
-                    m = 0.0;
-                    d = if sqq > 0.0 {
-                        (sxq + lo as f64 * sq) / sqq
+        |d0: f32, m0: f32, refit: bool, rounds: usize, best: &mut (f32, f32, f64), q: &mut [u8]| {
+            let (mut d0, mut m0) = (d0, m0);
+            for _ in 0..rounds {
+                let inv = if d0 > 0.0 { 1.0 / d0 } else { 0.0 };
+                let (sxq, sqq, sq) = level_sums(xs, w, wx, inv, m0 - lo, 0, nmax, trial);
+                let (d, m) = if refit {
+                    let det = sqq * sw - sq * sq;
+                    let (mut d, mut m) = if det > 0.0 {
+                        (
+                            (sw * sxq - sq * sx) / det,
+                            (sqq * sx - sq * sxq) / det + lo as f64,
+                        )
+                    } else if sw > 0.0 {
+                        (0.0, sx / sw + lo as f64)
                     } else {
-                        0.0
+                        (0.0, lo as f64)
                     };
+                    if offset_at_most_zero && m > 0.0 {
+                        m = 0.0;
+                        d = if sqq > 0.0 {
+                            (sxq + lo as f64 * sq) / sqq
+                        } else {
+                            0.0
+                        };
+                    }
+                    (round(d.max(0.0) as f32), round(m as f32))
+                } else {
+                    (d0, m0)
+                };
+                let (df, mf) = (d as f64, (m - lo) as f64);
+                let err = sxx + df * df * sqq + mf * mf * sw - 2.0 * df * sxq - 2.0 * mf * sx
+                    + 2.0 * df * mf * sq;
+                // Gains within the rounding of the f32 sums (the closed form cancels to about 1e-7
+                // of `sxx`) are no gain: a block already on a grid fits exactly from many starts,
+                // and the first found, from its own step, is the one k-quants' scales code again.
+                if err < best.2 - 1e-6 * sxx {
+                    *best = (d, m, err);
+                    q.iter_mut()
+                        .zip(trial.iter())
+                        .for_each(|(q, &l)| *q = l as u8);
                 }
-                (round(d.max(0.0) as f32), round(m as f32))
-            } else {
-                (d0, m0)
-            };
-            let (df, mf) = (d as f64, (m - lo) as f64);
-            let err = sxx + df * df * sqq + mf * mf * sw - 2.0 * df * sxq - 2.0 * mf * sx
-                + 2.0 * df * mf * sq;
-            if err < best.2 {
-                *best = (d, m, err);
-                q.iter_mut()
-                    .zip(trial.iter())
-                    .for_each(|(q, &l)| *q = l as u8);
+                if !(d > 0.0) || (d, m) == (d0, m0) {
+                    break;
+                }
+                (d0, m0) = (d, m);
             }
         };
     // ggml's reference (minimum and range, no refit) as a candidate: never a larger error.
@@ -298,39 +319,48 @@ pub(crate) fn fit_affine(
         round((hi - lo) / nmax as f32),
         round(lo),
         false,
+        1,
         &mut best,
         q,
     );
     if let Some(g) = grid_step(x).filter(|_| grid) {
-        try_spacing(g, lo, true, &mut best, q);
+        try_spacing(g, lo, true, 1, &mut best, q);
     }
+    // Starting offsets from half a step below the block minimum to half a step above it (the
+    // minimum clipped).
+    let offset = |d: f32, t: i32, n: i32| lo + d * (t as f32 / n as f32 - 0.5);
     let mut coarse = (nmax as f32, f64::INFINITY);
     for k in COARSE {
         let reach = nmax as f32 * (k as f32 / 8.0).exp2();
+        let d = (hi - lo) / reach;
         let before = best.2;
-        try_spacing((hi - lo) / reach, lo, true, &mut best, q);
+        for t in 0..AFFINE_COARSE_OFFSETS {
+            try_spacing(
+                d,
+                offset(d, t, AFFINE_COARSE_OFFSETS),
+                true,
+                1,
+                &mut best,
+                q,
+            );
+        }
         if best.2 < before && best.2 < coarse.1 {
             coarse = (reach, best.2);
         }
     }
-    for k in -STEPS..=STEPS {
-        let reach = coarse.0 * (k as f32 / (8 * STEPS) as f32).exp2();
+    for k in -AFFINE_FINE_STEPS..=AFFINE_FINE_STEPS {
+        let reach = coarse.0 * (k as f32 / (8 * AFFINE_FINE_STEPS) as f32).exp2();
         if reach >= 0.5 {
-            try_spacing((hi - lo) / reach, lo, true, &mut best, q);
-        }
-    }
-    for _ in 0..REFINE {
-        if !(best.0 > 0.0) {
-            break;
-        }
-        let before = best.2;
-        try_spacing(best.0, best.1, true, &mut best, q);
-        if !(best.2 < before) {
-            break;
+            let d = (hi - lo) / reach;
+            for t in 0..AFFINE_FINE_OFFSETS {
+                let m = offset(d, t, AFFINE_FINE_OFFSETS);
+                try_spacing(d, m, true, AFFINE_FINE_ROUNDS, &mut best, q);
+            }
         }
     }
     if best.0 > 0.0 {
-        try_spacing(best.0, best.1, false, &mut best, q);
+        try_spacing(best.0, best.1, true, REFINE, &mut best, q);
+        try_spacing(best.0, best.1, false, 1, &mut best, q);
     }
     (best.0, best.1, error_affine(x, w, best.0, best.1, q))
 }
@@ -633,6 +663,66 @@ mod tests {
             assign_affine(&x, (hi - lo) / 15.0, lo, 15, &mut t);
             let naive = error_affine(&x, &w, (hi - lo) / 15.0, lo, &t);
             assert!(err <= naive + 1e-6, "{err} > {naive}");
+        }
+    }
+
+    /// Weights spread as an importance matrix's are (log-normal): against a dense search of
+    /// scale and offset (400 spacings × 16 starting offsets, each refit to convergence) the
+    /// search keeps within 2% of the least total error, with and without `m ≤ 0`. Starting
+    /// every trial from the block minimum with one refit, as before, left 7.3% (unconstrained).
+    #[test]
+    fn affine_search_is_near_a_dense_search() {
+        let mut rng = Rng(7);
+        for at_most_zero in [false, true] {
+            let (mut total, mut dense) = (0f64, 0f64);
+            for _ in 0..200 {
+                let x: Vec<f32> = (0..32).map(|_| rng.normal() * 0.03).collect();
+                let w: Vec<f32> = (0..32).map(|_| (rng.normal() * 1.2).exp()).collect();
+                let mut q = [0u8; 32];
+                total += fit_affine(&x, &w, 15, at_most_zero, true, &mut q, f16r).2 as f64;
+                let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                let lo = if at_most_zero { lo.min(0.0) } else { lo };
+                let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let mut best = f32::INFINITY;
+                let mut t = [0u8; 32];
+                for i in 0..400 {
+                    let d0 = (hi - lo) / (15.0 * (0.5 + 1.5 * i as f32 / 400.0));
+                    for k in 0..16 {
+                        let (mut d, mut m) = (d0, lo + d0 * (k as f32 / 16.0 - 0.5));
+                        for _ in 0..6 {
+                            assign_affine(&x, d, m, 15, &mut t);
+                            best = best.min(error_affine(&x, &w, f16r(d), f16r(m), &t));
+                            let (mut sw, mut sx, mut sq, mut sqq, mut sxq) =
+                                (0f64, 0f64, 0f64, 0f64, 0f64);
+                            for j in 0..32 {
+                                let (x, w, l) = (x[j] as f64, w[j] as f64, t[j] as f64);
+                                (sw, sx, sq, sqq, sxq) = (
+                                    sw + w,
+                                    sx + w * x,
+                                    sq + w * l,
+                                    sqq + w * l * l,
+                                    sxq + w * x * l,
+                                );
+                            }
+                            let det = sqq * sw - sq * sq;
+                            if det <= 0.0 {
+                                break;
+                            }
+                            d = ((sw * sxq - sq * sx) / det).max(0.0) as f32;
+                            m = ((sqq * sx - sq * sxq) / det) as f32;
+                            if at_most_zero && m > 0.0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                dense += best as f64;
+            }
+            let ratio = total / dense;
+            assert!(
+                ratio < 1.02,
+                "m ≤ 0: {at_most_zero}, {ratio} of a dense search's error"
+            );
         }
     }
 
