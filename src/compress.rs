@@ -250,6 +250,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             list(&p.by_position)
         );
     }
+    if summary.mean_aware > 0 {
+        eprintln!(
+            "{} weight matrices rounded knowing their inputs' means (the importance matrix's input sums)",
+            summary.mean_aware
+        );
+    }
     if summary.fed_back > 0 {
         eprintln!(
             "{} weight matrices rounded with error feedback from the calibration inputs",

@@ -4,7 +4,9 @@
 //!
 //! - GGUF (`general.type = "imatrix"`): tensors `<weight>.in_sum2` (F32, `[cols, n_mat]`) and
 //!   `<weight>.counts` (F32, `[1, n_mat]`), keys `imatrix.datasets` (strings),
-//!   `imatrix.chunk_count` and `imatrix.chunk_size` (u32).
+//!   `imatrix.chunk_count` and `imatrix.chunk_size` (u32). edgelm adds `<weight>.in_sum` (F32,
+//!   like `in_sum2`): the plain sums of the inputs, whose means let the rounding see the error a
+//!   shared offset of the inputs multiplies (`llama-quantize` reads past tensors it does not know).
 //! - Legacy `.dat`: i32 entry count; per entry an i32-length name, i32 `ncall`, i32 value count
 //!   and the values, each `sum / count · ncall`; then optionally i32 chunk count and an
 //!   i32-length dataset name.
@@ -15,10 +17,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One weight matrix's statistics; `counts` has one value per matrix (experts would have many).
+/// `sums` are of squared inputs; `input_sums` of the inputs themselves, empty when the file had
+/// none (llama.cpp's files, the legacy format).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Entry {
     pub sums: Vec<f32>,
     pub counts: Vec<f32>,
+    pub input_sums: Vec<f32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -83,7 +88,26 @@ impl Imatrix {
                     counts.len()
                 )));
             }
-            m.entries.insert(weight.to_owned(), Entry { sums, counts });
+            let in_sum = format!("{weight}.in_sum");
+            let input_sums = match f.tensor(&in_sum) {
+                Some(_) => read(&in_sum)?,
+                None => Vec::new(),
+            };
+            if !input_sums.is_empty() && input_sums.len() != sums.len() {
+                return Err(bad(format!(
+                    "{weight}: {} input sums beside {} squared sums",
+                    input_sums.len(),
+                    sums.len()
+                )));
+            }
+            m.entries.insert(
+                weight.to_owned(),
+                Entry {
+                    sums,
+                    counts,
+                    input_sums,
+                },
+            );
         }
         if m.entries.is_empty() {
             return Err(bad("it holds no <tensor>.in_sum2 entries".into()));
@@ -136,6 +160,7 @@ impl Imatrix {
                 Entry {
                     sums,
                     counts: vec![ncall.max(0) as f32],
+                    input_sums: Vec::new(),
                 },
             );
         }
@@ -170,6 +195,23 @@ impl Imatrix {
         Some(out)
     }
 
+    /// The mean input per column of `weight`, when the file holds input sums and every matrix
+    /// was run (a column never seen has no mean to go by).
+    pub fn input_means(&self, weight: &str) -> Option<Vec<f32>> {
+        let e = self.entries.get(weight)?;
+        if e.input_sums.len() != e.sums.len() || e.counts.iter().any(|&c| c <= 0.0) {
+            return None;
+        }
+        let per = e.sums.len() / e.counts.len().max(1);
+        Some(
+            e.input_sums
+                .chunks(per.max(1))
+                .zip(&e.counts)
+                .flat_map(|(s, &c)| s.iter().map(move |v| v / c))
+                .collect(),
+        )
+    }
+
     /// Adds `rows` rows of `x` (each `cols` wide) seen at the input of `weight`.
     pub fn accumulate(&mut self, weight: &str, x: &[f32], cols: usize, rows: usize) {
         // Looked up before inserting: no name is allocated on the per-projection path.
@@ -177,18 +219,20 @@ impl Imatrix {
             let fresh = Entry {
                 sums: vec![0.0; cols],
                 counts: vec![0.0],
+                input_sums: vec![0.0; cols],
             };
             self.entries.insert(weight.to_owned(), fresh);
         }
         let Some(e) = self.entries.get_mut(weight) else {
             return;
         };
-        if e.sums.len() != cols {
+        if e.sums.len() != cols || e.input_sums.len() != cols {
             return;
         }
         for row in x.chunks_exact(cols).take(rows) {
-            for (s, v) in e.sums.iter_mut().zip(row) {
-                *s += v * v;
+            for ((s2, s), v) in e.sums.iter_mut().zip(&mut e.input_sums).zip(row) {
+                *s2 += v * v;
+                *s += v;
             }
         }
         e.counts[0] += rows as f32;
@@ -212,6 +256,9 @@ impl Imatrix {
             let cols = e.sums.len() as u64 / n_mat.max(1);
             w.add_f32(&format!("{name}.in_sum2"), &[cols, n_mat], &e.sums)?;
             w.add_f32(&format!("{name}.counts"), &[1, n_mat], &e.counts)?;
+            if !e.input_sums.is_empty() {
+                w.add_f32(&format!("{name}.in_sum"), &[cols, n_mat], &e.input_sums)?;
+            }
         }
         Ok(w)
     }
@@ -283,6 +330,11 @@ mod tests {
             vec![(1.0 + 16.0) / 2.0, (4.0 + 1.0) / 2.0, (9.0 + 0.25) / 2.0]
         );
         assert!(m.importance("blk.9.attn_q.weight").is_none());
+        let means = m.input_means("blk.0.attn_q.weight").expect("means");
+        assert_eq!(
+            means,
+            vec![(1.0 + 4.0) / 2.0, (2.0 - 1.0) / 2.0, (3.0 + 0.5) / 2.0]
+        );
     }
 
     #[test]
@@ -300,6 +352,8 @@ mod tests {
         let m = sample();
         let back = Imatrix::from_legacy(&m.to_legacy(), "t").expect("read");
         assert_eq!(back.datasets, m.datasets);
+        // The legacy format has no place for input sums.
+        assert!(back.input_means("blk.0.attn_q.weight").is_none());
         assert_eq!(back.chunk_count, 3);
         for name in m.entries.keys() {
             let (a, b) = (
@@ -331,5 +385,9 @@ mod tests {
         w.add_f32("x.in_sum2", &[4], &[1.0; 4]).expect("add");
         let e = Imatrix::from_gguf(GgufFile::from_bytes(w.to_bytes()).expect("gguf"), "t");
         assert!(e.unwrap_err().to_string().contains("x.counts is missing"));
+        w.add_f32("x.counts", &[1], &[2.0]).expect("add");
+        w.add_f32("x.in_sum", &[3], &[1.0; 3]).expect("add");
+        let e = Imatrix::from_gguf(GgufFile::from_bytes(w.to_bytes()).expect("gguf"), "t");
+        assert!(e.unwrap_err().to_string().contains("3 input sums beside 4"));
     }
 }

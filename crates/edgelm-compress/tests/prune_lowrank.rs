@@ -118,6 +118,7 @@ fn random_imatrix(m: &TinyModel, seed: u64) -> Imatrix {
             Entry {
                 sums,
                 counts: vec![1.0],
+                input_sums: Vec::new(),
             },
         );
     }
