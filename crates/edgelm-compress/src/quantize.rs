@@ -375,13 +375,12 @@ pub fn quantize(
     let has_means = opts
         .imatrix
         .is_some_and(|m| m.entries.values().any(|e| !e.input_sums.is_empty()));
-    let compute = match opts.moments.is_some() || has_means {
-        true => {
-            let isa = edgelm_kernels::Isa::from_env()
-                .map_err(|e| CompressError::BadArgument(e.to_string()))?;
-            Some(edgelm_kernels::Compute::precise(isa, opts.threads))
-        }
-        false => None,
+    let compute = if opts.moments.is_some() || has_means {
+        let isa = edgelm_kernels::Isa::from_env()
+            .map_err(|e| CompressError::BadArgument(e.to_string()))?;
+        Some(edgelm_kernels::Compute::precise(isa, opts.threads))
+    } else {
+        None
     };
     // The tensor table first, each size following from the planned type; then each tensor's
     // bytes as they are made, so the output is never held in memory whole.
