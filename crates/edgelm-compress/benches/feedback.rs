@@ -1,9 +1,10 @@
 //! Error feedback's costs at the sizes of a 0.5B model's widest input (Qwen2.5's ffn_down,
-//! 4864 columns) and its usual one (896): the factorization of the input moments, and feeding
-//! back 1024 rows of Q4_0 (`cargo bench -p edgelm-compress`; elements are rows).
+//! 4864 columns) and its usual one (896): the factorization of the input moments, feeding back
+//! 1024 rows of Q4_0, and the same rows by the closed form an importance matrix's input means
+//! allow (`cargo bench -p edgelm-compress`; elements are rows).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgelm_compress::gptq::Compensator;
+use edgelm_compress::gptq::{Compensator, MeanFeedback};
 use edgelm_gguf::GgmlType;
 use edgelm_kernels::{Compute, Isa};
 use std::hint::black_box;
@@ -53,6 +54,40 @@ fn feedback(c: &mut Criterion) {
                 let mut work = w.clone();
                 comp.quantize_rows(&compute, ty, &mut work, &weights, &mut out)
                     .expect("quantizes")
+            })
+        });
+        let importance: Vec<f32> = (0..cols).map(|i| 1.5 + (i % 7) as f32).collect();
+        let means: Vec<f32> = random_floats(cols, 11);
+        let closed = MeanFeedback::new(&importance, &means).expect("consistent");
+        let row_bytes = cols / 32 * 18;
+        g.bench_function(BenchmarkId::new("q4_0_rows_means", cols), |b| {
+            b.iter(|| {
+                let mut work = w.clone();
+                for (row, dst) in work
+                    .chunks_exact_mut(cols)
+                    .zip(out.chunks_exact_mut(row_bytes))
+                {
+                    closed
+                        .quantize_row(ty, row, &weights[..cols], dst)
+                        .expect("quantizes");
+                }
+            })
+        });
+        let importance: Vec<f32> = (0..cols).map(|i| 1.5 + (i % 7) as f32).collect();
+        let means: Vec<f32> = random_floats(cols, 11);
+        let closed = MeanFeedback::new(&importance, &means).expect("consistent");
+        let row_bytes = cols / 32 * 18;
+        g.bench_function(BenchmarkId::new("q4_0_rows_means", cols), |b| {
+            b.iter(|| {
+                let mut work = w.clone();
+                for (row, dst) in work
+                    .chunks_exact_mut(cols)
+                    .zip(out.chunks_exact_mut(row_bytes))
+                {
+                    closed
+                        .quantize_row(ty, row, &weights[..cols], dst)
+                        .expect("quantizes");
+                }
             })
         });
     }

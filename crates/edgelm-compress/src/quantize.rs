@@ -5,7 +5,7 @@
 //! everything else copied. The output is written under a temporary name and renamed only when
 //! complete.
 
-use crate::gptq::Compensator;
+use crate::gptq::{Compensator, MeanFeedback};
 use crate::imatrix::Imatrix;
 use crate::lowrank::{Moments, SecondMoments};
 use crate::mix::{self, FileType, ModelShape, Overrides};
@@ -371,11 +371,8 @@ pub fn quantize(
         placements,
     };
     // Feedback's products run on the f32 kernels, on the ISA the moments were collected with
-    // (EDGELM_ISA if set); so does the rounding that knows the inputs' means.
-    let has_means = opts
-        .imatrix
-        .is_some_and(|m| m.entries.values().any(|e| !e.input_sums.is_empty()));
-    let compute = if opts.moments.is_some() || has_means {
+    // (EDGELM_ISA if set).
+    let compute = if opts.moments.is_some() {
         let isa = edgelm_kernels::Isa::from_env()
             .map_err(|e| CompressError::BadArgument(e.to_string()))?;
         Some(edgelm_kernels::Compute::precise(isa, opts.threads))
@@ -504,26 +501,25 @@ fn quantize_tensor<'a>(
     };
     // Without calibration moments, an importance matrix with input means stands for them.
     let means = match (&moments, opts.imatrix, &importance) {
-        (None, Some(m), Some(imp)) if t.to.block_elems() > 1 && t.name != "token_embd.weight" => m
-            .input_means(&t.name)
-            .filter(|mu| mu.len() == t.cols)
-            .map(|mu| {
-                summary.mean_aware += 1;
-                Arc::new(mean_moments(imp, &mu))
-            }),
+        (None, Some(m), Some(imp)) if t.to.block_elems() > 1 && t.name != "token_embd.weight" => {
+            match m.input_means(&t.name).filter(|mu| mu.len() == t.cols) {
+                Some(mu) => {
+                    summary.mean_aware += 1;
+                    Some(MeanFeedback::new(imp, &mu)?)
+                }
+                None => None,
+            }
+        }
         _ => None,
     };
     if moments.is_some() {
         summary.fed_back += 1;
     }
-    let compensator = match (moments.or(means), compute) {
+    let compensator = match (moments, compute) {
         (Some(h), Some(compute)) => {
-            // q, k and v (gate and up) read one input: one factorization, found by pointer for
-            // collected moments and by value for ones made from the same input means.
+            // q, k and v (gate and up) read one input: one factorization.
             let c = match last.as_ref() {
-                Some((seen, c)) if Arc::ptr_eq(seen, &h) || seen.as_slice() == h.as_slice() => {
-                    c.clone()
-                }
+                Some((seen, c)) if Arc::ptr_eq(seen, &h) => c.clone(),
                 _ => {
                     let c = Arc::new(Compensator::new(&h, t.cols, compute)?);
                     *last = Some((h.clone(), c.clone()));
@@ -536,10 +532,11 @@ fn quantize_tensor<'a>(
     };
     // A fed-back matrix's blocks weigh each column by what its error costs once the
     // later columns absorbed what they can, not by its energy alone.
-    let importance = compensator
-        .as_ref()
-        .map(|(c, _)| c.conditional_importance())
-        .or(importance);
+    let importance = match (&compensator, &means) {
+        (Some((c, _)), _) => Some(c.conditional_importance()),
+        (None, Some(f)) => Some(f.conditional_importance().to_vec()),
+        _ => importance,
+    };
     let mut rows_done = |rows| {
         progress(&Progress {
             index,
@@ -561,40 +558,20 @@ fn quantize_tensor<'a>(
             view.data,
             t,
             importance.as_deref(),
+            means.as_ref(),
             opts.threads,
             &mut rows_done,
         )?,
     }))
 }
 
-/// The input moments an importance matrix with input means implies, per token (row-major
-/// `cols × cols`): E[xᵢ²] on the diagonal and μᵢ·μⱼ off it — the part of E[x·xᵀ] that the
-/// inputs' shared offset makes. A diagonal importance prices each column's error alone; the
-/// offset adds up the errors of a row's columns, μ·(w − q), in every token, so rounding errors
-/// in one direction along μ cost far more than scattered ones. Measured on Gemma 3 (Python
-/// sources; error feedback from these moments in place of the full ones): the means hold 8–50%
-/// of the inputs' energy, and mean KLD fell 3–12% on gpl-3.txt and 8–28% on pydoc-topics at
-/// Q4_1, IQ4_NL and Q5_0.
-fn mean_moments(importance: &[f32], means: &[f32]) -> Vec<f32> {
-    let n = means.len();
-    let mut h = vec![0f32; n * n];
-    for (i, row) in h.chunks_exact_mut(n).enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = if i == j {
-                importance[i]
-            } else {
-                means[i] * means[j]
-            };
-        }
-    }
-    h
-}
-
-/// Rows of `src` (type `t.from`) requantized to `t.to` on `threads` threads.
+/// Rows of `src` (type `t.from`) requantized to `t.to` on `threads` threads, each row's
+/// rounding errors carried along the inputs' means when `means` is given.
 fn convert(
     src: &[u8],
     t: &TensorPlan,
     importance: Option<&[f32]>,
+    means: Option<&MeanFeedback>,
     threads: usize,
     progress: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<u8>> {
@@ -608,7 +585,14 @@ fn convert(
             let mut row = vec![0f32; t.cols];
             edgelm_quant::dequantize_row(t.from, &src[r * in_row..(r + 1) * in_row], &mut row)?;
             crate::rows::check_finite(&t.name, &row)?;
-            edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?;
+            match means {
+                Some(f) => {
+                    let mut w = vec![0f32; t.cols];
+                    edgelm_quant::weighted::error_weights(t.to, &row, importance, &mut w);
+                    f.quantize_row(t.to, &mut row, &w, out)?;
+                }
+                None => edgelm_quant::quantize_row_weighted(t.to, &row, importance, out)?,
+            }
             Ok(())
         },
         progress,
