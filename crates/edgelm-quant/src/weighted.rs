@@ -77,11 +77,13 @@ pub(crate) fn fit_scale(
     } else {
         &[lo, hi]
     };
+    // Sorting a block to find its step costs as much as several trials: only when wanted, once.
+    let step = if grid { grid_step(x) } else { None };
     for &end in ends {
         // ggml's reference rounding (the extreme on the end, no refit) is a candidate too, so
         // the result never has a larger weighted error.
         try_scale(round(max / end as f32), false, &mut best, q);
-        if let Some(g) = grid_step(x).filter(|_| grid) {
+        if let Some(g) = step {
             try_scale(g * end.signum() as f32, true, &mut best, q);
         }
         let mut coarse = (end as f32, f64::INFINITY);
@@ -323,7 +325,7 @@ pub(crate) fn fit_affine(
         &mut best,
         q,
     );
-    if let Some(g) = grid_step(x).filter(|_| grid) {
+    if let Some(g) = if grid { grid_step(x) } else { None } {
         try_spacing(g, lo, true, 1, &mut best, q);
     }
     // The t-th of n starting offsets, evenly spaced from half a step below the block minimum
