@@ -505,7 +505,11 @@ fn quantize_tensor<'a>(
             match m.input_means(&t.name).filter(|mu| mu.len() == t.cols) {
                 Some(mu) => {
                     summary.mean_aware += 1;
-                    Some(MeanFeedback::new(imp, &mu)?)
+                    let f = MeanFeedback::new(imp, &mu).map_err(|e| CompressError::BadImatrix {
+                        what: opts.imatrix_name.clone().unwrap_or_default(),
+                        reason: format!("{}: {e}; make it again with `edgelm imatrix`", t.name),
+                    })?;
+                    Some(f)
                 }
                 None => None,
             }

@@ -493,3 +493,29 @@ fn input_means_lower_the_output_error_of_a_file() {
         "with input means {aware}, squared sums alone {plain}"
     );
 }
+
+/// An importance matrix whose input sums are not finite is refused by name, and no file is
+/// left under the output's name.
+#[test]
+fn non_finite_input_means_are_refused_by_name() {
+    let src = source(None);
+    let mut rng = Rng(12);
+    let (cols, tokens) = (512, 64);
+    let x = correlated_inputs(&mut rng, tokens, cols);
+    let mut m = Imatrix::default();
+    m.accumulate("blk.0.attn_q.weight", &x, cols, tokens);
+    if let Some(e) = m.entries.get_mut("blk.0.attn_q.weight") {
+        e.input_sums[5] = f32::NAN;
+    }
+    let mut o = options(FileType::Q4_0);
+    o.imatrix = Some(&m);
+    let path = scratch("means-nan.gguf");
+    let err = quantize(&src, &path, &o, &mut |_| true).expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, crate::CompressError::BadImatrix { .. })
+            && text.contains("blk.0.attn_q.weight"),
+        "{text}"
+    );
+    assert!(!path.exists());
+}
