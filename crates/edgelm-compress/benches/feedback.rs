@@ -1,7 +1,7 @@
 //! Error feedback's costs at the sizes of a 0.5B model's widest input (Qwen2.5's ffn_down,
 //! 4864 columns) and its usual one (896): the factorization of the input moments, feeding back
-//! 1024 rows of Q4_0, and the same rows by the closed form an importance matrix's input means
-//! allow (`cargo bench -p edgelm-compress`; elements are rows).
+//! 1024 rows of Q4_0, and the same rows on one thread by the closed form an importance matrix's
+//! input means allow (`cargo bench -p edgelm-compress`; elements are rows).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgelm_compress::gptq::{Compensator, MeanFeedback};
@@ -54,23 +54,6 @@ fn feedback(c: &mut Criterion) {
                 let mut work = w.clone();
                 comp.quantize_rows(&compute, ty, &mut work, &weights, &mut out)
                     .expect("quantizes")
-            })
-        });
-        let importance: Vec<f32> = (0..cols).map(|i| 1.5 + (i % 7) as f32).collect();
-        let means: Vec<f32> = random_floats(cols, 11);
-        let closed = MeanFeedback::new(&importance, &means).expect("consistent");
-        let row_bytes = cols / 32 * 18;
-        g.bench_function(BenchmarkId::new("q4_0_rows_means", cols), |b| {
-            b.iter(|| {
-                let mut work = w.clone();
-                for (row, dst) in work
-                    .chunks_exact_mut(cols)
-                    .zip(out.chunks_exact_mut(row_bytes))
-                {
-                    closed
-                        .quantize_row(ty, row, &weights[..cols], dst)
-                        .expect("quantizes");
-                }
             })
         });
         let importance: Vec<f32> = (0..cols).map(|i| 1.5 + (i % 7) as f32).collect();
