@@ -374,8 +374,8 @@ pub(crate) fn fit_affine(
 /// step where a model may be most sensitive (SmolLM2's Q4_1 requantized: 20 such blocks of
 /// 130 000 took its mean KLD from 0.00240 to 0.00245). The scales tried: the extreme over the
 /// grid's end and the block's smallest gap, each with two f16 neighbours either side.
-fn f16_scales(bases: [Option<f32>; 3]) -> impl Iterator<Item = f32> {
-    bases.into_iter().flatten().flat_map(|base| {
+fn f16_scales(bases: impl Iterator<Item = Option<f32>>) -> impl Iterator<Item = f32> {
+    bases.flatten().flat_map(|base| {
         let bits = half::f16::from_f32(base).to_bits();
         [0i16, -1, 1, -2, 2]
             .into_iter()
@@ -384,15 +384,54 @@ fn f16_scales(bases: [Option<f32>; 3]) -> impl Iterator<Item = f32> {
     })
 }
 
+/// f16's rounding error bounds (relative; absolute below its normal range), doubled.
+const REL: f32 = 1.0 / 1024.0;
+const ABS: f32 = 1.0 / 16_777_216.0;
+
+/// Whether some scale `d` could give `f16(l·d) = xᵢ` for every value with levels `|l| ≤ reach`:
+/// a non-zero value is at least one step, the extreme at most `reach` steps, each within
+/// [`REL`] and [`ABS`]. Most blocks never quantized fail it, which spares [`grid_step`]'s sort.
+fn may_sit_on_scale_grid(x: &[f32], max: f32, reach: u32) -> bool {
+    let smallest = x
+        .iter()
+        .map(|v| v.abs())
+        .filter(|&v| v > 0.0)
+        .fold(f32::INFINITY, f32::min);
+    let widest_step = (smallest + ABS) / (1.0 - REL);
+    let narrowest_step = (max.abs() - ABS) / (reach as f32 * (1.0 + REL));
+    widest_step >= narrowest_step
+}
+
+/// [`may_sit_on_scale_grid`] for `x ≈ d·q + lo`, `q` in `0..=nmax`, `lo` the minimum: a value
+/// above the minimum is at least one step above it, the maximum at most `nmax` steps.
+fn may_sit_on_affine_grid(x: &[f32], lo: f32, hi: f32, nmax: i32) -> bool {
+    let slack = REL * lo.abs().max(hi.abs()) + ABS;
+    let smallest_rise = x
+        .iter()
+        .map(|&v| v - lo)
+        .filter(|&r| r > 0.0)
+        .fold(f32::INFINITY, f32::min);
+    smallest_rise + slack >= (hi - lo - slack) / nmax as f32
+}
+
 /// [`f16_scales`]' grid for `x ≈ d·q`, `q` in `lo..=hi`: the scale, its levels in `q`.
 pub(crate) fn f16_grid_scale(x: &[f32], lo: i32, hi: i32, q: &mut [i8]) -> Option<f32> {
     let max = signed_extreme(x);
     if max == 0.0 || !max.is_finite() {
         return None;
     }
+    if !may_sit_on_scale_grid(x, max, lo.unsigned_abs().max(hi.unsigned_abs())) {
+        return None;
+    }
+    search_f16_scale(x, max, lo, hi, q)
+}
+
+/// [`f16_grid_scale`]'s search itself, every candidate tried.
+fn search_f16_scale(x: &[f32], max: f32, lo: i32, hi: i32, q: &mut [i8]) -> Option<f32> {
     let end = |e: i32| (e != 0).then(|| max / e as f32);
-    let step = grid_step(x).map(|g| g.copysign(max));
-    f16_scales([end(hi), end(lo), step]).find(|&d| {
+    // The step (a sort) only once both ends have failed.
+    let step = std::iter::once_with(|| grid_step(x).map(|g| g.copysign(max)));
+    f16_scales([end(hi), end(lo)].into_iter().chain(step)).find(|&d| {
         let inv = 1.0 / d;
         x.iter().zip(q.iter_mut()).all(|(&v, q)| {
             let l = nearest(v * inv).clamp(lo, hi);
@@ -410,7 +449,16 @@ pub(crate) fn f16_grid_affine(x: &[f32], nmax: i32, q: &mut [u8]) -> Option<(f32
     if !(hi > lo) || !(hi - lo).is_finite() || f16r(lo) != lo {
         return None;
     }
-    let d = f16_scales([Some((hi - lo) / nmax as f32), grid_step(x), None]).find(|&d| {
+    if !may_sit_on_affine_grid(x, lo, hi, nmax) {
+        return None;
+    }
+    search_f16_affine(x, lo, hi, nmax, q)
+}
+
+/// [`f16_grid_affine`]'s search itself, every candidate tried.
+fn search_f16_affine(x: &[f32], lo: f32, hi: f32, nmax: i32, q: &mut [u8]) -> Option<(f32, f32)> {
+    let step = std::iter::once_with(|| grid_step(x));
+    let d = f16_scales(std::iter::once(Some((hi - lo) / nmax as f32)).chain(step)).find(|&d| {
         let inv = 1.0 / d;
         d > 0.0
             && x.iter().zip(q.iter_mut()).all(|(&v, q)| {
@@ -534,6 +582,63 @@ mod tests {
         assert_ne!(w, peaked, "Q4_K weighs magnitude always");
         error_weights(GgmlType::Q5_0, &x, Some(&flat), &mut w);
         assert_eq!(w, flat, "Q5_0 never weighs magnitude");
+    }
+
+    /// The cheap tests that spare the grid searches reject only blocks the searches would:
+    /// blocks on grids of every kind (steps down to f16's subnormals, levels short of the
+    /// ends, a few values moved off the grid) and blocks never quantized; and they do reject
+    /// most of the latter, or they would spare nothing.
+    #[test]
+    fn grid_prechecks_reject_only_what_the_searches_would() {
+        let mut rng = Rng(5);
+        let (mut q8, mut qu) = ([0i8; 32], [0u8; 32]);
+        // Blocks never quantized that each check rejected; on-grid blocks each search found.
+        let (mut rejected, mut found) = ([0usize; 2], [0usize; 2]);
+        for n in 0..4000 {
+            // A stored scale: an f16, down to its subnormals.
+            let step = f16r(10f32.powf(rng.normal().clamp(-3.0, 1.0) * 1.5 - 2.0));
+            let (reach, nmax) = [(8u32, 15), (16, 31), (127, 255)][n % 3];
+            let r = reach as f32;
+            let kind = (n / 3) % 4;
+            let mut x: [f32; 32] = std::array::from_fn(|_| match kind {
+                0 => rng.normal() * step * r / 3.0,
+                1 => (rng.normal() * r / 4.0).round().clamp(-r, r - 1.0) * step,
+                2 => ((rng.normal().abs() * nmax as f32 / 4.0).round() - 1.0) * step,
+                _ => (rng.normal() * r / 2.0).round().clamp(-8.0, 7.0) * step,
+            });
+            if n % 7 == 0 {
+                x[n % 32] += step * 0.37;
+            }
+            let x = x.map(f16r);
+            let max = signed_extreme(&x);
+            let (lo, hi) = (-(reach as i32), reach as i32 - i32::from(reach != 127));
+            if max != 0.0 {
+                let hit = search_f16_scale(&x, max, lo, hi, &mut q8).is_some();
+                let pass = may_sit_on_scale_grid(&x, max, reach);
+                assert!(pass || !hit, "scale grid rejected: {x:?}");
+                rejected[0] += usize::from(kind == 0 && reach < 127 && !pass);
+                found[0] += usize::from(hit);
+            }
+            let (l, h) = x
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                });
+            if h > l {
+                let hit = search_f16_affine(&x, l, h, nmax, &mut qu).is_some();
+                let pass = may_sit_on_affine_grid(&x, l, h, nmax);
+                assert!(pass || !hit, "affine grid rejected: {x:?}");
+                rejected[1] += usize::from(kind == 0 && reach < 127 && !pass);
+                found[1] += usize::from(hit);
+            }
+        }
+        // Of the 667 blocks never quantized at 4 and 5 bits (an affine grid's lowest gap, and
+        // 8 bits, reject fewer); some 2500 blocks are on grids.
+        assert!(
+            rejected[0] > 450 && rejected[1] > 150,
+            "rejected {rejected:?}"
+        );
+        assert!(found[0] > 1200 && found[1] > 900, "found {found:?}");
     }
 
     /// A block written by ggml's reference rounding and read back through f16 (a requantized
