@@ -55,7 +55,8 @@ pub struct QuantizeArgs {
         requires = "calibration"
     )]
     ctx: usize,
-    /// Calibration chunks to run at most (8 of 512 is what COMPRESSION.md measures).
+    /// Calibration chunks to run at most, spread over the text (8 of 512 is what COMPRESSION.md
+    /// measures).
     #[arg(long, default_value_t = 8, requires = "calibration")]
     chunks: usize,
     /// Memory for the calibration moments (e.g. 4G, 500M; default: half of the available
@@ -291,7 +292,7 @@ pub struct ImatrixArgs {
     /// Tokens per chunk.
     #[arg(short = 'c', long = "ctx", default_value_t = 512)]
     ctx: usize,
-    /// Chunks to run at most (default: all the text holds).
+    /// Chunks to run at most, spread evenly over the text (default: all it holds).
     #[arg(long)]
     chunks: Option<usize>,
     /// Output: llama.cpp's GGUF imatrix format, or its legacy format if the name ends in .dat.
@@ -383,7 +384,7 @@ pub struct PruneArgs {
     /// Tokens per calibration chunk.
     #[arg(short = 'c', long = "ctx", default_value_t = 512)]
     ctx: usize,
-    /// Calibration chunks to run at most.
+    /// Calibration chunks to run at most, spread evenly over the text.
     #[arg(long, default_value_t = 16)]
     chunks: usize,
 }
@@ -497,7 +498,8 @@ fn ctrl_c() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-/// The first whole chunks of `ctx` tokens (at most `max_chunks`) of the text `file`.
+/// Whole chunks of `ctx` tokens of the text `file`: all it holds, or `max_chunks` of them spread
+/// evenly over it ([`spread_chunks`]).
 fn calibration_tokens(
     engine: &edgelm_engine::Engine,
     file: &std::path::Path,
@@ -509,23 +511,35 @@ fn calibration_tokens(
     }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let mut tokens = engine.tokenizer.encode(
+    let tokens = engine.tokenizer.encode(
         &text,
         edgelm_tokenizer::Encode {
             add_special: engine.tokenizer.adds_bos(),
             parse_special: false,
         },
     )?;
-    let n_chunks = (tokens.len() / ctx).min(max_chunks);
-    if n_chunks == 0 {
+    let held = tokens.len() / ctx;
+    if held == 0 || max_chunks == 0 {
         bail!(
-            "{} holds {} tokens, less than one chunk of {ctx} (-c)",
+            "{} holds {} tokens: no chunk of {ctx} (-c) to run (--chunks {max_chunks})",
             file.display(),
             tokens.len()
         );
     }
-    tokens.truncate(n_chunks * ctx);
-    Ok(tokens)
+    Ok(spread_chunks(held, max_chunks)
+        .flat_map(|c| &tokens[c * ctx..(c + 1) * ctx])
+        .copied()
+        .collect())
+}
+
+/// Which of `held` chunks to run when at most `max` may be: all, or `max` evenly spaced from the
+/// first. A text is often several documents one after another (a calibration set of source
+/// files): its first chunks alone would stand for the first document only, where the spread
+/// sample stands for all of them (COMPRESSION.md: Qwen's Q5_0 imatrix from the first 32 chunks
+/// of the Python sources, all within argparse, against 32 spread over its 14 modules).
+fn spread_chunks(held: usize, max: usize) -> impl Iterator<Item = usize> {
+    let n = held.min(max);
+    (0..n).map(move |i| i * held / n)
 }
 
 /// Runs `tokens` through the model in chunks of `ctx`, showing `observer` every step; returns
@@ -733,7 +747,7 @@ pub struct LowRankArgs {
     /// Tokens per calibration chunk.
     #[arg(short = 'c', long = "ctx", default_value_t = 512)]
     ctx: usize,
-    /// Calibration chunks to run at most.
+    /// Calibration chunks to run at most, spread evenly over the text.
     #[arg(long, default_value_t = 8)]
     chunks: usize,
     /// Importance matrix: without -f, whiten by its diagonal (inputs' mean squares).
@@ -1225,6 +1239,31 @@ pub fn lowrank(a: LowRankArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// All chunks when they fit; else as many as asked, distinct, in order, from the first,
+    /// spread so that no gap between picks exceeds another by more than one chunk.
+    #[test]
+    fn calibration_chunks_spread_over_the_text() {
+        assert_eq!(spread_chunks(5, 100).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(spread_chunks(5, 5).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(spread_chunks(10, 4).collect::<Vec<_>>(), [0, 2, 5, 7]);
+        assert_eq!(spread_chunks(1571, 1).collect::<Vec<_>>(), [0]);
+        for (held, max) in [(1571, 32), (33, 32), (64, 32), (100, 7)] {
+            let picked: Vec<usize> = spread_chunks(held, max).collect();
+            assert_eq!(picked.len(), max);
+            assert_eq!(picked[0], 0);
+            assert!(
+                picked[max - 1] >= held - held.div_ceil(max),
+                "{held}, {max}: {picked:?}"
+            );
+            let gaps: Vec<usize> = picked.windows(2).map(|p| p[1] - p[0]).collect();
+            let (lo, hi) = (gaps.iter().min(), gaps.iter().max());
+            assert!(
+                lo >= Some(&1) && hi <= lo.map(|l| l + 1).as_ref(),
+                "{gaps:?}"
+            );
+        }
+    }
 
     /// Entries as `moment_plan` makes them, in a file's order: (weight, key, width).
     fn plan(rows: &[(&str, &str, usize)]) -> Vec<MomentEntry> {
