@@ -519,9 +519,12 @@ fn calibration_tokens(
         },
     )?;
     let held = tokens.len() / ctx;
-    if held == 0 || max_chunks == 0 {
+    if max_chunks == 0 {
+        bail!("--chunks 0 runs nothing: give at least 1");
+    }
+    if held == 0 {
         bail!(
-            "{} holds {} tokens: no chunk of {ctx} (-c) to run (--chunks {max_chunks})",
+            "{} holds {} tokens, less than one chunk of {ctx} (-c)",
             file.display(),
             tokens.len()
         );

@@ -789,6 +789,10 @@ fn quantize_refuses_bad_arguments() {
             vec!["--type", "Q4_0", "-f", &junk_s, "-c", "0"],
             "-c 0 is too small",
         ),
+        (
+            vec!["--type", "Q4_0", "-f", &junk_s, "--chunks", "0"],
+            "--chunks 0 runs nothing",
+        ),
     ] {
         let o = edgelm(&[&["quantize", &src, &out_s][..], &args].concat());
         let err = String::from_utf8_lossy(&o.stderr);
