@@ -374,13 +374,16 @@ impl std::fmt::Display for KlSummary {
             self.ln_ratio_mean.exp()
         )?;
         writeln!(f, "\n====== KL divergence statistics ======")?;
+        // llama.cpp's six decimals round a near-lossless file (f32 activations, a requantized
+        // shipped type) to 0.000001; three more keep such files apart.
+        let digits = if self.kld_mean < 1e-3 { 9 } else { 6 };
         writeln!(
             f,
-            "Mean    KLD: {:10.6} ± {:10.6}",
+            "Mean    KLD: {:10.digits$} ± {:10.digits$}",
             self.kld_mean, self.kld_err
         )?;
         for (name, v) in self.kld.rows() {
-            writeln!(f, "{name} KLD: {v:10.6}")?;
+            writeln!(f, "{name} KLD: {v:10.digits$}")?;
         }
         writeln!(f, "\n====== Token probability statistics ======")?;
         writeln!(
@@ -463,6 +466,22 @@ mod tests {
             "{other}"
         );
         assert!(other.to_string().contains("Mean    KLD:"));
+        // A near-lossless run keeps its mean's significant digits in the report.
+        let close: Vec<Vec<f32>> = base
+            .iter()
+            .zip(rows(3, 20, 50))
+            .map(|(b, n)| b.iter().zip(n).map(|(b, n)| b + 0.001 * n).collect())
+            .collect();
+        let close = compare(&path, &tokens, &close).unwrap();
+        let text = close.to_string();
+        let printed: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Mean    KLD:"))
+            .and_then(|l| l.split('±').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        assert!(close.kld_mean > 1e-7 && close.kld_mean < 1e-4, "{text}");
+        assert!((printed / close.kld_mean - 1.0).abs() < 0.01, "{text}");
 
         // Another text, a run that scores fewer or more positions: refused by name.
         let e = BaseReader::open(&path, 8, 50, &tokens[1..]).err().unwrap();
