@@ -454,25 +454,22 @@ mod tests {
         assert!(same.kld_mean < 1e-7, "{same}");
         assert_eq!(same.same_top, 1.0);
         assert!((same.ppl / same.ppl_base - 1.0).abs() < 1e-4, "{same}");
+        // The base's logits plus noise of amplitude `scale`.
+        let perturbed = |seed: u64, scale: f32| -> Vec<Vec<f32>> {
+            base.iter()
+                .zip(rows(seed, 20, 50))
+                .map(|(b, n)| b.iter().zip(n).map(|(b, n)| b + scale * n).collect())
+                .collect()
+        };
         // Noise on the logits: a positive divergence, and the text report names it.
-        let noisy: Vec<Vec<f32>> = base
-            .iter()
-            .zip(rows(2, 20, 50))
-            .map(|(b, n)| b.iter().zip(n).map(|(b, n)| b + 0.1 * n).collect())
-            .collect();
-        let other = compare(&path, &tokens, &noisy).unwrap();
+        let other = compare(&path, &tokens, &perturbed(2, 0.1)).unwrap();
         assert!(
             other.kld_mean > 1e-3 && other.kld_mean > 10.0 * same.kld_mean,
             "{other}"
         );
         assert!(other.to_string().contains("Mean    KLD:"));
         // A near-lossless run keeps its mean's significant digits in the report.
-        let close: Vec<Vec<f32>> = base
-            .iter()
-            .zip(rows(3, 20, 50))
-            .map(|(b, n)| b.iter().zip(n).map(|(b, n)| b + 0.001 * n).collect())
-            .collect();
-        let close = compare(&path, &tokens, &close).unwrap();
+        let close = compare(&path, &tokens, &perturbed(3, 0.001)).unwrap();
         let text = close.to_string();
         let printed: f64 = text
             .lines()
